@@ -1,0 +1,14 @@
+"""verify: check torch's autograd against sympy's exact derivatives, on Hypothesis-drawn inputs.
+
+>>> import verify
+>>> verify.check("x: Real[n]\\no = sum(exp(x))").points > 0
+True
+"""
+
+from .api import check, load
+from .errors import Mismatch, SpecError, VerifyError
+from .ir import Spec
+from .report import Result
+from .spec import parse
+
+__all__ = ["Mismatch", "Result", "Spec", "SpecError", "VerifyError", "check", "load", "parse"]

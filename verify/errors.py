@@ -1,0 +1,52 @@
+"""The exception hierarchy: one root, and each class is also the builtin users already catch."""
+
+from __future__ import annotations
+
+
+class VerifyError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class SpecError(VerifyError, ValueError):
+    """A spec that cannot be read: bad syntax, a construct outside the whitelist, a shape error.
+
+    ``line`` and ``column`` are 1-based and point at the offending text; ``str(error)``
+    shows the line with a caret under that column and says what is accepted there.
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, path: str | None = None,
+                 line: int | None = None, column: int | None = None, hint: str | None = None):
+        self.message = message
+        self.path = path
+        self.line = line
+        self.column = column
+        self.hint = hint
+        super().__init__(self._render(source))
+
+    def _render(self, source: str | None) -> str:
+        where = self.path or "<spec>"
+        if self.line is None:
+            head = f"{where}: {self.message}"
+        else:
+            head = f"{where}:{self.line}:{self.column or 1}: {self.message}"
+        parts = [head]
+        if source is not None and self.line is not None:
+            lines = source.splitlines()
+            if 1 <= self.line <= len(lines):
+                text = lines[self.line - 1].expandtabs(1)
+                parts.append("    " + text)
+                parts.append("    " + " " * ((self.column or 1) - 1) + "^")
+        if self.hint:
+            parts.append(self.hint)
+        return "\n".join(parts)
+
+
+class Mismatch(VerifyError, AssertionError):
+    """Torch and the sympy reference disagree, or a claim is false.
+
+    ``failure`` holds the structured counterexample (see ``verify.report.Failure``).
+    """
+
+    def __init__(self, report: str, failure=None):
+        self.failure = failure
+        super().__init__(report)

@@ -1,0 +1,194 @@
+"""The intermediate representation: typed expression nodes with shapes.
+
+A ``Spec`` is a small dataflow graph. Inputs are leaves; each assignment names a node;
+the last assignment is the output. Dims are ``int`` or sympy ``Symbol`` (a size symbol
+such as ``n``), so one ``Spec`` stands for every size at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+import sympy
+
+Dim = Union[int, sympy.Symbol]
+Shape = tuple  # tuple[Dim, ...]
+
+
+class ShapeError(Exception):
+    """Raised by shape rules; the parser turns it into a SpecError at the node's column."""
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where a node came from in the spec text (1-based line and column) and its source."""
+
+    line: int
+    column: int
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The set an input's elements are drawn from: an interval of the reals."""
+
+    name: str
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = True
+    high_open: bool = True
+
+    def contains(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def sympy_assumptions(self) -> dict:
+        """Assumptions sympy may use when simplifying expressions in this input."""
+        if self.low >= 0:
+            return {"positive": True} if self.low_open or self.low > 0 else {"nonnegative": True}
+        if self.high <= 0:
+            return {"negative": True} if self.high_open or self.high < 0 else {"nonpositive": True}
+        return {"real": True}
+
+    def __str__(self) -> str:
+        if self.name != "Interval":
+            return self.name
+        return f"Interval({self.low:g}, {self.high:g})"
+
+
+DOMAINS = {
+    "Real": Domain("Real"),
+    "Positive": Domain("Positive", low=0.0),
+    "Negative": Domain("Negative", high=0.0),
+    "NonNegative": Domain("NonNegative", low=0.0, low_open=False),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    """One value of the graph. Identity is object identity: the graph may share nodes."""
+
+    shape: Shape
+    loc: Loc
+
+    @property
+    def args(self) -> tuple:
+        return ()
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Input(Node):
+    name: str = ""
+    domain: Domain = DOMAINS["Real"]
+    example: object = None  # nested lists of numbers, or None
+
+
+@dataclass(frozen=True, eq=False)
+class Constant(Node):
+    value: sympy.Expr = sympy.Integer(0)  # exact: Rational, pi, E
+
+
+@dataclass(frozen=True, eq=False)
+class SizeRef(Node):
+    """A size symbol used as a number, as in ``sum(x) / n``."""
+
+    symbol: sympy.Symbol = None
+
+
+@dataclass(frozen=True, eq=False)
+class Ref(Node):
+    """A use of a named intermediate; ``target`` is its defining expression."""
+
+    name: str = ""
+    target: Node = None
+
+    @property
+    def args(self) -> tuple:
+        return (self.target,)
+
+
+@dataclass(frozen=True, eq=False)
+class Apply(Node):
+    """An op from the registry applied to arguments, with its static parameters."""
+
+    op: str = ""
+    operands: tuple = ()
+    params: tuple = ()  # sorted (key, value) pairs, e.g. (("axis", (0,)), ("keepdims", False))
+
+    @property
+    def args(self) -> tuple:
+        return self.operands
+
+    def param(self, key, default=None):
+        return dict(self.params).get(key, default)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``assert grad(of, wrt) == expr``: a closed form claimed for a derivative."""
+
+    kind: str
+    of: str
+    wrt: str
+    expr: Node
+    loc: Loc
+
+
+@dataclass
+class Spec:
+    """A parsed spec: inputs, named nodes in order (the last is the output), claims."""
+
+    inputs: dict  # name -> Input, in declaration order
+    nodes: dict  # name -> Node (its defining expression), in assignment order
+    claims: list
+    size_symbols: dict  # name -> sympy.Symbol
+    source: str = ""
+    path: str | None = None
+    locs: dict = field(default_factory=dict)  # name -> Loc of its declaration or assignment
+
+    @property
+    def output(self) -> str:
+        return next(reversed(self.nodes))
+
+    def variable(self, name: str) -> Node:
+        """The node for an input or a named intermediate."""
+        return self.inputs[name] if name in self.inputs else self.nodes[name]
+
+    def example_point(self) -> dict | None:
+        """Input values from the spec, when every input has one."""
+        if any(inp.example is None for inp in self.inputs.values()):
+            return None
+        return {name: inp.example for name, inp in self.inputs.items()}
+
+
+def depends_on_inputs(node: Node, _memo=None) -> bool:
+    """True when the node's value varies with some input, so it has a gradient to check."""
+    memo = {} if _memo is None else _memo
+    if id(node) not in memo:
+        memo[id(node)] = isinstance(node, Input) or any(depends_on_inputs(a, memo) for a in node.args)
+    return memo[id(node)]
+
+
+def concrete_shape(shape: Shape, sizes: dict) -> tuple:
+    """The shape with every size symbol replaced by its value from ``sizes`` (by name)."""
+    return tuple(d if isinstance(d, int) else int(sizes[d.name]) for d in shape)
+
+
+def broadcast_shapes(*shapes: Shape) -> Shape:
+    """Numpy broadcasting over dims that may be size symbols; a symbol only matches itself or 1."""
+    rank = max((len(s) for s in shapes), default=0)
+    result = []
+    for position in range(-rank, 0):
+        dims = {s[position] for s in shapes if len(s) >= -position} - {1}
+        if len(dims) > 1:
+            shown = " and ".join(str(d) for d in sorted(dims, key=str))
+            raise ShapeError(f"cannot broadcast sizes {shown} against each other")
+        result.append(dims.pop() if dims else 1)
+    return tuple(result)

@@ -1,0 +1,122 @@
+"""Results and failure reports.
+
+A failure report keeps the shape people know from ``torch.testing.assert_close``
+(mismatched elements, greatest differences, what was allowed) and adds what only this
+tool knows: the check, the node to blame, the symbolic formula, the input point and a
+line that reproduces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CHECKED = "checked numerically, not proved"
+REFUTED = "false"
+UNTESTED = "not checked: no point was accepted"
+
+
+def proved(size_symbols) -> str:
+    """The status of a claim sympy proved, naming the sizes it holds for."""
+    return f"proved for all {', '.join(size_symbols)}" if size_symbols else "proved"
+
+
+@dataclass
+class ClaimResult:
+    text: str  # as written after `assert`
+    line: int
+    proved: bool
+    status: str = UNTESTED
+
+
+@dataclass
+class Result:
+    """The verdict on one spec: what was checked, what was rejected and why, each claim's status."""
+
+    name: str
+    dtype: str
+    seed: int
+    points: int = 0
+    examples: int = 0
+    rejected: dict = field(default_factory=dict)  # reason -> number of points
+    claims: list = field(default_factory=list)
+
+    @property
+    def rejected_points(self) -> int:
+        return sum(self.rejected.values())
+
+    def summary(self) -> str:
+        parts = [f"{self.points} points agree ({self.dtype})"]
+        if self.rejected:
+            parts.append(f"{self.rejected_points} rejected")
+        for claim in self.claims:
+            parts.append(f"claim `{claim.text}`: {claim.status}")
+        return "; ".join(parts)
+
+    def __str__(self) -> str:
+        lines = [f"{self.name}: ok, {self.summary()}"]
+        for reason, count in sorted(self.rejected.items()):
+            lines.append(f"  rejected {count} point(s): {reason}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Failure:
+    """One disagreement, at the first failing point of the (shrunk) example."""
+
+    check: str  # "value", "gradient" or "claim"
+    subject: str  # what was compared, e.g. "∂o/∂x"
+    formula: str
+    inputs: dict  # input name -> values at the failing point
+    sizes: dict
+    reference: np.ndarray  # at the failing point
+    actual: np.ndarray
+    allowed: np.ndarray
+    reference_label: str = "reference (sympy)"
+    actual_label: str = "autograd (torch)"
+    blame: str = ""
+    claim: str = ""
+    notes: list = field(default_factory=list)
+
+    def render(self, spec_name: str, reproduce: str) -> str:
+        reference = np.asarray(self.reference, dtype=np.float64)
+        actual = np.asarray(self.actual, dtype=np.float64)
+        difference = np.abs(actual - reference)
+        bad = ~(difference <= self.allowed)  # NaN counts as a mismatch
+        flat = np.where(bad.ravel(), np.nan_to_num(difference.ravel(), nan=np.inf), -1.0)
+        worst = int(np.argmax(flat)) if flat.size else 0
+        worst_index = np.unravel_index(worst, reference.shape) if reference.shape else ()
+        relative = difference / np.maximum(np.abs(reference), np.finfo(np.float64).tiny)
+        lines = [f"{spec_name}: {self.check} check failed for {self.subject}"]
+        if self.claim:
+            lines.append(f"  claim:      {self.claim}")
+        lines.append(f"  symbolic:   {self.formula}")
+        if self.blame:
+            lines.append(f"  blame:      {self.blame}")
+        lines.append("  sizes:      " + (", ".join(f"{k} = {v}" for k, v in self.sizes.items()) or "none"))
+        for name, value in self.inputs.items():
+            lines.append(f"  input:      {name} = {_show(value)}")
+        lines.append(f"  {self.reference_label}: {_show(reference)}")
+        lines.append(f"  {self.actual_label}: {_show(actual)}")
+        count = int(bad.sum())
+        lines.append(f"  Mismatched elements: {count} / {bad.size} ({100.0 * count / max(bad.size, 1):.1f}%)")
+        at = tuple(int(i) for i in worst_index)
+        lines.append(f"  Greatest absolute difference: {_number(difference[at])} at index {at} "
+                     f"(up to {float(np.asarray(self.allowed)[at] if np.ndim(self.allowed) else self.allowed):.3g} allowed)")
+        lines.append(f"  Greatest relative difference: {_number(relative[at])} at index {at}")
+        lines.extend(f"  note:       {note}" for note in self.notes)
+        lines.append(f"  reproduce:  {reproduce}")
+        return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return f"{float(value):.6g}"
+
+
+def _show(array) -> str:
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim == 0:
+        return repr(float(array))
+    return np.array2string(array, precision=17, separator=", ", max_line_width=200,
+                           formatter={"float_kind": lambda v: repr(float(v))})

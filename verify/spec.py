@@ -1,0 +1,381 @@
+"""Spec text -> ``Spec``: a whitelist over Python's ``ast``; the text is never executed.
+
+The language (see ``examples/backprop.vspec``)::
+
+    x: Real[n] = [2, 4]      # an input: domain, dims (ints or size symbols), example point
+    y = x**2                 # a named intermediate
+    o = 1/2 * sum(y)         # the last assignment is the output
+    assert grad(o, x) == x   # a claimed closed form of a derivative
+
+Every construct outside the whitelist is a ``SpecError`` that points at its line and column.
+Numbers are exact (``1/2`` is a rational), and constant arithmetic is folded with sympy
+numbers built from literals, never from strings.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from fractions import Fraction
+
+import sympy
+
+from .errors import SpecError
+from .ir import (
+    DOMAINS, Apply, Claim, Constant, Domain, Input, Loc, Node, Ref, ShapeError, SizeRef, Spec,
+    broadcast_shapes, depends_on_inputs,
+)
+from .ops import REGISTRY
+
+CONSTANTS = {"pi": sympy.pi, "e": sympy.E}
+CLAIM_KINDS = ("grad",)
+RESERVED = set(REGISTRY) | set(CONSTANTS) | set(DOMAINS) | {"Interval", *CLAIM_KINDS}
+
+BINARY_OPERATORS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.Pow: "pow",
+                    ast.MatMult: "matmul"}
+# Folding a constant power costs about |exponent| * log2|base| bits; past this it is refused.
+MAX_CONSTANT_BITS = 4096
+MAX_DIM = 10**7
+
+EXPRESSION_HINT = ("expected an expression of numbers, declared names, size symbols, pi, e, "
+                   "+ - * / ** @, unary minus, .T and calls of: " + ", ".join(sorted(REGISTRY)))
+STATEMENT_HINT = ("a spec holds only input declarations (x: Real[n]), assignments (y = x**2) "
+                  "and claims (assert grad(o, x) == expr)")
+
+_DESCRIPTIONS = {
+    ast.Lambda: "a lambda", ast.ListComp: "a comprehension", ast.SetComp: "a comprehension",
+    ast.DictComp: "a comprehension", ast.GeneratorExp: "a generator expression",
+    ast.JoinedStr: "an f-string", ast.NamedExpr: "an assignment expression (:=)",
+    ast.Subscript: "indexing", ast.Attribute: "attribute access", ast.Compare: "a comparison",
+    ast.BoolOp: "a boolean operator", ast.IfExp: "a conditional expression",
+    ast.Dict: "a dict", ast.Set: "a set", ast.List: "a list", ast.Tuple: "a tuple",
+    ast.Starred: "a starred expression", ast.Await: "await", ast.Yield: "yield",
+    ast.Import: "an import", ast.ImportFrom: "an import", ast.FunctionDef: "a function definition",
+    ast.ClassDef: "a class definition", ast.For: "a loop", ast.While: "a loop", ast.If: "an if statement",
+    ast.With: "a with statement", ast.Try: "a try statement", ast.Delete: "del", ast.Global: "global",
+    ast.AugAssign: "an augmented assignment", ast.Expr: "a bare expression", ast.Return: "return",
+}
+
+
+def parse(text: str, *, path: str | None = None) -> Spec:
+    """Parse spec text into a ``Spec``, without executing any of it.
+
+    Raises ``SpecError`` (a ``ValueError``) with line, column and a caret line for anything
+    outside the language, for undeclared names and for shape errors.
+
+    >>> spec = parse("x: Real[n]\\no = sum(x**2)")
+    >>> spec.output
+    'o'
+    """
+    return _Parser(text, path).parse()
+
+
+class _Parser:
+    def __init__(self, text: str, path: str | None):
+        self.text = text
+        self.path = path
+        self.lines = text.splitlines()
+        self.inputs: dict[str, Input] = {}
+        self.nodes: dict[str, Node] = {}
+        self.claims: list[Claim] = []
+        self.size_symbols: dict[str, sympy.Symbol] = {}
+        self.sizes_from_examples: dict[str, int] = {}
+        self.locs: dict[str, Loc] = {}
+
+    # -- errors and locations ------------------------------------------------------------
+    def error(self, message: str, where=None, hint: str | None = None) -> SpecError:
+        line = column = None
+        if isinstance(where, Loc):
+            line, column = where.line, where.column
+        elif where is not None:
+            line, column = self.loc(where).line, self.loc(where).column
+        return SpecError(message, source=self.text, path=self.path, line=line, column=column, hint=hint)
+
+    def loc(self, node: ast.AST) -> Loc:
+        line = getattr(node, "lineno", 1)
+        # ast columns count UTF-8 bytes; messages count characters.
+        raw = self.lines[line - 1].encode("utf-8") if line <= len(self.lines) else b""
+        column = len(raw[: getattr(node, "col_offset", 0)].decode("utf-8", errors="ignore")) + 1
+        return Loc(line, column, ast.get_source_segment(self.text, node) or "")
+
+    # -- statements ----------------------------------------------------------------------
+    def parse(self) -> Spec:
+        if "\x00" in self.text:
+            line = self.text[: self.text.index("\x00")].count("\n") + 1
+            raise self.error("the spec contains a NUL byte", Loc(line, 1))
+        try:
+            tree = ast.parse(self.text, mode="exec")
+        except SyntaxError as exc:
+            raise self.error(f"syntax error: {exc.msg}", Loc(exc.lineno or 1, exc.offset or 1),
+                             hint=STATEMENT_HINT) from None
+        except (RecursionError, MemoryError, ValueError) as exc:
+            raise self.error(f"the spec cannot be parsed ({type(exc).__name__}): it is nested too deeply "
+                             "or too large") from None
+        for statement in tree.body:
+            if isinstance(statement, ast.AnnAssign):
+                self.declare_input(statement)
+            elif isinstance(statement, ast.Assign):
+                self.assign(statement)
+            elif isinstance(statement, ast.Assert):
+                self.claim(statement)
+            else:
+                what = _DESCRIPTIONS.get(type(statement), type(statement).__name__)
+                raise self.error(f"{what} is not allowed in a spec", statement, hint=STATEMENT_HINT)
+        if not self.nodes:
+            raise self.error("the spec has no output: add an assignment such as `o = sum(x)`",
+                             Loc(max(len(self.lines), 1), 1), hint=STATEMENT_HINT)
+        output = next(reversed(self.nodes))
+        if not depends_on_inputs(self.nodes[output]):
+            raise self.error(f"the output {output} does not depend on any input", self.locs[output])
+        for claim in self.claims:
+            if claim.of != output:
+                raise self.error(f"grad(...) claims are about the output {output}, not {claim.of}", claim.loc)
+        return Spec(self.inputs, self.nodes, self.claims, self.size_symbols, self.text, self.path, self.locs)
+
+    def check_new_name(self, name: str, where: ast.AST) -> None:
+        if name.startswith("__"):
+            raise self.error(f"names starting with '__' are not allowed: {name}", where)
+        if name in RESERVED:
+            raise self.error(f"{name} is a reserved name (an op, constant or domain)", where)
+        if name in self.inputs or name in self.nodes or name in self.size_symbols:
+            raise self.error(f"{name} is already defined", where, hint="each name is defined once")
+
+    def declare_input(self, statement: ast.AnnAssign) -> None:
+        target = statement.target
+        if not isinstance(target, ast.Name):
+            raise self.error("an input declaration names one input, as in x: Real[n]", target)
+        self.check_new_name(target.id, target)
+        domain, shape = self.annotation(statement.annotation)
+        example = None
+        if statement.value is not None:
+            example = self.example(statement.value, target.id, domain, shape)
+        self.inputs[target.id] = Input(shape, self.loc(target), name=target.id, domain=domain, example=example)
+        self.locs[target.id] = self.loc(statement)
+
+    def annotation(self, node: ast.AST) -> tuple[Domain, tuple]:
+        dims_node = None
+        if isinstance(node, ast.Subscript):
+            node, dims_node = node.value, node.slice
+        domain = self.domain(node)
+        if dims_node is None:
+            return domain, ()
+        elements = dims_node.elts if isinstance(dims_node, ast.Tuple) else [dims_node]
+        return domain, tuple(self.dim(d) for d in elements)
+
+    def domain(self, node: ast.AST) -> Domain:
+        hint = f"domains: {', '.join(DOMAINS)}, Interval(a, b)"
+        if isinstance(node, ast.Name) and node.id in DOMAINS:
+            return DOMAINS[node.id]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Interval":
+            if len(node.args) != 2 or node.keywords:
+                raise self.error("Interval takes two bounds, as in Interval(-1, 1)", node)
+            low, high = (self.number(a) for a in node.args)
+            if not low < high:
+                raise self.error(f"Interval({low:g}, {high:g}) is empty: the lower bound must be smaller", node)
+            return Domain("Interval", low, high, low_open=False, high_open=False)
+        raise self.error("unknown domain", node, hint=hint)
+
+    def number(self, node: ast.AST) -> float:
+        value = self.expression(node)
+        if not isinstance(value, Constant):
+            raise self.error("expected a constant number here", node)
+        return float(value.value)
+
+    def dim(self, node: ast.AST):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            if not 1 <= node.value <= MAX_DIM:
+                raise self.error(f"a dim must be between 1 and {MAX_DIM}, got {node.value}", node)
+            return node.value
+        if isinstance(node, ast.Name):
+            name = node.id
+            if name not in self.size_symbols:
+                self.check_new_name(name, node)
+                self.size_symbols[name] = sympy.Symbol(name, integer=True, positive=True)
+            return self.size_symbols[name]
+        raise self.error("a dim is a positive integer or a size symbol such as n", node)
+
+    def example(self, node: ast.AST, name: str, domain: Domain, shape: tuple):
+        def build(item, depth):
+            if depth < len(shape):
+                if not isinstance(item, ast.List):
+                    raise self.error(f"the example for {name} needs a list at depth {depth + 1}", item)
+                size = shape[depth]
+                if isinstance(size, int) and len(item.elts) != size:
+                    raise self.error(f"the example for {name} has {len(item.elts)} entries where the "
+                                     f"declaration says {size}", item)
+                if isinstance(size, sympy.Symbol):
+                    bound = self.sizes_from_examples.setdefault(size.name, len(item.elts))
+                    if bound != len(item.elts):
+                        raise self.error(f"the example says {size} = {len(item.elts)}, but an earlier "
+                                         f"example says {size} = {bound}", item)
+                return [build(e, depth + 1) for e in item.elts]
+            value = self.number(item)
+            if not domain.contains(value):
+                raise self.error(f"the example value {value:g} of {name} lies outside its domain {domain}", item)
+            return value
+
+        return build(node, 0)
+
+    def assign(self, statement: ast.Assign) -> None:
+        if len(statement.targets) != 1 or not isinstance(statement.targets[0], ast.Name):
+            raise self.error("an assignment names one node, as in y = x**2", statement)
+        target = statement.targets[0]
+        self.check_new_name(target.id, target)
+        value = self.expression(statement.value)
+        if isinstance(value, (Input, Ref)):
+            value = self.apply("pos", [value], {}, statement.value)  # an alias is a node of its own
+        self.nodes[target.id] = value
+        self.locs[target.id] = self.loc(statement)
+
+    def claim(self, statement: ast.Assert) -> None:
+        hint = "a claim reads: assert grad(o, x) == expr"
+        test = statement.test
+        if statement.msg is not None:
+            raise self.error("a claim takes no message", statement.msg, hint=hint)
+        if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+            raise self.error("a claim must compare with ==", test, hint=hint)
+        call = test.left
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in CLAIM_KINDS):
+            raise self.error("a claim starts with grad(output, variable)", call, hint=hint)
+        if len(call.args) != 2 or call.keywords or not all(isinstance(a, ast.Name) for a in call.args):
+            raise self.error("grad takes two names: grad(o, x)", call, hint=hint)
+        of, wrt = (a.id for a in call.args)
+        for name, where in ((of, call.args[0]), (wrt, call.args[1])):
+            if name not in self.inputs and name not in self.nodes:
+                raise self.error(f"unknown name {name!r} in the claim", where, hint=self.known_names())
+        expr = self.expression(test.comparators[0])
+        target_shape = self.inputs[wrt].shape if wrt in self.inputs else self.nodes[wrt].shape
+        try:
+            fits = broadcast_shapes(expr.shape, target_shape) == target_shape
+        except ShapeError:
+            fits = False
+        if not fits:
+            raise self.error(f"the claimed gradient has shape {_show(expr.shape)}, but grad({of}, {wrt}) "
+                             f"has the shape of {wrt}: {_show(target_shape)}", test.comparators[0])
+        self.claims.append(Claim(call.func.id, of, wrt, expr, self.loc(statement)))
+
+    def known_names(self) -> str:
+        names = [*self.inputs, *self.nodes, *self.size_symbols]
+        return "names defined so far: " + (", ".join(names) if names else "none")
+
+    # -- expressions ---------------------------------------------------------------------
+    def expression(self, node: ast.AST) -> Node:
+        method = getattr(self, "expr_" + type(node).__name__, None)
+        if method is None:
+            what = _DESCRIPTIONS.get(type(node), type(node).__name__)
+            raise self.error(f"{what} is not allowed in an expression", node, hint=EXPRESSION_HINT)
+        return method(node)
+
+    def expr_Constant(self, node: ast.Constant) -> Node:
+        value = node.value
+        if type(value) is int:
+            exact = sympy.Integer(value)
+        elif type(value) is float:
+            if not math.isfinite(value):
+                raise self.error("a number must be finite", node)
+            # The shortest repr is the literal as written, so 0.1 is exactly 1/10.
+            fraction = Fraction(repr(value))
+            exact = sympy.Rational(fraction.numerator, fraction.denominator)
+        else:
+            raise self.error(f"{type(value).__name__} constants are not allowed; numbers only", node,
+                             hint=EXPRESSION_HINT)
+        return Constant((), self.loc(node), value=exact)
+
+    def expr_Name(self, node: ast.Name) -> Node:
+        name = node.id
+        loc = self.loc(node)
+        if name in self.inputs:
+            return self.inputs[name]
+        if name in self.nodes:
+            return Ref(self.nodes[name].shape, loc, name=name, target=self.nodes[name])
+        if name in self.size_symbols:
+            return SizeRef((), loc, symbol=self.size_symbols[name])
+        if name in CONSTANTS:
+            return Constant((), loc, value=CONSTANTS[name])
+        if name in REGISTRY:
+            raise self.error(f"{name} is an op: call it, as in {name}(...)", node)
+        if name.startswith("__"):
+            raise self.error(f"names starting with '__' are not allowed: {name}", node)
+        raise self.error(f"unknown name {name!r}", node, hint=self.known_names())
+
+    def expr_UnaryOp(self, node: ast.UnaryOp) -> Node:
+        operand = self.expression(node.operand)
+        if isinstance(node.op, (ast.UAdd, ast.USub)):
+            return self.apply("pos" if isinstance(node.op, ast.UAdd) else "neg", [operand], {}, node)
+        raise self.error(f"the operator {type(node.op).__name__} is not allowed", node, hint=EXPRESSION_HINT)
+
+    def expr_BinOp(self, node: ast.BinOp) -> Node:
+        op = BINARY_OPERATORS.get(type(node.op))
+        if op is None:
+            raise self.error(f"the operator {type(node.op).__name__} is not allowed", node, hint=EXPRESSION_HINT)
+        return self.apply(op, [self.expression(node.left), self.expression(node.right)], {}, node)
+
+    def expr_Attribute(self, node: ast.Attribute) -> Node:
+        if node.attr != "T":
+            raise self.error(f"attribute access is not allowed (.{node.attr}); only .T is", node,
+                             hint=EXPRESSION_HINT)
+        return self.apply("transpose", [self.expression(node.value)], {}, node)
+
+    def expr_Call(self, node: ast.Call) -> Node:
+        func = node.func
+        if not isinstance(func, ast.Name):
+            raise self.error("only ops of the registry can be called, by name", func, hint=EXPRESSION_HINT)
+        if func.id in CLAIM_KINDS:
+            raise self.error(f"{func.id}(...) may only appear on the left of a claim: assert {func.id}(o, x) == ...",
+                             func)
+        op = REGISTRY.get(func.id)
+        if op is None:
+            raise self.error(f"unknown function {func.id!r}", func, hint=EXPRESSION_HINT)
+        if any(isinstance(a, ast.Starred) for a in node.args):
+            raise self.error("starred arguments are not allowed", node)
+        params = {}
+        for keyword in node.keywords:
+            if keyword.arg not in op.params:
+                accepted = ", ".join(op.params) or "none"
+                raise self.error(f"{func.id} takes no keyword {keyword.arg!r}", keyword,
+                                 hint=f"keywords accepted by {func.id}: {accepted}")
+            params[keyword.arg] = self.parameter(keyword.arg, keyword.value)
+        operands = [self.expression(a) for a in node.args]
+        return self.apply(func.id, operands, params, node)
+
+    def parameter(self, key: str, node: ast.AST):
+        if key == "keepdims":
+            if isinstance(node, ast.Constant) and type(node.value) is bool:
+                return node.value
+            raise self.error("keepdims is True or False", node)
+        items = node.elts if isinstance(node, ast.Tuple) else [node]
+        values = []
+        for item in items:
+            value = self.expression(item)
+            if not (isinstance(value, Constant) and value.value.is_integer):
+                raise self.error(f"{key} takes an integer or a tuple of integers", item)
+            values.append(int(value.value))
+        return tuple(values) if isinstance(node, ast.Tuple) else values[0]
+
+    def apply(self, op_name: str, operands: list, params: dict, node: ast.AST) -> Node:
+        op = REGISTRY[op_name]
+        loc = self.loc(node)
+        if len(operands) != op.arity:
+            raise self.error(f"{op_name} takes {op.arity} argument(s), got {len(operands)}", node)
+        try:
+            shape = op.infer_shape([o.shape for o in operands], params)
+        except ShapeError as exc:
+            raise self.error(str(exc), node) from None
+        if op.kind == "elementwise" and all(isinstance(o, Constant) for o in operands):
+            return Constant((), loc, value=self.fold(op_name, [o.value for o in operands], node))
+        return Apply(shape, loc, op=op_name, operands=tuple(operands), params=tuple(sorted(params.items())))
+
+    def fold(self, op_name: str, values: list, node: ast.AST) -> sympy.Expr:
+        if op_name == "pow":
+            base, exponent = values
+            if exponent.is_number and abs(exponent) > 1 and not base.is_zero:
+                bits = float(abs(exponent)) * max(1.0, abs(float(sympy.log(abs(base), 2))))
+                if bits > MAX_CONSTANT_BITS:
+                    raise self.error(f"the constant power is too large to compute (about {bits:.3g} bits)", node)
+        if op_name == "div" and values[1].is_zero:
+            raise self.error("division by the constant zero", node)
+        return REGISTRY[op_name].sympy_form(*values)
+
+
+def _show(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
