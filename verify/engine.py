@@ -112,8 +112,11 @@ def run(spec: Spec, *, max_examples: int = 100, seed: int | None = None,
         if failure is not None:
             raise _Counterexample(failure)
 
-    reproduce = f"verify check {spec.path or 'SPEC'} --seed {seed}" + (
-        f" --dtype {result.dtype}" if dtype != torch.float64 else "")
+    if spec.path:
+        reproduce = f"verify check {spec.path} --seed {seed}" + (
+            f" --dtype {result.dtype}" if dtype != torch.float64 else "")
+    else:
+        reproduce = f"verify.check(spec, seed={seed}" + (f", dtype={dtype})" if dtype != torch.float64 else ")")
     try:
         agrees()
         point = example_point(spec, dtype)

@@ -29,7 +29,7 @@ from .lower.sympy import Tensor
 # Numeric twins of the sympy functions that formulas and their derivatives contain.
 NUMPY_FUNCTIONS = {
     sympy.exp: np.exp, sympy.log: np.log, sympy.sin: np.sin, sympy.cos: np.cos, sympy.tan: np.tan,
-    sympy.sinh: np.sinh, sympy.cosh: np.cosh, sympy.tanh: np.tanh, sympy.Abs: np.abs,
+    sympy.sinh: np.sinh, sympy.cosh: np.cosh, sympy.tanh: np.tanh, sympy.Abs: np.abs, sympy.sign: np.sign,
 }
 ERROR_DTYPE = np.longdouble
 COMPARISONS = {sympy.Lt: np.less, sympy.Le: np.less_equal, sympy.Gt: np.greater,
@@ -98,8 +98,9 @@ def _pad(array, depth: int):
 class _Compiler:
     """One method per sympy class, found along the class's MRO as sympy's printers do."""
 
-    def __init__(self, size_names: frozenset):
+    def __init__(self, size_names: frozenset, track_errors: bool = True):
         self.size_names = size_names
+        self.track_errors = track_errors
 
     def compile(self, expr, axes: dict, depth: int):
         for cls in type(expr).__mro__:
@@ -198,16 +199,19 @@ class _Compiler:
         if numeric is None:
             raise UnsupportedFormula(f"no numeric rule for the function {type(expr).__name__}")
         arguments = self._args(expr, axes, depth)
+        if not self.track_errors:
+            return lambda ctx: (numeric(*(a(ctx)[0] for a in arguments)), 0.0)
         dummies, derivatives = _partials(type(expr), len(arguments))
-        partials = []  # compiled on first use: tanh's derivative holds tanh again
+        # Partials only scale errors, so they need no error bounds of their own (and tanh's
+        # derivative holds tanh again).
+        values_only = _Compiler(self.size_names, track_errors=False)
+        partials = [values_only.compile(p, {}, depth) for p in derivatives]
 
         def function(ctx):
             values, errors = zip(*(a(ctx) for a in arguments))
             value = numeric(*values)
             error = _wide(value)
             if any(np.any(e) for e in errors):
-                if not partials:
-                    partials.extend(self.compile(p, {}, depth) for p in derivatives)
                 ctx.bound.update(zip(dummies, (np.asarray(v, dtype=ERROR_DTYPE) for v in values)))
                 for partial, e in zip(partials, errors):
                     error = error + _scaled(e, partial(ctx)[0])

@@ -361,6 +361,8 @@ class _Parser:
             shape = op.infer_shape([o.shape for o in operands], params)
         except ShapeError as exc:
             raise self.error(str(exc), node) from None
+        if op_name == "div" and isinstance(operands[1], Constant) and operands[1].value.is_zero:
+            raise self.error("division by the constant zero", node)
         if op.kind == "elementwise" and all(isinstance(o, Constant) for o in operands):
             return Constant((), loc, value=self.fold(op_name, [o.value for o in operands], node))
         return Apply(shape, loc, op=op_name, operands=tuple(operands), params=tuple(sorted(params.items())))
@@ -372,8 +374,6 @@ class _Parser:
                 bits = float(abs(exponent)) * max(1.0, abs(float(sympy.log(abs(base), 2))))
                 if bits > MAX_CONSTANT_BITS:
                     raise self.error(f"the constant power is too large to compute (about {bits:.3g} bits)", node)
-        if op_name == "div" and values[1].is_zero:
-            raise self.error("division by the constant zero", node)
         return REGISTRY[op_name].sympy_form(*values)
 
 

@@ -1,0 +1,118 @@
+"""The engine end to end: agreement, rejections, shrunk counterexamples and blame."""
+
+import pytest
+import torch
+
+import verify
+from verify.report import CHECKED
+
+from .conftest import ExpIgnoringGradOutput, TanhWithWrongBackward
+
+BACKPROP = "x: Real[n] = [2, 4]\ny = x**2\no = 1/2 * sum(y)\nassert grad(o, x) == x\n"
+MLP = "W: Real[m, n]\nx: Real[n]\nb: Real[m]\na = W @ x + b\nh = tanh(a)\no = mean(h**2)\n"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backprop_example_agrees_and_its_claim_is_proved_for_all_n(dtype):
+    result = verify.check(BACKPROP, seed=0, dtype=dtype)
+    assert result.points > 100
+    assert result.rejected == {}
+    (claim,) = result.claims
+    assert claim.status == "proved for all n"
+
+
+def test_false_claim_is_refuted_with_a_shrunk_counterexample():
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check(BACKPROP.replace("== x", "== 2 * x"), seed=0)
+    failure = caught.value.failure
+    assert failure.check == "claim"
+    assert failure.sizes == {"n": 1}
+    assert failure.inputs["x"].shape == (1,)
+    assert failure.reference[0] == failure.inputs["x"][0]
+    assert failure.actual[0] == 2 * failure.inputs["x"][0]
+    report = str(caught.value)
+    for fragment in ["claim:      grad(o, x) == 2 * x", "symbolic:   ∂o/∂x[i] = x[i]", "input:      x = [",
+                     "Mismatched elements: 1 / 1", "reproduce:  verify.check(spec, seed=0)"]:
+        assert fragment in report
+
+
+@pytest.mark.parametrize("spec", [
+    MLP,
+    "x: Real[n]\nA: Real[n, n]\ny = sin(x) * exp(x / n)\no = A.T @ y\n",
+    "A: Positive[n, m]\ns = sum(log(A), axis=0)\no = sum(sqrt(s**2 + 1)) / m\n",
+    "a: Real\nb: Positive\nc = a * b + cos(a)\no = c ** 3 - 2 / b\nassert grad(o, b) == 3*c**2*a + 2/b**2\n",
+    "A: Real[n, k]\nB: Real[k, m]\no = sum((A @ B) ** 2, axis=(0, 1))\n",
+    "v: Real[n]\nB: Real[n, m]\nu = v @ B\no = u @ u\n",
+    "x: Real[n]\ny = x\no = sum(y * x - x)\n",
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_correct_specs_pass_in_float64_and_float32(spec, dtype):
+    result = verify.check(spec, seed=1, dtype=dtype, max_examples=60)
+    assert result.points > 0
+    assert all(claim.status.startswith("proved") for claim in result.claims)
+
+
+def test_wrong_backward_is_blamed_on_the_node_that_computed_it(plant_torch_form):
+    plant_torch_form("tanh", TanhWithWrongBackward.apply)
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check(MLP, seed=2)
+    failure = caught.value.failure
+    assert failure.check == "gradient"
+    assert failure.subject == "∂o/∂a"  # ∂o/∂h still agrees, so tanh's backward is to blame
+    assert "the backward of h (line 5: h = tanh(a)) into a is to blame" in failure.blame
+    assert "tanh(a[i])" in failure.formula
+
+
+def test_backward_that_ignores_its_incoming_gradient_is_caught_through_a_random_cotangent(plant_torch_form):
+    plant_torch_form("exp", ExpIgnoringGradOutput.apply)
+    verify.check("x: Real[n]\no = sum(exp(x))", seed=3)  # with sum() the incoming gradient is 1: no error
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check("x: Real[n]\no = exp(x)", seed=3)
+    assert caught.value.failure.subject == "∂o/∂x"
+
+
+def test_points_outside_the_domain_are_rejected_and_counted_not_failed():
+    result = verify.check("x: Real[n]\ny: Real[n]\no = sum(log(x - y))", seed=4)
+    assert result.points > 0
+    assert any("undefined or not finite" in reason for reason in result.rejected)
+    assert result.rejected_points > 0
+
+
+def test_overflow_of_the_dtype_is_rejected_not_failed():
+    result = verify.check("x: Real\no = exp(x)", seed=5, dtype=torch.float32)
+    assert any("overflows float32" in reason for reason in result.rejected)
+
+
+def test_the_example_point_is_always_checked(plant_torch_form):
+    def sin_wrong_at_seven_and_a_quarter(x):
+        return torch.where(x == 7.25, torch.zeros_like(x), torch.sin(x))
+
+    plant_torch_form("sin", sin_wrong_at_seven_and_a_quarter)
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check("x: Real[n] = [1, 7.25]\no = sum(sin(x))", seed=6, max_examples=5)
+    assert caught.value.failure.check == "value"
+    assert "at the example point" in str(caught.value)
+
+
+def test_same_seed_same_run():
+    first = verify.check(MLP, seed=7, max_examples=20)
+    second = verify.check(MLP, seed=7, max_examples=20)
+    assert (first.points, first.examples) == (second.points, second.examples)
+
+
+def test_claim_about_an_intermediate_is_proved():
+    result = verify.check("x: Real[n]\ny = exp(x)\no = sum(y**2)\nassert grad(o, y) == 2 * exp(x)", seed=8)
+    assert result.claims[0].status == "proved for all n"
+
+
+def test_claim_sympy_cannot_prove_is_checked_numerically():
+    # tanh(x/2)' = 1/(1 + cosh x) holds, but simplify does not find it.
+    spec = "x: Real[n]\no = sum(tanh(x/2))\nassert grad(o, x) == 1/(1 + (exp(x) + exp(-x))/2)"
+    result = verify.check(spec, seed=9)
+    assert result.claims[0].status == CHECKED
+    assert result.points > 0
+
+
+def test_spec_error_from_check():
+    with pytest.raises(verify.SpecError):
+        verify.check("x: Real\no = y")

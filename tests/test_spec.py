@@ -1,0 +1,191 @@
+"""The spec parser: the whitelist, exact numbers, shapes, and errors that point at the text."""
+
+import os
+
+import pytest
+import sympy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import verify
+from verify.ir import Apply, Constant, Input, Ref
+
+BACKPROP = "x: Real[n] = [2, 4]\ny = x**2\no = 1/2 * sum(y)\nassert grad(o, x) == x\n"
+
+
+def test_backprop_spec_parses_into_inputs_nodes_and_a_claim():
+    spec = verify.parse(BACKPROP)
+    assert list(spec.inputs) == ["x"]
+    assert list(spec.nodes) == ["y", "o"]
+    assert spec.output == "o"
+    assert spec.inputs["x"].example == [2.0, 4.0]
+    assert str(spec.inputs["x"].shape[0]) == "n"
+    (claim,) = spec.claims
+    assert (claim.of, claim.wrt) == ("o", "x")
+
+
+def test_numbers_are_exact_rationals():
+    spec = verify.parse("x: Real\no = 1/2 * x + 0.1 * x")
+    half, tenth = (a.operands[0] for a in spec.nodes["o"].operands)
+    assert half.value == sympy.Rational(1, 2)
+    assert tenth.value == sympy.Rational(1, 10)
+
+
+def test_size_symbol_is_usable_as_a_number_and_shared_between_inputs():
+    spec = verify.parse("x: Real[n]\ny: Real[n]\no = sum(x * y) / n")
+    assert spec.inputs["x"].shape == spec.inputs["y"].shape
+    assert spec.nodes["o"].operands[1].symbol.name == "n"
+
+
+def test_shapes_follow_matmul_transpose_reductions_and_broadcasting():
+    spec = verify.parse("W: Real[m, n]\nx: Real[n]\nb: Real[m]\nc: Real\n"
+                        "h = W @ x + b\nt = W.T @ h\ns = sum(W, axis=0)\nk = sum(W, axis=1, keepdims=True)\n"
+                        "o = sum(t * c) + sum(s) + sum(k)")
+    m, n = spec.inputs["W"].shape
+    assert spec.nodes["h"].shape == (m,)
+    assert spec.nodes["t"].shape == (n,)
+    assert spec.nodes["s"].shape == (n,)
+    assert spec.nodes["k"].shape == (m, 1)
+    assert spec.nodes["o"].shape == ()
+
+
+def test_names_refer_to_the_same_node_objects():
+    spec = verify.parse("x: Real[n]\ny = exp(x)\no = sum(y * x)")
+    product = spec.nodes["o"].operands[0]
+    assert isinstance(product, Apply)
+    ref, x = product.operands
+    assert isinstance(ref, Ref) and ref.target is spec.nodes["y"]
+    assert x is spec.inputs["x"]
+
+
+def test_an_alias_becomes_a_node_of_its_own():
+    spec = verify.parse("x: Real\ny = x\no = y * x")
+    assert isinstance(spec.nodes["y"], Apply) and spec.nodes["y"].op == "pos"
+
+
+def test_constant_arithmetic_is_folded_exactly():
+    spec = verify.parse("x: Real\no = (2**10 - 1/3) * x")
+    folded = spec.nodes["o"].operands[0]
+    assert isinstance(folded, Constant) and folded.value == sympy.Rational(3071, 3)
+
+
+def test_domains_and_examples():
+    spec = verify.parse("a: Positive = 2\nb: Interval(-1, 1)[2] = [0.5, -1]\nc: NonNegative[2, 2] = [[0, 1], [2, 3]]\n"
+                        "o = a * sum(b) + sum(c)")
+    assert spec.inputs["a"].example == 2.0
+    assert spec.inputs["b"].domain.low == -1.0 and not spec.inputs["b"].domain.high_open
+    assert spec.example_point() == {"a": 2.0, "b": [0.5, -1.0], "c": [[0.0, 1.0], [2.0, 3.0]]}
+
+
+BAD_SPECS = [
+    # (spec text, line, column, fragment of the message)
+    ("x: Real[n]\ny = x +\n", 2, 8, "syntax error"),
+    ("x: Real[n]\no = sum(z)", 2, 9, "unknown name 'z'"),
+    ("x: Real[n]\no = __import__('os').system('echo hacked')", 2, 5, "only ops of the registry can be called"),
+    ("x: Real[n]\no = x.__class__", 2, 5, "attribute access is not allowed"),
+    ("x: Real[n]\no = __builtins__", 2, 5, "names starting with '__'"),
+    ("import os\nx: Real\no = x", 1, 1, "an import is not allowed"),
+    ("x: Real\no = (lambda: x)()", 2, 6, "only ops of the registry can be called"),
+    ("x: Real\no = [x for _ in x]", 2, 5, "a comprehension is not allowed"),
+    ("x: Real\no = f'{x}'", 2, 5, "an f-string is not allowed"),
+    ("x: Real\no = (y := x)", 2, 6, "assignment expression"),
+    ("x: Real\ndef f(): pass\no = x", 2, 1, "a function definition is not allowed"),
+    ("x: Real\no = x[0]", 2, 5, "indexing is not allowed"),
+    ("x: Real\no = 'text'", 2, 5, "str constants are not allowed"),
+    ("x: Real\no = foo(x)", 2, 5, "unknown function 'foo'"),
+    ("x: Real\no = exp", 2, 5, "exp is an op: call it"),
+    ("x: Real\no = exp(x, x)", 2, 5, "exp takes 1 argument"),
+    ("x: Real[n]\no = sum(x, dims=0)", 2, 12, "sum takes no keyword 'dims'"),
+    ("x: Real[n]\no = sum(x, axis=2)", 2, 5, "axis 2 is out of range"),
+    ("W: Real[m, n]\nx: Real[m]\no = sum(W @ x)", 3, 9, "@ needs matching inner sizes"),
+    ("x: Real[n]\ny: Real[m]\no = sum(x + y)", 3, 9, "cannot broadcast sizes m and n"),
+    ("x: Real[3]\ny: Real[2]\no = sum(x * y)", 3, 9, "cannot broadcast sizes 2 and 3"),
+    ("x: Real[n]\no = x.T", 2, 5, ".T needs a matrix"),
+    ("x: Complex[n]\no = sum(x)", 1, 4, "unknown domain"),
+    ("x: Interval(1, 0)\no = x", 1, 4, "is empty"),
+    ("x: Real[0]\no = sum(x)", 1, 9, "a dim must be between 1"),
+    ("x: Real[n] = [1, 2]\ny: Real[n] = [1]\no = sum(x * y)", 2, 14, "earlier example says n = 2"),
+    ("x: Positive = -1\no = x", 1, 15, "outside its domain Positive"),
+    ("x: Real[2] = [1, 2, 3]\no = sum(x)", 1, 14, "has 3 entries"),
+    ("x: Real\nx = 2 * x\no = x", 2, 1, "x is already defined"),
+    ("sum: Real\no = sum", 1, 1, "reserved name"),
+    ("x: Real\n", 1, 1, "the spec has no output"),
+    ("", 1, 1, "the spec has no output"),
+    ("x: Real\no = 1 + 2", 2, 1, "does not depend on any input"),
+    ("x: Real\no = x\nassert grad(o, x) != 1", 3, 8, "must compare with =="),
+    ("x: Real\no = x\nassert hess(o, x) == 1", 3, 8, "a claim starts with grad"),
+    ("x: Real\no = x\nassert grad(o, q) == 1", 3, 16, "unknown name 'q' in the claim"),
+    ("x: Real[n]\no = sum(x)\nassert grad(o, x) == x @ x + x[0]", 3, 30, "indexing is not allowed"),
+    ("x: Real[n]\nm: Real[k]\no = sum(x)\nassert grad(o, x) == m", 4, 22, "has the shape of x"),
+    ("x: Real\ny = grad(x, x)\no = y", 2, 5, "may only appear on the left of a claim"),
+    ("x: Real\no = x ** (10 ** 10 ** 10)", 2, 11, "too large"),
+    ("x: Real\no = x / (1 - 1)", 2, 5, "division by the constant zero"),
+    ("x: Real\no = x\x00", 2, 1, "NUL byte"),
+    ("x: Real\no = x if x else x", 2, 5, "a conditional expression is not allowed"),
+    ("x: Real\no = x < 1", 2, 5, "a comparison is not allowed"),
+    ("x: Real\no = x\nx += 1", 3, 1, "an augmented assignment is not allowed"),
+    ("x: Real\nx", 2, 1, "a bare expression is not allowed"),
+]
+
+
+@pytest.mark.parametrize("text, line, column, fragment", BAD_SPECS)
+def test_bad_spec_is_a_spec_error_at_its_line_and_column(text, line, column, fragment):
+    with pytest.raises(verify.SpecError, match=fragment.replace("(", r"\(").replace("[", r"\[")) as caught:
+        verify.parse(text, path="bad.vspec")
+    error = caught.value
+    assert isinstance(error, ValueError)
+    assert (error.line, error.column) == (line, column)
+    assert f"bad.vspec:{line}:{column}:" in str(error)
+
+
+def test_error_shows_the_line_with_a_caret_and_what_is_allowed():
+    with pytest.raises(verify.SpecError) as caught:
+        verify.parse("x: Real[n]\ny = sum(z) * 2\n")
+    lines = str(caught.value).splitlines()
+    assert lines[1] == "    y = sum(z) * 2"
+    assert lines[2] == "            ^"
+    assert "names defined so far: x, n" in lines[3]
+
+
+def test_columns_count_characters_not_bytes():
+    with pytest.raises(verify.SpecError) as caught:
+        verify.parse("x: Real\no = 1 + x # é\ny = 'é' + q")
+    assert caught.value.line == 3 and caught.value.column == 5
+
+
+def test_nothing_in_a_hostile_spec_is_executed(tmp_path):
+    marker = tmp_path / "executed"
+    text = f"x: Real\no = __import__('os').system('touch {marker}')\n"
+    with pytest.raises(verify.SpecError):
+        verify.parse(text)
+    with pytest.raises(verify.SpecError):
+        verify.parse(f"x: Real[__import__('os').system('touch {marker}')]\no = sum(x)")
+    assert not marker.exists()
+    assert not os.path.exists(marker)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("xyno:=+-*/@()[], .T\n0123456789_sumexpRal")), max_size=60))
+def test_junk_text_gives_a_spec_or_a_spec_error(text):
+    try:
+        spec = verify.parse(text)
+    except verify.SpecError as error:
+        assert error.line is None or error.line >= 1
+    else:
+        assert spec.output in spec.nodes
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["exp", "sin", "cos", "tanh", "neg"]), min_size=1, max_size=6),
+       st.integers(1, 5))
+def test_generated_compositions_parse_with_the_input_shape(functions, size):
+    body = "x"
+    for name in functions:
+        body = f"{name}({body})"
+    spec = verify.parse(f"x: Real[{size}]\ny = {body}\no = sum(y)")
+    assert spec.nodes["y"].shape == (size,)
+    node = spec.nodes["y"]
+    for name in reversed(functions):
+        assert node.op == name
+        node = node.operands[0]
+    assert isinstance(node, Input)
