@@ -192,7 +192,8 @@ def evaluate(prepared: Plan, example: Example, dtype: torch.dtype, result: Resul
             point, allowed = failure
             tensor = prepared.values[name].tensor
             return Failure("value", f"the value of {name}", _formula(name, tensor), inputs_at(point),
-                           example.sizes, reference[keep][point], actual_values[name][point], allowed)
+                           example.sizes, reference[keep][point], actual_values[name][point], allowed,
+                           line=_line(spec, name))
     for name in _backward_order(spec, prepared.gradients):
         reference, error = reference_gradients[name]
         failure = _compare(reference[keep], error[keep], actual_gradients[name], dtype)
@@ -201,7 +202,7 @@ def evaluate(prepared: Plan, example: Example, dtype: torch.dtype, result: Resul
             tensor = prepared.gradients[name].tensor
             return Failure("gradient", f"∂{spec.output}/∂{name}", _formula(f"∂{spec.output}/∂{name}", tensor),
                            inputs_at(point), example.sizes, reference[keep][point],
-                           actual_gradients[name][point], allowed, blame=_blame(spec, name))
+                           actual_gradients[name][point], allowed, line=_line(spec, name), blame=_blame(spec, name))
     for claim, (value, error) in zip(prepared.claims, claimed):
         reference, reference_error = reference_gradients[claim.wrt]
         both_errors = error[keep] + reference_error[keep] + np.abs(value[keep])
@@ -211,9 +212,8 @@ def evaluate(prepared: Plan, example: Example, dtype: torch.dtype, result: Resul
             derivative = prepared.gradients[claim.wrt].tensor
             return Failure("claim", f"grad({spec.output}, {claim.wrt})",
                            _formula(f"∂{spec.output}/∂{claim.wrt}", derivative), inputs_at(point), example.sizes,
-                           reference[keep][point], value[keep][point], allowed,
-                           reference_label="sympy derivative", actual_label="claimed value   ",
-                           claim=claim.text)
+                           reference[keep][point], value[keep][point], allowed, line=claim.line,
+                           reference_label="derivative", actual_label="claimed", claim=claim.text)
     result.points += int(keep.sum())
     return None
 
@@ -310,6 +310,11 @@ def _blame(spec: Spec, name: str) -> str:
     shown = ", ".join(f"{c} (line {spec.locs[c].line}: {spec.locs[c].text})" for c in consumers)
     return (f"∂{spec.output}/∂{name} is the first gradient that disagrees, while its consumers agree: "
             f"the backward of {shown} into {name} is to blame")
+
+
+def _line(spec: Spec, name: str) -> int | None:
+    loc = spec.locs.get(name)
+    return loc.line if loc else None
 
 
 def _formula(label: str, tensor: Tensor) -> str:

@@ -73,8 +73,9 @@ class Failure:
     reference: np.ndarray  # at the failing point
     actual: np.ndarray
     allowed: np.ndarray
-    reference_label: str = "reference (sympy)"
-    actual_label: str = "autograd (torch)"
+    line: int | None = None  # the spec line of the node or claim
+    reference_label: str = "reference"
+    actual_label: str = "autograd"
     blame: str = ""
     claim: str = ""
     notes: list = field(default_factory=list)
@@ -88,7 +89,8 @@ class Failure:
         worst = int(np.argmax(flat)) if flat.size else 0
         worst_index = np.unravel_index(worst, reference.shape) if reference.shape else ()
         relative = difference / np.maximum(np.abs(reference), np.finfo(np.float64).tiny)
-        lines = [f"{spec_name}: {self.check} check failed for {self.subject}"]
+        where = f"{spec_name}:{self.line}" if self.line else spec_name
+        lines = [f"{where}: {self.check} check failed for {self.subject}"]
         if self.claim:
             lines.append(f"  claim:      {self.claim}")
         lines.append(f"  symbolic:   {self.formula}")
@@ -97,8 +99,8 @@ class Failure:
         lines.append("  sizes:      " + (", ".join(f"{k} = {v}" for k, v in self.sizes.items()) or "none"))
         for name, value in self.inputs.items():
             lines.append(f"  input:      {name} = {_show(value)}")
-        lines.append(f"  {self.reference_label}: {_show(reference)}")
-        lines.append(f"  {self.actual_label}: {_show(actual)}")
+        lines.append(f"  {self.reference_label + ':':<12}{_show(reference)}")
+        lines.append(f"  {self.actual_label + ':':<12}{_show(actual)}")
         count = int(bad.sum())
         lines.append(f"  Mismatched elements: {count} / {bad.size} ({100.0 * count / max(bad.size, 1):.1f}%)")
         at = tuple(int(i) for i in worst_index)

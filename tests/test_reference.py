@@ -1,0 +1,61 @@
+"""The compiled reference: its values against sympy's exact evaluation, and its error bounds."""
+
+import numpy as np
+import pytest
+import sympy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import verify
+from verify import engine
+from verify.reference import UnsupportedFormula, Reference
+from verify.lower.sympy import Tensor
+
+UNARY = ["exp", "sin", "cos", "tanh", "neg", "square", "sqrt_of_square_plus_one", "log_of_square_plus_one"]
+BINARY = ["+", "-", "*"]
+TEMPLATES = {"square": "({})**2", "sqrt_of_square_plus_one": "sqrt(({})**2 + 1)",
+             "log_of_square_plus_one": "log(({})**2 + 1)", "neg": "-({})"}
+
+
+@st.composite
+def formulas(draw, depth=3):
+    if depth == 0 or draw(st.booleans()):
+        return draw(st.sampled_from(["x", "y"]))
+    if draw(st.booleans()):
+        name = draw(st.sampled_from(UNARY))
+        inner = draw(formulas(depth - 1))
+        return TEMPLATES.get(name, name + "({})").format(inner)
+    return f"({draw(formulas(depth - 1))} {draw(st.sampled_from(BINARY))} {draw(formulas(depth - 1))})"
+
+
+@settings(max_examples=150, deadline=None)
+@given(formulas(), st.floats(-3, 3), st.floats(-3, 3))
+def test_value_and_error_bound_against_exact_evaluation(formula, x, y):
+    spec = verify.parse(f"x: Real\ny: Real\no = {formula} + 0 * x * y")
+    prepared = engine.plan(spec)
+    values, _, _ = engine.reference_side(prepared, engine.Example({}, {"x": np.array([x]), "y": np.array([y])}))
+    value, bound = values["o"]
+    exact = prepared.values["o"].tensor.expr.xreplace(
+        {sympy.Symbol("x", real=True): sympy.Float(x, 60), sympy.Symbol("y", real=True): sympy.Float(y, 60)}
+    ).evalf(60)
+    if not np.isfinite(value[0]):
+        return
+    # The bound is first order; twice it covers the higher-order terms at these magnitudes.
+    assert abs(sympy.Float(value[0], 60) - exact) <= 2 * 2.0**-53 * float(bound[0]) + 1e-300
+
+
+def test_sums_over_symbolic_sizes_become_reductions():
+    n, i, k = sympy.Symbol("n", integer=True, positive=True), *sympy.symbols("i k", integer=True, nonnegative=True)
+    x = sympy.IndexedBase("x")
+    formula = Tensor(sympy.Sum(x[k] * x[i], (k, 0, n - 1)), (i,), (n,))
+    reference = Reference(formula, frozenset({"n"}))
+    batch = np.arange(6.0).reshape(2, 3)
+    ctx = engine.Context({"x": (batch, np.zeros_like(batch))}, {"n": 3}, 2)
+    value, _ = reference(ctx)
+    np.testing.assert_array_equal(value, batch.sum(axis=1, keepdims=True) * batch)
+
+
+def test_unknown_function_is_refused_when_compiled():
+    formula = Tensor(sympy.gamma(sympy.Symbol("x", real=True)), (), ())
+    with pytest.raises(UnsupportedFormula, match="gamma"):
+        Reference(formula, frozenset())
