@@ -16,7 +16,7 @@ MLP = "W: Real[m, n]\nx: Real[n]\nb: Real[m]\na = W @ x + b\nh = tanh(a)\no = me
 def test_backprop_example_agrees_and_its_claim_is_proved_for_all_n(dtype):
     result = verify.check(BACKPROP, seed=0, dtype=dtype)
     assert result.points > 100
-    assert result.rejected == {}
+    assert all("overflows" in reason for reason in result.rejected)
     (claim,) = result.claims
     assert claim.status == "proved for all n"
 
@@ -74,7 +74,7 @@ def test_backward_that_ignores_its_incoming_gradient_is_caught_through_a_random_
 def test_points_outside_the_domain_are_rejected_and_counted_not_failed():
     result = verify.check("x: Real[n]\ny: Real[n]\no = sum(log(x - y))", seed=4)
     assert result.points > 0
-    assert any("undefined or not finite" in reason for reason in result.rejected)
+    assert any("outside the domain of log: x > 0" in reason for reason in result.rejected)
     assert result.rejected_points > 0
 
 

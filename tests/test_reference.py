@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import sympy
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +34,8 @@ def formulas(draw, depth=3):
 def test_value_and_error_bound_against_exact_evaluation(formula, x, y):
     spec = verify.parse(f"x: Real\ny: Real\no = {formula} + 0 * x * y")
     prepared = engine.plan(spec)
-    values, _, _ = engine.reference_side(prepared, engine.Example({}, {"x": np.array([x]), "y": np.array([y])}))
+    values, _, _, _, _ = engine.reference_side(
+        prepared, engine.Example({}, {"x": np.array([x]), "y": np.array([y])}), torch.float64)
     value, bound = values["o"]
     exact = prepared.values["o"].tensor.expr.xreplace(
         {sympy.Symbol("x", real=True): sympy.Float(x, 60), sympy.Symbol("y", real=True): sympy.Float(y, 60)}

@@ -6,9 +6,9 @@ True
 """
 
 from .api import check, load
-from .errors import Mismatch, SpecError, VerifyError
+from .errors import Mismatch, SpecError, Unchecked, VerifyError
 from .ir import Spec
 from .report import Result
 from .spec import parse
 
-__all__ = ["Mismatch", "Result", "Spec", "SpecError", "VerifyError", "check", "load", "parse"]
+__all__ = ["Mismatch", "Result", "Spec", "SpecError", "Unchecked", "VerifyError", "check", "load", "parse"]

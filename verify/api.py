@@ -17,7 +17,7 @@ def load(path: str | Path) -> Spec:
     """Read and parse a spec file. Unreadable or non-UTF-8 files raise ``SpecError``."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is no syntax error
     except UnicodeDecodeError as exc:
         raise SpecError(f"the file is not UTF-8 text (byte {exc.start})", path=str(path)) from None
     except OSError as exc:

@@ -99,6 +99,10 @@ def _check(arguments) -> int:
             print(f"MISMATCH {path}")
             reports.append(str(mismatch))
             worst = max(worst, EXIT_MISMATCH)
+        except verify.Unchecked as unchecked:
+            print(f"UNCHECKED {path}: no point could be checked")
+            reports.append(str(unchecked))
+            worst = max(worst, EXIT_MISMATCH)
         else:
             print(f"ok       {path}: {result.summary()}")
             for reason, count in sorted(result.rejected.items()):

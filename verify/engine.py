@@ -18,14 +18,15 @@ import torch
 from hypothesis import HealthCheck, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from .errors import Mismatch
-from .ir import Ref, Spec, concrete_shape
+from .errors import Mismatch, Unchecked
+from .ir import Apply, Constant, Ref, SizeRef, Spec, concrete_shape, graph_nodes
 from .lower.sympy import COTANGENT, SympyLowering, Tensor, _broadcast_index, derive, prove_equal
 from .lower.torch import TorchProgram
+from .ops import COMPARISONS, CONCRETE_ONLY, REGISTRY
 from .reference import ERROR_DTYPE, Context, Reference
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved
 from .strategies import Example, examples
-from .tolerance import UNIT_ROUNDOFF, allowed_error, representable_limit
+from .tolerance import UNIT_ROUNDOFF, allowed_error, representable_limit, underflow_limit
 
 
 @dataclass
@@ -43,43 +44,76 @@ class Plan:
     """Everything a spec needs at run time; built once, reused for every example and dtype."""
 
     spec: Spec
-    values: dict  # name -> Reference of each named node
+    values: dict  # label -> Reference of each node's value
     gradients: dict  # name -> Reference of ∂o/∂name
     claims: list
     program: TorchProgram
-    cotangent_shape: tuple | None
+    nodes: dict  # label -> node
 
 
 _PLANS: dict = {}
 
 
-def plan(spec: Spec) -> Plan:
-    """The sympy work for ``spec``, done once per spec text and cached."""
-    key = (spec.source, spec.path)
+def plan(spec: Spec, sizes: dict | None = None) -> Plan:
+    """The sympy work for ``spec``, done once per spec text and cached.
+
+    Specs with an op that index notation cannot express (``det``, ``inv``) are derived per
+    size instead, so they need ``sizes``.
+    """
+    concrete = needs_concrete_sizes(spec)
+    # Specs built in Python have no text of their own: they are cached by identity.
+    key = (spec.source or id(spec), spec.path, tuple(sorted(sizes.items())) if concrete else None)
     if key not in _PLANS:
-        tracked = {node: name for name, node in spec.inputs.items()}
-        tracked.update({node: name for name, node in spec.nodes.items()})
-        _PLANS[key] = build_plan(spec, tracked)
+        tracked = labelled_nodes(spec)
+        differentiate = [*spec.inputs.values(), *spec.nodes.values()]
+        _PLANS[key] = build_plan(spec, tracked, differentiate, sizes if concrete else None)
     return _PLANS[key]
 
 
-def build_plan(spec: Spec, tracked: dict) -> Plan:
-    """Derive, prove and compile everything for the nodes in ``tracked`` (node -> name)."""
-    derivation = derive(spec, tracked)
+def needs_concrete_sizes(spec: Spec) -> bool:
+    return any(isinstance(node, Apply) and node.op in CONCRETE_ONLY for node in graph_nodes(spec))
+
+
+def labelled_nodes(spec: Spec) -> dict:
+    """Node -> label for every node whose value can be compared: inputs, named nodes, and
+    unnamed subexpressions (labelled by their text, as in ``sum(y)``). Constants are left out."""
+    labels = {node: name for name, node in spec.inputs.items()}
+    named = {id(node): name for name, node in spec.nodes.items()}
+    taken = set(labels.values()) | set(named.values())
+    for node in graph_nodes(spec):
+        if node in labels or isinstance(node, (Constant, SizeRef)):
+            continue
+        if isinstance(node, Apply) and REGISTRY[node.op] in COMPARISONS:
+            continue
+        label = named.get(id(node))
+        if label is None:
+            label = node.loc.text
+            if any(c in label for c in " +-*/@"):
+                label = f"({label})"  # so that sympy prints (W @ x)[i], not W @ x[i]
+            while label in taken:
+                label += "'"
+        taken.add(label)
+        labels[node] = label
+    return labels
+
+
+def build_plan(spec: Spec, tracked: dict, differentiate, sizes: dict | None = None) -> Plan:
+    """Derive, prove and compile the values of ``tracked`` (node -> name) and the gradients
+    with respect to the nodes in ``differentiate``."""
+    derivation = derive(spec, tracked, differentiate, sizes)
     size_names = frozenset(spec.size_symbols)
     values = {name: Reference(t, size_names) for name, t in derivation.values.items()}
     gradients = {name: Reference(t, size_names) for name, t in derivation.gradients.items()}
     claims = []
     for claim in spec.claims:
         derivative = derivation.gradients[claim.wrt].inline(derivation.values)
-        lowering = SympyLowering(spec)
-        wrt_shape = spec.variable(claim.wrt).shape
+        lowering = SympyLowering(spec, sizes=sizes)
+        wrt_shape = lowering.shape(spec.variable(claim.wrt))
         claimed_expr = lowering.element(claim.expr, _broadcast_index(derivative.indices, wrt_shape, claim.expr.shape))
         claimed = Tensor(claimed_expr, derivative.indices, wrt_shape)
-        text = claim.loc.text.removeprefix("assert").strip()
-        claims.append(ClaimPlan(text, claim.loc.line, claim.wrt, claimed,
+        claims.append(ClaimPlan(_claim_text(claim), claim.loc.line, claim.wrt, claimed,
                                 prove_equal(derivative, claimed_expr), Reference(claimed, size_names)))
-    return Plan(spec, values, gradients, claims, TorchProgram(spec, tracked), derivation.cotangent_shape)
+    return Plan(spec, values, gradients, claims, TorchProgram(spec, tracked), {v: k for k, v in tracked.items()})
 
 
 class _Counterexample(Exception):
@@ -96,19 +130,20 @@ def run(spec: Spec, *, max_examples: int = 100, seed: int | None = None,
     __tracebackhide__ = True
     if dtype not in UNIT_ROUNDOFF or dtype == torch.bfloat16:
         raise ValueError(f"dtype must be one of torch.float64, torch.float32, torch.float16; got {dtype}")
-    prepared = plan(spec)
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
     name = spec.path or "<spec>"
     result = Result(name, str(dtype).replace("torch.", ""), seed,
-                    claims=[ClaimResult(c.text, c.line, c.proved) for c in prepared.claims])
+                    claims=[ClaimResult(_claim_text(c), c.loc.line, True) for c in spec.claims])
     rejected = Counter()
+    if not needs_concrete_sizes(spec):
+        plan(spec)  # the sympy work happens here, before any example
 
     @settings(max_examples=max_examples, database=None, deadline=None, report_multiple_bugs=False,
               verbosity=Verbosity.quiet, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @hypothesis_seed(seed)
-    @given(examples(spec, dtype, prepared.cotangent_shape))
+    @given(examples(spec, dtype))
     def agrees(example):
-        failure = evaluate(prepared, example, dtype, result, rejected)
+        failure = evaluate(spec, example, dtype, result, rejected)
         if failure is not None:
             raise _Counterexample(failure)
 
@@ -121,7 +156,7 @@ def run(spec: Spec, *, max_examples: int = 100, seed: int | None = None,
         agrees()
         point = example_point(spec, dtype)
         if point is not None:
-            failure = evaluate(prepared, point, dtype, result, rejected)
+            failure = evaluate(spec, point, dtype, result, rejected)
             if failure is not None:
                 failure.notes.append("at the example point given in the spec")
                 raise _Counterexample(failure)
@@ -131,10 +166,19 @@ def run(spec: Spec, *, max_examples: int = 100, seed: int | None = None,
                 claim.status = REFUTED
         raise Mismatch(found.failure.render(name, reproduce), found.failure) from None
     result.rejected = dict(rejected)
+    if result.points == 0:
+        reasons = "; ".join(f"{count} {reason}" for reason, count in rejected.most_common(3)) or "none drawn"
+        raise Unchecked(f"{name}: no point could be checked: every point was rejected ({reasons})", result)
     for claim in result.claims:
         if result.points:
-            claim.status = proved(spec.size_symbols) if claim.proved else CHECKED
+            symbols = [] if needs_concrete_sizes(spec) else spec.size_symbols
+            claim.status = (proved(symbols) + (" at every size checked" if symbols != spec.size_symbols else "")
+                            if claim.proved else CHECKED)
     return result
+
+
+def _claim_text(claim) -> str:
+    return claim.loc.text.removeprefix("assert").strip()
 
 
 def example_point(spec: Spec, dtype: torch.dtype) -> Example | None:
@@ -155,25 +199,91 @@ def example_point(spec: Spec, dtype: torch.dtype) -> Example | None:
     return Example(sizes, inputs, cotangent)
 
 
-def reference_side(prepared: Plan, example: Example) -> tuple:
-    """The reference on a batch: (values, gradients, claimed), each entry (value, error bound)."""
+def reference_side(prepared: Plan, example: Example, dtype: torch.dtype) -> tuple:
+    """The reference on a batch: (values, gradients, claimed, ambiguous points).
+
+    Values, gradients and claims are (value, error bound) pairs; ``ambiguous`` marks points
+    where a comparison is too close to call in ``dtype``.
+    """
+    # Inputs carry one rounding each in the error bounds, though they are exact: an algorithm
+    # is right when its result is the exact one for inputs perturbed by a rounding (backward
+    # stability), so the bounds include the condition number of each formula at the point.
+    ctx = Context({name: (array, np.abs(array).astype(ERROR_DTYPE)) for name, array in example.inputs.items()},
+                  example.sizes, example.batch, dtype)
     exact = np.zeros((), dtype=ERROR_DTYPE)
-    ctx = Context({name: (array, np.broadcast_to(exact, array.shape)) for name, array in example.inputs.items()},
-                  example.sizes, example.batch)
     if example.cotangent is not None:
         ctx.env[COTANGENT] = (example.cotangent, np.broadcast_to(exact, example.cotangent.shape))
     values = {}
     for name, reference in prepared.values.items():
         values[name] = ctx.env[name] = reference(ctx)  # gradient formulas refer to node values
-    gradients = {name: reference(ctx) for name, reference in prepared.gradients.items()}
-    return values, gradients, [claim.reference(ctx) for claim in prepared.claims]
+    amplification = _backward_amplification(prepared, example, values)
+    values = {name: _amplified(pair, amplification) for name, pair in values.items()}
+    gradients = {name: _amplified(reference(ctx), amplification) for name, reference in prepared.gradients.items()}
+    claimed = [claim.reference(ctx) for claim in prepared.claims]
+    return values, gradients, claimed, ctx.ambiguous, ctx.rescued
 
 
-def evaluate(prepared: Plan, example: Example, dtype: torch.dtype, result: Result, rejected: Counter):
+def _backward_amplification(prepared: Plan, example: Example, values: dict) -> np.ndarray:
+    """Per point, the largest amplification of rounding by the way torch computes an op
+    (the registry's ``backward_condition``), capped at 1/u of float64."""
+    cap = 1 / UNIT_ROUNDOFF[torch.float64]
+    worst = np.zeros(example.batch, dtype=ERROR_DTYPE)
+    array_of = _node_arrays(prepared, example, values)
+    for label, node in prepared.nodes.items():
+        condition = REGISTRY[node.op].backward_condition if isinstance(node, Apply) else None
+        if condition is None or label not in values:
+            continue
+        with np.errstate(all="ignore"):
+            operands = (array_of(o, node.rank if REGISTRY[node.op].kind == "elementwise" else o.rank)
+                        for o in node.operands)
+            amplification = np.asarray(condition(values[label][0], *operands), dtype=ERROR_DTYPE)
+        amplification = np.nan_to_num(amplification.reshape(example.batch, -1), nan=0.0, posinf=cap)
+        worst = np.maximum(worst, np.minimum(amplification.max(axis=1), cap))
+    return worst
+
+
+def _node_arrays(prepared: Plan, example: Example, values: dict):
+    """A function giving a node's reference values, with size-1 dims after the batch dim up to ``rank``."""
+    labels = {id(node): label for label, node in prepared.nodes.items()}
+
+    def array_of(operand, rank):
+        while isinstance(operand, Ref):
+            operand = operand.target
+        if isinstance(operand, Constant):
+            return float(operand.value)
+        if isinstance(operand, SizeRef):
+            return float(example.sizes[operand.symbol.name])
+        label = labels[id(operand)]
+        array = example.inputs[label] if label in example.inputs else values[label][0]
+        return array.reshape(array.shape[:1] + (1,) * (rank - operand.rank) + array.shape[1:])
+
+    return array_of
+
+
+def _amplified(pair: tuple, amplification: np.ndarray) -> tuple:
+    """The error bound widened by the amplification, norm-wise: rounding in a solve spreads
+    over every element of the result."""
+    value, error = pair
+    with np.errstate(all="ignore"):
+        largest = np.abs(value).reshape(len(value), -1).max(axis=1) if value.ndim > 1 else np.abs(value)
+        return value, error + _per_point(amplification * largest, value)
+
+
+def _per_point(per_point: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return per_point.reshape((len(per_point),) + (1,) * (like.ndim - 1))
+
+
+def evaluate(spec: Spec, example: Example, dtype: torch.dtype, result: Result, rejected: Counter):
     """Compare both sides on one batch; returns the first Failure, or None when all agree."""
-    spec = prepared.spec
-    reference_values, reference_gradients, claimed = reference_side(prepared, example)
-    keep = _accepted_points(example.batch, dtype, rejected, [
+    prepared = plan(spec, example.sizes)
+    for claim, status in zip(prepared.claims, result.claims):
+        status.proved = status.proved and claim.proved
+    reference_values, reference_gradients, claimed, ambiguous, rescued = reference_side(prepared, example, dtype)
+    keep = _inside_domains(prepared, example, reference_values, rejected)
+    newly = keep & ambiguous
+    if newly.any():
+        rejected["a comparison, kink or tie is within rounding of its boundary"] += int(newly.sum())
+    keep = _accepted_points(example.batch, dtype, rejected, keep & ~ambiguous, [
         *((f"the value of {n}", value) for n, value in reference_values.items()),
         *((f"∂{spec.output}/∂{n}", value) for n, value in reference_gradients.items()),
         *((f"the claimed grad of {c.wrt}", value) for c, value in zip(prepared.claims, claimed)),
@@ -182,9 +292,20 @@ def evaluate(prepared: Plan, example: Example, dtype: torch.dtype, result: Resul
     if not keep.any():
         return None
     actual_values, actual_gradients, _ = autograd_side(prepared, example, keep, dtype)
+    overflowed = _torch_overflowed(actual_values, actual_gradients) & rescued[keep]
+    if overflowed.any():
+        # float64 itself overflowed on the way to these finite values, and so did torch.
+        rejected[f"torch overflows {str(dtype)[6:]} on the way to a finite result"] += int(overflowed.sum())
+        keep[np.flatnonzero(keep)[overflowed]] = False
+        if not keep.any():
+            return None
+        actual_values, actual_gradients, _ = autograd_side(prepared, example, keep, dtype)
 
     def inputs_at(point):
-        return {name: array[keep][point] for name, array in example.inputs.items()}
+        shown = {name: array[keep][point] for name, array in example.inputs.items()}
+        if example.cotangent is not None:
+            shown["cotangent"] = example.cotangent[keep][point]  # the gradient seeded into backward
+        return shown
 
     for name, (reference, error) in reference_values.items():
         failure = _compare(reference[keep], error[keep], actual_values[name], dtype)
@@ -218,23 +339,49 @@ def evaluate(prepared: Plan, example: Example, dtype: torch.dtype, result: Resul
     return None
 
 
-def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, checks: list) -> np.ndarray:
-    """Points where every reference value is finite, fits the dtype and has a finite error bound.
+def _inside_domains(prepared: Plan, example: Example, values: dict, rejected: Counter) -> np.ndarray:
+    """Points where every op is inside its domain (the registry's ``defined``), by its
+    operand values; the others are counted with the op's domain as the reason."""
+    keep = np.ones(example.batch, dtype=bool)
+    array_of = _node_arrays(prepared, example, values)
+    for label, node in prepared.nodes.items():
+        op = REGISTRY[node.op] if isinstance(node, Apply) else None
+        if op is None or op.defined is None:
+            continue
+        rank = max(o.rank for o in node.operands) if op.kind == "elementwise" else 0
+        with np.errstate(all="ignore"):
+            inside = np.asarray(op.defined(*(array_of(o, rank) for o in node.operands)), dtype=bool)
+        per_point = inside.reshape(inside.shape[0], -1).all(axis=1) if inside.ndim else inside
+        outside = keep & ~np.broadcast_to(per_point, keep.shape)
+        if outside.any():
+            rejected[f"{label} is outside the domain of {node.op}: {op.domain}"] += int(outside.sum())
+            keep &= ~outside
+    return keep
+
+
+def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.ndarray, checks: list) -> np.ndarray:
+    """Points where every reference value is defined, fits the dtype with room to spare, is
+    no subnormal number, and has a finite error bound.
 
     The others are counted by reason and left out: there the math is undefined, or the
-    result overflows the dtype, or float64 overflowed on the way to a finite result.
+    result overflows or underflows the dtype, or a step on the way does.
     """
-    keep = np.ones(batch, dtype=bool)
+    keep = keep.copy()
     limit = representable_limit(dtype)
+    tiny = underflow_limit(dtype)
     dtype_name = str(dtype).replace("torch.", "")
     for label, (value, error) in checks:
         value, error = value.reshape(batch, -1), error.reshape(batch, -1)
-        finite = np.isfinite(value).all(axis=1)
-        fits = finite & (np.abs(np.where(np.isfinite(value), value, 0)) <= limit).all(axis=1)
+        defined = ~np.isnan(value).any(axis=1)
+        with np.errstate(all="ignore"):
+            room = allowed_error(value, error, dtype)
+            fits = defined & (np.abs(value) + room <= limit).all(axis=1)
+        normal = ~((value != 0) & (np.abs(value) < tiny)).any(axis=1)
         bounded = np.isfinite(error).all(axis=1)
-        for reason, bad in ((f"{label} is undefined or not finite", ~finite),
+        for reason, bad in ((f"{label} is undefined", ~defined),
                             (f"{label} overflows {dtype_name}", ~fits),
-                            (f"{label} overflows float64 in intermediate steps", ~bounded)):
+                            (f"{label} underflows {dtype_name}", ~normal),
+                            (f"a step of {label} overflows {dtype_name}", ~bounded)):
             newly = keep & bad
             if newly.any():
                 rejected[reason] += int(newly.sum())
@@ -270,6 +417,11 @@ def autograd_side(prepared: Plan, example: Example, keep: np.ndarray, dtype: tor
         gradients[name] = as_array(holder.grad, reference.tensor.shape)
         grad_fns[name] = type(holder.grad_fn).__name__ if holder.grad_fn is not None else "(leaf)"
     return values, gradients, grad_fns
+
+
+def _torch_overflowed(values: dict, gradients: dict) -> np.ndarray:
+    arrays = [*values.values(), *gradients.values()]
+    return np.logical_or.reduce([~np.isfinite(a.reshape(len(a), -1)).all(axis=1) for a in arrays])
 
 
 def _compare(reference, error, actual, dtype):

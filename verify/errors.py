@@ -50,3 +50,14 @@ class Mismatch(VerifyError, AssertionError):
     def __init__(self, report: str, failure=None):
         self.failure = failure
         super().__init__(report)
+
+
+class Unchecked(VerifyError, AssertionError):
+    """No point could be checked: every point drawn was rejected (see ``result.rejected``).
+
+    A run that verified nothing must not pass silently.
+    """
+
+    def __init__(self, report: str, result=None):
+        self.result = result
+        super().__init__(report)

@@ -8,13 +8,15 @@ so the walk shows every factor of the chain rule.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from . import engine
-from .ir import Constant, Input, Ref, SizeRef, Spec, depends_on_inputs
+from .ir import Input, Spec, concrete_shape
 from .report import proved
-from .strategies import Example
+from .strategies import Example, size_bounds
 from .tolerance import allowed_error
 
 DEFAULT_SIZE = 3
@@ -22,10 +24,11 @@ DEFAULT_SIZE = 3
 
 def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
     """The walkthrough of ``spec`` at its example point (or a fixed point when it has none)."""
-    tracked = _all_nodes(spec)
-    prepared = engine.build_plan(spec, tracked)
-    point = engine.example_point(spec, dtype) or _default_point(spec, prepared, dtype)
-    values, gradients, _ = engine.reference_side(prepared, point)
+    point = engine.example_point(spec, dtype) or _default_point(spec, dtype)
+    tracked = engine.labelled_nodes(spec)
+    sizes = point.sizes if engine.needs_concrete_sizes(spec) else None
+    prepared = engine.build_plan(spec, tracked, list(tracked), sizes)
+    values, gradients, _, _, _ = engine.reference_side(prepared, point, dtype)
     keep = np.ones(point.batch, dtype=bool)
     actual_values, actual_gradients, grad_fns = engine.autograd_side(prepared, point, keep, dtype)
 
@@ -64,47 +67,22 @@ def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
     return "\n".join(lines)
 
 
-def _all_nodes(spec: Spec) -> dict:
-    """Inputs, then every non-constant node of the graph in evaluation order, with a label."""
-    tracked = {node: name for name, node in spec.inputs.items()}
-    labels = set(tracked.values()) | set(spec.nodes)
-    named = {id(node): name for name, node in spec.nodes.items()}
-
-    def visit(node):
-        if node in tracked or isinstance(node, (Constant, SizeRef)) or not depends_on_inputs(node):
-            return
-        for operand in node.args:
-            visit(operand)
-        if isinstance(node, Ref):
-            return
-        label = named.get(id(node)) or node.loc.text
-        if label not in spec.nodes and any(c in label for c in " +-*/@"):
-            label = f"({label})"  # so that sympy prints (W @ x)[i], not W @ x[i]
-        while label in labels and named.get(id(node)) != label:
-            label += "'"
-        labels.add(label)
-        tracked[node] = label
-
-    for node in spec.nodes.values():
-        visit(node)
-    return tracked
-
-
-def _default_point(spec: Spec, prepared, dtype) -> Example:
+def _default_point(spec: Spec, dtype) -> Example:
     """A fixed point inside every domain, for specs that give no example point."""
-    sizes = {name: DEFAULT_SIZE for name in spec.size_symbols}
+    sizes = {name: max(low, min(DEFAULT_SIZE, high)) for name, (low, high) in size_bounds(spec).items()}
     rng = np.random.default_rng(0)
     inputs = {}
     for name, declared in spec.inputs.items():
-        low = max(declared.domain.low, -2.0)
-        high = min(declared.domain.high, 2.0)
-        low, high = (low + 0.1, high) if declared.domain.low_open else (low, high)
-        shape = (1, *(d if isinstance(d, int) else sizes[d.name] for d in declared.shape))
-        sample = rng.uniform(low, high, size=shape).round(2)
+        domain = declared.domain
+        # Inside the domain, away from open ends: within 2 of 0 where the domain allows.
+        low = domain.low if math.isfinite(domain.low) else min(-2.0, domain.high - 4.0)
+        high = domain.high if math.isfinite(domain.high) else max(2.0, low + 4.0)
+        low, high = max(low, min(-2.0, high - 4.0)), min(high, max(2.0, low + 4.0))
+        width = high - low
+        sample = rng.uniform(low + 0.1 * width, high - 0.1 * width, size=(1, *concrete_shape(declared.shape, sizes)))
         inputs[name] = torch.tensor(sample, dtype=dtype).double().numpy()
-    cotangent_shape = prepared.cotangent_shape
-    cotangent = None if cotangent_shape is None else np.ones(
-        (1, *(d if isinstance(d, int) else sizes[d.name] for d in cotangent_shape)))
+    output_shape = spec.nodes[spec.output].shape
+    cotangent = np.ones((1, *concrete_shape(output_shape, sizes))) if output_shape else None
     return Example(sizes, inputs, cotangent)
 
 

@@ -13,7 +13,7 @@ from typing import Union
 
 import sympy
 
-Dim = Union[int, sympy.Symbol]
+Dim = Union[int, sympy.Expr]  # an int, a size symbol, or an expression in them (n - 1, n + m)
 Shape = tuple  # tuple[Dim, ...]
 
 
@@ -152,6 +152,7 @@ class Spec:
     source: str = ""
     path: str | None = None
     locs: dict = field(default_factory=dict)  # name -> Loc of its declaration or assignment
+    size_requirements: list = field(default_factory=list)  # expressions in the sizes, each must be >= 1
 
     @property
     def output(self) -> str:
@@ -176,9 +177,34 @@ def depends_on_inputs(node: Node, _memo=None) -> bool:
     return memo[id(node)]
 
 
+def graph_nodes(spec: Spec) -> list:
+    """Every node once, operands before the nodes that use them (a Ref leads to its target)."""
+    seen, order = set(), []
+
+    def visit(node):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        for operand in node.args:
+            visit(operand)
+        if not isinstance(node, Ref):
+            order.append(node)
+
+    for node in [*spec.inputs.values(), *spec.nodes.values()]:
+        visit(node)
+    return order
+
+
+def concrete_dim(dim, sizes: dict) -> int:
+    """A dim (an int, a size symbol or an expression such as n - 1) at the sizes given by name."""
+    if isinstance(dim, int):
+        return dim
+    return int(dim.xreplace({s: sympy.Integer(sizes[s.name]) for s in dim.free_symbols}))
+
+
 def concrete_shape(shape: Shape, sizes: dict) -> tuple:
     """The shape with every size symbol replaced by its value from ``sizes`` (by name)."""
-    return tuple(d if isinstance(d, int) else int(sizes[d.name]) for d in shape)
+    return tuple(concrete_dim(d, sizes) for d in shape)
 
 
 def broadcast_shapes(*shapes: Shape) -> Shape:

@@ -1,29 +1,44 @@
 """The op registry: the single place that knows each operation.
 
-Each ``Op`` carries its shape rule, its sympy form, its torch form and its domain, so a
-lowering never hard-codes an operation and adding one is one entry here plus a test row.
+Each ``Op`` carries its shape rule, its sympy form, its torch form, its domain and torch's
+convention at its kinks, so a lowering never hard-codes an operation and adding one is
+one entry here plus a test row.
 
 The forms depend on the op's ``kind``:
 
 * ``elementwise``: ``sympy_form(*scalars)`` and ``torch_form(*tensors)`` on broadcast
-  arguments.
-* ``reduction``: ``sympy_form(total, count)`` receives the index-notation ``Sum`` over the
-  reduced axes and the number of elements summed; ``torch_form(tensor, dims, keepdim)``.
-* ``structural`` (``@``, ``.T``): ``sympy_form(element, index, shapes, fresh_index)`` builds
-  one output element from argument elements; ``torch_form(*tensors)`` sees a leading batch
-  dimension on every argument.
+  arguments. A domain that the formula alone would not reject (``lgamma`` at negative
+  numbers) is built into the sympy form as ``nan`` outside it.
+* ``reduction``: ``sympy_form(over, **params)``, where ``over`` builds sums, products and
+  extrema over the reduced axes (``over.sum(f)``, ``over.count``);
+  ``torch_form(tensor, dims, keepdim, **params)``.
+* ``axiswise`` (same shape, along one axis): ``sympy_form(along)``, where ``along.here`` is
+  the element at the output position and ``along.sum(f, upto_here=...)`` sums along the
+  axis; ``torch_form(tensor, dim)``.
+* ``structural`` (``@``, ``.T``, reshapes, joins): ``sympy_form(element, index, shapes,
+  fresh_index, params)`` builds one output element from argument elements;
+  ``torch_form(tensors, params)``.
 
 Torch forms always receive tensors with a leading batch dimension (one row per point), so
-reduction dims arrive already shifted past it.
+dims arrive already shifted past it.
+
+Kinks: the sympy form is written so that sympy's own derivative takes torch's documented
+value at the kink (``relu`` as ``Piecewise((x, x > 0), (0, True))`` has derivative 0 at 0,
+as torch's ``relu`` does). ``kink`` states that convention for people.
 """
 
 from __future__ import annotations
 
+import ast
+import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import sympy
 import torch
+import torch.nn.functional as F
+from sympy.codegen import cfunctions
 
 from .ir import ShapeError, broadcast_shapes
 
@@ -32,12 +47,26 @@ from .ir import ShapeError, broadcast_shapes
 class Op:
     name: str
     kind: str
-    arity: int
+    arity: int | None  # None: two or more operands
     sympy_form: Callable
     torch_form: Callable
     infer_shape: Callable  # (operand shapes, params dict) -> shape; raises ShapeError
     domain: str = "all reals"
+    kink: str = ""
     params: tuple = ()  # keyword parameters the spec may pass
+    max_size: int | None = None  # a cap on drawn sizes, for ops whose sympy form grows fast
+    numbers_ok: bool = False  # the torch form takes Python numbers, as user code writes `x**2`
+    # How much torch's backward amplifies rounding, as a numpy function of the op's output
+    # and operands: sigmoid' computed as y * (1 - y) loses digits as y -> 1, det's backward
+    # goes through a solve with the matrix. None where it does not.
+    backward_condition: Callable | None = None
+    # Where the op is defined, as a numpy predicate of its operand values: points outside
+    # are rejected with ``domain`` as the reason, even where sympy simplified the op away
+    # (x**2 / x is x to sympy, and 0/0 to torch at 0).
+    defined: Callable | None = None
+
+
+# -- shape rules -----------------------------------------------------------------------
 
 
 def _elementwise_shape(shapes, params):
@@ -59,6 +88,14 @@ def normalize_axes(axis, rank: int) -> tuple:
     return tuple(sorted(normalized))
 
 
+def single_axis(params, rank: int) -> int:
+    """The one axis of an axiswise op (default: the last)."""
+    axis = params.get("axis", -1)
+    if isinstance(axis, tuple) or rank == 0:
+        raise ShapeError("this op works along one axis of a tensor of rank 1 or more")
+    return normalize_axes(axis, rank)[0]
+
+
 def _reduction_shape(shapes, params):
     (shape,) = shapes
     axes = normalize_axes(params.get("axis"), len(shape))
@@ -67,17 +104,210 @@ def _reduction_shape(shapes, params):
     return tuple(d for i, d in enumerate(shape) if i not in axes)
 
 
+def _axiswise_shape(shapes, params):
+    (shape,) = shapes
+    single_axis(params, len(shape))
+    return shape
+
+
+def _show(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+# -- elementwise -----------------------------------------------------------------------
+
+
+def _defined(formula, condition):
+    """``formula`` where ``condition`` holds, NaN (undefined, so rejected) elsewhere."""
+    return sympy.Piecewise((formula, condition), (sympy.nan, True))
+
+
+def _sinc(a):
+    # torch's normalized sinc. At 0 the Taylor polynomial stands in for the removable
+    # singularity, so that derivatives there are the limits (sinc''(0) = -pi**2/3).
+    z = sympy.pi * a
+    return sympy.Piecewise((sympy.sin(z) / z, sympy.Ne(a, 0)), (1 - z**2 / 6 + z**4 / 120 - z**6 / 5040, True))
+
+
+def _elementwise(name, arity, sympy_form, torch_form, domain="all reals", kink="", backward_condition=None,
+                 defined=None):
+    return Op(name, "elementwise", arity, sympy_form, torch_form, _elementwise_shape, domain, kink,
+              backward_condition=backward_condition, defined=defined)
+
+
+def _arithmetic(name, sympy_form, torch_form, domain="all reals", defined=None):
+    return Op(name, "elementwise", 2, sympy_form, torch_form, _elementwise_shape, domain, numbers_ok=True,
+              defined=defined)
+
+
+def _power_defined(a, b):
+    integral = np.equal(b, np.round(b))
+    return (a > 0) | (integral & ~((a == 0) & (b < 0)))
+
+
+def _positive(a):
+    return a > 0
+
+
+SOFTPLUS_THRESHOLD = 20  # torch's default: softplus(x) = x above it
+
+ELEMENTWISE = [
+    _arithmetic("add", lambda a, b: a + b, lambda a, b: a + b),
+    _arithmetic("sub", lambda a, b: a - b, lambda a, b: a - b),
+    _arithmetic("mul", lambda a, b: a * b, lambda a, b: a * b),
+    _arithmetic("div", lambda a, b: a / b, lambda a, b: a / b, domain="b != 0", defined=lambda a, b: b != 0),
+    _arithmetic("pow", lambda a, b: a**b, lambda a, b: a**b, domain="a > 0, or b an integer (∂/∂b: a > 0)",
+                defined=_power_defined),
+    _elementwise("neg", 1, lambda a: -a, torch.neg),
+    # A fresh view, so that `y = x` gives y a gradient of its own, as a named node needs.
+    _elementwise("pos", 1, lambda a: a, lambda a: a.view_as(a)),
+    _elementwise("abs", 1, sympy.Abs, torch.abs, kink="abs'(0) = 0"),
+    _elementwise("sign", 1, sympy.sign, torch.sign, kink="sign' = 0 everywhere, 0 included"),
+    _elementwise("reciprocal", 1, lambda a: 1 / a, torch.reciprocal, domain="x != 0", defined=lambda a: a != 0),
+    _elementwise("square", 1, lambda a: a**2, torch.square),
+    _elementwise("sqrt", 1, sympy.sqrt, torch.sqrt, domain="x >= 0 (derivative: x > 0)", defined=lambda a: a >= 0),
+    _elementwise("rsqrt", 1, lambda a: 1 / sympy.sqrt(a), torch.rsqrt, domain="x > 0", defined=_positive),
+    _elementwise("exp", 1, sympy.exp, torch.exp),
+    # sympy's expm1 and log1p (from codegen) evaluate without the cancellation of exp(x) - 1.
+    _elementwise("expm1", 1, cfunctions.expm1, torch.expm1, backward_condition=lambda y, a: abs(y) / abs(1 + y)),
+    _elementwise("log", 1, sympy.log, torch.log, domain="x > 0", defined=_positive),
+    _elementwise("log2", 1, cfunctions.log2, torch.log2, domain="x > 0", defined=_positive),
+    _elementwise("log10", 1, cfunctions.log10, torch.log10, domain="x > 0", defined=_positive),
+    _elementwise("log1p", 1, cfunctions.log1p, torch.log1p, domain="x > -1", defined=lambda a: a > -1),
+    _elementwise("sin", 1, sympy.sin, torch.sin),
+    _elementwise("cos", 1, sympy.cos, torch.cos),
+    _elementwise("tan", 1, sympy.tan, torch.tan, domain="cos(x) != 0"),
+    _elementwise("asin", 1, sympy.asin, torch.asin, domain="-1 <= x <= 1 (derivative: |x| < 1)",
+                 defined=lambda a: abs(a) <= 1),
+    _elementwise("acos", 1, sympy.acos, torch.acos, domain="-1 <= x <= 1 (derivative: |x| < 1)",
+                 defined=lambda a: abs(a) <= 1),
+    _elementwise("atan", 1, sympy.atan, torch.atan),
+    _elementwise("sinh", 1, sympy.sinh, torch.sinh),
+    _elementwise("cosh", 1, sympy.cosh, torch.cosh),
+    _elementwise("tanh", 1, sympy.tanh, torch.tanh, backward_condition=lambda y, a: 2 * y**2 / abs(1 - y**2)),
+    _elementwise("asinh", 1, sympy.asinh, torch.asinh),
+    _elementwise("acosh", 1, sympy.acosh, torch.acosh, domain="x >= 1 (derivative: x > 1)", defined=lambda a: a >= 1),
+    _elementwise("atanh", 1, sympy.atanh, torch.atanh, domain="-1 < x < 1", defined=lambda a: abs(a) < 1),
+    _elementwise("sigmoid", 1, lambda a: 1 / (1 + sympy.exp(-a)), torch.sigmoid,
+                 backward_condition=lambda y, a: abs(y) / abs(1 - y)),
+    _elementwise("logsigmoid", 1, lambda a: -sympy.log(1 + sympy.exp(-a)), F.logsigmoid),
+    _elementwise("softplus", 1,
+                 lambda a: sympy.Piecewise((a, a > SOFTPLUS_THRESHOLD), (sympy.log(1 + sympy.exp(a)), True)),
+                 F.softplus, kink=f"x above {SOFTPLUS_THRESHOLD} gives x exactly (torch's threshold)"),
+    _elementwise("relu", 1, lambda a: sympy.Piecewise((a, a > 0), (0, True)), torch.relu, kink="relu'(0) = 0"),
+    _elementwise("elu", 1, lambda a: sympy.Piecewise((a, a > 0), (sympy.exp(a) - 1, True)), F.elu,
+                 kink="elu'(0) = 1 (alpha = 1: no kink)"),
+    _elementwise("gelu", 1, lambda a: a / 2 * (1 + sympy.erf(a / sympy.sqrt(2))), F.gelu),
+    _elementwise("silu", 1, lambda a: a / (1 + sympy.exp(-a)), F.silu),
+    _elementwise("mish", 1, lambda a: a * sympy.tanh(sympy.log(1 + sympy.exp(a))), F.mish),
+    _elementwise("erf", 1, sympy.erf, torch.erf),
+    _elementwise("erfc", 1, sympy.erfc, torch.erfc),
+    _elementwise("lgamma", 1, lambda a: _defined(sympy.loggamma(a), a > 0), torch.lgamma, domain="x > 0",
+                 defined=_positive),
+    _elementwise("digamma", 1, lambda a: _defined(sympy.polygamma(0, a), a > 0), torch.digamma, domain="x > 0",
+                 defined=_positive),
+    _elementwise("sinc", 1, _sinc, torch.sinc, kink="sinc(0) = 1, derivatives at 0 are the limits"),
+    _elementwise("xlogy", 2, lambda a, b: _defined(sympy.Piecewise((0, sympy.Eq(a, 0)), (a * sympy.log(b), True)),
+                                                   b > 0),
+                 torch.xlogy, domain="y > 0", kink="xlogy(0, y) = 0, and ∂/∂x = 0 at x = 0",
+                 defined=lambda a, b: b > 0),
+    _elementwise("atan2", 2, sympy.atan2, torch.atan2, domain="(y, x) != (0, 0)",
+                 defined=lambda a, b: (a != 0) | (b != 0)),
+    _elementwise("hypot", 2, lambda a, b: sympy.sqrt(a**2 + b**2), torch.hypot,
+                 domain="all reals (derivative: (a, b) != (0, 0))"),
+    _elementwise("maximum", 2, sympy.Max, torch.maximum, kink="ties split the gradient 1/2 each"),
+    _elementwise("minimum", 2, sympy.Min, torch.minimum, kink="ties split the gradient 1/2 each"),
+    _elementwise("where", 3, lambda c, a, b: sympy.Piecewise((a, c), (b, True)), torch.where,
+                 kink="the gradient flows only into the branch taken; 0 into the other"),
+]
+
+COMPARISONS = [
+    _elementwise(name, 2, relation, torch_form)
+    for name, relation, torch_form in [
+        ("less", sympy.Lt, torch.lt), ("less_equal", sympy.Le, torch.le), ("greater", sympy.Gt, torch.gt),
+        ("greater_equal", sympy.Ge, torch.ge), ("equal", sympy.Eq, torch.eq), ("not_equal", sympy.Ne, torch.ne),
+    ]
+]
+COMPARISON_OPERATORS = {ast.Lt: "less", ast.LtE: "less_equal", ast.Gt: "greater", ast.GtE: "greater_equal",
+                        ast.Eq: "equal", ast.NotEq: "not_equal"}
+
+# -- reductions ------------------------------------------------------------------------
+
+
+def _reduction(name, sympy_form, torch_form, kink="", params=(), domain="all reals"):
+    return Op(name, "reduction", 1, sympy_form, torch_form, _reduction_shape, domain, kink,
+              params=("axis", "keepdims", *params))
+
+
+def _prod_torch(t, dims, keepdim):
+    # torch.prod reduces one dim at a time.
+    for dim in sorted(dims, reverse=True):
+        t = torch.prod(t, dim=dim, keepdim=keepdim)
+    return t
+
+
+def _variance(over):
+    mean = over.sum(lambda v: v) / over.count
+    return over.sum(lambda v: (v - mean) ** 2) / (over.count - 1)
+
+
+def _norm(over, p=2):
+    if p == 1:
+        return over.sum(sympy.Abs)
+    if p == 2:
+        return sympy.sqrt(over.sum(lambda v: v**2))
+    return over.max(sympy.Abs)
+
+
+NORM_ORDERS = (1, 2, math.inf)
+
+REDUCTIONS = [
+    _reduction("sum", lambda over: over.sum(lambda v: v), torch.sum),
+    _reduction("mean", lambda over: over.sum(lambda v: v) / over.count, torch.mean),
+    _reduction("prod", lambda over: over.product(lambda v: v), _prod_torch),
+    _reduction("amax", lambda over: over.max(lambda v: v), torch.amax, kink="tied maxima share the gradient evenly"),
+    _reduction("amin", lambda over: over.min(lambda v: v), torch.amin, kink="tied minima share the gradient evenly"),
+    _reduction("logsumexp", lambda over: sympy.log(over.sum(sympy.exp)), torch.logsumexp),
+    _reduction("var", _variance, lambda t, dims, keepdim: torch.var(t, dim=dims, keepdim=keepdim),
+               domain="two or more elements (unbiased)"),
+    _reduction("std", lambda over: sympy.sqrt(_variance(over)),
+               lambda t, dims, keepdim: torch.std(t, dim=dims, keepdim=keepdim),
+               domain="two or more elements, not all equal (derivative)"),
+    _reduction("norm", _norm,
+               lambda t, dims, keepdim, p=2: torch.linalg.vector_norm(t, ord=p, dim=dims, keepdim=keepdim),
+               kink="the gradient at 0 is 0; p = inf: tied maxima share it evenly", params=("p",)),
+]
+
+# -- along one axis --------------------------------------------------------------------
+
+
+def _axiswise(name, sympy_form, torch_form):
+    return Op(name, "axiswise", 1, sympy_form, torch_form, _axiswise_shape, params=("axis",))
+
+
+AXISWISE = [
+    _axiswise("cumsum", lambda along: along.sum(lambda v: v, upto_here=True), lambda t, d: torch.cumsum(t, d)),
+    _axiswise("cumprod", lambda along: along.product(lambda v: v, upto_here=True), lambda t, d: torch.cumprod(t, d)),
+    _axiswise("logcumsumexp", lambda along: sympy.log(along.sum(sympy.exp, upto_here=True)),
+              lambda t, d: torch.logcumsumexp(t, d)),
+    _axiswise("softmax", lambda along: sympy.exp(along.here) / along.sum(sympy.exp), lambda t, d: torch.softmax(t, d)),
+    _axiswise("log_softmax", lambda along: along.here - sympy.log(along.sum(sympy.exp)),
+              lambda t, d: torch.log_softmax(t, d)),
+]
+
+# -- structure: products, transposes, reshapes, joins ----------------------------------
+
+
 def _matmul_shape(shapes, params):
     a, b = shapes
     if not (1 <= len(a) <= 2 and 1 <= len(b) <= 2):
         raise ShapeError(f"@ takes vectors and matrices, got operands of rank {len(a)} and {len(b)}")
-    inner_a, inner_b = a[-1], b[0]
-    if inner_a != inner_b:
-        raise ShapeError(f"@ needs matching inner sizes, got {_show(a)} @ {_show(b)} ({inner_a} != {inner_b})")
+    if a[-1] != b[0]:
+        raise ShapeError(f"@ needs matching inner sizes, got {_show(a)} @ {_show(b)} ({a[-1]} != {b[0]})")
     return a[:-1] + b[1:]
 
 
-def _matmul_sympy(element, index, shapes, fresh_index):
+def _matmul_sympy(element, index, shapes, fresh_index, params):
     a, b = shapes
     k, limits = fresh_index(a[-1])
     left = tuple(index[: len(a) - 1]) + (k,)
@@ -85,12 +315,34 @@ def _matmul_sympy(element, index, shapes, fresh_index):
     return sympy.Sum(element(0, left) * element(1, right), limits)
 
 
-def _matmul_torch(a, b):
+def _matmul_torch(tensors, params):
+    a, b = tensors
     # Every operand carries a leading batch dim ('z'); contract a's last axis with b's first.
     left = "z" + "ij"[2 - (a.dim() - 1):]
     right = "z" + "jk"[: b.dim() - 1]
     out = "z" + left[1:-1] + right[2:]
     return torch.einsum(f"{left},{right}->{out}", a, b)
+
+
+def _dot_shape(shapes, params):
+    if any(len(s) != 1 for s in shapes) or shapes[0] != shapes[1]:
+        raise ShapeError(f"dot takes two vectors of one size, got {_show(shapes[0])} and {_show(shapes[1])}")
+    return ()
+
+
+def _outer_shape(shapes, params):
+    if any(len(s) != 1 for s in shapes):
+        raise ShapeError(f"outer takes two vectors, got {_show(shapes[0])} and {_show(shapes[1])}")
+    return (shapes[0][0], shapes[1][0])
+
+
+def _square_shape(what):
+    def rule(shapes, params):
+        (shape,) = shapes
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise ShapeError(f"{what} needs a square matrix, got {_show(shape)}")
+        return () if what in ("trace", "det") else shape
+    return rule
 
 
 def _transpose_shape(shapes, params):
@@ -100,40 +352,279 @@ def _transpose_shape(shapes, params):
     return (shape[1], shape[0])
 
 
-def _show(shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
+def _diag_shape(shapes, params):
+    (shape,) = shapes
+    if len(shape) == 1:
+        return (shape[0], shape[0])
+    if len(shape) == 2 and shape[0] == shape[1]:
+        return (shape[0],)
+    raise ShapeError(f"diag takes a vector or a square matrix, got {_show(shape)}")
 
 
-def _elementwise(name, arity, sympy_form, torch_form, domain="all reals"):
-    return Op(name, "elementwise", arity, sympy_form, torch_form, _elementwise_shape, domain)
+def _diag_sympy(element, index, shapes, fresh_index, params):
+    if len(shapes[0]) == 2:
+        return element(0, (index[0], index[0]))
+    return sympy.KroneckerDelta(index[0], index[1]) * element(0, (index[0],))
 
 
-def _reduction(name, sympy_form, torch_form):
-    return Op(name, "reduction", 1, sympy_form, torch_form, _reduction_shape, params=("axis", "keepdims"))
+def _diag_torch(tensors, params):
+    (t,) = tensors
+    if t.dim() == 2:
+        return torch.diag_embed(t)
+    return torch.diagonal(t, dim1=1, dim2=2)
 
 
-REGISTRY: dict[str, Op] = {
-    op.name: op
-    for op in [
-        _elementwise("add", 2, lambda a, b: a + b, torch.add),
-        _elementwise("sub", 2, lambda a, b: a - b, torch.sub),
-        _elementwise("mul", 2, lambda a, b: a * b, torch.mul),
-        _elementwise("div", 2, lambda a, b: a / b, torch.div, domain="b != 0"),
-        _elementwise("pow", 2, lambda a, b: a**b, torch.pow, domain="a > 0, or b an integer"),
-        _elementwise("neg", 1, lambda a: -a, torch.neg),
-        # A fresh view, so that `y = x` gives y a gradient of its own, as a named node needs.
-        _elementwise("pos", 1, lambda a: a, lambda a: a.view_as(a)),
-        _elementwise("exp", 1, sympy.exp, torch.exp),
-        _elementwise("log", 1, sympy.log, torch.log, domain="x > 0"),
-        _elementwise("sqrt", 1, sympy.sqrt, torch.sqrt, domain="x >= 0 (derivative: x > 0)"),
-        _elementwise("sin", 1, sympy.sin, torch.sin),
-        _elementwise("cos", 1, sympy.cos, torch.cos),
-        _elementwise("tanh", 1, sympy.tanh, torch.tanh),
-        _reduction("sum", lambda total, count: total, torch.sum),
-        _reduction("mean", lambda total, count: total / count, torch.mean),
-        Op("matmul", "structural", 2, _matmul_sympy, _matmul_torch, _matmul_shape),
-        Op("transpose", "structural", 1,
-           lambda element, index, shapes, fresh_index: element(0, (index[1], index[0])),
-           lambda t: t.transpose(-1, -2), _transpose_shape),
-    ]
-}
+def _size_product(dims):
+    total = sympy.Integer(1)
+    for d in dims:
+        total *= d
+    return total
+
+
+def _reshape_shape(shapes, params):
+    (shape,) = shapes
+    target = params.get("shape")
+    if target is None:
+        raise ShapeError("reshape needs shape=(...)")
+    target = target if isinstance(target, tuple) else (target,)
+    if sum(1 for d in target if d == -1) > 1:
+        raise ShapeError("reshape takes at most one -1")
+    total = _size_product(shape)
+    known = _size_product([d for d in target if d != -1])
+    if -1 in target:
+        rest = sympy.cancel(total / known)
+        if not (rest.is_integer or (sympy.denom(rest) == 1)):
+            raise ShapeError(f"cannot reshape {_show(shape)} into {target}: the sizes do not divide")
+        target = tuple(rest if d == -1 else d for d in target)
+    if sympy.expand(_size_product(target) - total) != 0:
+        raise ShapeError(f"cannot reshape {_show(shape)} ({total} elements) into {_show(target)}")
+    return tuple(int(d) if isinstance(d, (int, sympy.Integer)) else d for d in target)
+
+
+def _row_major(index, dims):
+    flat = sympy.Integer(0)
+    for i, d in zip(index, dims):
+        flat = flat * d + i
+    return flat
+
+
+def _unravel(flat, dims):
+    index = []
+    for d in reversed(dims[1:]):
+        index.append(sympy.Mod(flat, d))
+        flat = sympy.floor(flat / d)
+    index.append(flat)
+    return tuple(reversed(index))
+
+
+def _reshape_sympy(element, index, shapes, fresh_index, params):
+    (shape,) = shapes
+    return element(0, _unravel(_row_major(index, params["shape"]), shape))
+
+
+def _reshape_torch(tensors, params):
+    (t,) = tensors
+    return t.reshape((t.shape[0], *params["shape"]))
+
+
+def join_axis(params, rank: int, stack: bool) -> int:
+    """The normalized axis of concat (rank of the operands) or stack (one more)."""
+    return normalize_axes(params.get("axis", 0), rank + 1 if stack else rank)[0]
+
+
+def _join_shape(stack):
+    def rule(shapes, params):
+        first = shapes[0]
+        if stack:
+            if any(s != first for s in shapes):
+                raise ShapeError(f"stack takes operands of one shape, got {', '.join(map(_show, shapes))}")
+            axis = join_axis(params, len(first), stack=True)
+            return first[:axis] + (len(shapes),) + first[axis:]
+        if not first:
+            raise ShapeError("concat takes operands of rank 1 or more")
+        axis = join_axis(params, len(first), stack=False)
+        for s in shapes:
+            if len(s) != len(first) or any(a != b for k, (a, b) in enumerate(zip(s, first)) if k != axis):
+                raise ShapeError(f"concat along axis {axis} needs the other sizes to match, got "
+                                 f"{', '.join(map(_show, shapes))}")
+        return first[:axis] + (sum((s[axis] for s in shapes), sympy.Integer(0)),) + first[axis + 1:]
+    return rule
+
+
+def _concat_sympy(element, index, shapes, fresh_index, params):
+    axis = join_axis(params, len(shapes[0]), stack=False)
+    pieces, offset = [], sympy.Integer(0)
+    for position, shape in enumerate(shapes):
+        shifted = tuple(i - offset if k == axis else i for k, i in enumerate(index))
+        pieces.append((element(position, shifted), index[axis] < offset + shape[axis]))
+        offset += shape[axis]
+    return sympy.Piecewise(*pieces[:-1], (pieces[-1][0], True))
+
+
+def _stack_sympy(element, index, shapes, fresh_index, params):
+    axis = join_axis(params, len(shapes[0]), stack=True)
+    inner = tuple(i for k, i in enumerate(index) if k != axis)
+    pieces = [(element(position, inner), sympy.Eq(index[axis], position)) for position in range(len(shapes))]
+    return sympy.Piecewise(*pieces[:-1], (pieces[-1][0], True))
+
+
+def _as_expr(value):
+    return sympy.Integer(value) if isinstance(value, int) else value
+
+
+def _slice_start_stop(item, dim):
+    """Bounds of a constant slice ``(start, stop)`` (either may be None or negative) of a dim."""
+    start, stop = item
+    start = 0 if start is None else (dim + start if start < 0 else start)
+    stop = dim if stop is None else (dim + stop if stop < 0 else stop)
+    return _as_expr(start), _as_expr(stop)
+
+
+def _slice_shape(shapes, params):
+    (shape,) = shapes
+    items = params["items"]
+    if len(items) > len(shape):
+        raise ShapeError(f"too many indices ({len(items)}) for an operand of rank {len(shape)}")
+    out = []
+    for dim, item in zip(shape, items):
+        if isinstance(item, int):
+            if isinstance(dim, int) and not -dim <= item < dim:
+                raise ShapeError(f"index {item} is out of range for a dim of size {dim}")
+            continue
+        start, stop = _slice_start_stop(item, dim)
+        size = sympy.expand(stop - start)
+        if size.is_number and size < 1:
+            raise ShapeError(f"the slice is empty for a dim of size {dim}")
+        out.append(int(size) if size.is_number else size)
+    return tuple(out) + tuple(shape[len(items):])
+
+
+def slice_requirements(shape, items) -> list:
+    """Expressions in the size symbols that must be at least 1 for the slice to be valid."""
+    needs = []
+    for dim, item in zip(shape, items):
+        if isinstance(item, int):
+            needs.append(_as_expr(dim) - item if item >= 0 else _as_expr(dim) + item + 1)
+        else:
+            start, stop = _slice_start_stop(item, dim)
+            needs.extend([start + 1, _as_expr(dim) - stop + 1, stop - start])
+    return needs
+
+
+def _slice_sympy(element, index, shapes, fresh_index, params):
+    (shape,) = shapes
+    positions = iter(index)
+    operand_index = []
+    for dim, item in zip(shape, params["items"]):
+        if isinstance(item, int):
+            operand_index.append(_as_expr(item) if item >= 0 else _as_expr(dim) + item)
+        else:
+            operand_index.append(next(positions) + _slice_start_stop(item, dim)[0])
+    operand_index.extend(positions)
+    return element(0, tuple(operand_index))
+
+
+def _slice_torch(tensors, params):
+    (t,) = tensors
+    key = (slice(None),) + tuple(i if isinstance(i, int) else slice(*i) for i in params["items"])
+    return t[key]
+
+
+def _matrix_of(element, size):
+    return sympy.Matrix(size, size, lambda r, c: element(0, (sympy.Integer(r), sympy.Integer(c))))
+
+
+def _det_sympy(element, index, shapes, fresh_index, params):
+    size = shapes[0][0]
+    if not isinstance(size, int):
+        raise ShapeError("det needs concrete sizes")
+    return _matrix_of(element, size).det(method="berkowitz")
+
+
+def _inv_sympy(element, index, shapes, fresh_index, params):
+    size = shapes[0][0]
+    if not isinstance(size, int):
+        raise ShapeError("inv needs concrete sizes")
+    inverse = _matrix_of(element, size).inv(method="LU")
+    # One formula for every element: select the entry at the (symbolic) index.
+    pieces = [(inverse[r, c], sympy.Eq(index[0], r) & sympy.Eq(index[1], c)) for r in range(size) for c in range(size)]
+    return sympy.Piecewise(*pieces[:-1], (pieces[-1][0], True))
+
+
+def _structural(name, arity, sympy_form, torch_form, infer_shape, params=(), domain="all reals", max_size=None,
+                defined=None, backward_condition=None):
+    return Op(name, "structural", arity, sympy_form, torch_form, infer_shape, domain, params=params,
+              max_size=max_size, defined=defined, backward_condition=backward_condition)
+
+
+MAX_CONDITION = 1e6
+
+
+def _condition_number(matrix):
+    with np.errstate(all="ignore"):
+        return np.linalg.cond(matrix)
+
+
+def _conditioned(matrix):
+    return _condition_number(matrix) < MAX_CONDITION
+
+
+# Sizes of det and inv are drawn up to this: their sympy forms grow factorially, and the
+# derivation is done once per size.
+CONCRETE_MAX_SIZE = 2
+
+STRUCTURAL = [
+    _structural("matmul", 2, _matmul_sympy, _matmul_torch, _matmul_shape),
+    _structural("transpose", 1, lambda element, index, shapes, fresh, params: element(0, (index[1], index[0])),
+                lambda tensors, params: tensors[0].transpose(-1, -2), _transpose_shape),
+    _structural("dot", 2, _matmul_sympy, lambda tensors, params: (tensors[0] * tensors[1]).sum(-1), _dot_shape),
+    _structural("outer", 2, lambda element, index, shapes, fresh, params: element(0, index[:1]) * element(1, index[1:]),
+                lambda tensors, params: tensors[0].unsqueeze(-1) * tensors[1].unsqueeze(-2), _outer_shape),
+    _structural("trace", 1,
+                lambda element, index, shapes, fresh, params: _trace(element, shapes, fresh),
+                lambda tensors, params: torch.diagonal(tensors[0], dim1=1, dim2=2).sum(-1), _square_shape("trace")),
+    _structural("diag", 1, _diag_sympy, _diag_torch, _diag_shape),
+    _structural("reshape", 1, _reshape_sympy, _reshape_torch, _reshape_shape, params=("shape",)),
+    _structural("concat", None, _concat_sympy,
+                lambda tensors, params: torch.cat(tensors, dim=join_axis(params, tensors[0].dim() - 1, False) + 1),
+                _join_shape(stack=False), params=("axis",)),
+    _structural("stack", None, _stack_sympy,
+                lambda tensors, params: torch.stack(tensors, dim=join_axis(params, tensors[0].dim() - 1, True) + 1),
+                _join_shape(stack=True), params=("axis",)),
+    _structural("slice", 1, _slice_sympy, _slice_torch, _slice_shape),
+    # torch's det backward at an exactly singular matrix gives 0, not the adjugate, so both
+    # stay away from singular and ill-conditioned matrices.
+    _structural("det", 1, _det_sympy, lambda tensors, params: torch.linalg.det(tensors[0]), _square_shape("det"),
+                domain=f"condition number below {MAX_CONDITION:g}", max_size=CONCRETE_MAX_SIZE, defined=_conditioned,
+                backward_condition=lambda y, a: _condition_number(a)),
+    _structural("inv", 1, _inv_sympy, lambda tensors, params: torch.linalg.inv(tensors[0]), _square_shape("inv"),
+                domain=f"condition number below {MAX_CONDITION:g}", max_size=CONCRETE_MAX_SIZE, defined=_conditioned,
+                backward_condition=lambda y, a: _condition_number(a) ** 2),
+]
+
+
+def _trace(element, shapes, fresh_index):
+    k, limits = fresh_index(shapes[0][0])
+    return sympy.Sum(element(0, (k, k)), limits)
+
+
+REGISTRY: dict[str, Op] = {op.name: op for op in [*ELEMENTWISE, *COMPARISONS, *REDUCTIONS, *AXISWISE, *STRUCTURAL]}
+# Ops that a spec reaches through syntax only (x + y, -x, A @ B, A.T, x[1:], x > 0).
+SYNTAX_ONLY = {"add", "sub", "mul", "div", "neg", "pos", "matmul", "transpose", "slice",
+               *(op.name for op in COMPARISONS)}  # pow is both `**` and pow(a, b)
+CALLABLE = sorted(set(REGISTRY) - SYNTAX_ONLY)
+CONCRETE_ONLY = {"det", "inv"}  # no index-notation form: derived per drawn size
+
+
+def op_table() -> str:
+    """The README's table of ops: kind, domain and torch's convention at kinks, from the registry."""
+    spelled = {"add": "`+`", "sub": "`-`", "mul": "`*`", "div": "`/`", "pow": "`**`, `pow`", "neg": "unary `-`",
+               "pos": "unary `+`", "matmul": "`@`", "transpose": "`.T`", "slice": "`x[a:b]`, `A[:, k]`",
+               "less": "`<` in where", "less_equal": "`<=` in where", "greater": "`>` in where",
+               "greater_equal": "`>=` in where", "equal": "`==` in where", "not_equal": "`!=` in where"}
+    rows = ["| op | written | kind | domain | at kinks (torch's convention) |", "|---|---|---|---|---|"]
+    for op in REGISTRY.values():
+        written = spelled.get(op.name, f"`{op.name}(...)`")
+        keywords = f" with {', '.join(f'`{p}=`' for p in op.params)}" if op.params else ""
+        rows.append(f"| {op.name} | {written}{keywords} | {op.kind} | {op.domain} | {op.kink or '-'} |")
+    return "\n".join(rows)

@@ -2,38 +2,79 @@
 
 A formula in index notation compiles once into a tree of closures. Evaluation is
 vectorized over a batch of points and over every index: a free index becomes an array
-axis, a ``Sum`` becomes a reduction over a new axis, ``Indexed`` becomes fancy indexing.
-Nothing runs per element in Python.
+axis, a ``Sum`` (``Product``, maximum) becomes a reduction over a new axis, and ``Indexed``
+becomes fancy indexing. Nothing runs per element in Python.
 
 Beside each value the closures carry a running bound on the rounding error of computing
 that value in floating point, in units of the unit roundoff ``u`` (first-order forward
 error analysis: every operation adds ``|result|``, and each argument's error is scaled by
 the magnitude of the partial derivative with respect to it). Bounds are kept in
 ``np.longdouble``, whose wider exponent keeps them finite where a float64 result sits near
-overflow (1/x at the smallest normal float64). ``verify.tolerance`` turns
-that bound into the tolerance of a comparison, so points where the formula is sensitive
-(large terms that cancel, ``exp`` of a large argument) get room, and benign points stay tight.
+overflow. ``verify.tolerance`` turns that bound into the tolerance of a comparison, so
+points where the formula is sensitive get room, and benign points stay tight.
+
+Two more things are found on the way:
+
+* **Ambiguous points.** A comparison (``where``, a kink, a tie of a maximum) between values
+  that carry rounding error, closer than the tolerance of the dtype under test, could go
+  either way in torch. Such points are marked in ``Context.ambiguous`` and rejected.
+* **Overflow on the way to a finite result.** Where float64 gives inf or NaN, the formula is
+  evaluated again in ``np.longdouble`` (vectorized; on x86 its exponent reaches 1e4932), and
+  what is still not finite, element by element with mpmath at ``PRECISE_DIGITS`` digits.
+  So ∂/∂x log(1 + exp(x)) at x = 800 is 1, not NaN, and x**2 at 1e200 is known to
+  overflow float64 rather than be undefined. What is undefined stays NaN, for the engine
+  to reject.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
+import scipy.special
 import sympy
-from sympy.core.relational import Relational
+import torch
+from sympy.codegen import cfunctions
 
-from .lower.sympy import Tensor
+from .lower.sympy import ReducedMax, ReducedMin, Tensor, Tie
+from .tolerance import UNIT_ROUNDOFF, allowed_error, underflow_limit
+
+ERROR_DTYPE = np.longdouble
+PRECISE_DIGITS = 50
+# The mpmath fallback runs per element in Python, so it is bounded per evaluation.
+MAX_PRECISE_ELEMENTS = 64
+MAX_EXPANDED_TERMS = 16
+PRECISE_SECONDS = 0.2
 
 # Numeric twins of the sympy functions that formulas and their derivatives contain.
 NUMPY_FUNCTIONS = {
     sympy.exp: np.exp, sympy.log: np.log, sympy.sin: np.sin, sympy.cos: np.cos, sympy.tan: np.tan,
-    sympy.sinh: np.sinh, sympy.cosh: np.cosh, sympy.tanh: np.tanh, sympy.Abs: np.abs, sympy.sign: np.sign,
+    sympy.asin: np.arcsin, sympy.acos: np.arccos, sympy.atan: np.arctan, sympy.sinh: np.sinh, sympy.cosh: np.cosh,
+    sympy.tanh: np.tanh, sympy.asinh: np.arcsinh, sympy.acosh: np.arccosh, sympy.atanh: np.arctanh,
+    sympy.Abs: np.abs, sympy.sign: np.sign, sympy.atan2: np.arctan2, sympy.floor: np.floor,
+    sympy.sinc: lambda x: np.sinc(np.asarray(x) / np.pi), cfunctions.expm1: np.expm1, cfunctions.log1p: np.log1p,
+    cfunctions.log2: np.log2, cfunctions.log10: np.log10,
+    # Derivatives of jumps: torch's backward of sign, heaviside and comparisons is 0.
+    sympy.DiracDelta: lambda *args: np.zeros_like(np.asarray(args[0], dtype=np.float64)),
 }
-ERROR_DTYPE = np.longdouble
+# Special functions come from scipy, in float64 only, and are accurate to some tens of ulps
+# (scipy's erfc is 40 ulps off at 8.3); torch's own are too (its float32 digamma is 45 ulps
+# off at 1.5625). Their error bounds include both.
+SPECIAL_FUNCTIONS = {
+    sympy.erf: scipy.special.erf, sympy.erfc: scipy.special.erfc, sympy.loggamma: scipy.special.gammaln,
+    sympy.polygamma: lambda order, x: scipy.special.polygamma(np.asarray(order, dtype=np.int64), x),
+}
+SPECIAL_FUNCTION_ULPS = 64
+NUMPY_FUNCTIONS.update({function: (lambda f: lambda *args: f(*(np.asarray(a, dtype=np.float64) for a in args)))(f)
+                        for function, f in SPECIAL_FUNCTIONS.items()})
+# Functions that jump where their argument crosses 0: a point there is ambiguous.
+JUMPS_AT_ZERO = {sympy.sign, sympy.Heaviside}
 COMPARISONS = {sympy.Lt: np.less, sympy.Le: np.less_equal, sympy.Gt: np.greater,
                sympy.Ge: np.greater_equal, sympy.Eq: np.equal, sympy.Ne: np.not_equal}
+REDUCTIONS = {sympy.Sum: (np.sum, 0.0), sympy.Product: (np.prod, 1.0),
+              ReducedMax: (np.max, -np.inf), ReducedMin: (np.min, np.inf)}
 
 
 class UnsupportedFormula(Exception):
@@ -42,13 +83,45 @@ class UnsupportedFormula(Exception):
 
 @dataclass
 class Context:
-    """What one evaluation sees: variable arrays (value, error), sizes and bound indices."""
+    """What one evaluation sees: variable arrays (value, error), sizes and bound indices.
+
+    ``dtype`` is the dtype torch computes in, which decides when a comparison is too close
+    to call; ``ambiguous`` collects the points where one was.
+    """
 
     env: dict
     sizes: dict
     batch: int
+    dtype: torch.dtype = torch.float64
     indices: dict = field(default_factory=dict)  # index symbol -> integer array
     bound: dict = field(default_factory=dict)  # dummy argument -> array, for partial derivatives
+    ambiguous: np.ndarray = None
+    rescued: np.ndarray = None  # points where float64 overflowed on the way to a finite value
+
+    def __post_init__(self):
+        if self.ambiguous is None:
+            self.ambiguous = np.zeros(self.batch, dtype=bool)
+        if self.rescued is None:
+            self.rescued = np.zeros(self.batch, dtype=bool)
+        # Narrower dtypes overflow in steps where float64 does not (pi * x in sinc at 1e38 in
+        # float32): such a step makes the error bound infinite, so the point is rejected.
+        self.step_limit = float(torch.finfo(self.dtype).max) if self.dtype != torch.float64 else np.inf
+        self.step_tiny = underflow_limit(self.dtype)
+
+    def guard(self, value, error, vanished=False):
+        """The error bound, made infinite where a step's value overflows the dtype under test,
+        or underflows it (into subnormal numbers, or to zero where ``vanished`` says a product
+        of nonzero factors became 0): there torch keeps no relative precision."""
+        magnitude = np.abs(value)
+        lost = ((magnitude < self.step_tiny) & (magnitude > 0)) | vanished
+        if not np.isinf(self.step_limit):
+            lost = lost | (magnitude > self.step_limit)
+        return np.where(lost, np.inf, error)
+
+    def mark_ambiguous(self, close):
+        close = np.asarray(close, dtype=bool)
+        if close.ndim:
+            self.ambiguous |= np.broadcast_to(close.reshape(close.shape[0], -1).any(axis=1), self.ambiguous.shape)
 
 
 class Reference:
@@ -56,8 +129,11 @@ class Reference:
 
     def __init__(self, tensor: Tensor, size_names: frozenset):
         self.tensor = tensor
+        self.size_names = size_names
         self.axes = {index: axis + 1 for axis, index in enumerate(tensor.indices)}
         self._compiled = _Compiler(size_names).compile(tensor.expr, self.axes, depth=len(tensor.indices))
+        self._wide = None  # the same formula computed in longdouble, compiled when first needed
+        self._expanded = {}  # sizes -> the formula with its sums written out, for the mpmath fallback
 
     def __call__(self, ctx: Context) -> tuple:
         shape = tuple(_size(d, ctx.sizes) for d in self.tensor.shape)
@@ -66,11 +142,89 @@ class Reference:
         with np.errstate(all="ignore"):
             value, error = self._compiled(ctx)
         full = (ctx.batch, *shape)
-        return np.broadcast_to(value, full).astype(np.float64), np.broadcast_to(error, full).astype(ERROR_DTYPE)
+        value = np.array(np.broadcast_to(value, full), dtype=np.float64)
+        error = np.array(np.broadcast_to(error, full), dtype=ERROR_DTYPE)
+        if not np.isfinite(value).all():
+            self._evaluate_wide(ctx, value)
+        if not np.isfinite(value).all():
+            self._evaluate_precisely(ctx, value)
+        return value, error
+
+    def _evaluate_wide(self, ctx: Context, value: np.ndarray) -> None:
+        """Overwrite non-finite elements with the longdouble value where that one is finite."""
+        if np.finfo(ERROR_DTYPE).max <= np.finfo(np.float64).max:
+            return  # longdouble is float64 here: only mpmath can help
+        if self._wide is None:
+            compiler = _Compiler(self.size_names, track_errors=False, value_dtype=ERROR_DTYPE)
+            self._wide = compiler.compile(self.tensor.expr, self.axes, depth=len(self.tensor.indices))
+        with np.errstate(all="ignore"):
+            wide = np.broadcast_to(np.asarray(self._wide(ctx)[0], dtype=ERROR_DTYPE), value.shape)
+            redo = ~np.isfinite(value) & np.isfinite(wide)
+            value[redo] = wide[redo].astype(np.float64)  # beyond float64 this is inf: an overflow
+            ctx.rescued |= (redo & np.isfinite(value)).reshape(len(value), -1).any(axis=1)
+
+    def _evaluate_precisely(self, ctx: Context, value: np.ndarray) -> None:
+        """Overwrite NaN elements (inf/inf, 0 * inf on the way) with mpmath's value.
+
+        Bounded: formulas whose sums expand past MAX_EXPANDED_TERMS terms at these sizes,
+        and elements past the time budget, stay NaN (rejected as undefined).
+        """
+        key = tuple(sorted(ctx.sizes.items()))
+        if key not in self._expanded:
+            sizes = {sympy.Symbol(n, integer=True, positive=True): sympy.Integer(v) for n, v in ctx.sizes.items()}
+            concrete = self.tensor.expr.xreplace(sizes)
+            small = _expanded_terms(concrete) <= MAX_EXPANDED_TERMS
+            self._expanded[key] = concrete.doit() if small else None
+        expanded = self._expanded[key]
+        if expanded is None:
+            return
+        deadline = time.monotonic() + PRECISE_SECONDS
+        for position in np.argwhere(np.isnan(value))[:MAX_PRECISE_ELEMENTS]:
+            if time.monotonic() > deadline:
+                break
+            point, element = int(position[0]), tuple(int(i) for i in position[1:])
+            formula = expanded.xreplace({i: sympy.Integer(v) for i, v in zip(self.tensor.indices, element)})
+            value[(point, *element)] = _precise_value(formula, ctx, point)
+            ctx.rescued[point] |= bool(np.isfinite(value[(point, *element)]))
+
+
+def _expanded_terms(expr) -> int:
+    """How many terms the sums and extrema of ``expr`` (with numeric bounds) write out to."""
+    total = 1
+    for reduction in expr.atoms(sympy.concrete.expr_with_limits.ExprWithLimits):
+        count = 1
+        for _, low, high in reduction.limits:
+            if not (low.is_Integer and high.is_Integer):
+                return MAX_EXPANDED_TERMS + 1
+            count *= int(high - low + 1)
+        total += count
+    return total
+
+
+def _precise_value(formula, ctx: Context, point: int) -> float:
+    """The formula at one point, by mpmath at PRECISE_DIGITS digits; NaN where undefined."""
+    values = {}
+    elements = formula.atoms(sympy.Indexed)
+    for atom in elements:
+        if not all(i.is_Integer for i in atom.indices):
+            return np.nan
+        values[atom] = ctx.env[atom.base.name][0][(point, *(int(i) for i in atom.indices))]
+    arrays = {atom.base.name for atom in elements}
+    for atom in formula.atoms(sympy.Symbol):
+        if atom.name in ctx.env and atom.name not in arrays and not atom.is_integer:
+            values[atom] = ctx.env[atom.name][0][point]
+    exact = formula.xreplace({a: sympy.Float(float(v), PRECISE_DIGITS) for a, v in values.items()})
+    result = exact.evalf(PRECISE_DIGITS)
+    if not (result.is_number and result.is_extended_real and result.is_finite):
+        return np.nan
+    with np.errstate(over="ignore"):
+        return float(result)
 
 
 def _size(dim, sizes) -> int:
-    return dim if isinstance(dim, int) else int(sizes[dim.name])
+    if isinstance(dim, int):
+        return dim
+    return int(dim.xreplace({s: sympy.Integer(sizes[s.name]) for s in dim.free_symbols}))
 
 
 def _axis_shape(axis: int, depth: int) -> tuple:
@@ -95,14 +249,28 @@ def _pad(array, depth: int):
     return array.reshape(array.shape + (1,) * (depth + 1 - array.ndim))
 
 
+def _too_close(ctx: Context, left, right, error) -> np.ndarray:
+    """Where a comparison of values carrying rounding error is within the dtype's tolerance."""
+    if not np.any(error):
+        return np.zeros((), dtype=bool)
+    scale = np.maximum(np.abs(left), np.abs(right))
+    return (np.abs(np.asarray(left) - np.asarray(right)) <= allowed_error(scale, error, ctx.dtype)) & (error > 0)
+
+
 class _Compiler:
     """One method per sympy class, found along the class's MRO as sympy's printers do."""
 
-    def __init__(self, size_names: frozenset, track_errors: bool = True):
+    def __init__(self, size_names: frozenset, track_errors: bool = True, value_dtype=np.float64):
         self.size_names = size_names
         self.track_errors = track_errors
+        self.value_dtype = value_dtype
 
     def compile(self, expr, axes: dict, depth: int):
+        if self.track_errors and expr.is_integer and not expr.has(sympy.Indexed):
+            # Index and size arithmetic (i - n, m + n) is exact.
+            exact = _Compiler(self.size_names, track_errors=False, value_dtype=self.value_dtype)
+            compiled = exact.compile(expr, axes, depth)
+            return lambda ctx: (compiled(ctx)[0], 0.0)
         for cls in type(expr).__mro__:
             method = getattr(self, "_" + cls.__name__, None)
             if method is not None:
@@ -120,6 +288,9 @@ class _Compiler:
 
     _NumberSymbol = _Number
 
+    def _NaN(self, expr, axes, depth):
+        return lambda ctx: (np.nan, 0.0)
+
     def _BooleanTrue(self, expr, axes, depth):
         return lambda ctx: (True, 0.0)
 
@@ -129,7 +300,7 @@ class _Compiler:
     def _Symbol(self, expr, axes, depth):
         if expr.name in self.size_names:
             return lambda ctx: (ctx.sizes[expr.name], 0.0)
-        if expr.is_integer:  # an index, bound by the output axes or by an enclosing Sum
+        if expr.is_integer:  # an index, bound by the output axes or by an enclosing reduction
             return lambda ctx: (_pad(ctx.indices[expr], depth), 0.0)
 
         def variable(ctx):
@@ -137,7 +308,7 @@ class _Compiler:
                 return ctx.bound[expr], 0.0
             value, error = ctx.env[expr.name]
             shape = (ctx.batch,) + (1,) * depth
-            return value.reshape(shape), error.reshape(shape)
+            return np.asarray(value, dtype=self.value_dtype).reshape(shape), error.reshape(shape)
 
         return variable
 
@@ -148,8 +319,10 @@ class _Compiler:
         def indexed(ctx):
             value, error = ctx.env[name]
             where = (np.arange(ctx.batch).reshape((ctx.batch,) + (1,) * depth),)
-            where += tuple(np.asarray(p(ctx)[0], dtype=np.int64) for p in positions)
-            return value[where], error[where]
+            # Clipped: a Piecewise evaluates every branch, also where its own index is out of range.
+            where += tuple(np.clip(np.asarray(p(ctx)[0], dtype=np.int64), 0, value.shape[axis + 1] - 1)
+                           for axis, p in enumerate(positions))
+            return np.asarray(value[where], dtype=self.value_dtype), error[where]
 
         return indexed
 
@@ -160,7 +333,8 @@ class _Compiler:
         def add(ctx):
             values, errors = zip(*(t(ctx) for t in terms))
             # Summing k terms rounds k - 1 times, each time by at most the sum of magnitudes.
-            return sum(values), sum(errors) + (len(values) - 1) * sum(_wide(v) for v in values)
+            value = sum(values)
+            return value, ctx.guard(value, sum(errors) + (len(values) - 1) * sum(_wide(v) for v in values))
 
         return add
 
@@ -175,7 +349,13 @@ class _Compiler:
                 if np.any(e):
                     others = [v for j, v in enumerate(values) if j != k]
                     error = error + _scaled(e, np.prod(np.broadcast_arrays(*map(_wide, others)), axis=0))
-            return product, error
+            if len(errors) == 2 and np.any(errors[0]) and np.any(errors[1]):
+                # Second order: two factors that both carry error, near zero both (e.g. cancelled).
+                error = error + _wide(errors[0]) * _wide(errors[1]) * UNIT_ROUNDOFF[ctx.dtype]
+            vanished = np.equal(product, 0)
+            for v in values:
+                vanished = vanished & np.not_equal(v, 0)
+            return product, ctx.guard(product, error, vanished)
 
         return mul
 
@@ -184,74 +364,143 @@ class _Compiler:
 
         def power(ctx):
             (b, b_error), (p, p_error) = base(ctx), exponent(ctx)
-            b = np.asarray(b, dtype=np.float64)
+            b = np.asarray(b, dtype=self.value_dtype)
             value = np.power(b, p)
             wide_base = np.asarray(b, dtype=ERROR_DTYPE)
             error = _wide(value) + _scaled(b_error, p * np.power(wide_base, np.asarray(p, dtype=ERROR_DTYPE) - 1))
+            if np.any(b_error) and np.all(np.asarray(p) > 1):
+                # Second order: a base that is a computed zero still has |error|**p of room.
+                u = UNIT_ROUNDOFF[ctx.dtype]
+                error = error + np.power(_wide(b_error) * u, np.asarray(p, dtype=ERROR_DTYPE)) / u
             if np.any(p_error):
                 error = error + _scaled(p_error, value * np.log(np.abs(wide_base)))
-            return value, error
+            return value, ctx.guard(value, error, np.equal(value, 0) & np.not_equal(b, 0))
 
         return power
+
+    def _Mod(self, expr, axes, depth):
+        left, right = self._args(expr, axes, depth)
+        return lambda ctx: (np.mod(left(ctx)[0], right(ctx)[0]), 0.0)
 
     def _Function(self, expr, axes, depth):
         numeric = NUMPY_FUNCTIONS.get(type(expr))
         if numeric is None:
             raise UnsupportedFormula(f"no numeric rule for the function {type(expr).__name__}")
         arguments = self._args(expr, axes, depth)
+        jumps = type(expr) in JUMPS_AT_ZERO
         if not self.track_errors:
             return lambda ctx: (numeric(*(a(ctx)[0] for a in arguments)), 0.0)
         dummies, derivatives = _partials(type(expr), len(arguments))
         # Partials only scale errors, so they need no error bounds of their own (and tanh's
         # derivative holds tanh again).
-        values_only = _Compiler(self.size_names, track_errors=False)
+        values_only = _Compiler(self.size_names, track_errors=False, value_dtype=self.value_dtype)
         partials = [values_only.compile(p, {}, depth) for p in derivatives]
+
+        special = type(expr) in SPECIAL_FUNCTIONS
 
         def function(ctx):
             values, errors = zip(*(a(ctx) for a in arguments))
             value = numeric(*values)
             error = _wide(value)
+            if special:  # scipy's inaccuracy in float64 ulps, and torch's own in ulps of its dtype
+                error = error * (1 + SPECIAL_FUNCTION_ULPS * (1 + UNIT_ROUNDOFF[torch.float64] / UNIT_ROUNDOFF[ctx.dtype]))
             if any(np.any(e) for e in errors):
+                if jumps:
+                    ctx.mark_ambiguous(_too_close(ctx, values[0], 0.0, errors[0]))
                 ctx.bound.update(zip(dummies, (np.asarray(v, dtype=ERROR_DTYPE) for v in values)))
                 for partial, e in zip(partials, errors):
                     error = error + _scaled(e, partial(ctx)[0])
-            return value, error
+            return value, ctx.guard(value, error)
 
         return function
+
+    def _Heaviside(self, expr, axes, depth):
+        argument = self.compile(expr.args[0], axes, depth)
+        at_zero = float(expr.args[1]) if len(expr.args) > 1 else 0.5
+
+        def heaviside(ctx):
+            value, error = argument(ctx)
+            ctx.mark_ambiguous(_too_close(ctx, value, 0.0, error))
+            return np.heaviside(value, at_zero), 0.0
+
+        return heaviside
+
+    def _Tie(self, expr, axes, depth):
+        value_fn, extremum_fn = self._args(expr, axes, depth)
+
+        def tie(ctx):
+            (value, error), (extremum, _) = value_fn(ctx), extremum_fn(ctx)
+            ctx.mark_ambiguous(_too_close(ctx, value, extremum, _wide(error)) & (value != extremum))
+            return np.equal(value, extremum).astype(self.value_dtype), 0.0
+
+        return tie
+
+    def _MinMaxBase(self, expr, axes, depth):
+        arguments = self._args(expr, axes, depth)
+        pick = np.maximum if isinstance(expr, sympy.Max) else np.minimum
+
+        def extremum(ctx):
+            values, errors = zip(*(a(ctx) for a in arguments))
+            value = pick.reduce(np.broadcast_arrays(*values))
+            for v, e in zip(values, errors):  # a near tie with another argument could flip in torch
+                ctx.mark_ambiguous(_too_close(ctx, v, value, e) & (v != value))
+            error = np.max(np.broadcast_arrays(*(_wide(e) for e in errors)), axis=0)
+            return value, error
+
+        return extremum
 
     def _KroneckerDelta(self, expr, axes, depth):
         left, right = self._args(expr, axes, depth)
         return lambda ctx: (np.equal(left(ctx)[0], right(ctx)[0]).astype(np.float64), 0.0)
 
-    # -- sums and conditions -------------------------------------------------------------
-    def _Sum(self, expr, axes, depth):
-        # One new axis per summation index; all of them are reduced at once.
+    # -- reductions and conditions -------------------------------------------------------
+    def _ExprWithLimits(self, expr, axes, depth):
+        """Sum, Product and the extrema: one new axis per index, reduced at once.
+
+        Bounds may depend on outer indices (a cumulative sum runs to the output index): the
+        new axis then spans the widest range, and a mask keeps each element's own range.
+        """
+        reduce, neutral = REDUCTIONS.get(type(expr), (None, None))
+        if reduce is None:
+            raise UnsupportedFormula(f"no numeric rule for {type(expr).__name__}")
         limits = expr.limits
         inner_axes = dict(axes)
         bounds = []
         for offset, (index, low, high) in enumerate(limits, start=1):
-            if (low.free_symbols | high.free_symbols) & (set(axes) | {limit[0] for limit in limits}):
-                raise UnsupportedFormula(f"a sum whose bounds depend on an index is not supported: {expr}")
+            if (low.free_symbols | high.free_symbols) & {limit[0] for limit in limits}:
+                raise UnsupportedFormula(f"bounds that depend on an index of the same reduction: {expr}")
             inner_axes[index] = depth + offset
             bounds.append((index, depth + offset, self.compile(low, axes, depth), self.compile(high, axes, depth)))
         inner_depth = depth + len(limits)
         body = self.compile(expr.function, inner_axes, inner_depth)
         summed = tuple(range(depth + 1, inner_depth + 1))
+        kind = type(expr)
 
         def total(ctx):
-            counts = []
+            inside = True
             for index, axis, low_fn, high_fn in bounds:
-                first, last = int(low_fn(ctx)[0]), int(high_fn(ctx)[0])
-                ctx.indices[index] = np.arange(first, last + 1).reshape(_axis_shape(axis, inner_depth))
-                counts.append(max(last - first + 1, 0))
+                low, high = _pad(np.asarray(low_fn(ctx)[0]), inner_depth), _pad(np.asarray(high_fn(ctx)[0]), inner_depth)
+                span = np.arange(int(np.min(low)), int(np.max(high)) + 1).reshape(_axis_shape(axis, inner_depth))
+                ctx.indices[index] = span
+                inside = inside & (span >= low) & (span <= high)
             value, error = body(ctx)
-            value = _pad(np.asarray(value, dtype=np.float64), inner_depth)
-            error = _pad(np.asarray(error, dtype=ERROR_DTYPE), inner_depth)
-            # A body that does not vary along a summed axis is broadcast before summing.
-            shape = value.shape[: depth + 1] + tuple(counts)
-            value, error = np.broadcast_to(value, np.broadcast_shapes(value.shape, shape)), error
-            error = np.broadcast_to(error, value.shape)
-            return value.sum(axis=summed), error.sum(axis=summed) + _wide(value).sum(axis=summed)
+            value = np.asarray(value, dtype=self.value_dtype)
+            shape = np.broadcast_shapes(np.shape(_pad(value, inner_depth)), np.shape(inside))
+            value = np.where(inside, np.broadcast_to(_pad(value, inner_depth), shape), neutral)
+            error = np.where(inside, np.broadcast_to(_pad(np.asarray(error, dtype=ERROR_DTYPE), inner_depth), shape), 0)
+            result = reduce(value, axis=summed)
+            if kind is sympy.Sum:
+                magnitude = _wide(value).sum(axis=summed)  # partial sums may reach it, in any order
+                return result, ctx.guard(magnitude, error.sum(axis=summed) + magnitude)
+            if kind is sympy.Product:
+                magnitudes = _wide(value)
+                exact = magnitudes.prod(axis=summed)
+                count = np.sum(np.broadcast_to(inside, shape), axis=summed)
+                vanished = np.equal(result, 0) & np.all(np.not_equal(value, 0), axis=summed)
+                return result, ctx.guard(result, (magnitudes + error).prod(axis=summed) - exact + count * exact, vanished)
+            chosen = np.broadcast_to(np.expand_dims(result, summed), shape)
+            ties = inside & (value == chosen)
+            return result, np.where(ties, error, 0).max(axis=summed)
 
         return total
 
@@ -263,28 +512,34 @@ class _Compiler:
             values, errors, conditions = [], [], []
             for value_fn, cond_fn in branches:
                 value, error = value_fn(ctx)
-                values.append(value)
-                errors.append(error)
+                values.append(np.asarray(value, dtype=self.value_dtype))
+                errors.append(np.asarray(error, dtype=ERROR_DTYPE))
                 conditions.append(np.asarray(cond_fn(ctx)[0], dtype=bool))
             shape = np.broadcast_shapes(*(np.shape(a) for a in values + errors + conditions))
             conditions = [np.broadcast_to(c, shape) for c in conditions]
             return (np.select(conditions, [np.broadcast_to(v, shape) for v in values], np.nan),
-                    np.select(conditions, [np.broadcast_to(e, shape) for e in errors], np.nan))
+                    np.select(conditions, [np.broadcast_to(e, shape) for e in errors], 0))
 
         return piecewise
 
     def _Relational(self, expr, axes, depth):
         compare = COMPARISONS[type(expr)]
         left, right = self._args(expr, axes, depth)
-        return lambda ctx: (compare(left(ctx)[0], right(ctx)[0]), 0.0)
+
+        def relation(ctx):
+            (a, a_error), (b, b_error) = left(ctx), right(ctx)
+            ctx.mark_ambiguous(_too_close(ctx, a, b, _wide(a_error) + _wide(b_error)))
+            return compare(a, b), 0.0
+
+        return relation
 
     def _And(self, expr, axes, depth):
         parts = self._args(expr, axes, depth)
-        return lambda ctx: (np.logical_and.reduce([p(ctx)[0] for p in parts]), 0.0)
+        return lambda ctx: (np.logical_and.reduce(np.broadcast_arrays(*(p(ctx)[0] for p in parts))), 0.0)
 
     def _Or(self, expr, axes, depth):
         parts = self._args(expr, axes, depth)
-        return lambda ctx: (np.logical_or.reduce([p(ctx)[0] for p in parts]), 0.0)
+        return lambda ctx: (np.logical_or.reduce(np.broadcast_arrays(*(p(ctx)[0] for p in parts))), 0.0)
 
     def _Not(self, expr, axes, depth):
         (part,) = self._args(expr, axes, depth)
@@ -296,4 +551,6 @@ def _partials(function_class, arity: int) -> tuple:
     """Dummy arguments of ``function_class`` and sympy's partial derivatives in them."""
     dummies = tuple(sympy.Dummy(f"a{k}", real=True) for k in range(arity))
     applied = function_class(*dummies)
-    return dummies, tuple(sympy.diff(applied, d) for d in dummies)
+    partials = [sympy.diff(applied, d) for d in dummies]
+    # An argument sympy cannot differentiate in (polygamma's order) is an exact integer.
+    return dummies, tuple(sympy.Integer(0) if p.has(sympy.Derivative) else p for p in partials)

@@ -25,11 +25,11 @@ from .ir import (
     DOMAINS, Apply, Claim, Constant, Domain, Input, Loc, Node, Ref, ShapeError, SizeRef, Spec,
     broadcast_shapes, depends_on_inputs,
 )
-from .ops import REGISTRY
+from .ops import CALLABLE, COMPARISON_OPERATORS, NORM_ORDERS, REGISTRY, slice_requirements
 
 CONSTANTS = {"pi": sympy.pi, "e": sympy.E}
 CLAIM_KINDS = ("grad",)
-RESERVED = set(REGISTRY) | set(CONSTANTS) | set(DOMAINS) | {"Interval", *CLAIM_KINDS}
+RESERVED = set(REGISTRY) | set(CONSTANTS) | set(DOMAINS) | {"Interval", "inf", *CLAIM_KINDS}
 
 BINARY_OPERATORS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.Pow: "pow",
                     ast.MatMult: "matmul"}
@@ -38,7 +38,8 @@ MAX_CONSTANT_BITS = 4096
 MAX_DIM = 10**7
 
 EXPRESSION_HINT = ("expected an expression of numbers, declared names, size symbols, pi, e, "
-                   "+ - * / ** @, unary minus, .T and calls of: " + ", ".join(sorted(REGISTRY)))
+                   "+ - * / ** @, unary minus, .T, slices with constant bounds (x[1:], A[:, 0]) and calls of: "
+                   + ", ".join(sorted(CALLABLE)))
 STATEMENT_HINT = ("a spec holds only input declarations (x: Real[n]), assignments (y = x**2) "
                   "and claims (assert grad(o, x) == expr)")
 
@@ -81,6 +82,7 @@ class _Parser:
         self.size_symbols: dict[str, sympy.Symbol] = {}
         self.sizes_from_examples: dict[str, int] = {}
         self.locs: dict[str, Loc] = {}
+        self.size_requirements: list = []  # expressions in the size symbols that must be >= 1
 
     # -- errors and locations ------------------------------------------------------------
     def error(self, message: str, where=None, hint: str | None = None) -> SpecError:
@@ -112,15 +114,10 @@ class _Parser:
             raise self.error(f"the spec cannot be parsed ({type(exc).__name__}): it is nested too deeply "
                              "or too large") from None
         for statement in tree.body:
-            if isinstance(statement, ast.AnnAssign):
-                self.declare_input(statement)
-            elif isinstance(statement, ast.Assign):
-                self.assign(statement)
-            elif isinstance(statement, ast.Assert):
-                self.claim(statement)
-            else:
-                what = _DESCRIPTIONS.get(type(statement), type(statement).__name__)
-                raise self.error(f"{what} is not allowed in a spec", statement, hint=STATEMENT_HINT)
+            try:
+                self.statement(statement)
+            except RecursionError:
+                raise self.error("the statement is nested too deeply", statement) from None
         if not self.nodes:
             raise self.error("the spec has no output: add an assignment such as `o = sum(x)`",
                              Loc(max(len(self.lines), 1), 1), hint=STATEMENT_HINT)
@@ -130,11 +127,32 @@ class _Parser:
         for claim in self.claims:
             if claim.of != output:
                 raise self.error(f"grad(...) claims are about the output {output}, not {claim.of}", claim.loc)
-        return Spec(self.inputs, self.nodes, self.claims, self.size_symbols, self.text, self.path, self.locs)
+            if self.nodes[output].shape:
+                raise self.error(f"grad({output}, ...) needs a scalar output; {output} has shape "
+                                 f"{_show(self.nodes[output].shape)}", claim.loc, hint="reduce it, as in o = sum(y)")
+            wrt = self.inputs.get(claim.wrt) or self.nodes[claim.wrt]
+            if not depends_on_inputs(wrt):
+                raise self.error(f"{claim.wrt} does not depend on any input, so it has no gradient to claim",
+                                 claim.loc)
+        return Spec(self.inputs, self.nodes, self.claims, self.size_symbols, self.text, self.path, self.locs,
+                    self.size_requirements)
+
+    def statement(self, statement: ast.stmt) -> None:
+        if isinstance(statement, ast.AnnAssign):
+            self.declare_input(statement)
+        elif isinstance(statement, ast.Assign):
+            self.assign(statement)
+        elif isinstance(statement, ast.Assert):
+            self.claim(statement)
+        else:
+            what = _DESCRIPTIONS.get(type(statement), type(statement).__name__)
+            raise self.error(f"{what} is not allowed in a spec", statement, hint=STATEMENT_HINT)
 
     def check_new_name(self, name: str, where: ast.AST) -> None:
         if name.startswith("__"):
             raise self.error(f"names starting with '__' are not allowed: {name}", where)
+        if name.startswith("_"):
+            raise self.error(f"names starting with '_' are reserved for verify's own use: {name}", where)
         if name in RESERVED:
             raise self.error(f"{name} is a reserved name (an op, constant or domain)", where)
         if name in self.inputs or name in self.nodes or name in self.size_symbols:
@@ -179,7 +197,10 @@ class _Parser:
         value = self.expression(node)
         if not isinstance(value, Constant):
             raise self.error("expected a constant number here", node)
-        return float(value.value)
+        number = float(value.value)
+        if not math.isfinite(number):
+            raise self.error("expected a finite number here", node)
+        return number
 
     def dim(self, node: ast.AST):
         if isinstance(node, ast.Constant) and type(node.value) is int:
@@ -323,9 +344,9 @@ class _Parser:
         if func.id in CLAIM_KINDS:
             raise self.error(f"{func.id}(...) may only appear on the left of a claim: assert {func.id}(o, x) == ...",
                              func)
-        op = REGISTRY.get(func.id)
-        if op is None:
+        if func.id not in CALLABLE:
             raise self.error(f"unknown function {func.id!r}", func, hint=EXPRESSION_HINT)
+        op = REGISTRY[func.id]
         if any(isinstance(a, ast.Starred) for a in node.args):
             raise self.error("starred arguments are not allowed", node)
         params = {}
@@ -335,32 +356,83 @@ class _Parser:
                 raise self.error(f"{func.id} takes no keyword {keyword.arg!r}", keyword,
                                  hint=f"keywords accepted by {func.id}: {accepted}")
             params[keyword.arg] = self.parameter(keyword.arg, keyword.value)
-        operands = [self.expression(a) for a in node.args]
+        operands = [self.condition(a) if (func.id, k) == ("where", 0) else self.expression(a)
+                    for k, a in enumerate(node.args)]
         return self.apply(func.id, operands, params, node)
+
+    def condition(self, node: ast.AST) -> Node:
+        """The first argument of where: one comparison of two expressions."""
+        if not (isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in COMPARISON_OPERATORS):
+            raise self.error("the condition of where is one comparison, as in where(x > 0, x, 0)", node)
+        operands = [self.expression(node.left), self.expression(node.comparators[0])]
+        if all(isinstance(o, Constant) for o in operands):
+            raise self.error("the condition compares two constants", node)
+        return self.apply(COMPARISON_OPERATORS[type(node.ops[0])], operands, {}, node)
+
+    def expr_Compare(self, node: ast.Compare) -> Node:
+        raise self.error("a comparison is allowed only as the condition of where(cond, a, b)", node,
+                         hint=EXPRESSION_HINT)
+
+    def expr_Subscript(self, node: ast.Subscript) -> Node:
+        operand = self.expression(node.value)
+        elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        items = tuple(self.slice_item(e) for e in elements)
+        return self.apply("slice", [operand], {"items": items}, node)
+
+    def slice_item(self, node: ast.AST):
+        """An integer index, or a slice (start, stop) with constant integer bounds and no step."""
+        if isinstance(node, ast.Slice):
+            if node.step is not None:
+                raise self.error("slices take no step", node.step)
+            return tuple(None if bound is None else self.integer(bound, "a slice bound")
+                         for bound in (node.lower, node.upper))
+        return self.integer(node, "an index")
+
+    def integer(self, node: ast.AST, what: str) -> int:
+        value = self.expression(node)
+        if not (isinstance(value, Constant) and value.value.is_Integer):
+            raise self.error(f"{what} is a constant integer", node)
+        return int(value.value)
 
     def parameter(self, key: str, node: ast.AST):
         if key == "keepdims":
             if isinstance(node, ast.Constant) and type(node.value) is bool:
                 return node.value
             raise self.error("keepdims is True or False", node)
+        if key == "p":
+            order = math.inf if isinstance(node, ast.Name) and node.id == "inf" else None
+            if order is None and isinstance(node, ast.Constant) and type(node.value) is int:
+                order = node.value
+            if order not in NORM_ORDERS:
+                raise self.error("p is 1, 2 or inf", node)
+            return order
         items = node.elts if isinstance(node, ast.Tuple) else [node]
         values = []
         for item in items:
-            value = self.expression(item)
-            if not (isinstance(value, Constant) and value.value.is_integer):
-                raise self.error(f"{key} takes an integer or a tuple of integers", item)
-            values.append(int(value.value))
+            if key == "shape" and isinstance(item, ast.Name) and item.id in self.size_symbols:
+                values.append(self.size_symbols[item.id])
+                continue
+            values.append(self.integer(item, f"{key} takes an integer or a tuple of integers; each"))
         return tuple(values) if isinstance(node, ast.Tuple) else values[0]
 
     def apply(self, op_name: str, operands: list, params: dict, node: ast.AST) -> Node:
         op = REGISTRY[op_name]
         loc = self.loc(node)
-        if len(operands) != op.arity:
+        if op.arity is None and len(operands) < 2:
+            raise self.error(f"{op_name} takes two or more arguments, got {len(operands)}", node)
+        if op.arity is not None and len(operands) != op.arity:
             raise self.error(f"{op_name} takes {op.arity} argument(s), got {len(operands)}", node)
+        if any(o.op in COMPARISON_OPERATORS.values() for o in operands if isinstance(o, Apply)) and op_name != "where":
+            raise self.error("a comparison is allowed only as the condition of where(cond, a, b)", node)
         try:
             shape = op.infer_shape([o.shape for o in operands], params)
         except ShapeError as exc:
             raise self.error(str(exc), node) from None
+        if op_name == "reshape":
+            params = {"shape": shape}  # the resolved target, -1 filled in
+        if op_name == "slice":
+            self.size_requirements.extend(slice_requirements(operands[0].shape, params["items"]))
+        self.size_requirements.extend(d for d in shape if not isinstance(d, int))
         if op_name == "div" and isinstance(operands[1], Constant) and operands[1].value.is_zero:
             raise self.error("division by the constant zero", node)
         if op.kind == "elementwise" and all(isinstance(o, Constant) for o in operands):
@@ -374,7 +446,10 @@ class _Parser:
                 bits = float(abs(exponent)) * max(1.0, abs(float(sympy.log(abs(base), 2))))
                 if bits > MAX_CONSTANT_BITS:
                     raise self.error(f"the constant power is too large to compute (about {bits:.3g} bits)", node)
-        return REGISTRY[op_name].sympy_form(*values)
+        folded = REGISTRY[op_name].sympy_form(*values)
+        if not (folded.is_extended_real and folded.is_finite):
+            raise self.error(f"the constant {op_name}(...) is {folded}, not a finite real number", node)
+        return folded
 
 
 def _show(shape) -> str:

@@ -2,6 +2,8 @@
 
 Every value is exactly representable in the dtype under test, so torch and the float64
 reference start from the same numbers and every difference comes from the computation.
+Values mix ordinary magnitudes with the whole range of the dtype, up to where it
+overflows, because gradient bugs live at thresholds and near overflow too.
 """
 
 from __future__ import annotations
@@ -10,17 +12,23 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import sympy
 import torch
+from hypothesis import assume
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from .ir import Domain, Spec, concrete_shape
+from .errors import SpecError
+from .ir import Apply, Domain, Spec, concrete_shape, graph_nodes
+from .ops import REGISTRY
+from .tolerance import representable_limit, underflow_limit
 
 DEFAULT_SIZES = (1, 8)
 MAX_BATCH = 8
-# Magnitudes stay where the float64 reference is finite for the ops of the core set.
-MAX_MAGNITUDE = 100.0
-COTANGENT_MAGNITUDE = 4.0
+ORDINARY_MAGNITUDE = 10.0
+# Quarters in [-4, 4]: signs, zero and a spread of magnitudes, exact in every dtype, and no
+# tiny values that would push the reference's products into subnormal numbers.
+COTANGENTS = st.integers(-16, 16).map(lambda k: k / 4)
 FLOAT_WIDTH = {torch.float64: 64, torch.float32: 32, torch.float16: 16}
 
 
@@ -48,30 +56,68 @@ def _round_inward(bound: float, dtype: torch.dtype, upward: bool) -> float:
     return as_dtype
 
 
-def values(domain: Domain, dtype: torch.dtype) -> st.SearchStrategy:
-    """Floats inside ``domain`` (and within MAX_MAGNITUDE), exactly representable in ``dtype``."""
-    low = _round_inward(max(domain.low, -MAX_MAGNITUDE), dtype, upward=True)
-    high = _round_inward(min(domain.high, MAX_MAGNITUDE), dtype, upward=False)
+def _floats(domain: Domain, dtype: torch.dtype, magnitude: float) -> st.SearchStrategy:
+    low = _round_inward(max(domain.low, -magnitude), dtype, upward=True)
+    high = _round_inward(min(domain.high, magnitude), dtype, upward=False)
+    if low > high:
+        raise SpecError(f"no {str(dtype)[6:]} value lies in the domain {domain}")
     return st.floats(low, high, exclude_min=domain.low_open and low == domain.low,
                      exclude_max=domain.high_open and high == domain.high,
                      allow_nan=False, allow_infinity=False, allow_subnormal=False, width=FLOAT_WIDTH[dtype])
 
 
+def values(domain: Domain, dtype: torch.dtype, wide: bool) -> st.SearchStrategy:
+    """Floats inside ``domain``, exactly representable in ``dtype``: of ordinary magnitude, or
+    (``wide``) anywhere up to near the largest finite value of the dtype.
+
+    Raises ``SpecError`` when no value of the dtype lies inside the domain.
+    """
+    # Up to the edge margin below overflow, and not within it above underflow (see tolerance).
+    anywhere = _floats(domain, dtype, representable_limit(dtype)).filter(
+        lambda v: v == 0 or abs(v) >= underflow_limit(dtype))
+    if wide or domain.low >= ORDINARY_MAGNITUDE or domain.high <= -ORDINARY_MAGNITUDE:
+        return anywhere
+    return _floats(domain, dtype, ORDINARY_MAGNITUDE)
+
+
+def size_bounds(spec: Spec) -> dict:
+    """The range drawn for each size symbol: from the smallest size every single-symbol
+    requirement (x[1:] needs n >= 2) allows, to the default cap or an op's smaller one."""
+    caps = [REGISTRY[n.op].max_size for n in graph_nodes(spec) if isinstance(n, Apply) and REGISTRY[n.op].max_size]
+    largest = min([DEFAULT_SIZES[1], *caps])
+    bounds = {}
+    for name, symbol in spec.size_symbols.items():
+        own = [r for r in spec.size_requirements if r.free_symbols == {symbol}]
+        smallest = next((v for v in range(DEFAULT_SIZES[0], largest + 1)
+                         if all(r.xreplace({symbol: v}) >= 1 for r in own)), largest)
+        bounds[name] = (smallest, max(smallest, largest))
+    return bounds
+
+
+def _meets_requirements(spec: Spec, sizes: dict) -> bool:
+    values = {symbol: sympy.Integer(sizes[name]) for name, symbol in spec.size_symbols.items()}
+    return all(r.xreplace(values) >= 1 for r in spec.size_requirements if r.free_symbols)
+
+
 @st.composite
-def examples(draw, spec: Spec, dtype: torch.dtype, cotangent_shape=None, sizes=None) -> Example:
-    """Sizes for the size symbols not fixed by ``sizes``, then a batch of points."""
+def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None) -> Example:
+    """Sizes for the size symbols not fixed by ``sizes``, then a batch of points, and a
+    random cotangent when the output is not a scalar."""
     chosen = dict(sizes or {})
-    for name in spec.size_symbols:
+    for name, (smallest, largest) in size_bounds(spec).items():
         if name not in chosen:
-            chosen[name] = draw(st.integers(*DEFAULT_SIZES), label=f"size {name}")
+            chosen[name] = draw(st.integers(smallest, largest), label=f"size {name}")
+    assume(_meets_requirements(spec, chosen))
     batch = draw(st.integers(1, MAX_BATCH), label="points")
     inputs = {}
     for name, declared in spec.inputs.items():
         shape = (batch, *concrete_shape(declared.shape, chosen))
-        inputs[name] = draw(hnp.arrays(np.float64, shape, elements=values(declared.domain, dtype)), label=name)
+        # Per input and example, so that a whole tensor of ordinary values stays common.
+        wide = draw(st.booleans(), label=f"{name} at any magnitude")
+        inputs[name] = draw(hnp.arrays(np.float64, shape, elements=values(declared.domain, dtype, wide)), label=name)
     cotangent = None
-    if cotangent_shape is not None:
-        shape = (batch, *concrete_shape(cotangent_shape, chosen))
-        bounded = st.floats(-COTANGENT_MAGNITUDE, COTANGENT_MAGNITUDE, width=FLOAT_WIDTH[dtype], allow_subnormal=False)
-        cotangent = draw(hnp.arrays(np.float64, shape, elements=bounded), label="cotangent")
+    output_shape = spec.nodes[spec.output].shape
+    if output_shape:
+        shape = (batch, *concrete_shape(output_shape, chosen))
+        cotangent = draw(hnp.arrays(np.float64, shape, elements=COTANGENTS), label="cotangent")
     return Example(chosen, inputs, cotangent)

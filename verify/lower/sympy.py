@@ -16,15 +16,25 @@ from itertools import count
 
 import sympy
 
-from ..ir import Apply, Constant, Input, Node, Ref, SizeRef, Spec, depends_on_inputs
-from ..ops import REGISTRY, normalize_axes
+from sympy.concrete.expr_with_intlimits import ExprWithIntLimits
+from sympy.concrete.expr_with_limits import ExprWithLimits
+
+from ..ir import Apply, Constant, Input, Node, Ref, SizeRef, Spec, concrete_shape, depends_on_inputs
+from ..ops import REGISTRY, normalize_axes, single_axis
 
 INDEX_NAMES = "ijklpqrstuvw"
-COTANGENT = "cotangent"
+# Names a spec cannot use (spec names never start with "_" or hold a space).
+COTANGENT = "_cotangent"
+_SUMMATION_COUNTER = count(1)
 
 
 def _index_symbol(name: str) -> sympy.Symbol:
     return sympy.Symbol(name, integer=True, nonnegative=True)
+
+
+def _fresh_index_symbol() -> sympy.Symbol:
+    """A summation index used nowhere else in this process, so substitutions never capture it."""
+    return _index_symbol(f"_k{next(_SUMMATION_COUNTER)}")
 
 
 @dataclass(frozen=True)
@@ -44,25 +54,35 @@ class Tensor:
 
 
 class SympyLowering:
-    """Lowers nodes of one spec; nodes listed in ``keep`` stay symbols named by ``keep[node]``."""
+    """Lowers nodes of one spec; nodes listed in ``keep`` stay symbols named by ``keep[node]``.
 
-    def __init__(self, spec: Spec, keep: dict | None = None):
+    With ``sizes`` (name -> int), every dim is concrete: the fallback for ops that index
+    notation cannot express (``det``, ``inv``), derived once per drawn size.
+    """
+
+    def __init__(self, spec: Spec, keep: dict | None = None, sizes: dict | None = None):
         self.spec = spec
         self.keep = {id(node): name for node, name in (keep or {}).items()}
+        self.sizes = sizes
         taken = set(spec.inputs) | set(spec.nodes) | set(spec.size_symbols)
-        self.free_names = [n for n in INDEX_NAMES if n not in taken]
-        self.counter = count(1)
+        spare = (f"i{k}" for k in count(1))
+        self.free_names = [n for n in INDEX_NAMES if n not in taken] + [n for n, _ in zip(spare, range(32))
+                                                                          if n not in taken]
+
+    def shape(self, node: Node) -> tuple:
+        return node.shape if self.sizes is None else concrete_shape(node.shape, self.sizes)
 
     def free_indices(self, rank: int) -> tuple:
         return tuple(_index_symbol(name) for name in self.free_names[:rank])
 
-    def fresh_index(self, size) -> tuple:
-        index = _index_symbol(f"_k{next(self.counter)}")
-        return index, (index, 0, size - 1)
+    def fresh_index(self, size, upper=None) -> tuple:
+        """A new summation index over 0..size-1 (or 0..upper), with its limits."""
+        index = _fresh_index_symbol()
+        return index, (index, 0, size - 1 if upper is None else upper)
 
     def tensor(self, node: Node) -> Tensor:
         indices = self.free_indices(node.rank)
-        return Tensor(self.element(node, indices), indices, node.shape)
+        return Tensor(self.element(node, indices), indices, self.shape(node))
 
     def element(self, node: Node, index: tuple) -> sympy.Expr:
         name = self.keep.get(id(node))
@@ -80,36 +100,149 @@ class SympyLowering:
         return node.value
 
     def _SizeRef(self, node: SizeRef, index):
-        return node.symbol
+        return node.symbol if self.sizes is None else sympy.Integer(self.sizes[node.symbol.name])
 
     def _Ref(self, node: Ref, index):
         return self.element(node.target, index)
 
     def _Apply(self, node: Apply, index):
         op = REGISTRY[node.op]
+        params = dict(node.params)
         if op.kind == "elementwise":
             return op.sympy_form(*(self.element(a, _broadcast_index(index, node.shape, a.shape))
                                    for a in node.operands))
+        (operand, *_) = node.operands
         if op.kind == "reduction":
-            (operand,) = node.operands
-            axes = normalize_axes(node.param("axis"), operand.rank)
-            kept = iter(index)
-            operand_index, limits, total_count = [], [], sympy.Integer(1)
-            for axis, size in enumerate(operand.shape):
-                if axis in axes:
-                    symbol, limit = self.fresh_index(size)
-                    operand_index.append(symbol)
-                    limits.append(limit)
-                    total_count *= size
-                    if node.param("keepdims", False):
-                        next(kept)
-                else:
-                    operand_index.append(next(kept))
-            body = self.element(operand, tuple(operand_index))
-            total = sympy.Sum(body, *limits) if limits else body
-            return op.sympy_form(total, total_count)
+            extra = {k: v for k, v in params.items() if k not in ("axis", "keepdims")}
+            return op.sympy_form(_Over(self, operand, index, params), **extra)
+        if op.kind == "axiswise":
+            return op.sympy_form(_Along(self, operand, index, single_axis(params, operand.rank)))
+        if self.sizes is not None and "shape" in params:
+            params["shape"] = concrete_shape(params["shape"], self.sizes)
         return op.sympy_form(lambda position, sub_index: self.element(node.operands[position], sub_index),
-                             index, [a.shape for a in node.operands], self.fresh_index)
+                             index, [self.shape(a) for a in node.operands], self.fresh_index, params)
+
+
+class _Over:
+    """The reduced axes of one reduction, for the op's sympy form: sums, products, extrema."""
+
+    def __init__(self, lowering: SympyLowering, operand: Node, index: tuple, params: dict):
+        self.lowering = lowering
+        self.operand = operand
+        self.axes = normalize_axes(params.get("axis"), operand.rank)
+        self.keepdims = params.get("keepdims", False)
+        self.index = index
+        self.dims = lowering.shape(operand)
+        self.count = sympy.Integer(1)
+        for axis in self.axes:
+            self.count *= self.dims[axis]
+
+    def _each(self, f, combine):
+        kept = iter(self.index)
+        operand_index, limits = [], []
+        for axis, size in enumerate(self.dims):
+            if axis in self.axes:
+                symbol, limit = self.lowering.fresh_index(size)
+                operand_index.append(symbol)
+                limits.append(limit)
+                if self.keepdims:
+                    next(kept)
+            else:
+                operand_index.append(next(kept))
+        body = f(self.lowering.element(self.operand, tuple(operand_index)))
+        return combine(body, *limits) if limits else body
+
+    def sum(self, f):
+        return self._each(f, sympy.Sum)
+
+    def product(self, f):
+        return self._each(f, sympy.Product)
+
+    def max(self, f):
+        return self._each(f, ReducedMax)
+
+    def min(self, f):
+        return self._each(f, ReducedMin)
+
+
+class _Along:
+    """One axis of an axiswise op: the element here, and sums or products along the axis."""
+
+    def __init__(self, lowering: SympyLowering, operand: Node, index: tuple, axis: int):
+        self.lowering = lowering
+        self.operand = operand
+        self.index = index
+        self.axis = axis
+        self.here = lowering.element(operand, index)
+
+    def _each(self, f, combine, upto_here):
+        size = self.lowering.shape(self.operand)[self.axis]
+        k, limits = self.lowering.fresh_index(size, self.index[self.axis] if upto_here else None)
+        moved = tuple(k if axis == self.axis else i for axis, i in enumerate(self.index))
+        return combine(f(self.lowering.element(self.operand, moved)), limits)
+
+    def sum(self, f, upto_here=False):
+        return self._each(f, sympy.Sum, upto_here)
+
+    def product(self, f, upto_here=False):
+        return self._each(f, sympy.Product, upto_here)
+
+
+class ReducedMax(ExprWithIntLimits):
+    """The largest value of ``function`` over its limits, like ``Sum`` for the maximum.
+
+    Its derivative follows torch's convention for ``amax`` and ``norm(p=inf)``: tied maxima
+    share the gradient evenly (sympy's own chain rule does the rest).
+    """
+
+    extremum = sympy.Max
+
+    def _eval_derivative(self, symbol):
+        # Fresh indices, so that the sums over ties do not shadow the index bound inside self.
+        fresh = {index: _fresh_index_symbol() for index, _, _ in self.limits}
+        function = self.function.xreplace(fresh)
+        limits = [(fresh[index], low, high) for index, low, high in self.limits]
+        tie = Tie(function, self)
+        return sympy.Sum(tie * sympy.diff(function, symbol), *limits) / sympy.Sum(tie, *limits)
+
+    def _eval_is_real(self):
+        return self.function.is_real
+
+    def doit(self, **hints):
+        """Written out as Max(...) once every bound is a number; kept as it is otherwise."""
+        function = self.function.doit(**hints)
+        if not all(low.is_Integer and high.is_Integer for _, low, high in self.limits):
+            return self.func(function, *self.limits)
+        terms = [function]
+        for index, low, high in self.limits:
+            terms = [t.xreplace({index: sympy.Integer(v)}) for t in terms for v in range(int(low), int(high) + 1)]
+        return self.extremum(*terms)
+
+
+class Tie(sympy.Function):
+    """1 where ``value`` equals ``extremum``, else 0: the share of a tied maximum.
+
+    A function of its own (not a Piecewise), so that ``Sum.doit`` leaves the count of ties
+    alone: sympy 1.14 sums Piecewise((1, Eq(A[k], m)), (0, True)) over k as if the
+    condition did not depend on k.
+    """
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, value, extremum):
+        if value.is_number and extremum.is_number:
+            return sympy.Integer(1) if value == extremum else sympy.Integer(0)
+        return None
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
+class ReducedMin(ReducedMax):
+    """The smallest value of ``function`` over its limits; tied minima share the gradient evenly."""
+
+    extremum = sympy.Min
 
 
 def variable_symbol(name: str, shape: tuple, assumptions: dict, index: tuple) -> sympy.Expr:
@@ -146,10 +279,34 @@ def settle(expr: sympy.Expr, ranges: dict) -> sympy.Expr:
     """
     for _ in range(8):
         settled = _decide_conditions(expr.doit(), ranges)
-        if settled == expr:
+        if settled == expr or _leaks_bound_index(settled):
+            # sympy 1.14 can pull a Piecewise whose condition holds the summation index out
+            # of its Sum; then the unsummed form, still correct, is kept.
             break
         expr = settled
     return expr
+
+
+SAMPLE_SIZE = 3
+
+
+def _same_at_a_sample(raw, settled, spec: Spec, free: dict) -> bool:
+    """Whether two forms of a formula agree at one concrete size and pseudo-random point:
+    sympy's own check that carrying out its sums changed nothing."""
+    sizes = {symbol: sympy.Integer(SAMPLE_SIZE) for symbol in spec.size_symbols.values()}
+    point = {index: sympy.Integer(1) if not isinstance(size, int) or size > 1 else sympy.Integer(0)
+             for index, size in free.items()}
+    values = []
+    for form in (raw, settled):
+        concrete = form.xreplace(sizes).xreplace(point).doit()
+        atoms = sorted(concrete.atoms(sympy.Indexed, sympy.Symbol), key=str)
+        sample = {a: sympy.Rational(hash(str(a)) % 997 + 1, 499) for a in atoms if not a.is_integer}
+        values.append(concrete.xreplace(sample).evalf(30))
+    return values[0].is_number and abs(values[0] - values[1]) <= 1e-20 * (1 + abs(values[0]))
+
+
+def _leaks_bound_index(expr) -> bool:
+    return any(symbol.name.startswith("_k") for symbol in expr.free_symbols)
 
 
 def _decide_conditions(expr: sympy.Expr, ranges: dict) -> sympy.Expr:
@@ -179,40 +336,42 @@ class Derivation:
     ``values[name]``: the formula of each named node in the inputs.
     ``gradients[name]``: ∂o/∂name for each input and intermediate that depends on an input;
     it may refer to named nodes (by their symbols), whose values the reference supplies.
-    ``cotangent_shape``: for a non-scalar output, o is reduced against a random cotangent.
+    For a non-scalar output, o is reduced against a random cotangent first.
     """
 
     values: dict
     gradients: dict
-    cotangent_shape: tuple | None
 
 
-def derive(spec: Spec, tracked: dict) -> Derivation:
-    """Formulas for the nodes in ``tracked`` (node -> name), and ∂o/∂ each of them.
+def derive(spec: Spec, tracked: dict, differentiate, sizes: dict | None = None) -> Derivation:
+    """Formulas for the nodes in ``tracked`` (node -> name), and ∂o/∂ those in ``differentiate``.
 
-    ``tracked`` lists inputs, named intermediates and any other nodes to follow; each gets
-    a value formula (inputs excepted) and, when it depends on an input, a gradient.
+    Every tracked node but the inputs gets a value formula; every node of ``differentiate``
+    that depends on an input gets a gradient. ``sizes`` makes every dim concrete.
     """
-    plain = SympyLowering(spec)
+    plain = SympyLowering(spec, sizes=sizes)
     values = {name: plain.tensor(node) for node, name in tracked.items() if not isinstance(node, Input)}
     output_node = spec.nodes[spec.output]
-    cotangent_shape = output_node.shape or None
     gradients = {}
     for node, name in tracked.items():
-        if not depends_on_inputs(node):
+        if node not in differentiate or not depends_on_inputs(node):
             continue
         keep = {} if isinstance(node, Input) else {node: name}
-        lowering = SympyLowering(spec, keep)
+        lowering = SympyLowering(spec, keep, sizes)
         scalar = _scalar_output(lowering, output_node)
         indices = lowering.free_indices(node.rank)
         variable = variable_symbol(name, node.shape, node.domain.sympy_assumptions()
                                    if isinstance(node, Input) else {"real": True}, indices)
-        ranges = {index: size - 1 for index, size in zip(indices, node.shape)}
-        gradient = settle(sympy.diff(scalar, variable), ranges)
+        shape = lowering.shape(node)
+        ranges = {index: size - 1 for index, size in zip(indices, shape)}
+        raw = sympy.diff(scalar, variable)
+        gradient = settle(raw, ranges)
+        if gradient != raw and not _same_at_a_sample(raw, gradient, spec, dict(zip(indices, shape))):
+            gradient = raw  # sympy's summation went wrong (it can, with deltas in nested sums)
         if gradient.has(sympy.Derivative):
             raise NotImplementedError(f"sympy left an unevaluated derivative in ∂o/∂{name}: {gradient}")
-        gradients[name] = Tensor(gradient, indices, node.shape)
-    return Derivation(values, gradients, cotangent_shape)
+        gradients[name] = Tensor(gradient, indices, shape)
+    return Derivation(values, gradients)
 
 
 def _scalar_output(lowering: SympyLowering, output_node: Node) -> sympy.Expr:
@@ -221,7 +380,7 @@ def _scalar_output(lowering: SympyLowering, output_node: Node) -> sympy.Expr:
         return lowering.element(output_node, ())
     cotangent = sympy.IndexedBase(COTANGENT, real=True)
     limits, index = [], []
-    for size in output_node.shape:
+    for size in lowering.shape(output_node):
         symbol, limit = lowering.fresh_index(size)
         index.append(symbol)
         limits.append(limit)
@@ -232,4 +391,15 @@ def prove_equal(derivative: Tensor, claimed: sympy.Expr) -> bool:
     """True when sympy shows ``derivative == claimed`` for every size and index in range."""
     ranges = {index: size - 1 for index, size in zip(derivative.indices, derivative.shape)}
     difference = settle(derivative.expr - claimed, ranges)
-    return sympy.simplify(difference) == 0
+    return sympy.simplify(_canonical_indices(difference)) == 0
+
+
+def _canonical_indices(expr, depth: int = 0):
+    """Rename summation indices by nesting depth, so that equal sums look equal to simplify."""
+    if isinstance(expr, ExprWithLimits):
+        renamed = {index: _index_symbol(f"_c{depth}_{k}") for k, (index, _, _) in enumerate(expr.limits)}
+        limits = [(renamed[index], low, high) for index, low, high in expr.limits]
+        return type(expr)(_canonical_indices(expr.function.xreplace(renamed), depth + 1), *limits)
+    if not expr.args or isinstance(expr, (sympy.Indexed, sympy.Symbol)):
+        return expr
+    return expr.func(*(_canonical_indices(a, depth) for a in expr.args))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ir import Apply, Constant, Input, Node, Ref, SizeRef, Spec
-from ..ops import REGISTRY, normalize_axes
+from ..ir import Apply, Constant, Input, Node, Ref, SizeRef, Spec, concrete_shape
+from ..ops import REGISTRY, normalize_axes, single_axis
 
 
 class TorchProgram:
@@ -56,7 +56,8 @@ class _Evaluation:
         return self.inputs[node.name]
 
     def _Constant(self, node: Constant):
-        return int(node.value) if node.value.is_Integer else float(node.value)
+        # A small int stays an int, so `x**2` is the integer power users write.
+        return int(node.value) if node.value.is_Integer and abs(node.value) < 2**31 else float(node.value)
 
     def _SizeRef(self, node: SizeRef):
         return int(self.sizes[node.symbol.name])
@@ -66,19 +67,24 @@ class _Evaluation:
 
     def _Apply(self, node: Apply):
         op = REGISTRY[node.op]
+        params = dict(node.params)
         operands = [self.value(a) for a in node.operands]
-        if not any(isinstance(o, torch.Tensor) for o in operands):
-            operands[0] = torch.tensor(operands[0], dtype=self.dtype)
+        if not op.numbers_ok or not any(isinstance(o, torch.Tensor) for o in operands):
+            operands = [o if isinstance(o, torch.Tensor) else torch.tensor(o, dtype=self.dtype) for o in operands]
         if op.kind == "elementwise":
             return op.torch_form(*(_align(o, node.rank) for o in operands))
+        (operand, *_) = operands
         if op.kind == "reduction":
-            (operand,) = operands
-            axes = normalize_axes(node.param("axis"), node.operands[0].rank)
-            keepdim = node.param("keepdims", False)
+            axes = normalize_axes(params.pop("axis", None), node.operands[0].rank)
+            keepdim = params.pop("keepdims", False)
             if not axes:  # a reduction over no axis still makes a node of its own
-                return op.torch_form(operand.unsqueeze(-1), (-1,), False)
-            return op.torch_form(operand, tuple(a + 1 for a in axes), keepdim)
-        return op.torch_form(*operands)
+                return op.torch_form(operand.unsqueeze(-1), (-1,), False, **params)
+            return op.torch_form(operand, tuple(a + 1 for a in axes), keepdim, **params)
+        if op.kind == "axiswise":
+            return op.torch_form(operand, single_axis(params, node.operands[0].rank) + 1)
+        if "shape" in params:
+            params["shape"] = concrete_shape(params["shape"], self.sizes)
+        return op.torch_form(operands, params)
 
 
 def _align(operand, rank: int):
