@@ -38,7 +38,7 @@ import sympy
 import torch
 from sympy.codegen import cfunctions
 
-from .lower.sympy import ReducedMax, ReducedMin, Tensor, Tie
+from .lower.sympy import ReducedMax, ReducedMin, Tensor
 from .tolerance import UNIT_ROUNDOFF, allowed_error, underflow_limit
 
 ERROR_DTYPE = np.longdouble

@@ -288,6 +288,7 @@ def settle(expr: sympy.Expr, ranges: dict) -> sympy.Expr:
 
 
 SAMPLE_SIZE = 3
+MAX_PROOF_OPS = 400
 
 
 def _same_at_a_sample(raw, settled, spec: Spec, free: dict) -> bool:
@@ -390,8 +391,13 @@ def _scalar_output(lowering: SympyLowering, output_node: Node) -> sympy.Expr:
 def prove_equal(derivative: Tensor, claimed: sympy.Expr) -> bool:
     """True when sympy shows ``derivative == claimed`` for every size and index in range."""
     ranges = {index: size - 1 for index, size in zip(derivative.indices, derivative.shape)}
-    difference = settle(derivative.expr - claimed, ranges)
-    return sympy.simplify(_canonical_indices(difference)) == 0
+    difference = _canonical_indices(settle(derivative.expr - claimed, ranges))
+    if sympy.count_ops(difference) > MAX_PROOF_OPS:
+        return False  # simplify can take minutes on large formulas: such claims are checked numerically
+    try:
+        return sympy.simplify(difference) == 0
+    except StopIteration:  # sympy 1.14's sum_simplify raises it on some nested sums
+        return False
 
 
 def _canonical_indices(expr, depth: int = 0):
