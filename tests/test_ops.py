@@ -81,8 +81,6 @@ FALSE_CLAIMS.update({"relu": "grad(o, x) == 2 * x", "sign": "grad(o, x) == 1 + 0
 # torch's own inaccuracies found by these rows, kept as findings rather than tolerated:
 # digamma's backward (trigamma) is off by 5e-10 relative at x = 1 in float64.
 TORCH_FINDINGS = {("digamma", torch.float64)}
-# Our own open problem: reshape's gradient disagrees at some sizes (see the issue's note).
-OPEN_PROBLEMS = {"reshape"}
 
 
 def first_input(spec_text: str) -> str:
@@ -96,8 +94,6 @@ def test_every_registry_op_has_a_row():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("op", sorted(ROWS))
 def test_correct_spec_passes(op, dtype):
-    if op in OPEN_PROBLEMS:
-        pytest.xfail("reshape's gradient disagrees at some sizes: an open problem of verify")
     if (op, dtype) in TORCH_FINDINGS:
         with pytest.raises(verify.Mismatch):
             verify.check(ROWS[op], seed=1, dtype=dtype, max_examples=EXAMPLES)

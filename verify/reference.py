@@ -53,7 +53,7 @@ NUMPY_FUNCTIONS = {
     sympy.exp: np.exp, sympy.log: np.log, sympy.sin: np.sin, sympy.cos: np.cos, sympy.tan: np.tan,
     sympy.asin: np.arcsin, sympy.acos: np.arccos, sympy.atan: np.arctan, sympy.sinh: np.sinh, sympy.cosh: np.cosh,
     sympy.tanh: np.tanh, sympy.asinh: np.arcsinh, sympy.acosh: np.arccosh, sympy.atanh: np.arctanh,
-    sympy.Abs: np.abs, sympy.sign: np.sign, sympy.atan2: np.arctan2, sympy.floor: np.floor,
+    sympy.Abs: np.abs, sympy.sign: np.sign, sympy.atan2: np.arctan2,
     sympy.sinc: lambda x: np.sinc(np.asarray(x) / np.pi), cfunctions.expm1: np.expm1, cfunctions.log1p: np.log1p,
     cfunctions.log2: np.log2, cfunctions.log10: np.log10,
     # Derivatives of jumps: torch's backward of sign, heaviside and comparisons is 0.
@@ -377,6 +377,14 @@ class _Compiler:
             return value, ctx.guard(value, error, np.equal(value, 0) & np.not_equal(b, 0))
 
         return power
+
+    def _floor(self, expr, axes, depth):
+        # Index arithmetic stays in integers: floor(k/m + l*n/m) in floats can land just
+        # below an integer and floor to the wrong index.
+        numerator, denominator = sympy.fraction(sympy.together(expr.args[0]))
+        top, bottom = self.compile(numerator, axes, depth), self.compile(denominator, axes, depth)
+        return lambda ctx: (np.floor_divide(np.asarray(top(ctx)[0], dtype=np.int64),
+                                            np.asarray(bottom(ctx)[0], dtype=np.int64)), 0.0)
 
     def _Mod(self, expr, axes, depth):
         left, right = self._args(expr, axes, depth)
