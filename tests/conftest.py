@@ -1,9 +1,17 @@
 import dataclasses
+import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 from verify.ops import REGISTRY
+
+# The suite's own property tests are reproducible by default (a clean clone in CI draws the
+# same inputs every run); HYPOTHESIS_PROFILE=explore draws fresh ones, to hunt for new bugs.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture

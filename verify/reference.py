@@ -238,8 +238,10 @@ def _wide(array):
 
 
 def _scaled(error, factor):
-    """``error * |factor|``, where an exact operand (error 0) stays exact even if factor is inf."""
-    return np.where(np.equal(error, 0), 0.0, error * np.abs(factor))
+    """``error * |factor|``, where an exact operand (error 0) stays exact even if factor is inf,
+    and a step that lost its precision (error inf) stays lost even through a zero factor."""
+    scaled = np.where(np.isinf(error), np.inf, error * np.abs(factor))
+    return np.where(np.equal(error, 0), 0.0, scaled)
 
 
 def _pad(array, depth: int):
