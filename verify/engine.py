@@ -45,6 +45,7 @@ class Plan:
 
     spec: Spec
     values: dict  # label -> Reference of each node's value
+    steps: dict  # label -> Reference of the node's op on its operands' values (see derive)
     gradients: dict  # name -> Reference of ∂o/∂name
     claims: list
     program: TorchProgram
@@ -104,6 +105,7 @@ def build_plan(spec: Spec, tracked: dict, differentiate, sizes: dict | None = No
     size_names = frozenset(spec.size_symbols)
     values = {name: Reference(t, size_names) for name, t in derivation.values.items()}
     gradients = {name: Reference(t, size_names) for name, t in derivation.gradients.items()}
+    steps = {name: Reference(t, size_names) for name, t in derivation.steps.items()}
     claims = []
     for claim in spec.claims:
         derivative = derivation.gradients[claim.wrt].inline(derivation.values)
@@ -113,7 +115,7 @@ def build_plan(spec: Spec, tracked: dict, differentiate, sizes: dict | None = No
         claimed = Tensor(claimed_expr, derivative.indices, wrt_shape)
         claims.append(ClaimPlan(_claim_text(claim), claim.loc.line, claim.wrt, claimed,
                                 prove_equal(derivative, claimed_expr), Reference(claimed, size_names)))
-    return Plan(spec, values, gradients, claims, TorchProgram(spec, tracked), {v: k for k, v in tracked.items()})
+    return Plan(spec, values, steps, gradients, claims, TorchProgram(spec, tracked), {v: k for k, v in tracked.items()})
 
 
 class _Counterexample(Exception):
@@ -215,15 +217,19 @@ def reference_side(prepared: Plan, example: Example, dtype: torch.dtype) -> tupl
         ctx.env[COTANGENT] = (example.cotangent, np.broadcast_to(exact, example.cotangent.shape))
     values = {}
     for name, reference in prepared.values.items():
-        values[name] = ctx.env[name] = reference(ctx)  # gradient formulas refer to node values
-    amplification = _backward_amplification(prepared, example, values)
+        value, error = reference(ctx)
+        if name in prepared.steps:  # in graph order, so the operands' entries are ready
+            error = np.maximum(error, prepared.steps[name](ctx)[1])
+        values[name] = ctx.env[name] = value, error  # gradient formulas refer to node values
+    ctx.hopeless = ~_inside_domains(prepared, example, values, Counter())
+    amplification = _backward_amplification(prepared, example, values, dtype)
     values = {name: _amplified(pair, amplification) for name, pair in values.items()}
     gradients = {name: _amplified(reference(ctx), amplification) for name, reference in prepared.gradients.items()}
     claimed = [claim.reference(ctx) for claim in prepared.claims]
     return values, gradients, claimed, ctx.ambiguous, ctx.rescued
 
 
-def _backward_amplification(prepared: Plan, example: Example, values: dict) -> np.ndarray:
+def _backward_amplification(prepared: Plan, example: Example, values: dict, dtype: torch.dtype) -> np.ndarray:
     """Per point, the largest amplification of rounding by the way torch computes an op
     (the registry's ``backward_condition``), capped at 1/u of float64."""
     cap = 1 / UNIT_ROUNDOFF[torch.float64]
@@ -236,7 +242,7 @@ def _backward_amplification(prepared: Plan, example: Example, values: dict) -> n
         with np.errstate(all="ignore"):
             operands = (array_of(o, node.rank if REGISTRY[node.op].kind == "elementwise" else o.rank)
                         for o in node.operands)
-            amplification = np.asarray(condition(values[label][0], *operands), dtype=ERROR_DTYPE)
+            amplification = np.asarray(condition(dtype, values[label][0], *operands), dtype=ERROR_DTYPE)
         amplification = np.nan_to_num(amplification.reshape(example.batch, -1), nan=0.0, posinf=cap)
         worst = np.maximum(worst, np.minimum(amplification.max(axis=1), cap))
     return worst
@@ -375,13 +381,14 @@ def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np
         defined = ~np.isnan(value).any(axis=1)
         with np.errstate(all="ignore"):
             room = allowed_error(value, error, dtype)
+            room = np.where(np.isfinite(room), room, 0)  # an unbounded step has its own reason
             fits = defined & (np.abs(value) + room <= limit).all(axis=1)
         normal = ~((value != 0) & (np.abs(value) < tiny)).any(axis=1)
         bounded = np.isfinite(error).all(axis=1)
         for reason, bad in ((f"{label} is undefined", ~defined),
                             (f"{label} overflows {dtype_name}", ~fits),
                             (f"{label} underflows {dtype_name}", ~normal),
-                            (f"a step of {label} overflows {dtype_name}", ~bounded)):
+                            (f"a step of {label} overflows or underflows {dtype_name}", ~bounded)):
             newly = keep & bad
             if newly.any():
                 rejected[reason] += int(newly.sum())

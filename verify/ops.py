@@ -56,9 +56,9 @@ class Op:
     params: tuple = ()  # keyword parameters the spec may pass
     max_size: int | None = None  # a cap on drawn sizes, for ops whose sympy form grows fast
     numbers_ok: bool = False  # the torch form takes Python numbers, as user code writes `x**2`
-    # How much torch's backward amplifies rounding, as a numpy function of the op's output
-    # and operands: sigmoid' computed as y * (1 - y) loses digits as y -> 1, det's backward
-    # goes through a solve with the matrix. None where it does not.
+    # How much torch's backward amplifies rounding, as a numpy function of the dtype, the
+    # op's output and its operands: sigmoid' computed as y * (1 - y) loses digits as y -> 1,
+    # det's backward goes through a solve with the matrix. None where it does not.
     backward_condition: Callable | None = None
     # Where the op is defined, as a numpy predicate of its operand values: points outside
     # are rejected with ``domain`` as the reason, even where sympy simplified the op away
@@ -169,7 +169,7 @@ ELEMENTWISE = [
     _elementwise("rsqrt", 1, lambda a: 1 / sympy.sqrt(a), torch.rsqrt, domain="x > 0", defined=_positive),
     _elementwise("exp", 1, sympy.exp, torch.exp),
     # sympy's expm1 and log1p (from codegen) evaluate without the cancellation of exp(x) - 1.
-    _elementwise("expm1", 1, cfunctions.expm1, torch.expm1, backward_condition=lambda y, a: abs(y) / abs(1 + y)),
+    _elementwise("expm1", 1, cfunctions.expm1, torch.expm1, backward_condition=lambda dtype, y, a: abs(y) / abs(1 + y)),
     _elementwise("log", 1, sympy.log, torch.log, domain="x > 0", defined=_positive),
     _elementwise("log2", 1, cfunctions.log2, torch.log2, domain="x > 0", defined=_positive),
     _elementwise("log10", 1, cfunctions.log10, torch.log10, domain="x > 0", defined=_positive),
@@ -184,12 +184,12 @@ ELEMENTWISE = [
     _elementwise("atan", 1, sympy.atan, torch.atan),
     _elementwise("sinh", 1, sympy.sinh, torch.sinh),
     _elementwise("cosh", 1, sympy.cosh, torch.cosh),
-    _elementwise("tanh", 1, sympy.tanh, torch.tanh, backward_condition=lambda y, a: 2 * y**2 / abs(1 - y**2)),
+    _elementwise("tanh", 1, sympy.tanh, torch.tanh, backward_condition=lambda dtype, y, a: 2 * y**2 / abs(1 - y**2)),
     _elementwise("asinh", 1, sympy.asinh, torch.asinh),
     _elementwise("acosh", 1, sympy.acosh, torch.acosh, domain="x >= 1 (derivative: x > 1)", defined=lambda a: a >= 1),
     _elementwise("atanh", 1, sympy.atanh, torch.atanh, domain="-1 < x < 1", defined=lambda a: abs(a) < 1),
     _elementwise("sigmoid", 1, lambda a: 1 / (1 + sympy.exp(-a)), torch.sigmoid,
-                 backward_condition=lambda y, a: abs(y) / abs(1 - y)),
+                 backward_condition=lambda dtype, y, a: abs(y) / abs(1 - y)),
     _elementwise("logsigmoid", 1, lambda a: -sympy.log(1 + sympy.exp(-a)), F.logsigmoid),
     _elementwise("softplus", 1,
                  lambda a: sympy.Piecewise((a, a > SOFTPLUS_THRESHOLD), (sympy.log(1 + sympy.exp(a)), True)),
@@ -279,15 +279,22 @@ REDUCTIONS = [
 # -- along one axis --------------------------------------------------------------------
 
 
-def _axiswise(name, sympy_form, torch_form):
-    return Op(name, "axiswise", 1, sympy_form, torch_form, _axiswise_shape, params=("axis",))
+def _axiswise(name, sympy_form, torch_form, backward_condition=None):
+    return Op(name, "axiswise", 1, sympy_form, torch_form, _axiswise_shape, params=("axis",),
+              backward_condition=backward_condition)
+
+
+def _log_space_condition(dtype, y, a):
+    """torch's logcumsumexp backward works in log space (log|g| - y + x, then exp), so each
+    contribution exp(v) carries |v| roundings, and |v| is at most the dtype's log range."""
+    return np.full(np.shape(y), -np.log(float(torch.finfo(dtype).smallest_normal) * float(torch.finfo(dtype).eps)))
 
 
 AXISWISE = [
     _axiswise("cumsum", lambda along: along.sum(lambda v: v, upto_here=True), lambda t, d: torch.cumsum(t, d)),
     _axiswise("cumprod", lambda along: along.product(lambda v: v, upto_here=True), lambda t, d: torch.cumprod(t, d)),
     _axiswise("logcumsumexp", lambda along: sympy.log(along.sum(sympy.exp, upto_here=True)),
-              lambda t, d: torch.logcumsumexp(t, d)),
+              lambda t, d: torch.logcumsumexp(t, d), backward_condition=_log_space_condition),
     _axiswise("softmax", lambda along: sympy.exp(along.here) / along.sum(sympy.exp), lambda t, d: torch.softmax(t, d)),
     _axiswise("log_softmax", lambda along: along.here - sympy.log(along.sum(sympy.exp)),
               lambda t, d: torch.log_softmax(t, d)),
@@ -543,7 +550,10 @@ def _inv_sympy(element, index, shapes, fresh_index, params):
     size = shapes[0][0]
     if not isinstance(size, int):
         raise ShapeError("inv needs concrete sizes")
-    inverse = _matrix_of(element, size).inv(method="LU")
+    # The adjugate over the determinant is defined wherever A is invertible; elimination
+    # would divide by A[0, 0] and leave [[0, 1], [1, 0]] undefined.
+    matrix = _matrix_of(element, size)
+    inverse = matrix.adjugate(method="berkowitz") / matrix.det(method="berkowitz")
     # One formula for every element: select the entry at the (symbolic) index.
     pieces = [(inverse[r, c], sympy.Eq(index[0], r) & sympy.Eq(index[1], c)) for r in range(size) for c in range(size)]
     return sympy.Piecewise(*pieces[:-1], (pieces[-1][0], True))
@@ -594,10 +604,10 @@ STRUCTURAL = [
     # stay away from singular and ill-conditioned matrices.
     _structural("det", 1, _det_sympy, lambda tensors, params: torch.linalg.det(tensors[0]), _square_shape("det"),
                 domain=f"condition number below {MAX_CONDITION:g}", max_size=CONCRETE_MAX_SIZE, defined=_conditioned,
-                backward_condition=lambda y, a: _condition_number(a)),
+                backward_condition=lambda dtype, y, a: _condition_number(a)),
     _structural("inv", 1, _inv_sympy, lambda tensors, params: torch.linalg.inv(tensors[0]), _square_shape("inv"),
                 domain=f"condition number below {MAX_CONDITION:g}", max_size=CONCRETE_MAX_SIZE, defined=_conditioned,
-                backward_condition=lambda y, a: _condition_number(a) ** 2),
+                backward_condition=lambda dtype, y, a: _condition_number(a) ** 2),
 ]
 
 

@@ -28,6 +28,7 @@ Two more things are found on the way:
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -43,7 +44,8 @@ from .tolerance import UNIT_ROUNDOFF, allowed_error, underflow_limit
 
 ERROR_DTYPE = np.longdouble
 PRECISE_DIGITS = 50
-# The mpmath fallback runs per element in Python, so it is bounded per evaluation.
+# The mpmath fallback runs per element in Python, so it is bounded per batch of points:
+# elements per formula, terms per element and seconds for all formulas of the batch.
 MAX_PRECISE_ELEMENTS = 64
 MAX_EXPANDED_TERMS = 16
 PRECISE_SECONDS = 0.2
@@ -97,12 +99,16 @@ class Context:
     bound: dict = field(default_factory=dict)  # dummy argument -> array, for partial derivatives
     ambiguous: np.ndarray = None
     rescued: np.ndarray = None  # points where float64 overflowed on the way to a finite value
+    hopeless: np.ndarray = None  # points already rejected, not worth the mpmath fallback
+    precise_deadline: float | None = None  # set when the fallback first runs on this batch
 
     def __post_init__(self):
         if self.ambiguous is None:
             self.ambiguous = np.zeros(self.batch, dtype=bool)
         if self.rescued is None:
             self.rescued = np.zeros(self.batch, dtype=bool)
+        if self.hopeless is None:
+            self.hopeless = np.zeros(self.batch, dtype=bool)
         # Narrower dtypes overflow in steps where float64 does not (pi * x in sinc at 1e38 in
         # float32): such a step makes the error bound infinite, so the point is rejected.
         self.step_limit = float(torch.finfo(self.dtype).max) if self.dtype != torch.float64 else np.inf
@@ -178,9 +184,11 @@ class Reference:
         expanded = self._expanded[key]
         if expanded is None:
             return
-        deadline = time.monotonic() + PRECISE_SECONDS
-        for position in np.argwhere(np.isnan(value))[:MAX_PRECISE_ELEMENTS]:
-            if time.monotonic() > deadline:
+        if ctx.precise_deadline is None:
+            ctx.precise_deadline = time.monotonic() + PRECISE_SECONDS
+        undefined = np.isnan(value) & _per_point(ctx.hopeless, value, invert=True)
+        for position in np.argwhere(undefined)[:MAX_PRECISE_ELEMENTS]:
+            if time.monotonic() > ctx.precise_deadline:
                 break
             point, element = int(position[0]), tuple(int(i) for i in position[1:])
             formula = expanded.xreplace({i: sympy.Integer(v) for i, v in zip(self.tensor.indices, element)})
@@ -219,6 +227,11 @@ def _precise_value(formula, ctx: Context, point: int) -> float:
         return np.nan
     with np.errstate(over="ignore"):
         return float(result)
+
+
+def _per_point(mask, like, invert=False):
+    """A per-point mask shaped to broadcast against ``like`` (batch, *dims)."""
+    return (~mask if invert else mask).reshape((len(mask),) + (1,) * (like.ndim - 1))
 
 
 def _size(dim, sizes) -> int:
@@ -351,9 +364,12 @@ class _Compiler:
                 if np.any(e):
                     others = [v for j, v in enumerate(values) if j != k]
                     error = error + _scaled(e, np.prod(np.broadcast_arrays(*map(_wide, others)), axis=0))
-            if len(errors) == 2 and np.any(errors[0]) and np.any(errors[1]):
+            carrying = [k for k, e in enumerate(errors) if np.any(e)]
+            for a, b in itertools.combinations(carrying, 2):
                 # Second order: two factors that both carry error, near zero both (e.g. cancelled).
-                error = error + _wide(errors[0]) * _wide(errors[1]) * UNIT_ROUNDOFF[ctx.dtype]
+                others = [_wide(v) for j, v in enumerate(values) if j not in (a, b)]
+                scale = np.prod(np.broadcast_arrays(*others), axis=0) if others else 1.0
+                error = error + _scaled(_wide(errors[a]) * _wide(errors[b]) * UNIT_ROUNDOFF[ctx.dtype], scale)
             vanished = np.equal(product, 0)
             for v in values:
                 vanished = vanished & np.not_equal(v, 0)

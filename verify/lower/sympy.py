@@ -17,6 +17,7 @@ from itertools import count
 import sympy
 
 from sympy.concrete.expr_with_intlimits import ExprWithIntLimits
+from sympy.concrete.delta import _expand_delta, _extract_delta, deltasummation
 from sympy.concrete.expr_with_limits import ExprWithLimits
 
 from ..ir import Apply, Constant, Input, Node, Ref, SizeRef, Spec, concrete_shape, depends_on_inputs
@@ -278,13 +279,47 @@ def settle(expr: sympy.Expr, ranges: dict) -> sympy.Expr:
     ``ranges`` maps each free index to its largest value; every index is at least 0.
     """
     for _ in range(8):
-        settled = _decide_conditions(expr.doit(), ranges)
+        settled = _decide_conditions(_carried_out(expr), ranges)
         if settled == expr or _leaks_bound_index(settled):
             # sympy 1.14 can pull a Piecewise whose condition holds the summation index out
             # of its Sum; then the unsummed form, still correct, is kept.
             break
         expr = settled
     return expr
+
+
+def _carried_out(expr: sympy.Expr) -> sympy.Expr:
+    """``expr`` with its sums of Kronecker deltas carried out and sums of index-free terms
+    counted, bottom-up. Other sums stay: the reference evaluates them as reductions.
+
+    Not ``doit()``: that tries symbolic summation (Gosper's algorithm, hypergeometric
+    terms) on terms holding array elements, which never succeeds, can take minutes
+    (layer normalization's gradient) and, in sympy 1.14, can raise TypeError.
+    """
+    if not expr.args or isinstance(expr, (sympy.Indexed, sympy.Symbol)):
+        return expr
+    if isinstance(expr, ExprWithLimits):
+        function = _carried_out(expr.function)
+        if isinstance(expr, sympy.Sum):
+            for limit in expr.limits:  # the first limit is the innermost
+                function = sympy.Add(*(_summed(term, limit) for term in sympy.Add.make_args(function)))
+            return function
+        reduced = type(expr)(function, *expr.limits)
+        return reduced.doit(deep=False) if isinstance(expr, ReducedMax) else reduced
+    return expr.func(*(_carried_out(a) for a in expr.args))
+
+
+def _summed(term: sympy.Expr, limit: tuple) -> sympy.Expr:
+    index, low, high = limit
+    if index not in term.free_symbols:
+        return term * (high - low + 1)
+    expanded = _expand_delta(term, index)
+    if expanded.is_Add:
+        return sympy.Add(*(_summed(t, limit) for t in expanded.args))
+    delta, _ = _extract_delta(expanded, index)
+    if delta is None:
+        return sympy.Sum(expanded, limit)
+    return deltasummation(expanded, limit)
 
 
 SAMPLE_SIZE = 3
@@ -338,10 +373,15 @@ class Derivation:
     ``gradients[name]``: ∂o/∂name for each input and intermediate that depends on an input;
     it may refer to named nodes (by their symbols), whose values the reference supplies.
     For a non-scalar output, o is reduced against a random cotangent first.
+    ``steps[name]``: the node's own op applied to its operands' symbols, where that differs
+    from its formula in the inputs. Evaluated along the graph, as torch does, steps show the
+    rounding of an order that sympy's automatic simplification hides: ``(x + 2**60) - 2**60``
+    is ``x`` to sympy but 0 in float64.
     """
 
     values: dict
     gradients: dict
+    steps: dict
 
 
 def derive(spec: Spec, tracked: dict, differentiate, sizes: dict | None = None) -> Derivation:
@@ -352,6 +392,12 @@ def derive(spec: Spec, tracked: dict, differentiate, sizes: dict | None = None) 
     """
     plain = SympyLowering(spec, sizes=sizes)
     values = {name: plain.tensor(node) for node, name in tracked.items() if not isinstance(node, Input)}
+    operands = {node: name for node, name in tracked.items() if not isinstance(node, Input)}
+    steps = {}
+    for node, name in operands.items():
+        step = SympyLowering(spec, {n: m for n, m in operands.items() if n is not node}, sizes).tensor(node)
+        if step.expr != values[name].expr:
+            steps[name] = step
     output_node = spec.nodes[spec.output]
     gradients = {}
     for node, name in tracked.items():
@@ -372,7 +418,7 @@ def derive(spec: Spec, tracked: dict, differentiate, sizes: dict | None = None) 
         if gradient.has(sympy.Derivative):
             raise NotImplementedError(f"sympy left an unevaluated derivative in ∂o/∂{name}: {gradient}")
         gradients[name] = Tensor(gradient, indices, shape)
-    return Derivation(values, gradients)
+    return Derivation(values, gradients, steps)
 
 
 def _scalar_output(lowering: SympyLowering, output_node: Node) -> sympy.Expr:
