@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import verify  # noqa: E402
-from tests.test_ops import ROWS, TORCH_FINDINGS  # noqa: E402
+import verify
+from tests.test_ops import ROWS, TORCH_FINDINGS
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

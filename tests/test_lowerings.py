@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 import verify
 from verify import engine
-
-from .test_ops import ROWS
 from verify.reference import Context
 from verify.strategies import size_bounds
+
+from .test_ops import ROWS
 
 # Ops whose formulas stay small when expanded at a concrete size.
 OP_ROWS = {op: ROWS[op] for op in ["add", "sub", "mul", "div", "pow", "exp", "log", "sqrt", "sin", "tanh", "sum",

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 import verify
 from verify import engine
-from verify.reference import UnsupportedFormula, Reference
 from verify.lower.sympy import Tensor
+from verify.reference import Reference, UnsupportedFormula
 
 UNARY = ["exp", "sin", "cos", "tanh", "neg", "square", "sqrt_of_square_plus_one", "log_of_square_plus_one"]
 BINARY = ["+", "-", "*"]

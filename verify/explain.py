@@ -28,7 +28,7 @@ def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
     tracked = engine.labelled_nodes(spec)
     sizes = point.sizes if engine.needs_concrete_sizes(spec) else None
     prepared = engine.build_plan(spec, tracked, list(tracked), sizes)
-    values, gradients, _, _, _ = engine.reference_side(prepared, point, dtype)
+    _, gradients, _, _, _ = engine.reference_side(prepared, point, dtype)
     keep = np.ones(point.batch, dtype=bool)
     actual_values, actual_gradients, grad_fns = engine.autograd_side(prepared, point, keep, dtype)
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import ast
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import sympy
@@ -313,7 +313,7 @@ def _matmul_shape(shapes, params):
 
 
 def _matmul_sympy(element, index, shapes, fresh_index, params):
-    a, b = shapes
+    a, _ = shapes
     k, limits = fresh_index(a[-1])
     left = tuple(index[: len(a) - 1]) + (k,)
     right = (k,) + tuple(index[len(a) - 1:])

@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import scipy.special
@@ -69,8 +69,14 @@ SPECIAL_FUNCTIONS = {
     sympy.polygamma: lambda order, x: scipy.special.polygamma(np.asarray(order, dtype=np.int64), x),
 }
 SPECIAL_FUNCTION_ULPS = 64
-NUMPY_FUNCTIONS.update({function: (lambda f: lambda *args: f(*(np.asarray(a, dtype=np.float64) for a in args)))(f)
-                        for function, f in SPECIAL_FUNCTIONS.items()})
+
+
+def _in_float64(special):
+    """scipy's special functions have no long double loops: their arguments go in as float64."""
+    return lambda *args: special(*(np.asarray(a, dtype=np.float64) for a in args))
+
+
+NUMPY_FUNCTIONS.update({function: _in_float64(special) for function, special in SPECIAL_FUNCTIONS.items()})
 # Functions that jump where their argument crosses 0: a point there is ambiguous.
 JUMPS_AT_ZERO = {sympy.sign, sympy.Heaviside}
 COMPARISONS = {sympy.Lt: np.less, sympy.Le: np.less_equal, sympy.Gt: np.greater,
@@ -572,7 +578,7 @@ class _Compiler:
         return lambda ctx: (np.logical_not(part(ctx)[0]), 0.0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _partials(function_class, arity: int) -> tuple:
     """Dummy arguments of ``function_class`` and sympy's partial derivatives in them."""
     dummies = tuple(sympy.Dummy(f"a{k}", real=True) for k in range(arity))

@@ -22,8 +22,20 @@ import sympy
 
 from .errors import SpecError
 from .ir import (
-    DOMAINS, Apply, Claim, Constant, Domain, Input, Loc, Node, Ref, ShapeError, SizeRef, Spec,
-    broadcast_shapes, depends_on_inputs,
+    DOMAINS,
+    Apply,
+    Claim,
+    Constant,
+    Domain,
+    Input,
+    Loc,
+    Node,
+    Ref,
+    ShapeError,
+    SizeRef,
+    Spec,
+    broadcast_shapes,
+    depends_on_inputs,
 )
 from .ops import CALLABLE, COMPARISON_OPERATORS, NORM_ORDERS, REGISTRY, slice_requirements
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from itertools import count
 
 import sympy
-
-from sympy.concrete.expr_with_intlimits import ExprWithIntLimits
 from sympy.concrete.delta import _expand_delta, _extract_delta, deltasummation
+from sympy.concrete.expr_with_intlimits import ExprWithIntLimits
 from sympy.concrete.expr_with_limits import ExprWithLimits
 
 from ..ir import Apply, Constant, Input, Node, Ref, SizeRef, Spec, concrete_shape, depends_on_inputs
@@ -46,7 +45,7 @@ class Tensor:
     indices: tuple
     shape: tuple
 
-    def inline(self, definitions: dict) -> "Tensor":
+    def inline(self, definitions: dict) -> Tensor:
         """Replace kept symbols (``name -> Tensor``) by their own formulas."""
         expr = self.expr
         for name, definition in definitions.items():
