@@ -2,9 +2,9 @@ import dataclasses
 import os
 
 import pytest
-import torch
 from hypothesis import settings
 
+from benchmarks.corpus import ExpIgnoringGradOutput, TanhWithWrongBackward  # noqa: F401 - used by tests
 from verify.ops import REGISTRY
 
 # The suite's own property tests are reproducible by default (a clean clone in CI draws the
@@ -22,33 +22,3 @@ def plant_torch_form(monkeypatch):
         monkeypatch.setitem(REGISTRY, op_name, dataclasses.replace(REGISTRY[op_name], torch_form=torch_form))
 
     return plant
-
-
-class TanhWithWrongBackward(torch.autograd.Function):
-    """tanh whose backward forgets the square: g * (1 - y) instead of g * (1 - y**2)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (y,) = ctx.saved_tensors
-        return grad_output * (1 - y)
-
-
-class ExpIgnoringGradOutput(torch.autograd.Function):
-    """exp whose backward returns exp(x) whatever gradient flows in."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.exp(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (y,) = ctx.saved_tensors
-        return y.clone()

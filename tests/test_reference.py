@@ -35,8 +35,8 @@ def formulas(draw, depth=3):
 def test_value_and_error_bound_against_exact_evaluation(formula, x, y):
     spec = verify.parse(f"x: Real\ny: Real\no = {formula} + 0 * x * y")
     prepared = engine.plan(spec)
-    values, _, _, _, _ = engine.reference_side(
-        prepared, engine.Example({}, {"x": np.array([x]), "y": np.array([y])}), torch.float64)
+    values = engine.reference_side(
+        prepared, engine.Example({}, {"x": np.array([x]), "y": np.array([y])}, np.ones(1)), torch.float64).values
     value, bound = values["o"]
     exact = prepared.values["o"].tensor.expr.xreplace(
         {sympy.Symbol("x", real=True): sympy.Float(x, 60), sympy.Symbol("y", real=True): sympy.Float(y, 60)}

@@ -5,10 +5,11 @@
 True
 """
 
-from .api import check, load
-from .errors import Mismatch, SpecError, Unchecked, VerifyError
+from .api import check, check_function, load
+from .errors import Mismatch, SpecError, Unchecked, Unsupported, VerifyError
 from .ir import Spec
 from .report import Result
 from .spec import parse
 
-__all__ = ["Mismatch", "Result", "Spec", "SpecError", "Unchecked", "VerifyError", "check", "load", "parse"]
+__all__ = ["Mismatch", "Result", "Spec", "SpecError", "Unchecked", "Unsupported", "VerifyError", "check",
+           "check_function", "load", "parse"]

@@ -26,21 +26,50 @@ def load(path: str | Path) -> Spec:
 
 
 def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
-          dtype: torch.dtype = torch.float64) -> Result:
+          dtype: torch.dtype = torch.float64, order: int = 1, modes=("rev", "fwd"), device: str = "cpu") -> Result:
     """Check that torch's autograd agrees with sympy on ``spec``, over Hypothesis-drawn points.
 
-    ``spec`` is spec text or a parsed ``Spec``. Compared: the value of every named node,
-    ∂o/∂v for every input and named intermediate, and every claim (proved symbolically
+    ``spec`` is spec text or a parsed ``Spec``. Compared at every point: the value of every
+    named node; with ``"rev"`` in ``modes``, the vector-Jacobian product into every input
+    and named intermediate, for a random cotangent; with ``"fwd"``, the Jacobian-vector
+    product of the output for random tangents; with ``order=2``, Hessian-vector products
+    (double backward, and forward over reverse); and every claim (proved symbolically
     when sympy can, and always checked at the points). Points where the math is undefined
     or overflows ``dtype`` are rejected and counted, never failed.
 
     Returns a ``Result`` (``.points``, ``.rejected``, ``.claims``). Raises ``Mismatch`` (an
-    ``AssertionError``) with the shrunk counterexample, or ``SpecError`` for a bad spec.
+    ``AssertionError``) with the shrunk counterexample, ``Unsupported`` when a mode or the
+    dtype cannot be checked, ``Unchecked`` when no point could be, or ``SpecError``.
 
     >>> result = check("x: Real[n]\\ny = x**2\\no = 1/2 * sum(y)\\nassert grad(o, x) == x", seed=0)
     >>> result.claims[0].status
-    'proved for all sizes'
+    'proved for all n'
     """
     __tracebackhide__ = True
     parsed = parse(spec) if isinstance(spec, str) else spec
-    return engine.run(parsed, max_examples=max_examples, seed=seed, dtype=dtype)
+    return engine.run(parsed, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
+                      device=device)
+
+
+def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, order: int = 1,
+                   modes=("rev", "fwd"), max_examples: int = 100, seed: int | None = None,
+                   device: str = "cpu") -> Result:
+    """Check ``fn`` (a custom ``autograd.Function``'s ``apply``, a fused op, a module) against
+    the math of ``spec``.
+
+    ``fn`` takes the spec's inputs as positional tensors, in declaration order, and returns
+    the output. Its value, its VJPs for random cotangents, its JVPs for random tangents
+    (``"fwd"``) and, with ``order=2``, its Hessian-vector products are compared with
+    sympy's derivatives of the spec. An exception in ``fn`` or its backward, a gradient of
+    the wrong shape, or NaN where the math is finite is a ``Mismatch`` at the input that
+    triggers it. A Function without forward-mode support raises ``Unsupported``, after
+    everything else was checked; pass ``modes=("rev",)`` to check reverse mode only.
+
+    >>> import torch
+    >>> check_function(torch.tanh, "x: Real[n]\\ny = tanh(x)", seed=0).points > 0
+    True
+    """
+    __tracebackhide__ = True
+    parsed = parse(spec) if isinstance(spec, str) else spec
+    return engine.run(parsed, fn=fn, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
+                      device=device)

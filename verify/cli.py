@@ -15,7 +15,7 @@ EXIT_MISMATCH = 1
 EXIT_USAGE = 2  # a malformed spec, a missing file, a bad option
 EXIT_INTERNAL = 3  # a bug of verify itself
 
-DTYPES = ("float64", "float32", "float16")
+DTYPES = ("float64", "float32", "bfloat16", "float16")
 
 
 class UsageError(Exception):
@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Hypothesis examples per spec (each a batch of points; default 100)")
     check.add_argument("--seed", type=int, default=None, help="seed for a reproducible run")
     check.add_argument("--dtype", choices=DTYPES, default="float64", help="dtype torch computes in")
+    check.add_argument("--order", type=int, choices=(1, 2), default=1,
+                       help="2 also checks Hessian-vector products (double backward, forward over reverse)")
+    check.add_argument("--modes", default="rev,fwd", metavar="MODES",
+                       help="comma-separated: rev (VJPs), fwd (JVPs); default rev,fwd")
     explain = commands.add_parser("explain", help="walk through a spec's example point node by node")
     explain.add_argument("path", metavar="FILE")
     explain.add_argument("--dtype", choices=DTYPES, default="float64")
@@ -84,13 +88,16 @@ def _check(arguments) -> int:
 
     if arguments.max_examples < 1:
         raise UsageError("--max-examples must be at least 1")
+    modes = tuple(m.strip() for m in arguments.modes.split(",") if m.strip())
+    if not modes or any(m not in ("rev", "fwd") for m in modes):
+        raise UsageError(f"--modes takes rev, fwd or rev,fwd; got {arguments.modes!r}")
     files = spec_files(arguments.paths)
     dtype = _dtype(arguments.dtype)
     reports, worst = [], EXIT_OK
     for path in files:
         try:
             result = verify.check(verify.load(path), max_examples=arguments.max_examples, seed=arguments.seed,
-                                  dtype=dtype)
+                                  dtype=dtype, order=arguments.order, modes=modes)
         except verify.SpecError as error:
             print(f"ERROR    {path}: spec error")
             reports.append(str(error))
@@ -98,6 +105,10 @@ def _check(arguments) -> int:
         except verify.Mismatch as mismatch:
             print(f"MISMATCH {path}")
             reports.append(str(mismatch))
+            worst = max(worst, EXIT_MISMATCH)
+        except verify.Unsupported as unsupported:
+            print(f"UNSUPPORTED {path}: not every check asked for could run")
+            reports.append(str(unsupported))
             worst = max(worst, EXIT_MISMATCH)
         except verify.Unchecked as unchecked:
             print(f"UNCHECKED {path}: no point could be checked")

@@ -18,25 +18,39 @@ import torch
 from hypothesis import HealthCheck, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from .errors import Mismatch, Unchecked
+from .errors import Mismatch, Unchecked, Unsupported
 from .ir import Apply, Constant, Ref, SizeRef, Spec, concrete_shape, graph_nodes
-from .lower.sympy import COTANGENT, SympyLowering, Tensor, _broadcast_index, derive, prove_equal
-from .lower.torch import TorchProgram
+from .lower.sympy import (
+    COTANGENT,
+    SympyLowering,
+    Tensor,
+    _broadcast_index,
+    derive,
+    directional_derivative,
+    prove_equal,
+    second_derivative,
+    tangent_name,
+)
 from .ops import COMPARISONS, CONCRETE_ONLY, REGISTRY
 from .reference import ERROR_DTYPE, Context, Reference
-from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved
+from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved, reproduction_snippet
 from .strategies import Example, examples
+from .subject import CodeFailure, FunctionSubject, ModeUnsupported, SpecSubject, function_name
 from .tolerance import UNIT_ROUNDOFF, allowed_error, representable_limit, underflow_limit
+
+MODES = ("rev", "fwd")
 
 
 @dataclass
 class ClaimPlan:
     text: str
     line: int
+    kind: str  # "grad" or "hessian"
     wrt: str
     claimed: Tensor
     proved: bool
-    reference: Reference
+    reference: Reference  # the claimed closed form
+    derivative: Reference  # sympy's derivative it is claimed to equal
 
 
 @dataclass
@@ -46,10 +60,25 @@ class Plan:
     spec: Spec
     values: dict  # label -> Reference of each node's value
     steps: dict  # label -> Reference of the node's op on its operands' values (see derive)
-    gradients: dict  # name -> Reference of ∂o/∂name
+    gradients: dict  # name -> Reference of ∂o/∂name (against the cotangent, for a non-scalar o)
     claims: list
-    program: TorchProgram
+    subject: SpecSubject
     nodes: dict  # label -> node
+    jvp: Reference | None = None  # derived when forward mode is first checked
+    hvps: dict | None = None  # input name -> Reference, derived when order 2 is first checked
+
+    def forward_mode(self) -> Reference:
+        if self.jvp is None:
+            output = self.values[self.spec.output].tensor
+            self.jvp = Reference(directional_derivative(output, self.spec), frozenset(self.spec.size_symbols))
+        return self.jvp
+
+    def second_order(self) -> dict:
+        if self.hvps is None:
+            self.hvps = {name: Reference(directional_derivative(self.gradients[name].tensor, self.spec),
+                                         frozenset(self.spec.size_symbols))
+                         for name in self.spec.inputs if name in self.gradients}
+        return self.hvps
 
 
 _PLANS: dict = {}
@@ -108,14 +137,47 @@ def build_plan(spec: Spec, tracked: dict, differentiate, sizes: dict | None = No
     steps = {name: Reference(t, size_names) for name, t in derivation.steps.items()}
     claims = []
     for claim in spec.claims:
-        derivative = derivation.gradients[claim.wrt].inline(derivation.values)
         lowering = SympyLowering(spec, sizes=sizes)
-        wrt_shape = lowering.shape(spec.variable(claim.wrt))
-        claimed_expr = lowering.element(claim.expr, _broadcast_index(derivative.indices, wrt_shape, claim.expr.shape))
-        claimed = Tensor(claimed_expr, derivative.indices, wrt_shape)
-        claims.append(ClaimPlan(_claim_text(claim), claim.loc.line, claim.wrt, claimed,
-                                prove_equal(derivative, claimed_expr), Reference(claimed, size_names)))
-    return Plan(spec, values, steps, gradients, claims, TorchProgram(spec, tracked), {v: k for k, v in tracked.items()})
+        derivative = derivation.gradients[claim.wrt].inline(derivation.values)
+        if claim.kind == "hessian":
+            derivative = second_derivative(derivative, spec, claim.wrt, lowering)
+            derivative_reference = Reference(derivative, size_names)
+        else:
+            derivative_reference = gradients[claim.wrt]
+        shape = derivative.shape
+        claimed_expr = lowering.element(claim.expr, _broadcast_index(derivative.indices, shape, claim.expr.shape))
+        claimed = Tensor(claimed_expr, derivative.indices, shape)
+        claims.append(ClaimPlan(_claim_text(claim), claim.loc.line, claim.kind, claim.wrt, claimed,
+                                prove_equal(derivative, claimed_expr), Reference(claimed, size_names),
+                                derivative_reference))
+    return Plan(spec, values, steps, gradients, claims, SpecSubject(spec, tracked),
+                {v: k for k, v in tracked.items()})
+
+
+@dataclass(frozen=True)
+class Options:
+    """What one run checks, and where."""
+
+    dtype: torch.dtype = torch.float64
+    order: int = 1
+    modes: tuple = MODES
+    device: str = "cpu"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+def _validated(dtype, order, modes, device) -> Options:
+    if dtype not in UNIT_ROUNDOFF:
+        raise ValueError("dtype must be one of torch.float64, torch.float32, torch.bfloat16, torch.float16; "
+                         f"got {dtype}")
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2; got {order!r}")
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"modes must be a non-empty subset of {MODES}; got {modes!r}")
+    return Options(dtype, order, modes, str(torch.device(device)))
 
 
 class _Counterexample(Exception):
@@ -126,39 +188,39 @@ class _Counterexample(Exception):
         super().__init__(failure.subject)
 
 
-def run(spec: Spec, *, max_examples: int = 100, seed: int | None = None,
-        dtype: torch.dtype = torch.float64) -> Result:
-    """Check ``spec`` on Hypothesis-drawn batches of points and on its example point."""
+def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None, dtype: torch.dtype = torch.float64,
+        order: int = 1, modes=MODES, device: str = "cpu") -> Result:
+    """Check ``spec``'s torch lowering, or ``fn``, on Hypothesis-drawn batches of points and
+    on the spec's example point."""
     __tracebackhide__ = True
-    if dtype not in UNIT_ROUNDOFF or dtype == torch.bfloat16:
-        raise ValueError(f"dtype must be one of torch.float64, torch.float32, torch.float16; got {dtype}")
+    options = _validated(dtype, order, modes, device)
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
     name = spec.path or "<spec>"
-    result = Result(name, str(dtype).replace("torch.", ""), seed,
+    result = Result(name, options.dtype_name, seed, modes=options.modes, order=options.order,
                     claims=[ClaimResult(_claim_text(c), c.loc.line, True) for c in spec.claims])
     rejected = Counter()
     if not needs_concrete_sizes(spec):
         plan(spec)  # the sympy work happens here, before any example
+    subject = None if fn is None else FunctionSubject(spec, fn, options.device)
+    tangents = "fwd" in options.modes or options.order == 2
 
     @settings(max_examples=max_examples, database=None, deadline=None, report_multiple_bugs=False,
               verbosity=Verbosity.quiet, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @hypothesis_seed(seed)
-    @given(examples(spec, dtype))
+    @given(examples(spec, options.dtype, tangents=tangents))
     def agrees(example):
-        failure = evaluate(spec, example, dtype, result, rejected)
+        if "dtype" in result.unsupported:
+            return
+        failure = evaluate(spec, subject, example, options, result, rejected)
         if failure is not None:
             raise _Counterexample(failure)
 
-    if spec.path:
-        reproduce = f"verify check {spec.path} --seed {seed}" + (
-            f" --dtype {result.dtype}" if dtype != torch.float64 else "")
-    else:
-        reproduce = f"verify.check(spec, seed={seed}" + (f", dtype={dtype})" if dtype != torch.float64 else ")")
+    reproduce = _reproduce_line(spec, fn, seed, options)
     try:
         agrees()
-        point = example_point(spec, dtype)
-        if point is not None:
-            failure = evaluate(spec, point, dtype, result, rejected)
+        point = example_point(spec, options.dtype, tangents)
+        if point is not None and "dtype" not in result.unsupported:
+            failure = evaluate(spec, subject, point, options, result, rejected)
             if failure is not None:
                 failure.notes.append("at the example point given in the spec")
                 raise _Counterexample(failure)
@@ -168,23 +230,44 @@ def run(spec: Spec, *, max_examples: int = 100, seed: int | None = None,
                 claim.status = REFUTED
         raise Mismatch(found.failure.render(name, reproduce), found.failure) from None
     result.rejected = dict(rejected)
+    if result.unsupported:
+        reasons = "; ".join(f"{mode}: {reason}" for mode, reason in result.unsupported.items())
+        hint = ' (pass modes=("rev",) to check reverse mode only)' if "fwd" in result.unsupported else ""
+        raise Unsupported(f"{name}: not everything asked for could be checked: {reasons}{hint}", result)
     if result.points == 0:
         reasons = "; ".join(f"{count} {reason}" for reason, count in rejected.most_common(3)) or "none drawn"
         raise Unchecked(f"{name}: no point could be checked: every point was rejected ({reasons})", result)
     for claim in result.claims:
-        if result.points:
-            symbols = [] if needs_concrete_sizes(spec) else spec.size_symbols
-            claim.status = (proved(symbols) + (" at every size checked" if symbols != spec.size_symbols else "")
-                            if claim.proved else CHECKED)
+        symbols = [] if needs_concrete_sizes(spec) else spec.size_symbols
+        claim.status = (proved(symbols) + (" at every size checked" if symbols != spec.size_symbols else "")
+                        if claim.proved else CHECKED)
     return result
+
+
+def _reproduce_line(spec: Spec, fn, seed: int, options: Options) -> str:
+    extras = [] if options.dtype == torch.float64 else [f"dtype=torch.{options.dtype_name}"]
+    if options.order != 1:
+        extras.append(f"order={options.order}")
+    if options.modes != MODES:
+        extras.append(f"modes={options.modes!r}")
+    if fn is not None:
+        return f"verify.check_function({function_name(fn)}, spec, seed={seed}" + "".join(
+            f", {e}" for e in extras) + ")"
+    if spec.path:
+        flags = "" if options.dtype == torch.float64 else f" --dtype {options.dtype_name}"
+        flags += "" if options.order == 1 else f" --order {options.order}"
+        flags += "" if options.modes == MODES else f" --modes {','.join(options.modes)}"
+        return f"verify check {spec.path} --seed {seed}{flags}"
+    return f"verify.check(spec, seed={seed}" + "".join(f", {e}" for e in extras) + ")"
 
 
 def _claim_text(claim) -> str:
     return claim.loc.text.removeprefix("assert").strip()
 
 
-def example_point(spec: Spec, dtype: torch.dtype) -> Example | None:
-    """The spec's example point as a batch of one, rounded to ``dtype`` as torch will see it."""
+def example_point(spec: Spec, dtype: torch.dtype, tangents: bool = False) -> Example | None:
+    """The spec's example point as a batch of one, rounded to ``dtype`` as torch will see it,
+    with cotangent and tangents of ones."""
     point = spec.example_point()
     if point is None:
         return None
@@ -196,25 +279,43 @@ def example_point(spec: Spec, dtype: torch.dtype) -> Example | None:
                 sizes[dim.name] = len(nested)
             nested = nested[0]
     inputs = {name: torch.tensor([value], dtype=dtype).double().numpy() for name, value in point.items()}
-    output_shape = spec.nodes[spec.output].shape
-    cotangent = np.ones((1, *concrete_shape(output_shape, sizes))) if output_shape else None
-    return Example(sizes, inputs, cotangent)
+    return Example(sizes, inputs, *unit_directions(spec, sizes, inputs, tangents))
 
 
-def reference_side(prepared: Plan, example: Example, dtype: torch.dtype) -> tuple:
-    """The reference on a batch: (values, gradients, claimed, ambiguous points).
+def unit_directions(spec: Spec, sizes: dict, inputs: dict, tangents: bool) -> tuple:
+    """A cotangent of ones and (when asked) tangents of ones, for a batch of one point."""
+    cotangent = np.ones((1, *concrete_shape(spec.nodes[spec.output].shape, sizes)))
+    return cotangent, ({name: np.ones_like(array) for name, array in inputs.items()} if tangents else None)
 
-    Values, gradients and claims are (value, error bound) pairs; ``ambiguous`` marks points
-    where a comparison is too close to call in ``dtype``.
-    """
+
+@dataclass
+class ReferenceSide:
+    """The reference on a batch; each entry is a (value, error bound) pair."""
+
+    values: dict  # label -> pair
+    gradients: dict  # name -> the VJP with the example's cotangent
+    claimed: list  # per claim: (claimed form, sympy's derivative)
+    jvp: tuple | None
+    hvps: dict
+    ambiguous: np.ndarray  # points where a comparison is too close to call in the dtype
+    rescued: np.ndarray  # points where float64 overflowed on the way to a finite value
+
+
+def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: int = 1,
+                   forward: bool = False) -> ReferenceSide:
+    """The reference at every point of ``example``: values, VJPs, claims, and (as asked) the
+    JVP and Hessian-vector products."""
     # Inputs carry one rounding each in the error bounds, though they are exact: an algorithm
     # is right when its result is the exact one for inputs perturbed by a rounding (backward
     # stability), so the bounds include the condition number of each formula at the point.
     ctx = Context({name: (array, np.abs(array).astype(ERROR_DTYPE)) for name, array in example.inputs.items()},
                   example.sizes, example.batch, dtype)
     exact = np.zeros((), dtype=ERROR_DTYPE)
-    if example.cotangent is not None:
+    scalar_output = not prepared.spec.nodes[prepared.spec.output].shape
+    if not scalar_output:
         ctx.env[COTANGENT] = (example.cotangent, np.broadcast_to(exact, example.cotangent.shape))
+    for name, tangent in (example.tangents or {}).items():
+        ctx.env[tangent_name(name)] = (tangent, np.broadcast_to(exact, tangent.shape))
     values = {}
     for name, reference in prepared.values.items():
         value, error = reference(ctx)
@@ -223,15 +324,33 @@ def reference_side(prepared: Plan, example: Example, dtype: torch.dtype) -> tupl
         values[name] = ctx.env[name] = value, error  # gradient formulas refer to node values
     ctx.hopeless = ~_inside_domains(prepared, example, values, Counter())
     amplification = _backward_amplification(prepared, example, values, dtype)
-    values = {name: _amplified(pair, amplification) for name, pair in values.items()}
-    gradients = {name: _amplified(reference(ctx), amplification) for name, reference in prepared.gradients.items()}
-    claimed = [claim.reference(ctx) for claim in prepared.claims]
-    return values, gradients, claimed, ctx.ambiguous, ctx.rescued
+    derivatives = {name: reference(ctx) for name, reference in prepared.gradients.items()}
+    # A scalar output's formulas hold no cotangent: its VJP is the gradient times the cotangent.
+    seed = example.cotangent if scalar_output else None
+    gradients = {name: _amplified(_times(pair, seed), amplification) for name, pair in derivatives.items()}
+    claimed = [(claim.reference(ctx), derivatives[claim.wrt] if claim.kind == "grad" else claim.derivative(ctx))
+               for claim in prepared.claims]
+    jvp = _amplified(prepared.forward_mode()(ctx), amplification) if forward else None
+    hvps = ({name: _amplified(_times(reference(ctx), seed), amplification)
+             for name, reference in prepared.second_order().items()} if order == 2 else {})
+    return ReferenceSide(values, gradients, claimed, jvp, hvps, ctx.ambiguous, ctx.rescued)
+
+
+def _times(pair: tuple, seed) -> tuple:
+    """(value, error) times a per-point scalar, with one more rounding."""
+    if seed is None:
+        return pair
+    value, error = pair
+    factor = seed.reshape((len(seed),) + (1,) * (value.ndim - 1))
+    with np.errstate(all="ignore"):  # inf bounds stay inf; the point is rejected later
+        product = value * factor
+        return product, error * np.abs(factor) + np.abs(product)
 
 
 def _backward_amplification(prepared: Plan, example: Example, values: dict, dtype: torch.dtype) -> np.ndarray:
-    """Per point, the largest amplification of rounding by the way torch computes an op
-    (the registry's ``backward_condition``), capped at 1/u of float64."""
+    """Per point, the largest amplification of rounding by the way torch computes an op's
+    derivative (the registry's ``backward_condition``), capped at 1/u of float64. It widens
+    the derivatives' bounds (VJPs, JVPs, HVPs), not the values': the forward is accurate."""
     cap = 1 / UNIT_ROUNDOFF[torch.float64]
     worst = np.zeros(example.batch, dtype=ERROR_DTYPE)
     array_of = _node_arrays(prepared, example, values)
@@ -279,70 +398,159 @@ def _per_point(per_point: np.ndarray, like: np.ndarray) -> np.ndarray:
     return per_point.reshape((len(per_point),) + (1,) * (like.ndim - 1))
 
 
-def evaluate(spec: Spec, example: Example, dtype: torch.dtype, result: Result, rejected: Counter):
-    """Compare both sides on one batch; returns the first Failure, or None when all agree."""
+def evaluate(spec: Spec, subject, example: Example, options: Options, result: Result, rejected: Counter):
+    """Compare both sides on one batch; returns the first Failure, or None when all agree.
+
+    ``subject`` is a FunctionSubject, or None for the spec's own torch lowering.
+    """
     prepared = plan(spec, example.sizes)
+    subject = subject or prepared.subject
+    dtype = options.dtype
+    forward = "fwd" in options.modes and "fwd" not in result.unsupported
     for claim, status in zip(prepared.claims, result.claims):
         status.proved = status.proved and claim.proved
-    reference_values, reference_gradients, claimed, ambiguous, rescued = reference_side(prepared, example, dtype)
-    keep = _inside_domains(prepared, example, reference_values, rejected)
-    newly = keep & ambiguous
+    reference = reference_side(prepared, example, dtype, options.order, forward)
+    keep = _inside_domains(prepared, example, reference.values, rejected)
+    newly = keep & reference.ambiguous
     if newly.any():
         rejected["a comparison, kink or tie is within rounding of its boundary"] += int(newly.sum())
-    keep = _accepted_points(example.batch, dtype, rejected, keep & ~ambiguous, [
-        *((f"the value of {n}", value) for n, value in reference_values.items()),
-        *((f"∂{spec.output}/∂{n}", value) for n, value in reference_gradients.items()),
-        *((f"the claimed grad of {c.wrt}", value) for c, value in zip(prepared.claims, claimed)),
+    output = spec.output
+    keep = _accepted_points(example.batch, dtype, rejected, keep & ~reference.ambiguous, [
+        *((f"the value of {n}", value) for n, value in reference.values.items()),
+        *((f"∂{output}/∂{n}", value) for n, value in reference.gradients.items()),
+        *((f"the claimed {c.kind} of {c.wrt}", value) for c, (value, _) in zip(prepared.claims, reference.claimed)),
+        *((("the JVP of " + output, reference.jvp),) if reference.jvp is not None else ()),
+        *((f"the Hessian-vector product of {n}", value) for n, value in reference.hvps.items()),
     ])
     result.examples += 1
     if not keep.any():
         return None
-    actual_values, actual_gradients, _ = autograd_side(prepared, example, keep, dtype)
-    overflowed = _torch_overflowed(actual_values, actual_gradients) & rescued[keep]
-    if overflowed.any():
-        # float64 itself overflowed on the way to these finite values, and so did torch.
-        rejected[f"torch overflows {str(dtype)[6:]} on the way to a finite result"] += int(overflowed.sum())
-        keep[np.flatnonzero(keep)[overflowed]] = False
-        if not keep.any():
+    value_shapes = {name: concrete_shape(ref.tensor.shape, example.sizes) for name, ref in prepared.values.items()
+                    if subject is prepared.subject or name == output}
+    gradient_shapes = {name: concrete_shape(ref.tensor.shape, example.sizes)
+                       for name, ref in prepared.gradients.items()
+                       if subject is prepared.subject or name in spec.inputs}
+    try:
+        actual_values, actual_gradients, _ = subject.reverse(example.at(keep), value_shapes, gradient_shapes, dtype)
+        overflowed = _torch_overflowed(actual_values, actual_gradients) & reference.rescued[keep]
+        if overflowed.any():
+            # float64 itself overflowed on the way to these finite values, and so did torch.
+            rejected[f"torch overflows {options.dtype_name} on the way to a finite result"] += int(overflowed.sum())
+            keep[np.flatnonzero(keep)[overflowed]] = False
+            if not keep.any():
+                return None
+            actual_values, actual_gradients, _ = subject.reverse(example.at(keep), value_shapes, gradient_shapes,
+                                                                 dtype)
+    except ModeUnsupported as unsupported:
+        result.unsupported["dtype"] = str(unsupported)
+        return None
+    except CodeFailure as failed:
+        return _code_failure(failed, spec, subject, example, keep, options)
+    at = example.at(keep)
+
+    def shown(point, tangents=False):
+        inputs = {name: array[point] for name, array in at.inputs.items()}
+        if spec.nodes[output].shape or at.cotangent[point] != 1:
+            inputs["cotangent"] = at.cotangent[point]  # the gradient seeded into backward
+        if tangents:
+            inputs.update({f"tangent of {name}": t[point] for name, t in at.tangents.items()})
+        return inputs
+
+    def compared(check, subject_text, label, pair, actual, formula, tangents=False, **details):
+        value, error = pair
+        found = _compare(value[keep], error[keep], actual, dtype)
+        if found is None:
             return None
-        actual_values, actual_gradients, _ = autograd_side(prepared, example, keep, dtype)
+        point, allowed = found
+        return Failure(check, subject_text, formula, shown(point, tangents), example.sizes, value[keep][point],
+                       actual[point], allowed, line=_line(spec, label),
+                       snippet=_snippet(subject, check, at, point, options), **details)
 
-    def inputs_at(point):
-        shown = {name: array[keep][point] for name, array in example.inputs.items()}
-        if example.cotangent is not None:
-            shown["cotangent"] = example.cotangent[keep][point]  # the gradient seeded into backward
-        return shown
-
-    for name, (reference, error) in reference_values.items():
-        failure = _compare(reference[keep], error[keep], actual_values[name], dtype)
+    for name, actual in actual_values.items():
+        failure = compared("value", f"the value of {name}", name, reference.values[name], actual,
+                           _formula(name, prepared.values[name].tensor))
         if failure is not None:
-            point, allowed = failure
-            tensor = prepared.values[name].tensor
-            return Failure("value", f"the value of {name}", _formula(name, tensor), inputs_at(point),
-                           example.sizes, reference[keep][point], actual_values[name][point], allowed,
-                           line=_line(spec, name))
-    for name in _backward_order(spec, prepared.gradients):
-        reference, error = reference_gradients[name]
-        failure = _compare(reference[keep], error[keep], actual_gradients[name], dtype)
+            return failure
+    if "rev" in options.modes:
+        for name in _backward_order(spec, actual_gradients):
+            blame = _blame(spec, name) if subject is prepared.subject else ""
+            failure = compared("gradient", f"∂{output}/∂{name}", name, reference.gradients[name],
+                               actual_gradients[name], _formula(f"∂{output}/∂{name}", prepared.gradients[name].tensor),
+                               blame=blame)
+            if failure is not None:
+                return failure
+    for claim, (value, derivative) in zip(prepared.claims, reference.claimed):
+        failure = _claim_failure(spec, claim, value, derivative, keep, shown, example.sizes)
         if failure is not None:
-            point, allowed = failure
-            tensor = prepared.gradients[name].tensor
-            return Failure("gradient", f"∂{spec.output}/∂{name}", _formula(f"∂{spec.output}/∂{name}", tensor),
-                           inputs_at(point), example.sizes, reference[keep][point],
-                           actual_gradients[name][point], allowed, line=_line(spec, name), blame=_blame(spec, name))
-    for claim, (value, error) in zip(prepared.claims, claimed):
-        reference, reference_error = reference_gradients[claim.wrt]
-        both_errors = error[keep] + reference_error[keep] + np.abs(value[keep])
-        failure = _compare(reference[keep], both_errors, value[keep], torch.float64)
+            return failure
+    if forward:
+        try:
+            actual = subject.forward(at, dtype)
+        except ModeUnsupported as unsupported:
+            result.unsupported["fwd"] = str(unsupported)
+        except CodeFailure as failed:
+            return _code_failure(failed, spec, subject, example, keep, options)
+        else:
+            failure = compared("JVP", f"the JVP of {output}", output, reference.jvp, actual,
+                               _formula(f"JVP of {output}", prepared.forward_mode().tensor), tangents=True)
+            if failure is not None:
+                return failure
+    if options.order == 2:
+        failure = _second_order(prepared, subject, at, reference, options, result, compared, example, keep)
         if failure is not None:
-            point, allowed = failure
-            derivative = prepared.gradients[claim.wrt].tensor
-            return Failure("claim", f"grad({spec.output}, {claim.wrt})",
-                           _formula(f"∂{spec.output}/∂{claim.wrt}", derivative), inputs_at(point), example.sizes,
-                           reference[keep][point], value[keep][point], allowed, line=claim.line,
-                           reference_label="derivative", actual_label="claimed", claim=claim.text)
+            return failure
     result.points += int(keep.sum())
     return None
+
+
+def _second_order(prepared, subject, at, reference, options, result, compared, example, keep):
+    """Hessian-vector products by double backward and, where torch has it, forward over reverse."""
+    ways = [("rev", False)] if "rev" in options.modes else []
+    if "fwd" in options.modes and "fwd-over-rev" not in result.unavailable:
+        ways.append(("fwd-over-rev", True))
+    for way, over_forward in ways:
+        try:
+            products = subject.second(at, options.dtype, over_forward)
+        except ModeUnsupported as unsupported:
+            result.unavailable["fwd-over-rev" if over_forward else "rev-over-rev"] = str(unsupported)
+            continue
+        except CodeFailure as failed:
+            return _code_failure(failed, prepared.spec, subject, example, keep, options)
+        for name, actual in products.items():
+            formula = _formula(f"HVP of {name}", prepared.second_order()[name].tensor)
+            failure = compared("HVP", f"the Hessian-vector product of {name} ({way})", name, reference.hvps[name],
+                               actual, formula, tangents=True)
+            if failure is not None:
+                return failure
+    return None
+
+
+def _claim_failure(spec, claim, value, derivative, keep, shown, sizes):
+    (claimed, claimed_error), (reference, reference_error) = value, derivative
+    both_errors = claimed_error[keep] + reference_error[keep] + np.abs(claimed[keep])
+    found = _compare(reference[keep], both_errors, claimed[keep], torch.float64)
+    if found is None:
+        return None
+    point, allowed = found
+    label = f"∂{spec.output}/∂{claim.wrt}" if claim.kind == "grad" else f"∂²{spec.output}/∂{claim.wrt}²"
+    return Failure("claim", f"{claim.kind}({spec.output}, {claim.wrt})", _formula(label, claim.derivative.tensor),
+                   shown(point), sizes, reference[keep][point], claimed[keep][point], allowed, line=claim.line,
+                   reference_label="derivative", actual_label="claimed", claim=claim.text)
+
+
+def _code_failure(failed: CodeFailure, spec, subject, example: Example, keep, options: Options) -> Failure:
+    at = example.at(keep)
+    inputs = {name: array[failed.point] for name, array in at.inputs.items()}
+    return Failure(failed.check, subject.name, "", inputs, example.sizes, None, None, None, error=failed.message,
+                   snippet=_snippet(subject, failed.check, at, failed.point, options))
+
+
+def _snippet(subject, check: str, at: Example, point: int, options: Options) -> str:
+    if not isinstance(subject, FunctionSubject):
+        return ""
+    return reproduction_snippet(subject.name, check, {n: a[point] for n, a in at.inputs.items()},
+                                at.cotangent[point], {n: t[point] for n, t in (at.tangents or {}).items()},
+                                options.dtype_name)
 
 
 def _inside_domains(prepared: Plan, example: Example, values: dict, rejected: Counter) -> np.ndarray:
@@ -394,36 +602,6 @@ def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np
                 rejected[reason] += int(newly.sum())
                 keep &= ~bad
     return keep
-
-
-def autograd_side(prepared: Plan, example: Example, keep: np.ndarray, dtype: torch.dtype) -> tuple:
-    """Torch on the accepted points: (values, gradients, grad_fn names), arrays in float64."""
-    spec = prepared.spec
-    leaves = {name: torch.tensor(array[keep], dtype=dtype, requires_grad=True)
-              for name, array in example.inputs.items()}
-    outputs = prepared.program.run(leaves, example.sizes, dtype)
-    batch = int(keep.sum())
-    if example.cotangent is None:
-        seed_gradient = torch.ones(batch, dtype=dtype)
-    else:
-        seed_gradient = torch.tensor(example.cotangent[keep], dtype=dtype)
-    outputs[spec.output].backward(seed_gradient)
-
-    def as_array(tensor, shape):
-        full = (batch, *concrete_shape(shape, example.sizes))
-        if tensor is None:
-            return np.zeros(full)
-        if isinstance(tensor, torch.Tensor):
-            tensor = tensor.detach().to(torch.float64).numpy()
-        return np.broadcast_to(np.asarray(tensor, dtype=np.float64), full)
-
-    values = {name: as_array(outputs[name], ref.tensor.shape) for name, ref in prepared.values.items()}
-    gradients, grad_fns = {}, {}
-    for name, reference in prepared.gradients.items():
-        holder = leaves[name] if name in leaves else outputs[name]
-        gradients[name] = as_array(holder.grad, reference.tensor.shape)
-        grad_fns[name] = type(holder.grad_fn).__name__ if holder.grad_fn is not None else "(leaf)"
-    return values, gradients, grad_fns
 
 
 def _torch_overflowed(values: dict, gradients: dict) -> np.ndarray:

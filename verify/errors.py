@@ -61,3 +61,11 @@ class Unchecked(VerifyError, AssertionError):
     def __init__(self, report: str, result=None):
         self.result = result
         super().__init__(report)
+
+
+class Unsupported(Unchecked):
+    """A check that was asked for could not run: the code under test does not support forward
+    mode (a Function without ``jvp``), or the dtype (an op without a kernel for it).
+
+    Not a pass: ``result`` says what was checked, and ``result.unsupported`` what was not.
+    """

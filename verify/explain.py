@@ -28,9 +28,11 @@ def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
     tracked = engine.labelled_nodes(spec)
     sizes = point.sizes if engine.needs_concrete_sizes(spec) else None
     prepared = engine.build_plan(spec, tracked, list(tracked), sizes)
-    _, gradients, _, _, _ = engine.reference_side(prepared, point, dtype)
-    keep = np.ones(point.batch, dtype=bool)
-    actual_values, actual_gradients, grad_fns = engine.autograd_side(prepared, point, keep, dtype)
+    gradients = engine.reference_side(prepared, point, dtype).gradients
+    shapes = {name: concrete_shape(reference.tensor.shape, point.sizes) for name, reference in prepared.values.items()}
+    gradient_shapes = {name: concrete_shape(reference.tensor.shape, point.sizes)
+                       for name, reference in prepared.gradients.items()}
+    actual_values, actual_gradients, grad_fns = prepared.subject.reverse(point, shapes, gradient_shapes, dtype)
 
     sizes = ", ".join(f"{k} = {v}" for k, v in point.sizes.items())
     where = ", ".join(f"{name} = {_show(array[0])}" for name, array in point.inputs.items())
@@ -81,9 +83,7 @@ def _default_point(spec: Spec, dtype) -> Example:
         width = high - low
         sample = rng.uniform(low + 0.1 * width, high - 0.1 * width, size=(1, *concrete_shape(declared.shape, sizes)))
         inputs[name] = torch.tensor(sample, dtype=dtype).double().numpy()
-    output_shape = spec.nodes[spec.output].shape
-    cotangent = np.ones((1, *concrete_shape(output_shape, sizes))) if output_shape else None
-    return Example(sizes, inputs, cotangent)
+    return Example(sizes, inputs, *engine.unit_directions(spec, sizes, inputs, tangents=False))
 
 
 def _show(array) -> str:

@@ -496,14 +496,21 @@ class _Compiler:
         if reduce is None:
             raise UnsupportedFormula(f"no numeric rule for {type(expr).__name__}")
         limits = expr.limits
-        inner_axes = dict(axes)
-        bounds = []
-        for offset, (index, low, high) in enumerate(limits, start=1):
-            if (low.free_symbols | high.free_symbols) & {limit[0] for limit in limits}:
-                raise UnsupportedFormula(f"bounds that depend on an index of the same reduction: {expr}")
-            inner_axes[index] = depth + offset
-            bounds.append((index, depth + offset, self.compile(low, axes, depth), self.compile(high, axes, depth)))
+        own = {limit[0] for limit in limits}
         inner_depth = depth + len(limits)
+        inner_axes = dict(axes)
+        inner_axes.update({index: depth + offset for offset, (index, _, _) in enumerate(limits, start=1)})
+        bounds = []
+        # Outermost (the last limit) first: an inner limit's bounds may use an outer index,
+        # as in Sum(f, (d, 0, k), (k, 0, n - 1)), so they are evaluated on the outer axes.
+        for offset in range(len(limits), 0, -1):
+            index, low, high = limits[offset - 1]
+            used = (low.free_symbols | high.free_symbols) & own
+            if used - {limit[0] for limit in limits[offset:]}:
+                raise UnsupportedFormula(f"bounds that depend on an inner index of the same reduction: {expr}")
+            bound_axes, bound_depth = (inner_axes, inner_depth) if used else (axes, depth)
+            bounds.append((index, depth + offset, self.compile(low, bound_axes, bound_depth),
+                           self.compile(high, bound_axes, bound_depth)))
         body = self.compile(expr.function, inner_axes, inner_depth)
         summed = tuple(range(depth + 1, inner_depth + 1))
         kind = type(expr)

@@ -41,13 +41,29 @@ class Result:
     examples: int = 0
     rejected: dict = field(default_factory=dict)  # reason -> number of points
     claims: list = field(default_factory=list)
+    modes: tuple = ("rev", "fwd")
+    order: int = 1
+    unsupported: dict = field(default_factory=dict)  # mode or "dtype" -> why it could not be checked
+    unavailable: dict = field(default_factory=dict)  # optional ways (fwd-over-rev) torch lacks here
+
+    @property
+    def checks(self) -> str:
+        """What was compared at each point, e.g. "values, VJPs, JVPs, HVPs"."""
+        done = ["values"]
+        if "rev" in self.modes:
+            done.append("VJPs")
+        if "fwd" in self.modes and "fwd" not in self.unsupported:
+            done.append("JVPs")
+        if self.order == 2:
+            done.append("HVPs")
+        return ", ".join(done)
 
     @property
     def rejected_points(self) -> int:
         return sum(self.rejected.values())
 
     def summary(self) -> str:
-        parts = [f"{self.points} points agree ({self.dtype})"]
+        parts = [f"{self.points} points agree ({self.dtype}; {self.checks})"]
         if self.rejected:
             parts.append(f"{self.rejected_points} rejected")
         for claim in self.claims:
@@ -58,6 +74,8 @@ class Result:
         lines = [f"{self.name}: ok, {self.summary()}"]
         for reason, count in sorted(self.rejected.items()):
             lines.append(f"  rejected {count} point(s): {reason}")
+        for way, reason in sorted(self.unavailable.items()):
+            lines.append(f"  not available, so not checked: {way}: {reason}")
         return "\n".join(lines)
 
 
@@ -79,8 +97,15 @@ class Failure:
     blame: str = ""
     claim: str = ""
     notes: list = field(default_factory=list)
+    error: str = ""  # the code under test raised, or returned the wrong shape: no numbers to compare
+    snippet: str = ""  # Python that reproduces the failing call of a user's function
 
     def render(self, spec_name: str, reproduce: str) -> str:
+        if self.error:
+            lines = [f"{spec_name}: {self.check} check failed: {self.error}"]
+            lines.append("  sizes:      " + (", ".join(f"{k} = {v}" for k, v in self.sizes.items()) or "none"))
+            lines.extend(f"  input:      {name} = {_show(value)}" for name, value in self.inputs.items())
+            return "\n".join(lines + self._reproduction(reproduce))
         reference = np.asarray(self.reference, dtype=np.float64)
         actual = np.asarray(self.actual, dtype=np.float64)
         difference = np.abs(actual - reference)
@@ -108,8 +133,42 @@ class Failure:
                      f"(up to {float(np.asarray(self.allowed)[at] if np.ndim(self.allowed) else self.allowed):.3g} allowed)")
         lines.append(f"  Greatest relative difference: {_number(relative[at])} at index {at}")
         lines.extend(f"  note:       {note}" for note in self.notes)
-        lines.append(f"  reproduce:  {reproduce}")
+        return "\n".join(lines + self._reproduction(reproduce))
+
+    def _reproduction(self, reproduce: str) -> list:
+        lines = [f"  reproduce:  {reproduce}"]
+        if self.snippet:
+            lines.append("  or call it directly:")
+            lines.extend("    " + line for line in self.snippet.splitlines())
+        return lines
+
+
+def reproduction_snippet(fn_name: str, check: str, inputs: dict, cotangent, tangents: dict, dtype_name: str) -> str:
+    """Python that calls the user's function at the failing point, as the failed check did."""
+    def tensor(array, grad=False):
+        listed = np.asarray(array, dtype=np.float64).tolist()
+        return f"torch.tensor({listed!r}, dtype=torch.{dtype_name}" + (", requires_grad=True)" if grad else ")")
+
+    names = ", ".join(inputs)
+    lines = ["import torch"]
+    if check == "JVP":
+        lines.append("import torch.autograd.forward_ad as fwAD")
+        lines.append("with fwAD.dual_level():")
+        duals = ", ".join(f"fwAD.make_dual({tensor(inputs[n])}, {tensor(tangents[n])})" for n in inputs)
+        lines.append(f"    print(fwAD.unpack_dual({fn_name}({duals})).tangent)")
         return "\n".join(lines)
+    lines.extend(f"{name} = {tensor(value, grad=True)}" for name, value in inputs.items())
+    lines.append(f"out = {fn_name}({names})")
+    if check == "value":
+        lines.append("print(out)")
+    elif check == "HVP":
+        lines.append(f"grads = torch.autograd.grad(out, [{names}], {tensor(cotangent)}, create_graph=True)")
+        lines.append(f"print(torch.autograd.grad(grads, [{names}], "
+                     f"[{', '.join(tensor(tangents[n]) for n in inputs)}], allow_unused=True))")
+    else:
+        lines.append(f"out.backward({tensor(cotangent)})")
+        lines.append(f"print({', '.join(n + '.grad' for n in inputs)})")
+    return "\n".join(lines)
 
 
 def _number(value) -> str:

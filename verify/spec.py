@@ -40,7 +40,7 @@ from .ir import (
 from .ops import CALLABLE, COMPARISON_OPERATORS, NORM_ORDERS, REGISTRY, slice_requirements
 
 CONSTANTS = {"pi": sympy.pi, "e": sympy.E}
-CLAIM_KINDS = ("grad",)
+CLAIM_KINDS = ("grad", "hessian")
 RESERVED = set(REGISTRY) | set(CONSTANTS) | set(DOMAINS) | {"Interval", "inf", *CLAIM_KINDS}
 
 BINARY_OPERATORS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.Pow: "pow",
@@ -269,23 +269,29 @@ class _Parser:
             raise self.error("a claim must compare with ==", test, hint=hint)
         call = test.left
         if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in CLAIM_KINDS):
-            raise self.error("a claim starts with grad(output, variable)", call, hint=hint)
+            raise self.error("a claim starts with grad(output, variable) or hessian(output, input)", call, hint=hint)
+        kind = call.func.id
         if len(call.args) != 2 or call.keywords or not all(isinstance(a, ast.Name) for a in call.args):
-            raise self.error("grad takes two names: grad(o, x)", call, hint=hint)
+            raise self.error(f"{kind} takes two names: {kind}(o, x)", call, hint=hint)
         of, wrt = (a.id for a in call.args)
         for name, where in ((of, call.args[0]), (wrt, call.args[1])):
             if name not in self.inputs and name not in self.nodes:
                 raise self.error(f"unknown name {name!r} in the claim", where, hint=self.known_names())
+        if kind == "hessian" and wrt not in self.inputs:
+            raise self.error(f"hessian(o, x) is taken with respect to an input; {wrt} is not one", call.args[1],
+                             hint=self.known_names())
         expr = self.expression(test.comparators[0])
-        target_shape = self.inputs[wrt].shape if wrt in self.inputs else self.nodes[wrt].shape
+        shape = self.inputs[wrt].shape if wrt in self.inputs else self.nodes[wrt].shape
+        target_shape = shape + shape if kind == "hessian" else shape
         try:
             fits = broadcast_shapes(expr.shape, target_shape) == target_shape
         except ShapeError:
             fits = False
         if not fits:
-            raise self.error(f"the claimed gradient has shape {_show(expr.shape)}, but grad({of}, {wrt}) "
-                             f"has the shape of {wrt}: {_show(target_shape)}", test.comparators[0])
-        self.claims.append(Claim(call.func.id, of, wrt, expr, self.loc(statement)))
+            what = f"{wrt}'s shape twice" if kind == "hessian" else f"the shape of {wrt}"
+            raise self.error(f"the claimed {kind} has shape {_show(expr.shape)}, but {kind}({of}, {wrt}) "
+                             f"has {what}: {_show(target_shape)}", test.comparators[0])
+        self.claims.append(Claim(kind, of, wrt, expr, self.loc(statement)))
 
     def known_names(self) -> str:
         names = [*self.inputs, *self.nodes, *self.size_symbols]

@@ -26,23 +26,32 @@ from .tolerance import representable_limit, underflow_limit
 DEFAULT_SIZES = (1, 8)
 MAX_BATCH = 8
 ORDINARY_MAGNITUDE = 10.0
-# Quarters in [-4, 4]: signs, zero and a spread of magnitudes, exact in every dtype, and no
-# tiny values that would push the reference's products into subnormal numbers.
-COTANGENTS = st.integers(-16, 16).map(lambda k: k / 4)
-FLOAT_WIDTH = {torch.float64: 64, torch.float32: 32, torch.float16: 16}
+# Cotangents and tangents: signs, zero and a spread of magnitudes, exact in every dtype, and
+# no tiny values that would push the reference's products into subnormal numbers. They shrink
+# to 1, so a minimal counterexample shows the direction only where it matters (a backward
+# that ignores its incoming gradient passes at 1 and fails elsewhere).
+DIRECTIONS = st.sampled_from([1.0, -1.0, 2.0, 0.5, -3.0, 0.0, 0.25, -4.0, 1.5, -0.75])
+FLOAT_WIDTH = {torch.float64: 64, torch.float32: 32, torch.float16: 16, torch.bfloat16: 32}
 
 
 @dataclass(frozen=True)
 class Example:
-    """One Hypothesis example: sizes, and a batch of points (input name -> float64 array)."""
+    """One Hypothesis example: sizes, a batch of points (input name -> float64 array), the
+    cotangent seeded into backward (batch, *output shape), and tangents per input."""
 
     sizes: dict
     inputs: dict
-    cotangent: np.ndarray | None = None
+    cotangent: np.ndarray
+    tangents: dict | None = None
 
     @property
     def batch(self) -> int:
         return len(next(iter(self.inputs.values())))
+
+    def at(self, keep: np.ndarray) -> Example:
+        """The points where ``keep`` is true."""
+        tangents = None if self.tangents is None else {n: t[keep] for n, t in self.tangents.items()}
+        return Example(self.sizes, {n: a[keep] for n, a in self.inputs.items()}, self.cotangent[keep], tangents)
 
 
 def _round_inward(bound: float, dtype: torch.dtype, upward: bool) -> float:
@@ -61,9 +70,14 @@ def _floats(domain: Domain, dtype: torch.dtype, magnitude: float) -> st.SearchSt
     high = _round_inward(min(domain.high, magnitude), dtype, upward=False)
     if low > high:
         raise SpecError(f"no {str(dtype)[6:]} value lies in the domain {domain}")
-    return st.floats(low, high, exclude_min=domain.low_open and low == domain.low,
-                     exclude_max=domain.high_open and high == domain.high,
-                     allow_nan=False, allow_infinity=False, allow_subnormal=False, width=FLOAT_WIDTH[dtype])
+    floats = st.floats(low, high, exclude_min=domain.low_open and low == domain.low,
+                       exclude_max=domain.high_open and high == domain.high,
+                       allow_nan=False, allow_infinity=False, allow_subnormal=False, width=FLOAT_WIDTH[dtype])
+    if dtype != torch.bfloat16:
+        return floats
+    # Hypothesis has no bfloat16: float32 values rounded to it (monotonic, so within bounds).
+    return floats.map(lambda v: float(torch.tensor(v, dtype=torch.bfloat16))).filter(
+        lambda v: not ((domain.low_open and v == domain.low) or (domain.high_open and v == domain.high)))
 
 
 def values(domain: Domain, dtype: torch.dtype, wide: bool) -> st.SearchStrategy:
@@ -100,9 +114,9 @@ def _meets_requirements(spec: Spec, sizes: dict) -> bool:
 
 
 @st.composite
-def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None) -> Example:
-    """Sizes for the size symbols not fixed by ``sizes``, then a batch of points, and a
-    random cotangent when the output is not a scalar."""
+def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = False) -> Example:
+    """Sizes for the size symbols not fixed by ``sizes``, then a batch of points, a random
+    cotangent for the output and (``tangents``) a random tangent for each input."""
     chosen = dict(sizes or {})
     for name, (smallest, largest) in size_bounds(spec).items():
         if name not in chosen:
@@ -115,9 +129,10 @@ def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None) -> Example:
         # Per input and example, so that a whole tensor of ordinary values stays common.
         wide = draw(st.booleans(), label=f"{name} at any magnitude")
         inputs[name] = draw(hnp.arrays(np.float64, shape, elements=values(declared.domain, dtype, wide)), label=name)
-    cotangent = None
-    output_shape = spec.nodes[spec.output].shape
-    if output_shape:
-        shape = (batch, *concrete_shape(output_shape, chosen))
-        cotangent = draw(hnp.arrays(np.float64, shape, elements=COTANGENTS), label="cotangent")
-    return Example(chosen, inputs, cotangent)
+    shape = (batch, *concrete_shape(spec.nodes[spec.output].shape, chosen))
+    cotangent = draw(hnp.arrays(np.float64, shape, elements=DIRECTIONS), label="cotangent")
+    drawn = None
+    if tangents:
+        drawn = {name: draw(hnp.arrays(np.float64, array.shape, elements=DIRECTIONS), label=f"tangent of {name}")
+                 for name, array in inputs.items()}
+    return Example(chosen, inputs, cotangent, drawn)

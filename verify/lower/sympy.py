@@ -25,6 +25,7 @@ from ..ops import REGISTRY, normalize_axes, single_axis
 INDEX_NAMES = "ijklpqrstuvw"
 # Names a spec cannot use (spec names never start with "_" or hold a space).
 COTANGENT = "_cotangent"
+TANGENT_PREFIX = "_tangent_"
 _SUMMATION_COUNTER = count(1)
 
 
@@ -298,6 +299,11 @@ def _carried_out(expr: sympy.Expr) -> sympy.Expr:
     if not expr.args or isinstance(expr, (sympy.Indexed, sympy.Symbol)):
         return expr
     if isinstance(expr, ExprWithLimits):
+        if any(not index.is_integer for index, _, _ in expr.limits):
+            # sympy's derivative of a Product sums over a Dummy without integer assumptions.
+            renamed = {index: _fresh_index_symbol() for index, _, _ in expr.limits if not index.is_integer}
+            expr = type(expr)(expr.function.xreplace(renamed),
+                              *((renamed.get(i, i), low, high) for i, low, high in expr.limits))
         function = _carried_out(expr.function)
         if isinstance(expr, sympy.Sum):
             for limit in expr.limits:  # the first limit is the innermost
@@ -418,6 +424,40 @@ def derive(spec: Spec, tracked: dict, differentiate, sizes: dict | None = None) 
             raise NotImplementedError(f"sympy left an unevaluated derivative in ∂o/∂{name}: {gradient}")
         gradients[name] = Tensor(gradient, indices, shape)
     return Derivation(values, gradients, steps)
+
+
+def tangent_name(input_name: str) -> str:
+    """The name under which the reference receives the tangent of an input (forward mode)."""
+    return TANGENT_PREFIX + input_name
+
+
+def directional_derivative(formula: Tensor, spec: Spec) -> Tensor:
+    """d/dε of ``formula`` with every input x moved to x + ε·t_x, at ε = 0: a JVP when the
+    formula is the output, a Hessian-vector product when it is a gradient. sympy.diff does it."""
+    epsilon = sympy.Dummy("epsilon", real=True)
+    moved = formula.expr
+    for name, node in spec.inputs.items():
+        if not node.shape:
+            symbol = sympy.Symbol(name, **node.domain.sympy_assumptions())
+            moved = moved.xreplace({symbol: symbol + epsilon * sympy.Symbol(tangent_name(name), real=True)})
+            continue
+        tangent = sympy.IndexedBase(tangent_name(name), real=True)
+        moved = moved.replace(lambda e, name=name: isinstance(e, sympy.Indexed) and e.base.name == name,
+                              lambda e, tangent=tangent: e + epsilon * tangent[e.indices])
+    ranges = {index: size - 1 for index, size in zip(formula.indices, formula.shape)}
+    derivative = sympy.diff(moved, epsilon).xreplace({epsilon: 0})
+    return Tensor(settle(derivative, ranges), formula.indices, formula.shape)
+
+
+def second_derivative(gradient: Tensor, spec: Spec, wrt: str, lowering: SympyLowering) -> Tensor:
+    """∂/∂wrt of a gradient in the inputs: the Hessian, with wrt's indices after the gradient's."""
+    node = spec.inputs[wrt]
+    extra = lowering.free_indices(len(gradient.indices) + node.rank)[len(gradient.indices):]
+    variable = variable_symbol(wrt, node.shape, node.domain.sympy_assumptions(), extra)
+    shape = gradient.shape + lowering.shape(node)
+    indices = gradient.indices + extra
+    ranges = {index: size - 1 for index, size in zip(indices, shape)}
+    return Tensor(settle(sympy.diff(gradient.expr, variable), ranges), indices, shape)
 
 
 def _scalar_output(lowering: SympyLowering, output_node: Node) -> sympy.Expr:

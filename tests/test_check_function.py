@@ -1,0 +1,142 @@
+"""verify.check_function on users' own code: the corpus of correct and broken Functions."""
+
+import pytest
+import torch
+
+import verify
+from benchmarks.corpus import CASES, Sin, Tanh
+
+CORRECT = [case for case in CASES if not case.bug]
+BROKEN = [case for case in CASES if case.bug]
+# The check each planted bug is expected to fail (the shrinker may settle on another failing check).
+EXPECTED_CHECKS = {
+    "wrong formula": {"gradient", "HVP"},  # at x = 0 the gradient is right, its derivative is not
+    "sign error": {"gradient"},
+    "ignored grad_output": {"gradient", "HVP"},
+    "wrong branch above a threshold": {"gradient"},
+    "approximate backward": {"gradient"},
+    "NaN from overflow": {"gradient"},
+    "transposed weight gradient": {"gradient"},
+    "detached backward": {"HVP"},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", CORRECT, ids=[c.name for c in CORRECT])
+def test_correct_function_passes_to_second_order(case, dtype):
+    result = verify.check_function(case.fn, case.spec, dtype=dtype, order=2, modes=("rev",), seed=0,
+                                   max_examples=30)
+    assert result.points > 0
+    assert result.checks == "values, VJPs, HVPs"
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=[c.name for c in BROKEN])
+def test_broken_function_is_caught_with_the_check_that_failed(case):
+    caught = []
+    for dtype in (torch.float64, torch.float32):
+        try:
+            verify.check_function(case.fn, case.spec, dtype=dtype, order=2, modes=("rev",), seed=0, max_examples=100)
+        except verify.Mismatch as mismatch:
+            caught.append(mismatch)
+    assert caught, f"{case.name} was not caught in float64 or float32"
+    failure = caught[0].failure
+    assert failure.check in EXPECTED_CHECKS[case.bug]
+    report = str(caught[0])
+    assert "input:" in report and "reproduce:  verify.check_function(" in report
+    assert "or call it directly:" in report and f"{case.fn.__self__.__name__}.apply(" in failure.snippet
+
+
+def test_nan_from_overflow_is_found_where_the_derivative_is_finite():
+    case = next(c for c in BROKEN if c.bug == "NaN from overflow")
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(case.fn, case.spec, order=1, modes=("rev",), seed=0)
+    failure = caught.value.failure
+    assert failure.inputs["x"].max() > 709  # exp overflows float64 there; the derivative is 1
+    assert "nan" in str(caught.value)
+
+
+def test_forward_mode_is_checked_where_the_function_has_a_jvp():
+    result = verify.check_function(Tanh.apply, "x: Real[n]\ny = tanh(x)", seed=0, max_examples=30)
+    assert result.checks == "values, VJPs, JVPs"
+
+
+def test_function_without_forward_mode_is_reported_unsupported_not_passed():
+    with pytest.raises(verify.Unsupported, match="jvp") as caught:
+        verify.check_function(Sin.apply, "x: Real[n]\ny = sin(x)", seed=0, max_examples=20)
+    result = caught.value.result
+    assert result.points > 0  # reverse mode was checked all the same
+    assert "fwd" in result.unsupported
+
+
+def test_forward_mode_with_a_wrong_jvp_is_caught():
+    class TanhWrongJvp(Tanh):
+        @staticmethod
+        def jvp(ctx, t):
+            (y,) = ctx.saved_tensors
+            return t * (1 - y)
+
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(TanhWrongJvp.apply, "x: Real[n]\ny = tanh(x)", seed=0)
+    assert caught.value.failure.check == "JVP"
+    assert "fwAD.make_dual" in caught.value.failure.snippet
+
+
+def test_exception_in_the_backward_is_a_finding_at_the_input_that_triggers_it():
+    class FailsAboveOne(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            if (x > 1).any():
+                raise ValueError("unexpected large input")
+            return 2 * x * g
+
+    with pytest.raises(verify.Mismatch, match="ValueError: unexpected large input") as caught:
+        verify.check_function(FailsAboveOne.apply, "x: Real[n]\ny = x**2", modes=("rev",), seed=0)
+    assert caught.value.failure.inputs["x"].max() > 1
+    assert "test_check_function.py" in caught.value.failure.error  # the user's line, not torch's
+
+
+def test_gradient_of_the_wrong_shape_is_a_finding():
+    class SummedGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 3 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            return (3 * g).sum(0, keepdim=True)
+
+    with pytest.raises(verify.Mismatch, match="shape") as caught:
+        verify.check_function(SummedGradient.apply, "x: Real[n]\ny = 3 * x", modes=("rev",), seed=0)
+    assert caught.value.failure.inputs["x"].shape[0] >= 2  # n = 1 would hide it
+
+
+def test_output_of_the_wrong_shape_is_a_finding():
+    with pytest.raises(verify.Mismatch, match=r"returned shape \(\)"):
+        verify.check_function(lambda x: x.sum(), "x: Real[n]\ny = 2 * x", modes=("rev",), seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_dtypes_pass_correct_code(dtype):
+    result = verify.check_function(Tanh.apply, "x: Real[n]\ny = tanh(x)", dtype=dtype, order=2, seed=0,
+                                   max_examples=50)
+    assert result.points > 0
+
+
+def test_check_takes_the_same_options_for_torchs_own_ops():
+    result = verify.check("x: Real[n]\ny = tanh(x) * x\no = sum(y)", order=2, seed=0, max_examples=30)
+    assert result.checks == "values, VJPs, JVPs, HVPs"
+
+
+def test_hessian_claims_are_proved_and_refuted():
+    proved = verify.check("x: Real[n]\no = sum(x**3) / 3\nassert hessian(o, x) == diag(2 * x)", seed=0,
+                          max_examples=20)
+    assert proved.claims[0].status == "proved for all n"
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check("x: Real[n]\no = sum(x**3) / 3\nassert hessian(o, x) == diag(x)", seed=0, max_examples=20)
+    assert caught.value.failure.check == "claim"
