@@ -106,3 +106,17 @@ def test_python_dash_m_verify_runs_the_same_command():
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0
     assert "proved for all n" in completed.stdout
+
+
+def test_second_order_and_modes_from_the_command_line(tmp_path):
+    spec = write(tmp_path, "cube.vspec", "x: Real[n]\no = sum(x**3) / 3\nassert hessian(o, x) == diag(2 * x)\n")
+    completed = run("check", str(spec), "--seed", "1", "--order", "2", "--modes", "rev", "--max-examples", "20")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "values, VJPs, HVPs" in completed.stdout
+    assert "claim `hessian(o, x) == diag(2 * x)`: proved for all n" in completed.stdout
+
+
+def test_unknown_mode_is_a_usage_error(tmp_path):
+    completed = run("check", str(EXAMPLE), "--modes", "sideways")
+    assert completed.returncode == 2
+    assert "--modes takes rev, fwd or rev,fwd" in completed.stderr
