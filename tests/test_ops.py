@@ -120,3 +120,13 @@ def test_readme_op_table_is_generated_from_the_registry():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert op_table() in readme, "regenerate the README table with verify.ops.op_table()"
+
+
+def test_torch_finding_minimums_forward_mode_loses_the_selected_tangent():
+    # torch's JVP of minimum is other_t + mask * (self_t - other_t): where the other operand's
+    # tangent is 2**53 times larger, the selected one is lost to rounding (2 instead of 1 here).
+    spec = "a: Real[n] = [108086391056894080]\nb: Real[n] = [4503599627370497]\no = sum(minimum(a, b * b))"
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check(spec, seed=0, max_examples=1)
+    assert caught.value.failure.check == "JVP"
+    verify.check(spec, seed=0, max_examples=1, modes=("rev",))  # its backward is right

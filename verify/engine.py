@@ -323,7 +323,9 @@ def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: 
             error = np.maximum(error, prepared.steps[name](ctx)[1])
         values[name] = ctx.env[name] = value, error  # gradient formulas refer to node values
     ctx.hopeless = ~_inside_domains(prepared, example, values, Counter())
-    amplification = _backward_amplification(prepared, example, values, dtype)
+    forward_amplification = _amplification(prepared, example, values, dtype, "forward_condition")
+    values = {name: _amplified(pair, forward_amplification) for name, pair in values.items()}
+    amplification = _amplification(prepared, example, values, dtype, "backward_condition")
     derivatives = {name: reference(ctx) for name, reference in prepared.gradients.items()}
     # A scalar output's formulas hold no cotangent: its VJP is the gradient times the cotangent.
     seed = example.cotangent if scalar_output else None
@@ -347,15 +349,15 @@ def _times(pair: tuple, seed) -> tuple:
         return product, error * np.abs(factor) + np.abs(product)
 
 
-def _backward_amplification(prepared: Plan, example: Example, values: dict, dtype: torch.dtype) -> np.ndarray:
-    """Per point, the largest amplification of rounding by the way torch computes an op's
-    derivative (the registry's ``backward_condition``), capped at 1/u of float64. It widens
-    the derivatives' bounds (VJPs, JVPs, HVPs), not the values': the forward is accurate."""
+def _amplification(prepared: Plan, example: Example, values: dict, dtype: torch.dtype, which: str) -> np.ndarray:
+    """Per point, the largest amplification of rounding by the way torch computes an op,
+    capped at 1/u of float64: ``which`` is the registry's ``backward_condition`` (it widens
+    the bounds of VJPs, JVPs and HVPs) or ``forward_condition`` (values)."""
     cap = 1 / UNIT_ROUNDOFF[torch.float64]
     worst = np.zeros(example.batch, dtype=ERROR_DTYPE)
     array_of = _node_arrays(prepared, example, values)
     for label, node in prepared.nodes.items():
-        condition = REGISTRY[node.op].backward_condition if isinstance(node, Apply) else None
+        condition = getattr(REGISTRY[node.op], which) if isinstance(node, Apply) else None
         if condition is None or label not in values:
             continue
         with np.errstate(all="ignore"):

@@ -60,6 +60,8 @@ class Op:
     # op's output and its operands: sigmoid' computed as y * (1 - y) loses digits as y -> 1,
     # det's backward goes through a solve with the matrix. None where it does not.
     backward_condition: Callable | None = None
+    # The same for the forward: inv and det are stable norm-wise (LU), not element-wise.
+    forward_condition: Callable | None = None
     # Where the op is defined, as a numpy predicate of its operand values: points outside
     # are rejected with ``domain`` as the reason, even where sympy simplified the op away
     # (x**2 / x is x to sympy, and 0/0 to torch at 0).
@@ -560,9 +562,10 @@ def _inv_sympy(element, index, shapes, fresh_index, params):
 
 
 def _structural(name, arity, sympy_form, torch_form, infer_shape, params=(), domain="all reals", max_size=None,
-                defined=None, backward_condition=None):
+                defined=None, backward_condition=None, forward_condition=None):
     return Op(name, "structural", arity, sympy_form, torch_form, infer_shape, domain, params=params,
-              max_size=max_size, defined=defined, backward_condition=backward_condition)
+              max_size=max_size, defined=defined, backward_condition=backward_condition,
+              forward_condition=forward_condition)
 
 
 MAX_CONDITION = 1e6
@@ -604,10 +607,12 @@ STRUCTURAL = [
     # stay away from singular and ill-conditioned matrices.
     _structural("det", 1, _det_sympy, lambda tensors, params: torch.linalg.det(tensors[0]), _square_shape("det"),
                 domain=f"condition number below {MAX_CONDITION:g}", max_size=CONCRETE_MAX_SIZE, defined=_conditioned,
-                backward_condition=lambda dtype, y, a: _condition_number(a)),
+                backward_condition=lambda dtype, y, a: _condition_number(a),
+                forward_condition=lambda dtype, y, a: _condition_number(a)),
     _structural("inv", 1, _inv_sympy, lambda tensors, params: torch.linalg.inv(tensors[0]), _square_shape("inv"),
                 domain=f"condition number below {MAX_CONDITION:g}", max_size=CONCRETE_MAX_SIZE, defined=_conditioned,
-                backward_condition=lambda dtype, y, a: _condition_number(a) ** 2),
+                backward_condition=lambda dtype, y, a: _condition_number(a) ** 2,
+                forward_condition=lambda dtype, y, a: _condition_number(a)),
 ]
 
 
