@@ -7,6 +7,8 @@ from hypothesis import settings
 from benchmarks.corpus import ExpIgnoringGradOutput, TanhWithWrongBackward  # noqa: F401 - used by tests
 from verify.ops import REGISTRY
 
+pytest_plugins = ["pytester"]
+
 # The suite's own property tests are reproducible by default (a clean clone in CI draws the
 # same inputs every run); HYPOTHESIS_PROFILE=explore draws fresh ones, to hunt for new bugs.
 settings.register_profile("repeatable", derandomize=True)
