@@ -406,7 +406,7 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
     ``subject`` is a FunctionSubject, or None for the spec's own torch lowering.
     """
     prepared = plan(spec, example.sizes)
-    subject = subject or prepared.subject
+    subject = subject or prepared.subject.on(options.device)
     dtype = options.dtype
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
     for claim, status in zip(prepared.claims, result.claims):
@@ -428,10 +428,10 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
     if not keep.any():
         return None
     value_shapes = {name: concrete_shape(ref.tensor.shape, example.sizes) for name, ref in prepared.values.items()
-                    if subject is prepared.subject or name == output}
+                    if isinstance(subject, SpecSubject) or name == output}
     gradient_shapes = {name: concrete_shape(ref.tensor.shape, example.sizes)
                        for name, ref in prepared.gradients.items()
-                       if subject is prepared.subject or name in spec.inputs}
+                       if isinstance(subject, SpecSubject) or name in spec.inputs}
     try:
         actual_values, actual_gradients, _ = subject.reverse(example.at(keep), value_shapes, gradient_shapes, dtype)
         overflowed = _torch_overflowed(actual_values, actual_gradients) & reference.rescued[keep]
@@ -475,7 +475,7 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
             return failure
     if "rev" in options.modes:
         for name in _backward_order(spec, actual_gradients):
-            blame = _blame(spec, name) if subject is prepared.subject else ""
+            blame = _blame(spec, name) if isinstance(subject, SpecSubject) else ""
             failure = compared("gradient", f"∂{output}/∂{name}", name, reference.gradients[name],
                                actual_gradients[name], _formula(f"∂{output}/∂{name}", prepared.gradients[name].tensor),
                                blame=blame)

@@ -60,6 +60,10 @@ class SpecSubject:
         self.program = TorchProgram(spec, tracked)
         self.device = device
 
+    def on(self, device: str) -> "SpecSubject":
+        """The same lowering, with its tensors on ``device``."""
+        return self if device == self.device else SpecSubject(self.spec, self.program.tracked, device)
+
     def _tensor(self, array, dtype, requires_grad=False):
         return torch.tensor(array, dtype=dtype, device=self.device, requires_grad=requires_grad)
 

@@ -70,7 +70,9 @@ class _Evaluation:
         params = dict(node.params)
         operands = [self.value(a) for a in node.operands]
         if not op.numbers_ok or not any(isinstance(o, torch.Tensor) for o in operands):
-            operands = [o if isinstance(o, torch.Tensor) else torch.tensor(o, dtype=self.dtype) for o in operands]
+            device = next(o.device for o in self.inputs.values())
+            operands = [o if isinstance(o, torch.Tensor) else torch.tensor(o, dtype=self.dtype, device=device)
+                        for o in operands]
         if op.kind == "elementwise":
             return op.torch_form(*(_align(o, node.rank) for o in operands))
         (operand, *_) = operands
