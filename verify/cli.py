@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("verify: interrupted", file=sys.stderr)
         return EXIT_USAGE
-    except Exception:  # a bug of ours: say so, and keep the traceback for the report
+    except Exception:  # noqa: BLE001 - a bug of ours: say so, and keep the traceback for the report
         print("verify: internal error. This is a bug in verify; please report it with the spec and this "
               "traceback:", file=sys.stderr)
         traceback.print_exc()

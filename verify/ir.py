@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Union
 
 import sympy
 
-Dim = Union[int, sympy.Expr]  # an int, a size symbol, or an expression in them (n - 1, n + m)
+Dim = int | sympy.Expr  # an int, a size symbol, or an expression in them (n - 1, n + m)
 Shape = tuple  # tuple[Dim, ...]
 
 
@@ -92,7 +91,7 @@ class Input(Node):
 
 @dataclass(frozen=True, eq=False)
 class Constant(Node):
-    value: sympy.Expr = sympy.Integer(0)  # exact: Rational, pi, E
+    value: sympy.Expr = sympy.Integer(0)  # noqa: RUF009 - exact and immutable: Rational, pi, E
 
 
 @dataclass(frozen=True, eq=False)

@@ -60,7 +60,7 @@ class SpecSubject:
         self.program = TorchProgram(spec, tracked)
         self.device = device
 
-    def on(self, device: str) -> "SpecSubject":
+    def on(self, device: str) -> SpecSubject:
         """The same lowering, with its tensors on ``device``."""
         return self if device == self.device else SpecSubject(self.spec, self.program.tracked, device)
 
