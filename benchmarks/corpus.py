@@ -44,35 +44,21 @@ class Tanh(torch.autograd.Function):
         return t * (1 - y * y)
 
 
-class TanhDetached(torch.autograd.Function):
+class TanhDetached(Tanh):
     """Correct first derivative; the backward detaches, so second order sees a constant."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
 
     @staticmethod
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         return (g * (1 - y * y)).detach()
 
-
-class TanhWithWrongBackward(torch.autograd.Function):
+class TanhWithWrongBackward(Tanh):
     """The backward forgets the square: g * (1 - y) instead of g * (1 - y**2)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
 
     @staticmethod
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         return g * (1 - y)
-
 
 class Sin(torch.autograd.Function):
     @staticmethod
@@ -86,17 +72,11 @@ class Sin(torch.autograd.Function):
         return g * torch.cos(x)
 
 
-class SinSignError(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sin(x)
-
+class SinSignError(Sin):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return -g * torch.cos(x)
-
 
 class Exp(torch.autograd.Function):
     @staticmethod
@@ -111,20 +91,13 @@ class Exp(torch.autograd.Function):
         return g * y
 
 
-class ExpIgnoringGradOutput(torch.autograd.Function):
+class ExpIgnoringGradOutput(Exp):
     """The backward returns exp(x) whatever gradient flows in."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.exp(x)
-        ctx.save_for_backward(y)
-        return y
 
     @staticmethod
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         return y.clone()
-
 
 class Softplus(torch.autograd.Function):
     """softplus with torch's threshold: x itself above 20."""
@@ -140,34 +113,22 @@ class Softplus(torch.autograd.Function):
         return g * torch.where(x > 20, torch.ones_like(x), torch.sigmoid(x))
 
 
-class SoftplusWrongBranch(torch.autograd.Function):
+class SoftplusWrongBranch(Softplus):
     """Above the threshold the backward returns 0.5 instead of 1."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.where(x > 20, x, torch.log1p(torch.exp(torch.clamp(x, max=20))))
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return g * torch.where(x > 20, torch.full_like(x, 0.5), torch.sigmoid(x))
 
-
-class SoftplusOverflowingBackward(torch.autograd.Function):
+class SoftplusOverflowingBackward(Softplus):
     """The backward as exp(x) / (1 + exp(x)): inf / inf = NaN once exp overflows."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.where(x > 20, x, torch.log1p(torch.exp(torch.clamp(x, max=20))))
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         e = torch.exp(x)
         return g * e / (1 + e)
-
 
 class Gelu(torch.autograd.Function):
     """gelu in its erf form, with the exact derivative."""
@@ -185,13 +146,8 @@ class Gelu(torch.autograd.Function):
         return g * (cdf + x * pdf)
 
 
-class GeluApproximateBackward(torch.autograd.Function):
+class GeluApproximateBackward(Gelu):
     """Forward in the erf form, backward of the tanh approximation (off by up to ~1e-3)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
 
     @staticmethod
     def backward(ctx, g):
@@ -200,7 +156,6 @@ class GeluApproximateBackward(torch.autograd.Function):
         inner = c * (x + 0.044715 * x**3)
         t = torch.tanh(inner)
         return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x))
-
 
 class Linear(torch.autograd.Function):
     @staticmethod
@@ -214,17 +169,11 @@ class Linear(torch.autograd.Function):
         return torch.outer(g, x), W.T @ g
 
 
-class LinearTransposedWeightGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, W, x):
-        ctx.save_for_backward(W, x)
-        return W @ x
-
+class LinearTransposedWeightGradient(Linear):
     @staticmethod
     def backward(ctx, g):
         W, x = ctx.saved_tensors
         return torch.outer(x, g), W.T @ g  # the transpose of outer(g, x): same shape for square W
-
 
 class LogSumExp(torch.autograd.Function):
     @staticmethod

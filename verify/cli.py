@@ -98,22 +98,11 @@ def _check(arguments) -> int:
         try:
             result = verify.check(verify.load(path), max_examples=arguments.max_examples, seed=arguments.seed,
                                   dtype=dtype, order=arguments.order, modes=modes)
-        except verify.SpecError as error:
-            print(f"ERROR    {path}: spec error")
+        except verify.VerifyError as error:
+            verdict, why, exit_code = _verdict(error)
+            print(f"{verdict} {path}" + (f": {why}" if why else ""))
             reports.append(str(error))
-            worst = max(worst, EXIT_USAGE)
-        except verify.Mismatch as mismatch:
-            print(f"MISMATCH {path}")
-            reports.append(str(mismatch))
-            worst = max(worst, EXIT_MISMATCH)
-        except verify.Unsupported as unsupported:
-            print(f"UNSUPPORTED {path}: not every check asked for could run")
-            reports.append(str(unsupported))
-            worst = max(worst, EXIT_MISMATCH)
-        except verify.Unchecked as unchecked:
-            print(f"UNCHECKED {path}: no point could be checked")
-            reports.append(str(unchecked))
-            worst = max(worst, EXIT_MISMATCH)
+            worst = max(worst, exit_code)
         else:
             print(f"ok       {path}: {result.summary()}")
             for reason, count in sorted(result.rejected.items()):
@@ -124,6 +113,17 @@ def _check(arguments) -> int:
     passed = len(files) - len(reports)
     print(f"\n{passed} passed, {len(reports)} failed")
     return worst
+
+
+def _verdict(error) -> tuple:
+    """(verdict, why, exit code) for a spec that did not pass; the first matching class wins."""
+    import verify
+
+    verdicts = [(verify.SpecError, "ERROR   ", "spec error", EXIT_USAGE),
+                (verify.Mismatch, "MISMATCH", "", EXIT_MISMATCH),
+                (verify.Unsupported, "UNSUPPORTED", "not every check asked for could run", EXIT_MISMATCH),
+                (verify.Unchecked, "UNCHECKED", "no point could be checked", EXIT_MISMATCH)]
+    return next((verdict, why, code) for kind, verdict, why, code in verdicts if isinstance(error, kind))
 
 
 def _explain(arguments) -> int:

@@ -32,7 +32,7 @@ from .lower.sympy import (
     tangent_name,
 )
 from .ops import COMPARISONS, CONCRETE_ONLY, REGISTRY
-from .reference import ERROR_DTYPE, Context, Reference
+from .reference import ERROR_DTYPE, Context, Reference, per_point
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved, reproduction_snippet
 from .strategies import Example, examples
 from .subject import CodeFailure, FunctionSubject, ModeUnsupported, SpecSubject, function_name
@@ -297,6 +297,8 @@ class ReferenceSide:
     claimed: list  # per claim: (claimed form, sympy's derivative)
     jvp: tuple | None
     hvps: dict
+    inside: np.ndarray  # points where every op is inside its domain
+    outside: Counter  # the domains the other points are outside of -> number of points
     ambiguous: np.ndarray  # points where a comparison is too close to call in the dtype
     rescued: np.ndarray  # points where float64 overflowed on the way to a finite value
 
@@ -322,7 +324,9 @@ def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: 
         if name in prepared.steps:  # in graph order, so the operands' entries are ready
             error = np.maximum(error, prepared.steps[name](ctx)[1])
         values[name] = ctx.env[name] = value, error  # gradient formulas refer to node values
-    ctx.hopeless = ~_inside_domains(prepared, example, values, Counter())
+    outside = Counter()
+    inside = _inside_domains(prepared, example, values, outside)
+    ctx.hopeless = ~inside
     forward_amplification = _amplification(prepared, example, values, dtype, "forward_condition")
     values = {name: _amplified(pair, forward_amplification) for name, pair in values.items()}
     amplification = _amplification(prepared, example, values, dtype, "backward_condition")
@@ -335,7 +339,7 @@ def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: 
     jvp = _amplified(prepared.forward_mode()(ctx), amplification) if forward else None
     hvps = ({name: _amplified(_times(reference(ctx), seed), amplification)
              for name, reference in prepared.second_order().items()} if order == 2 else {})
-    return ReferenceSide(values, gradients, claimed, jvp, hvps, ctx.ambiguous, ctx.rescued)
+    return ReferenceSide(values, gradients, claimed, jvp, hvps, inside, outside, ctx.ambiguous, ctx.rescued)
 
 
 def _times(pair: tuple, seed) -> tuple:
@@ -393,11 +397,7 @@ def _amplified(pair: tuple, amplification: np.ndarray) -> tuple:
     value, error = pair
     with np.errstate(all="ignore"):
         largest = np.abs(value).reshape(len(value), -1).max(axis=1) if value.ndim > 1 else np.abs(value)
-        return value, error + _per_point(amplification * largest, value)
-
-
-def _per_point(per_point: np.ndarray, like: np.ndarray) -> np.ndarray:
-    return per_point.reshape((len(per_point),) + (1,) * (like.ndim - 1))
+        return value, error + per_point(amplification * largest, value)
 
 
 def evaluate(spec: Spec, subject, example: Example, options: Options, result: Result, rejected: Counter):
@@ -412,7 +412,8 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
     for claim, status in zip(prepared.claims, result.claims):
         status.proved = status.proved and claim.proved
     reference = reference_side(prepared, example, dtype, options.order, forward)
-    keep = _inside_domains(prepared, example, reference.values, rejected)
+    rejected.update(reference.outside)
+    keep = reference.inside
     newly = keep & reference.ambiguous
     if newly.any():
         rejected["a comparison, kink or tie is within rounding of its boundary"] += int(newly.sum())
@@ -432,8 +433,9 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
     gradient_shapes = {name: concrete_shape(ref.tensor.shape, example.sizes)
                        for name, ref in prepared.gradients.items()
                        if isinstance(subject, SpecSubject) or name in spec.inputs}
+    at = example.at(keep)
     try:
-        actual_values, actual_gradients, _ = subject.reverse(example.at(keep), value_shapes, gradient_shapes, dtype)
+        actual_values, actual_gradients, _ = subject.reverse(at, value_shapes, gradient_shapes, dtype)
         overflowed = _torch_overflowed(actual_values, actual_gradients) & reference.rescued[keep]
         if overflowed.any():
             # float64 itself overflowed on the way to these finite values, and so did torch.
@@ -441,14 +443,13 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
             keep[np.flatnonzero(keep)[overflowed]] = False
             if not keep.any():
                 return None
-            actual_values, actual_gradients, _ = subject.reverse(example.at(keep), value_shapes, gradient_shapes,
-                                                                 dtype)
+            at = example.at(keep)
+            actual_values, actual_gradients, _ = subject.reverse(at, value_shapes, gradient_shapes, dtype)
     except ModeUnsupported as unsupported:
         result.unsupported["dtype"] = str(unsupported)
         return None
     except CodeFailure as failed:
-        return _code_failure(failed, spec, subject, example, keep, options)
-    at = example.at(keep)
+        return _code_failure(failed, subject, at, options)
 
     def shown(point, tangents=False):
         inputs = {name: array[point] for name, array in at.inputs.items()}
@@ -491,33 +492,33 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
         except ModeUnsupported as unsupported:
             result.unsupported["fwd"] = str(unsupported)
         except CodeFailure as failed:
-            return _code_failure(failed, spec, subject, example, keep, options)
+            return _code_failure(failed, subject, at, options)
         else:
             failure = compared("JVP", f"the JVP of {output}", output, reference.jvp, actual,
                                _formula(f"JVP of {output}", prepared.forward_mode().tensor), tangents=True)
             if failure is not None:
                 return failure
     if options.order == 2:
-        failure = _second_order(prepared, subject, at, reference, options, result, compared, example, keep)
+        failure = _second_order(prepared, subject, at, reference, options, result, compared)
         if failure is not None:
             return failure
     result.points += int(keep.sum())
     return None
 
 
-def _second_order(prepared, subject, at, reference, options, result, compared, example, keep):
+def _second_order(prepared, subject, at, reference, options, result, compared):
     """Hessian-vector products by double backward and, where torch has it, forward over reverse."""
-    ways = [("rev", False)] if "rev" in options.modes else []
+    ways = [("rev-over-rev", False)] if "rev" in options.modes else []
     if "fwd" in options.modes and "fwd-over-rev" not in result.unavailable:
         ways.append(("fwd-over-rev", True))
     for way, over_forward in ways:
         try:
             products = subject.second(at, options.dtype, over_forward)
         except ModeUnsupported as unsupported:
-            result.unavailable["fwd-over-rev" if over_forward else "rev-over-rev"] = str(unsupported)
+            result.unavailable[way] = str(unsupported)
             continue
         except CodeFailure as failed:
-            return _code_failure(failed, prepared.spec, subject, example, keep, options)
+            return _code_failure(failed, subject, at, options)
         for name, actual in products.items():
             formula = _formula(f"HVP of {name}", prepared.second_order()[name].tensor)
             failure = compared("HVP", f"the Hessian-vector product of {name} ({way})", name, reference.hvps[name],
@@ -540,10 +541,9 @@ def _claim_failure(spec, claim, value, derivative, keep, shown, sizes):
                    reference_label="derivative", actual_label="claimed", claim=claim.text)
 
 
-def _code_failure(failed: CodeFailure, spec, subject, example: Example, keep, options: Options) -> Failure:
-    at = example.at(keep)
+def _code_failure(failed: CodeFailure, subject, at: Example, options: Options) -> Failure:
     inputs = {name: array[failed.point] for name, array in at.inputs.items()}
-    return Failure(failed.check, subject.name, "", inputs, example.sizes, None, None, None, error=failed.message,
+    return Failure(failed.check, subject.name, "", inputs, at.sizes, None, None, None, error=failed.message,
                    snippet=_snippet(subject, failed.check, at, failed.point, options))
 
 

@@ -192,7 +192,7 @@ class Reference:
             return
         if ctx.precise_deadline is None:
             ctx.precise_deadline = time.monotonic() + PRECISE_SECONDS
-        undefined = np.isnan(value) & _per_point(ctx.hopeless, value, invert=True)
+        undefined = np.isnan(value) & per_point(~ctx.hopeless, value)
         for position in np.argwhere(undefined)[:MAX_PRECISE_ELEMENTS]:
             if time.monotonic() > ctx.precise_deadline:
                 break
@@ -235,9 +235,9 @@ def _precise_value(formula, ctx: Context, point: int) -> float:
         return float(result)
 
 
-def _per_point(mask, like, invert=False):
-    """A per-point mask shaped to broadcast against ``like`` (batch, *dims)."""
-    return (~mask if invert else mask).reshape((len(mask),) + (1,) * (like.ndim - 1))
+def per_point(array, like):
+    """A per-point array (batch,) shaped to broadcast against ``like`` (batch, *dims)."""
+    return array.reshape((len(array),) + (1,) * (like.ndim - 1))
 
 
 def _size(dim, sizes) -> int:

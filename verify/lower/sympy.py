@@ -273,6 +273,11 @@ def _substitute(expr: sympy.Expr, name: str, definition: Tensor) -> sympy.Expr:
     return expr.replace(matches, element)
 
 
+def index_ranges(indices: tuple, shape: tuple) -> dict:
+    """Each free index -> its largest value (every index is at least 0)."""
+    return {index: size - 1 for index, size in zip(indices, shape)}
+
+
 def settle(expr: sympy.Expr, ranges: dict) -> sympy.Expr:
     """Carry out sums of Kronecker deltas and drop conditions that the index ranges decide.
 
@@ -415,7 +420,7 @@ def derive(spec: Spec, tracked: dict, differentiate, sizes: dict | None = None) 
         variable = variable_symbol(name, node.shape, node.domain.sympy_assumptions()
                                    if isinstance(node, Input) else {"real": True}, indices)
         shape = lowering.shape(node)
-        ranges = {index: size - 1 for index, size in zip(indices, shape)}
+        ranges = index_ranges(indices, shape)
         raw = sympy.diff(scalar, variable)
         gradient = settle(raw, ranges)
         if gradient != raw and not _same_at_a_sample(raw, gradient, spec, dict(zip(indices, shape))):
@@ -444,7 +449,7 @@ def directional_derivative(formula: Tensor, spec: Spec) -> Tensor:
         tangent = sympy.IndexedBase(tangent_name(name), real=True)
         moved = moved.replace(lambda e, name=name: isinstance(e, sympy.Indexed) and e.base.name == name,
                               lambda e, tangent=tangent: e + epsilon * tangent[e.indices])
-    ranges = {index: size - 1 for index, size in zip(formula.indices, formula.shape)}
+    ranges = index_ranges(formula.indices, formula.shape)
     derivative = sympy.diff(moved, epsilon).xreplace({epsilon: 0})
     return Tensor(settle(derivative, ranges), formula.indices, formula.shape)
 
@@ -456,7 +461,7 @@ def second_derivative(gradient: Tensor, spec: Spec, wrt: str, lowering: SympyLow
     variable = variable_symbol(wrt, node.shape, node.domain.sympy_assumptions(), extra)
     shape = gradient.shape + lowering.shape(node)
     indices = gradient.indices + extra
-    ranges = {index: size - 1 for index, size in zip(indices, shape)}
+    ranges = index_ranges(indices, shape)
     return Tensor(settle(sympy.diff(gradient.expr, variable), ranges), indices, shape)
 
 
@@ -475,7 +480,7 @@ def _scalar_output(lowering: SympyLowering, output_node: Node) -> sympy.Expr:
 
 def prove_equal(derivative: Tensor, claimed: sympy.Expr) -> bool:
     """True when sympy shows ``derivative == claimed`` for every size and index in range."""
-    ranges = {index: size - 1 for index, size in zip(derivative.indices, derivative.shape)}
+    ranges = index_ranges(derivative.indices, derivative.shape)
     difference = _canonical_indices(settle(derivative.expr - claimed, ranges))
     if sympy.count_ops(difference) > MAX_PROOF_OPS:
         return False  # simplify can take minutes on large formulas: such claims are checked numerically
