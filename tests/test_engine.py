@@ -143,3 +143,13 @@ def test_rounding_in_torchs_order_is_no_false_alarm(text):
     # sympy simplifies both outputs before any numbers are seen (to x, and to 0); torch
     # computes step by step, and the tolerance follows its steps.
     assert verify.check(text, seed=3, max_examples=200).points > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_derivative_in_another_form_than_sympys_is_no_false_alarm(dtype):
+    # At a constant A and constant tangent, sympy's JVP of var is a sum of products of two
+    # exact zeros; torch's sum(t * (A - mean(A))) keeps the rounding of mean(A).
+    constant = "[" + ", ".join(["[0.1, 0.1, 0.1]"] * 2) + "]"
+    result = verify.check(f"A: Real[n, m] = {constant}\no = sum(var(A, axis=0)) + var(A)", max_examples=5,
+                          seed=0, dtype=dtype)
+    assert result.points > 0

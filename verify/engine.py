@@ -70,13 +70,14 @@ class Plan:
     def forward_mode(self) -> Reference:
         if self.jvp is None:
             output = self.values[self.spec.output].tensor
-            self.jvp = Reference(directional_derivative(output, self.spec), frozenset(self.spec.size_symbols))
+            self.jvp = Reference(directional_derivative(output, self.spec), frozenset(self.spec.size_symbols),
+                                 a_priori=True)
         return self.jvp
 
     def second_order(self) -> dict:
         if self.hvps is None:
             self.hvps = {name: Reference(directional_derivative(self.gradients[name].tensor, self.spec),
-                                         frozenset(self.spec.size_symbols))
+                                         frozenset(self.spec.size_symbols), a_priori=True)
                          for name in self.spec.inputs if name in self.gradients}
         return self.hvps
 
@@ -133,7 +134,8 @@ def build_plan(spec: Spec, tracked: dict, differentiate, sizes: dict | None = No
     derivation = derive(spec, tracked, differentiate, sizes)
     size_names = frozenset(spec.size_symbols)
     values = {name: Reference(t, size_names) for name, t in derivation.values.items()}
-    gradients = {name: Reference(t, size_names) for name, t in derivation.gradients.items()}
+    # Torch's derivative formulas are equal to sympy's, not the same: their bounds get a floor.
+    gradients = {name: Reference(t, size_names, a_priori=True) for name, t in derivation.gradients.items()}
     steps = {name: Reference(t, size_names) for name, t in derivation.steps.items()}
     claims = []
     for claim in spec.claims:

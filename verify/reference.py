@@ -139,11 +139,16 @@ class Context:
 class Reference:
     """One compiled formula: ``reference(ctx)`` gives (value, error bound), shape (batch, *dims)."""
 
-    def __init__(self, tensor: Tensor, size_names: frozenset):
+    def __init__(self, tensor: Tensor, size_names: frozenset, a_priori: bool = False):
         self.tensor = tensor
         self.size_names = size_names
         self.axes = {index: axis + 1 for axis, index in enumerate(tensor.indices)}
-        self._compiled = _Compiler(size_names).compile(tensor.expr, self.axes, depth=len(tensor.indices))
+        depth = len(tensor.indices)
+        self._compiled = _Compiler(size_names).compile(tensor.expr, self.axes, depth)
+        self._magnitude = None
+        if a_priori:
+            magnitudes = _Compiler(size_names, track_errors=False, value_dtype=ERROR_DTYPE)
+            self._magnitude = magnitudes.compile(_magnitude(tensor.expr), self.axes, depth)
         self._wide = None  # the same formula computed in longdouble, compiled when first needed
         self._expanded = {}  # sizes -> the formula with its sums written out, for the mpmath fallback
 
@@ -156,6 +161,10 @@ class Reference:
         full = (ctx.batch, *shape)
         value = np.array(np.broadcast_to(value, full), dtype=np.float64)
         error = np.array(np.broadcast_to(error, full), dtype=ERROR_DTYPE)
+        if self._magnitude is not None:
+            with np.errstate(all="ignore"):
+                magnitude = np.broadcast_to(np.asarray(self._magnitude(ctx)[0], dtype=ERROR_DTYPE), full)
+            error = np.fmax(error, magnitude)  # NaN where the formula is undefined: rejected anyway
         if not np.isfinite(value).all():
             self._evaluate_wide(ctx, value)
         if not np.isfinite(value).all():
@@ -200,6 +209,25 @@ class Reference:
             formula = expanded.xreplace({i: sympy.Integer(v) for i, v in zip(self.tensor.indices, element)})
             value[(point, *element)] = _precise_value(formula, ctx, point)
             ctx.rescued[point] |= bool(np.isfinite(value[(point, *element)]))
+
+
+def _magnitude(expr):
+    """``expr`` with every sum and product taken over the magnitudes of its terms.
+
+    The running bound follows sympy's form of a derivative, and torch computes an equal form
+    in another order: var's JVP is sum(t * (A - mean(A))) in torch and
+    sum((A - mean(A)) * (t - mean(t))) in sympy. At a constant A and t both of sympy's factors
+    are exactly 0, so its bound is 0, while torch rounds mean(A) and keeps u * |t| * |A|.
+    Evaluated over magnitudes, the a priori bound of any order of the same terms, the
+    formula gives the floor of such a bound.
+    """
+    if expr.is_Add or expr.is_Mul:
+        return type(expr)(*(_magnitude(a) for a in expr.args))
+    if expr.is_Pow and expr.exp.is_Integer and expr.exp > 0:
+        return _magnitude(expr.base) ** expr.exp
+    if isinstance(expr, sympy.Sum):
+        return sympy.Sum(_magnitude(expr.function), *expr.limits)
+    return sympy.Abs(expr)
 
 
 def _expanded_terms(expr) -> int:
@@ -297,6 +325,11 @@ class _Compiler:
             if method is not None:
                 return method(expr, axes, depth)
         raise UnsupportedFormula(f"no numeric rule for {type(expr).__name__} in {expr}")
+
+    def _mark_ambiguous(self, ctx, close):
+        # Without tracked errors there is no rounding to judge closeness by.
+        if self.track_errors:
+            ctx.mark_ambiguous(close)
 
     def _args(self, expr, axes, depth):
         return [self.compile(a, axes, depth) for a in expr.args]
@@ -452,7 +485,7 @@ class _Compiler:
 
         def heaviside(ctx):
             value, error = argument(ctx)
-            ctx.mark_ambiguous(_too_close(ctx, value, 0.0, error))
+            self._mark_ambiguous(ctx, _too_close(ctx, value, 0.0, error))
             return np.heaviside(value, at_zero), 0.0
 
         return heaviside
@@ -462,7 +495,7 @@ class _Compiler:
 
         def tie(ctx):
             (value, error), (extremum, _) = value_fn(ctx), extremum_fn(ctx)
-            ctx.mark_ambiguous(_too_close(ctx, value, extremum, _wide(error)) & (value != extremum))
+            self._mark_ambiguous(ctx, _too_close(ctx, value, extremum, _wide(error)) & (value != extremum))
             return np.equal(value, extremum).astype(self.value_dtype), 0.0
 
         return tie
@@ -475,7 +508,7 @@ class _Compiler:
             values, errors = zip(*(a(ctx) for a in arguments))
             value = pick.reduce(np.broadcast_arrays(*values))
             for v, e in zip(values, errors):  # a near tie with another argument could flip in torch
-                ctx.mark_ambiguous(_too_close(ctx, v, value, e) & (v != value))
+                self._mark_ambiguous(ctx, _too_close(ctx, v, value, e) & (v != value))
             error = np.max(np.broadcast_arrays(*(_wide(e) for e in errors)), axis=0)
             return value, error
 
@@ -567,7 +600,7 @@ class _Compiler:
 
         def relation(ctx):
             (a, a_error), (b, b_error) = left(ctx), right(ctx)
-            ctx.mark_ambiguous(_too_close(ctx, a, b, _wide(a_error) + _wide(b_error)))
+            self._mark_ambiguous(ctx, _too_close(ctx, a, b, _wide(a_error) + _wide(b_error)))
             return compare(a, b), 0.0
 
         return relation
