@@ -4,6 +4,7 @@ import os
 import pytest
 from hypothesis import settings
 
+import verify.api  # noqa: F401 - before pytester's in-process runs, which forget the modules they import
 from benchmarks.corpus import ExpIgnoringGradOutput, TanhWithWrongBackward  # noqa: F401 - used by tests
 from verify.ops import REGISTRY
 

@@ -1,16 +1,20 @@
 """The command line as a user meets it: the installed `verify` in a subprocess."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "backprop.vspec"
 
 
-def run(*arguments, cwd=None):
-    return subprocess.run(["verify", *arguments], capture_output=True, text=True, cwd=cwd, timeout=300, check=False)
+def run(*arguments, cwd=None, env=None):
+    return subprocess.run(["verify", *arguments], capture_output=True, text=True, cwd=cwd, timeout=300, check=False,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def write(directory, name, text):
@@ -81,8 +85,9 @@ def test_a_directory_is_searched_for_specs_and_the_worst_verdict_wins(tmp_path):
 @pytest.mark.parametrize("arguments, message", [
     (["check", "does-not-exist.vspec"], "no such file or directory"),
     (["check", "--max-examples", "0", str(EXAMPLE)], "--max-examples must be at least 1"),
+    (["check", "--database", str(EXAMPLE), str(EXAMPLE)], "--database: not a directory"),
     (["check"], "the following arguments are required"),
-    (["check", "--dtype", "int8", str(EXAMPLE)], "invalid choice"),
+    (["check", "--dtype", "int8", str(EXAMPLE)], "--dtypes takes dtypes from float64, float32"),
 ])
 def test_usage_errors_exit_2_without_a_traceback(arguments, message):
     completed = run(*arguments)
@@ -120,3 +125,90 @@ def test_unknown_mode_is_a_usage_error(tmp_path):
     completed = run("check", str(EXAMPLE), "--modes", "sideways")
     assert completed.returncode == 2
     assert "--modes takes rev, fwd or rev,fwd" in completed.stderr
+
+
+GOOD = "x: Real[n]\ny = x**2\no = 1/2 * sum(y)\nassert grad(o, x) == x\n"
+FALSE = GOOD.replace("== x", "== 2 * x")
+
+
+def test_junit_xml_and_json_reports_of_a_good_and_a_false_spec(tmp_path):
+    good, bad = write(tmp_path, "good.vspec", GOOD), write(tmp_path, "bad.vspec", FALSE)
+    completed = run("check", "--junit-xml", str(tmp_path / "out.xml"), "--json", str(tmp_path / "out.json"),
+                    "--seed", "1", "--max-examples", "20", str(good), str(bad))
+    assert completed.returncode == 1
+
+    suites = ElementTree.parse(tmp_path / "out.xml").getroot()
+    assert (suites.tag, suites.get("tests"), suites.get("failures"), suites.get("errors")) == ("testsuites", "2", "1", "0")
+    cases = {case.get("name"): case for case in suites.iter("testcase")}
+    assert set(cases) == {f"{good}[float64]", f"{bad}[float64]"}
+    assert cases[f"{good}[float64]"].find("failure") is None
+    failure = cases[f"{bad}[float64]"].find("failure")
+    assert failure.get("type") == "Mismatch" and cases[f"{bad}[float64]"].get("line") == "4"
+    assert "claim check failed for grad(o, x)" in failure.text and "reproduce:" in failure.text
+
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["schema"] == "gradverify.check/1" and report["exit_code"] == 1
+    assert report["summary"] == {"runs": 2, "passed": 1, "failed": 1}
+    assert report["settings"]["seed"] == 1 and report["settings"]["dtypes"] == ["float64"]
+    runs = {entry["path"]: entry for entry in report["runs"]}
+    ok, mismatch = runs[str(good)], runs[str(bad)]
+    assert ok["verdict"] == "ok" and ok["points"] > 0 and ok["failure"] is None
+    assert ok["claims"] == [{"text": "grad(o, x) == x", "line": 4, "status": "proved for all n"}]
+    assert mismatch["verdict"] == "mismatch" and mismatch["line"] == 4 and mismatch["claims"][0]["status"] == "false"
+    assert mismatch["failure"]["check"] == "claim" and mismatch["failure"]["sizes"] == {"n": 1}
+    assert mismatch["failure"]["reference"] == [1.0] and mismatch["failure"]["actual"] == [2.0]
+    assert mismatch["reproduce"] == f"verify check {bad} --seed 1"
+
+
+def test_a_spec_error_is_a_junit_error_with_its_line(tmp_path):
+    broken = write(tmp_path, "broken.vspec", "x: Real[n]\no = sum(q)\n")
+    completed = run("check", "--junit-xml", str(tmp_path / "out.xml"), "--json", str(tmp_path / "out.json"),
+                    str(broken))
+    assert completed.returncode == 2
+    (case,) = ElementTree.parse(tmp_path / "out.xml").getroot().iter("testcase")
+    assert case.find("error").get("type") == "SpecError" and case.get("line") == "2"
+    (entry,) = json.loads((tmp_path / "out.json").read_text())["runs"]
+    assert (entry["verdict"], entry["line"], entry["column"]) == ("spec_error", 2, 9)
+
+
+def test_github_actions_annotations_point_at_the_failing_line(tmp_path):
+    bad = write(tmp_path, "bad.vspec", FALSE)
+    completed = run("check", "--seed", "1", "--max-examples", "20", str(bad), env={"GITHUB_ACTIONS": "true"})
+    (annotation,) = [line for line in completed.stdout.splitlines() if line.startswith("::error ")]
+    assert annotation.startswith(f"::error file={bad},line=4,title=verify%3A mismatch (float64)::")
+    assert "%0A  claim:      grad(o, x) == 2 * x%0A" in annotation
+    assert "::error" not in run("check", "--seed", "1", "--max-examples", "20", str(bad),
+                                env={"GITHUB_ACTIONS": "false"}).stdout
+
+
+def test_output_to_a_pipe_is_plain_lines_one_per_spec_and_dtype(tmp_path):
+    for name in ("a", "b"):
+        write(tmp_path, f"{name}.vspec", GOOD)
+    completed = run("check", "--dtype", "float64,float32", "--max-examples", "5", str(tmp_path))
+    assert completed.returncode == 0
+    assert "\r" not in completed.stdout + completed.stderr and "\x1b" not in completed.stdout + completed.stderr
+    verdicts = [line for line in completed.stdout.splitlines() if line.startswith("ok ")]
+    assert [line.split(":")[0].split()[-1] for line in verdicts] == ["(float64)", "(float32)"] * 2
+    assert "4 passed, 0 failed" in completed.stdout
+
+
+def test_a_failure_is_kept_and_replayed_first_by_the_next_run(tmp_path):
+    bad = write(tmp_path, "bad.vspec", FALSE)
+    first = run("check", "--seed", "1", str(bad), cwd=tmp_path)
+    assert first.returncode == 1 and "replaying" not in first.stdout
+    assert any((tmp_path / ".verify" / "examples").iterdir())  # the default database
+    second = run("check", "--seed", "2", str(bad), cwd=tmp_path)
+    assert second.returncode == 1
+    assert "found first by replaying an example kept in .verify/examples" in second.stdout
+    unkept = run("check", "--seed", "2", "--database", "none", str(bad), cwd=tmp_path)
+    assert "replaying" not in unkept.stdout
+
+
+def test_derandomize_draws_the_same_inputs_every_run(tmp_path):
+    spec = write(tmp_path, "good.vspec", GOOD)
+    seeds = set()
+    for k in range(2):
+        assert run("check", "--derandomize", "--max-examples", "5", "--json", str(tmp_path / "out.json"),
+                   str(spec)).returncode == 0
+        seeds.add(json.loads((tmp_path / "out.json").read_text())["runs"][0]["seed"])
+    assert len(seeds) == 1

@@ -1,5 +1,7 @@
 """The pytest plugin, run by the real pytest through pytester."""
 
+import pytest
+
 GOOD = "x: Real[n]\ny = x**2\no = 1/2 * sum(y)\nassert grad(o, x) == x\n"
 FALSE = "x: Real[n]\ny = x**2\no = 1/2 * sum(y)\nassert grad(o, x) == 2 * x\n"
 
@@ -28,3 +30,34 @@ def test_a_malformed_spec_fails_with_its_spec_error(pytester):
     result = pytester.runpytest()
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*syntax error*"])
+
+
+def test_the_clis_options_as_pytest_options_and_ini_values(pytester):
+    pytester.makefile(".vspec", test_good=GOOD)
+    pytester.makeini("[pytest]\nverify_dtypes = float32\nverify_modes = rev\nverify_order = 2\n")
+    result = pytester.runpytest("-v", "--verify-max-examples", "5", "--verify-dtypes", "float64,bfloat16")
+    result.assert_outcomes(passed=2)  # the command line wins over the ini file
+    result.stdout.fnmatch_lines(["*test_good.vspec::float64 PASSED*", "*test_good.vspec::bfloat16 PASSED*"])
+
+
+def test_a_bad_option_value_is_a_usage_error_naming_the_option(pytester):
+    pytester.makefile(".vspec", test_good=GOOD)
+    result = pytester.runpytest("--verify-order", "3")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*verify_order takes 1 or 2*"])
+
+
+def test_a_failure_is_replayed_first_by_the_next_session(pytester):
+    pytester.makefile(".vspec", test_false=FALSE)
+    pytester.runpytest("--verify-seed", "1").assert_outcomes(failed=1)
+    assert any((pytester.path / ".verify" / "examples").iterdir())
+    result = pytester.runpytest("--verify-seed", "2")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*found first by replaying an example kept in*"])
+
+
+def test_spec_files_run_across_processes_with_xdist(pytester):
+    pytester.makefile(".vspec", **{f"test_spec{k}": GOOD for k in range(4)}, test_false=FALSE)
+    result = pytester.runpytest_subprocess("-n", "2", "--verify-max-examples", "10", "--verify-seed", "1")
+    result.assert_outcomes(passed=4, failed=1)
+    result.stdout.fnmatch_lines(["*2 workers*", "*test_false.vspec:4: claim check failed*"])

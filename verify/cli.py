@@ -6,16 +6,25 @@ Exit codes are named below; a user error never prints a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
+from enum import IntEnum
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_MISMATCH = 1
-EXIT_USAGE = 2  # a malformed spec, a missing file, a bad option
-EXIT_INTERNAL = 3  # a bug of verify itself
+from .outcomes import SCHEMA, VERDICTS, github_annotations, json_report, junit_xml, outcome_of
+from .settings import DTYPES, add_arguments, from_arguments
 
-DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+class ExitCode(IntEnum):
+    OK = 0  # every spec agrees in every dtype
+    MISMATCH = 1  # a mismatch, a false claim, or a spec that could not be checked
+    USAGE = 2  # a malformed spec, a missing file, a bad option
+    INTERNAL = 3  # a bug of verify itself
+
+
+EXIT_CODES = {"ok": ExitCode.OK, "mismatch": ExitCode.MISMATCH, "unsupported": ExitCode.MISMATCH,
+              "unchecked": ExitCode.MISMATCH, "spec_error": ExitCode.USAGE}
 
 
 class UsageError(Exception):
@@ -27,14 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="check spec files or directories of *.vspec files")
     check.add_argument("paths", nargs="+", metavar="PATH")
-    check.add_argument("--max-examples", type=int, default=100, metavar="N",
-                       help="Hypothesis examples per spec (each a batch of points; default 100)")
-    check.add_argument("--seed", type=int, default=None, help="seed for a reproducible run")
-    check.add_argument("--dtype", choices=DTYPES, default="float64", help="dtype torch computes in")
-    check.add_argument("--order", type=int, choices=(1, 2), default=1,
-                       help="2 also checks Hessian-vector products (double backward, forward over reverse)")
-    check.add_argument("--modes", default="rev,fwd", metavar="MODES",
-                       help="comma-separated: rev (VJPs), fwd (JVPs); default rev,fwd")
+    add_arguments(check)
+    check.add_argument("--json", metavar="FILE", help=f"write the verdicts as JSON (schema {SCHEMA})")
+    check.add_argument("--junit-xml", metavar="FILE", help="write a JUnit XML report, one test case per spec and dtype")
     explain = commands.add_parser("explain", help="walk through a spec's example point node by node")
     explain.add_argument("path", metavar="FILE")
     explain.add_argument("--dtype", choices=DTYPES, default="float64")
@@ -49,15 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         return _explain(arguments)
     except UsageError as error:
         print(f"verify: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         print("verify: interrupted", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except Exception:  # noqa: BLE001 - a bug of ours: say so, and keep the traceback for the report
         print("verify: internal error. This is a bug in verify; please report it with the spec and this "
               "traceback:", file=sys.stderr)
         traceback.print_exc()
-        return EXIT_INTERNAL
+        return ExitCode.INTERNAL
 
 
 def spec_files(paths: list[str]) -> list[Path]:
@@ -84,46 +88,76 @@ def _dtype(name: str):
 
 
 def _check(arguments) -> int:
-    import verify
 
-    if arguments.max_examples < 1:
-        raise UsageError("--max-examples must be at least 1")
-    modes = tuple(m.strip() for m in arguments.modes.split(",") if m.strip())
-    if not modes or any(m not in ("rev", "fwd") for m in modes):
-        raise UsageError(f"--modes takes rev, fwd or rev,fwd; got {arguments.modes!r}")
+    settings = from_arguments(arguments)
+    if settings.database is not None and Path(settings.database).exists() and not Path(settings.database).is_dir():
+        raise UsageError(f"--database: not a directory: {settings.database}")
     files = spec_files(arguments.paths)
-    dtype = _dtype(arguments.dtype)
-    reports, worst = [], EXIT_OK
-    for path in files:
-        try:
-            result = verify.check(verify.load(path), max_examples=arguments.max_examples, seed=arguments.seed,
-                                  dtype=dtype, order=arguments.order, modes=modes)
-        except verify.VerifyError as error:
-            verdict, why, exit_code = _verdict(error)
-            print(f"{verdict} {path}" + (f": {why}" if why else ""))
-            reports.append(str(error))
-            worst = max(worst, exit_code)
-        else:
-            print(f"ok       {path}: {result.summary()}")
-            for reason, count in sorted(result.rejected.items()):
-                print(f"         rejected {count} point(s): {reason}")
-    for report in reports:
-        print()
-        print(report)
-    passed = len(files) - len(reports)
-    print(f"\n{passed} passed, {len(reports)} failed")
-    return worst
+    runs = [(path, dtype) for path in files for dtype in settings.dtypes]
+    progress = Progress(sys.stderr, len(runs))
+    outcomes = []
+    for path, dtype in runs:
+        progress.show(f"{path} ({dtype})")
+        outcome = outcome_of(path, dtype, settings.check_arguments(dtype))
+        progress.clear()
+        _print_verdict(outcome, len(settings.dtypes) > 1)
+        outcomes.append(outcome)
+    for outcome in outcomes:
+        if not outcome.passed:
+            print()
+            print(outcome.error)
+    passed = sum(o.passed for o in outcomes)
+    print(f"\n{passed} passed, {len(outcomes) - passed} failed")
+    exit_code = max((EXIT_CODES[o.verdict] for o in outcomes), default=ExitCode.OK)
+    _write(arguments.json, lambda: json_report(outcomes, settings, exit_code))
+    _write(arguments.junit_xml, lambda: junit_xml(outcomes))
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        for line in github_annotations(outcomes):
+            print(line)
+    return exit_code
 
 
-def _verdict(error) -> tuple:
-    """(verdict, why, exit code) for a spec that did not pass; the first matching class wins."""
-    import verify
+def _print_verdict(outcome, name_dtype: bool) -> None:
+    where = f"{outcome.path} ({outcome.dtype})" if name_dtype else outcome.path
+    if outcome.passed:
+        print(f"{VERDICTS['ok']} {where}: {outcome.result.summary()}", flush=True)
+        for reason, count in sorted(outcome.result.rejected.items()):
+            print(f"         rejected {count} point(s): {reason}")
+        return
+    why = {"spec_error": "spec error", "unsupported": "not every check asked for could run",
+           "unchecked": "no point could be checked"}.get(outcome.verdict)
+    print(f"{VERDICTS[outcome.verdict]} {where}" + (f": {why}" if why else ""), flush=True)
 
-    verdicts = [(verify.SpecError, "ERROR   ", "spec error", EXIT_USAGE),
-                (verify.Mismatch, "MISMATCH", "", EXIT_MISMATCH),
-                (verify.Unsupported, "UNSUPPORTED", "not every check asked for could run", EXIT_MISMATCH),
-                (verify.Unchecked, "UNCHECKED", "no point could be checked", EXIT_MISMATCH)]
-    return next((verdict, why, code) for kind, verdict, why, code in verdicts if isinstance(error, kind))
+
+def _write(path: str | None, render) -> None:
+    if path is None:
+        return
+    try:
+        Path(path).write_text(render(), encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}") from None
+
+
+class Progress:
+    """A status line for long runs, on a terminal only: elsewhere (CI logs) the verdict lines
+    are the progress, and no control characters are written."""
+
+    def __init__(self, stream, total: int):
+        self.stream = stream
+        self.total = total
+        self.done = 0
+        self.live = total > 1 and stream.isatty()
+
+    def show(self, what: str) -> None:
+        self.done += 1
+        if self.live:
+            self.stream.write(f"\r\x1b[K[{self.done}/{self.total}] checking {what}")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.live:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
 
 def _explain(arguments) -> int:
@@ -134,8 +168,8 @@ def _explain(arguments) -> int:
         print(explain(verify.load(arguments.path), _dtype(arguments.dtype)))
     except verify.SpecError as error:
         print(error)
-        return EXIT_USAGE
-    return EXIT_OK
+        return ExitCode.USAGE
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -9,14 +9,17 @@ dtype, compares values, gradients and claims, and turns the shrunk counterexampl
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from hypothesis import HealthCheck, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 from .errors import Mismatch, Unchecked, Unsupported
 from .ir import Apply, Constant, Ref, SizeRef, Spec, concrete_shape, graph_nodes
@@ -34,6 +37,7 @@ from .lower.sympy import (
 from .ops import COMPARISONS, CONCRETE_ONLY, REGISTRY
 from .reference import ERROR_DTYPE, Context, Reference, per_point
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved, reproduction_snippet
+from .settings import stable_seed
 from .strategies import Example, examples
 from .subject import CodeFailure, FunctionSubject, ModeUnsupported, SpecSubject, function_name
 from .tolerance import UNIT_ROUNDOFF, allowed_error, representable_limit, underflow_limit
@@ -191,14 +195,22 @@ class _Counterexample(Exception):
 
 
 def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None, dtype: torch.dtype = torch.float64,
-        order: int = 1, modes=MODES, device: str = "cpu") -> Result:
+        order: int = 1, modes=MODES, device: str = "cpu", database: str | Path | None = None,
+        derandomize: bool = False) -> Result:
     """Check ``spec``'s torch lowering, or ``fn``, on Hypothesis-drawn batches of points and
-    on the spec's example point."""
+    on the spec's example point.
+
+    With ``database`` (a directory), failing examples are kept there and replayed first by
+    the next run of the same spec, function and dtype. ``derandomize`` derives the seed from
+    the spec text when none is given.
+    """
     __tracebackhide__ = True
     options = _validated(dtype, order, modes, device)
-    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    if seed is None:
+        seed = stable_seed(spec.source, options.dtype_name) if derandomize else random.SystemRandom().randrange(2**31)
     name = spec.path or "<spec>"
-    result = Result(name, options.dtype_name, seed, modes=options.modes, order=options.order,
+    reproduce = _reproduce_line(spec, fn, seed, options)
+    result = Result(name, options.dtype_name, seed, modes=options.modes, order=options.order, reproduce=reproduce,
                     claims=[ClaimResult(_claim_text(c), c.loc.line, True) for c in spec.claims])
     rejected = Counter()
     if not needs_concrete_sizes(spec):
@@ -206,20 +218,29 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     subject = None if fn is None else FunctionSubject(spec, fn, options.device)
     tangents = "fwd" in options.modes or options.order == 2
 
-    @settings(max_examples=max_examples, database=None, deadline=None, report_multiple_bugs=False,
-              verbosity=Verbosity.quiet, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @hypothesis_seed(seed)
-    @given(examples(spec, options.dtype, tangents=tangents))
+    kept = None if database is None else DirectoryBasedExampleDatabase(str(database))
+    key = _database_key(spec, fn, options)
+    replayable = 0 if kept is None else len(list(kept.fetch(key)))
+    calls, first_failing_call = 0, None
+
     def agrees(example):
+        nonlocal calls, first_failing_call
+        calls += 1
         if "dtype" in result.unsupported:
             return
         failure = evaluate(spec, subject, example, options, result, rejected)
         if failure is not None:
+            first_failing_call = first_failing_call or calls
             raise _Counterexample(failure)
 
-    reproduce = _reproduce_line(spec, fn, seed, options)
+    test = given(examples(spec, options.dtype, tangents=tangents))(agrees)
+    # Hypothesis keys kept examples by the test function's source, the same for every spec.
+    test._hypothesis_internal_database_key = key
+    test = settings(max_examples=max_examples, database=kept, deadline=None, report_multiple_bugs=False,
+                    verbosity=Verbosity.quiet,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(hypothesis_seed(seed)(test))
     try:
-        agrees()
+        test()
         point = example_point(spec, options.dtype, tangents)
         if point is not None and "dtype" not in result.unsupported:
             failure = evaluate(spec, subject, point, options, result, rejected)
@@ -230,7 +251,10 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         for claim in result.claims:
             if found.failure.claim == claim.text:
                 claim.status = REFUTED
-        raise Mismatch(found.failure.render(name, reproduce), found.failure) from None
+        if first_failing_call is not None and first_failing_call <= replayable:
+            found.failure.notes.append(f"found first by replaying an example kept in {database}")
+        result.rejected = dict(rejected)
+        raise Mismatch(found.failure.render(name, reproduce), found.failure, result) from None
     result.rejected = dict(rejected)
     if result.unsupported:
         reasons = "; ".join(f"{mode}: {reason}" for mode, reason in result.unsupported.items())
@@ -244,6 +268,12 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         claim.status = (proved(symbols) + (" at every size checked" if symbols != spec.size_symbols else "")
                         if claim.proved else CHECKED)
     return result
+
+
+def _database_key(spec: Spec, fn, options: Options) -> bytes:
+    """What a kept example belongs to: the spec text, the function checked and the dtype."""
+    subject = "" if fn is None else function_name(fn)
+    return hashlib.sha256(f"{spec.source}\0{subject}\0{options.dtype_name}".encode()).digest()
 
 
 def _reproduce_line(spec: Spec, fn, seed: int, options: Options) -> str:

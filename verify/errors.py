@@ -44,11 +44,13 @@ class SpecError(VerifyError, ValueError):
 class Mismatch(VerifyError, AssertionError):
     """Torch and the sympy reference disagree, or a claim is false.
 
-    ``failure`` holds the structured counterexample (see ``verify.report.Failure``).
+    ``failure`` holds the structured counterexample (see ``verify.report.Failure``), and
+    ``result`` what was checked before it was found.
     """
 
-    def __init__(self, report: str, failure=None):
+    def __init__(self, report: str, failure=None, result=None):
         self.failure = failure
+        self.result = result
         super().__init__(report)
 
 

@@ -1,23 +1,30 @@
 """The pytest front: spec files are tests.
 
 pytest collects ``test_*.vspec`` files (every ``*.vspec`` with ``verify_all_specs = true``) and
-checks each one, once per dtype in ``verify_dtypes``. A failure shows verify's own report.
-The plugin is registered through the ``pytest11`` entry point and imports verify (and torch)
-only when a spec file is collected.
+checks each one, once per dtype in ``verify_dtypes``. The other options are those of the
+CLI (``verify.settings``), as ``--verify-NAME`` or ``verify_NAME`` in the ini file. A failure
+shows verify's own report. The plugin is registered through the ``pytest11`` entry point and
+imports verify (and torch) only when a spec file is collected.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+
+from verify import settings
+
+SETTINGS = pytest.StashKey[settings.RunSettings]()
 
 
 def pytest_addoption(parser):
     parser.addini("verify_all_specs", "collect every *.vspec file, not only test_*.vspec", type="bool", default=False)
-    parser.addini("verify_dtypes", "dtypes each spec is checked in (float64, float32, bfloat16, float16)",
-                  type="linelist", default=["float64"])
-    parser.addini("verify_max_examples", "Hypothesis examples per spec and dtype", default="100")
-    group = parser.getgroup("verify")
-    group.addoption("--verify-seed", type=int, default=None, help="seed for reproducible spec checks")
+    settings.add_pytest_options(parser)
+
+
+def pytest_configure(config):
+    config.stash[SETTINGS] = _settings(config)  # a bad value stops the session before collection
 
 
 def pytest_collect_file(file_path, parent):
@@ -28,9 +35,19 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
+def _settings(config) -> settings.RunSettings:
+    try:
+        chosen = settings.from_pytest(config)
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+    if chosen.database is None:
+        return chosen
+    return dataclasses.replace(chosen, database=str(config.rootpath / chosen.database))  # rootpath if relative
+
+
 class SpecFile(pytest.File):
     def collect(self):
-        for dtype in self.config.getini("verify_dtypes"):
+        for dtype in self.config.stash[SETTINGS].dtypes:
             yield SpecItem.from_parent(self, name=dtype, dtype=dtype)
 
 
@@ -40,15 +57,9 @@ class SpecItem(pytest.Item):
         self.dtype = dtype
 
     def runtest(self):
-        import torch
-
         import verify
 
-        if self.dtype not in ("float64", "float32", "bfloat16", "float16"):
-            raise pytest.UsageError(f"verify_dtypes: unknown dtype {self.dtype!r}")
-        verify.check(verify.load(self.path), dtype=getattr(torch, self.dtype),
-                     max_examples=int(self.config.getini("verify_max_examples")),
-                     seed=self.config.getoption("verify_seed"))
+        verify.check(verify.load(self.path), **self.config.stash[SETTINGS].check_arguments(self.dtype))
 
     def repr_failure(self, excinfo):
         from verify import VerifyError

@@ -45,6 +45,7 @@ class Result:
     order: int = 1
     unsupported: dict = field(default_factory=dict)  # mode or "dtype" -> why it could not be checked
     unavailable: dict = field(default_factory=dict)  # optional ways (fwd-over-rev) torch lacks here
+    reproduce: str = ""  # a line that runs the same check again
 
     @property
     def checks(self) -> str:

@@ -113,22 +113,30 @@ def _meets_requirements(spec: Spec, sizes: dict) -> bool:
     return all(r.xreplace(values) >= 1 for r in spec.size_requirements if r.free_symbols)
 
 
-@st.composite
-def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = False) -> Example:
-    """Sizes for the size symbols not fixed by ``sizes``, then a batch of points, a random
-    cotangent for the output and (``tangents``) a random tangent for each input."""
+def _draw_sizes(draw, spec: Spec, sizes) -> dict:
     chosen = dict(sizes or {})
     for name, (smallest, largest) in size_bounds(spec).items():
         if name not in chosen:
             chosen[name] = draw(st.integers(smallest, largest), label=f"size {name}")
     assume(_meets_requirements(spec, chosen))
+    return chosen
+
+
+def _draw_input(draw, spec: Spec, name: str, dtype: torch.dtype, sizes: dict, batch: int) -> np.ndarray:
+    declared = spec.inputs[name]
+    shape = (batch, *concrete_shape(declared.shape, sizes))
+    # Per input and example, so that a whole tensor of ordinary values stays common.
+    wide = draw(st.booleans(), label=f"{name} at any magnitude")
+    return draw(hnp.arrays(np.float64, shape, elements=values(declared.domain, dtype, wide)), label=name)
+
+
+@st.composite
+def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = False) -> Example:
+    """Sizes for the size symbols not fixed by ``sizes``, then a batch of points, a random
+    cotangent for the output and (``tangents``) a random tangent for each input."""
+    chosen = _draw_sizes(draw, spec, sizes)
     batch = draw(st.integers(1, MAX_BATCH), label="points")
-    inputs = {}
-    for name, declared in spec.inputs.items():
-        shape = (batch, *concrete_shape(declared.shape, chosen))
-        # Per input and example, so that a whole tensor of ordinary values stays common.
-        wide = draw(st.booleans(), label=f"{name} at any magnitude")
-        inputs[name] = draw(hnp.arrays(np.float64, shape, elements=values(declared.domain, dtype, wide)), label=name)
+    inputs = {name: _draw_input(draw, spec, name, dtype, chosen, batch) for name in spec.inputs}
     shape = (batch, *concrete_shape(spec.nodes[spec.output].shape, chosen))
     cotangent = draw(hnp.arrays(np.float64, shape, elements=DIRECTIONS), label="cotangent")
     drawn = None
@@ -136,3 +144,25 @@ def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = 
         drawn = {name: draw(hnp.arrays(np.float64, array.shape, elements=DIRECTIONS), label=f"tangent of {name}")
                  for name, array in inputs.items()}
     return Example(chosen, inputs, cotangent, drawn)
+
+
+@st.composite
+def inputs(draw, spec: str | Spec, dtype: torch.dtype = torch.float64, sizes: dict | None = None) -> dict:
+    """Input tensors for ``spec``, for your own ``@given`` tests: a dict from input name (in
+    declaration order) to a tensor of ``dtype``, with sizes drawn for the size symbols not
+    fixed by ``sizes`` and values inside each input's domain, as ``verify.check`` draws them.
+
+    >>> from hypothesis import given
+    >>> @given(inputs("x: Positive[n]\\no = sum(log(x))", dtype=torch.float32))
+    ... def test_log_is_finite(point):
+    ...     assert torch.log(point["x"]).isfinite().all()
+    >>> test_log_is_finite()
+    """
+    from .spec import parse
+
+    parsed = parse(spec) if isinstance(spec, str) else spec
+    if dtype not in FLOAT_WIDTH:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, FLOAT_WIDTH))}; got {dtype}")
+    chosen = _draw_sizes(draw, parsed, sizes)
+    return {name: torch.tensor(_draw_input(draw, parsed, name, dtype, chosen, batch=1)[0], dtype=dtype)
+            for name in parsed.inputs}
