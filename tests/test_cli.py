@@ -1,5 +1,6 @@
 """The command line as a user meets it: the installed `verify` in a subprocess."""
 
+import io
 import json
 import os
 import subprocess
@@ -8,6 +9,8 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+
+from verify.cli import Progress
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "backprop.vspec"
 
@@ -212,3 +215,18 @@ def test_derandomize_draws_the_same_inputs_every_run(tmp_path):
                    str(spec)).returncode == 0
         seeds.add(json.loads((tmp_path / "out.json").read_text())["runs"][0]["seed"])
     assert len(seeds) == 1
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_status_line_is_drawn_on_a_terminal_only():
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        progress = Progress(stream, total=2)
+        progress.show("a.vspec (float64)")
+        progress.clear()
+    assert "[1/2] checking a.vspec (float64)" in terminal.getvalue() and "\r\x1b[K" in terminal.getvalue()
+    assert log.getvalue() == ""
