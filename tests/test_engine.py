@@ -153,3 +153,35 @@ def test_derivative_in_another_form_than_sympys_is_no_false_alarm(dtype):
     result = verify.check(f"A: Real[n, m] = {constant}\no = sum(var(A, axis=0)) + var(A)", max_examples=5,
                           seed=0, dtype=dtype)
     assert result.points > 0
+
+
+def test_sizes_fix_a_size_symbol_and_a_bug_is_found_at_that_size():
+    spec = "x: Real[n]\no = 1/2 * sum(sin(x)**2 * exp(x))"
+    result = verify.check(spec, sizes={"n": 1000}, seed=0, max_examples=10)
+    assert result.points > 0
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(lambda x: 0.5 * (torch.sin(x) ** 2 * torch.exp(x)).sum() * (1 + 1e-3 * (x.numel() > 500)),
+                              spec, sizes={"n": 1000}, seed=0, max_examples=10)
+    assert caught.value.failure.sizes == {"n": 1000}
+    assert "sizes={'n': 1000}" in str(caught.value)
+
+
+def test_a_concrete_dim_of_a_million_elements_is_drawn_by_numpy_not_element_by_element():
+    result = verify.check("x: Positive[1000000]\no = sum(log(x))", seed=0, max_examples=2, modes=("rev",))
+    assert result.points > 0
+
+
+@pytest.mark.parametrize("sizes, message", [({"m": 3}, "'m' is not a size symbol"), ({"n": 0}, "positive int")])
+def test_bad_sizes_are_refused(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        verify.check("x: Real[n]\no = sum(x)", sizes=sizes)
+
+
+def test_a_proof_past_its_time_budget_leaves_the_claim_checked_numerically(monkeypatch):
+    import verify.lower.sympy as lowering
+
+    spec = "x: Real[n]\no = sum(sin(x)**2) / 2\nassert grad(o, x) == sin(2 * x) / 2\n"
+    assert verify.check(spec, seed=0, max_examples=5).claims[0].status == "proved for all n"
+    monkeypatch.setattr(lowering, "PROOF_SECONDS", 1e-6)
+    result = verify.check(spec + "# the same claim, planned again\n", seed=0, max_examples=5)
+    assert result.claims[0].status == CHECKED

@@ -42,3 +42,10 @@ def test_strategies_inputs_draws_tensors_inside_the_domains_with_consistent_size
 @given(inputs("x: Real[n]\no = sum(x)", sizes={"n": 5}, dtype=torch.bfloat16))
 def test_strategies_inputs_honours_fixed_sizes(point):
     assert point["x"].shape == (5,) and point["x"].dtype == torch.bfloat16
+
+
+@settings(max_examples=10)
+@given(inputs("x: Positive[n]\nW: Interval(-1, 1)[n, n]\no = sum(W @ log(x))", sizes={"n": 300}))
+def test_large_inputs_are_materialized_inside_their_domains(point):
+    assert point["x"].shape == (300,) and (point["x"] > 0).all() and torch.isfinite(point["x"]).all()
+    assert point["W"].shape == (300, 300) and (point["W"].abs() <= 1).all()

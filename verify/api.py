@@ -27,7 +27,7 @@ def load(path: str | Path) -> Spec:
 
 def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
           dtype: torch.dtype = torch.float64, order: int = 1, modes=("rev", "fwd"), device: str = "cpu",
-          database: str | Path | None = None, derandomize: bool = False) -> Result:
+          database: str | Path | None = None, derandomize: bool = False, sizes: dict | None = None) -> Result:
     """Check that torch's autograd agrees with sympy on ``spec``, over Hypothesis-drawn points.
 
     ``spec`` is spec text or a parsed ``Spec``. Compared at every point: the value of every
@@ -40,7 +40,8 @@ def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
 
     ``database`` is a directory where failing examples are kept and replayed first by the
     next call (none by default: a library call writes no files unless asked). ``derandomize``
-    derives the seed from the spec text, so that every run draws the same inputs.
+    derives the seed from the spec text, so that every run draws the same inputs. ``sizes``
+    fixes size symbols, e.g. ``{"n": 1000}``; the others are drawn (1 to 8).
 
     Returns a ``Result`` (``.points``, ``.rejected``, ``.claims``). Raises ``Mismatch`` (an
     ``AssertionError``) with the shrunk counterexample, ``Unsupported`` when a mode or the
@@ -53,12 +54,13 @@ def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
     __tracebackhide__ = True
     parsed = parse(spec) if isinstance(spec, str) else spec
     return engine.run(parsed, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
-                      device=device, database=database, derandomize=derandomize)
+                      device=device, database=database, derandomize=derandomize, sizes=sizes)
 
 
 def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, order: int = 1,
                    modes=("rev", "fwd"), max_examples: int = 100, seed: int | None = None,
-                   device: str = "cpu", database: str | Path | None = None, derandomize: bool = False) -> Result:
+                   device: str = "cpu", database: str | Path | None = None, derandomize: bool = False,
+                   sizes: dict | None = None) -> Result:
     """Check ``fn`` (a custom ``autograd.Function``'s ``apply``, a fused op, a module) against
     the math of ``spec``.
 
@@ -69,7 +71,7 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
     the wrong shape, or NaN where the math is finite is a ``Mismatch`` at the input that
     triggers it. A Function without forward-mode support raises ``Unsupported``, after
     everything else was checked; pass ``modes=("rev",)`` to check reverse mode only.
-    ``database`` and ``derandomize`` are as for ``check``.
+    ``database``, ``derandomize`` and ``sizes`` are as for ``check``.
 
     >>> import torch
     >>> check_function(torch.tanh, "x: Real[n]\\ny = tanh(x)", seed=0).points > 0
@@ -78,4 +80,4 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
     __tracebackhide__ = True
     parsed = parse(spec) if isinstance(spec, str) else spec
     return engine.run(parsed, fn=fn, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
-                      device=device, database=database, derandomize=derandomize)
+                      device=device, database=database, derandomize=derandomize, sizes=sizes)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,10 @@ class Plan:
         return self.hvps
 
 
-_PLANS: dict = {}
+# Plans by spec, the least recently used dropped first: a run over thousands of spec files
+# keeps only the recent ones.
+_PLANS: OrderedDict = OrderedDict()
+PLAN_CACHE_SIZE = 64
 
 
 def plan(spec: Spec, sizes: dict | None = None) -> Plan:
@@ -102,6 +106,9 @@ def plan(spec: Spec, sizes: dict | None = None) -> Plan:
         tracked = labelled_nodes(spec)
         differentiate = [*spec.inputs.values(), *spec.nodes.values()]
         _PLANS[key] = build_plan(spec, tracked, differentiate, sizes if concrete else None)
+        if len(_PLANS) > PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    _PLANS.move_to_end(key)
     return _PLANS[key]
 
 
@@ -189,27 +196,30 @@ def _validated(dtype, order, modes, device) -> Options:
 class _Counterexample(Exception):
     """Raised inside the Hypothesis test so that Hypothesis shrinks the example."""
 
-    def __init__(self, failure: Failure):
+    def __init__(self, failure: Failure, drawn: bool = True):
         self.failure = failure
+        self.drawn = drawn  # by Hypothesis, not the spec's example point
         super().__init__(failure.subject)
 
 
 def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None, dtype: torch.dtype = torch.float64,
         order: int = 1, modes=MODES, device: str = "cpu", database: str | Path | None = None,
-        derandomize: bool = False) -> Result:
+        derandomize: bool = False, sizes: dict | None = None) -> Result:
     """Check ``spec``'s torch lowering, or ``fn``, on Hypothesis-drawn batches of points and
     on the spec's example point.
 
     With ``database`` (a directory), failing examples are kept there and replayed first by
     the next run of the same spec, function and dtype. ``derandomize`` derives the seed from
-    the spec text when none is given.
+    the spec text when none is given. ``sizes`` fixes size symbols (``{"n": 1000}``); the
+    others are drawn.
     """
     __tracebackhide__ = True
     options = _validated(dtype, order, modes, device)
+    sizes = _validated_sizes(spec, sizes)
     if seed is None:
         seed = stable_seed(spec.source, options.dtype_name) if derandomize else random.SystemRandom().randrange(2**31)
     name = spec.path or "<spec>"
-    reproduce = _reproduce_line(spec, fn, seed, options)
+    reproduce = _reproduce_line(spec, fn, seed, options, sizes)
     result = Result(name, options.dtype_name, seed, modes=options.modes, order=options.order, reproduce=reproduce,
                     claims=[ClaimResult(_claim_text(c), c.loc.line, True) for c in spec.claims])
     rejected = Counter()
@@ -219,7 +229,7 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     tangents = "fwd" in options.modes or options.order == 2
 
     kept = None if database is None else DirectoryBasedExampleDatabase(str(database))
-    key = _database_key(spec, fn, options)
+    key = _database_key(spec, fn, options, sizes)
     replayable = 0 if kept is None else len(list(kept.fetch(key)))
     calls, first_failing_call = 0, None
 
@@ -233,7 +243,7 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
             first_failing_call = first_failing_call or calls
             raise _Counterexample(failure)
 
-    test = given(examples(spec, options.dtype, tangents=tangents))(agrees)
+    test = given(examples(spec, options.dtype, sizes=sizes, tangents=tangents))(agrees)
     # Hypothesis keys kept examples by the test function's source, the same for every spec.
     test._hypothesis_internal_database_key = key
     test = settings(max_examples=max_examples, database=kept, deadline=None, report_multiple_bugs=False,
@@ -242,19 +252,21 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     try:
         test()
         point = example_point(spec, options.dtype, tangents)
-        if point is not None and "dtype" not in result.unsupported:
+        if point is not None and sizes.items() <= point.sizes.items() and "dtype" not in result.unsupported:
             failure = evaluate(spec, subject, point, options, result, rejected)
             if failure is not None:
                 failure.notes.append("at the example point given in the spec")
-                raise _Counterexample(failure)
+                raise _Counterexample(failure, drawn=False)
     except _Counterexample as found:
+        # The example point is kept as the spec gives it; a drawn one is made simpler.
+        failure = _simplified(spec, subject, found.failure, options) if found.drawn else found.failure
         for claim in result.claims:
-            if found.failure.claim == claim.text:
+            if failure.claim == claim.text:
                 claim.status = REFUTED
         if first_failing_call is not None and first_failing_call <= replayable:
-            found.failure.notes.append(f"found first by replaying an example kept in {database}")
+            failure.notes.append(f"found first by replaying an example kept in {database}")
         result.rejected = dict(rejected)
-        raise Mismatch(found.failure.render(name, reproduce), found.failure, result) from None
+        raise Mismatch(failure.render(name, reproduce), failure, result) from None
     result.rejected = dict(rejected)
     if result.unsupported:
         reasons = "; ".join(f"{mode}: {reason}" for mode, reason in result.unsupported.items())
@@ -270,14 +282,28 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     return result
 
 
-def _database_key(spec: Spec, fn, options: Options) -> bytes:
-    """What a kept example belongs to: the spec text, the function checked and the dtype."""
+def _validated_sizes(spec: Spec, sizes: dict | None) -> dict:
+    sizes = dict(sizes or {})
+    for name, value in sizes.items():
+        if name not in spec.size_symbols:
+            known = ", ".join(spec.size_symbols) or "none"
+            raise ValueError(f"sizes: {name!r} is not a size symbol of the spec (its size symbols: {known})")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"sizes: {name} must be a positive int; got {value!r}")
+    return sizes
+
+
+def _database_key(spec: Spec, fn, options: Options, sizes: dict) -> bytes:
+    """What a kept example belongs to: the spec text, the function checked, the dtype and the
+    fixed sizes."""
     subject = "" if fn is None else function_name(fn)
-    return hashlib.sha256(f"{spec.source}\0{subject}\0{options.dtype_name}".encode()).digest()
+    return hashlib.sha256(f"{spec.source}\0{subject}\0{options.dtype_name}\0{sorted(sizes.items())}".encode()).digest()
 
 
-def _reproduce_line(spec: Spec, fn, seed: int, options: Options) -> str:
+def _reproduce_line(spec: Spec, fn, seed: int, options: Options, sizes: dict) -> str:
     extras = [] if options.dtype == torch.float64 else [f"dtype=torch.{options.dtype_name}"]
+    if sizes:
+        extras.append(f"sizes={sizes!r}")
     if options.order != 1:
         extras.append(f"order={options.order}")
     if options.modes != MODES:
@@ -289,6 +315,7 @@ def _reproduce_line(spec: Spec, fn, seed: int, options: Options) -> str:
         flags = "" if options.dtype == torch.float64 else f" --dtype {options.dtype_name}"
         flags += "" if options.order == 1 else f" --order {options.order}"
         flags += "" if options.modes == MODES else f" --modes {','.join(options.modes)}"
+        flags += "" if not sizes else " --sizes " + ",".join(f"{k}={v}" for k, v in sizes.items())
         return f"verify check {spec.path} --seed {seed}{flags}"
     return f"verify.check(spec, seed={seed}" + "".join(f", {e}" for e in extras) + ")"
 
@@ -499,7 +526,7 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
         point, allowed = found
         return Failure(check, subject_text, formula, shown(point, tangents), example.sizes, value[keep][point],
                        actual[point], allowed, line=_line(spec, label),
-                       snippet=_snippet(subject, check, at, point, options), **details)
+                       snippet=_snippet(subject, check, at, point, options), point=_only(at, point), **details)
 
     for name, actual in actual_values.items():
         failure = compared("value", f"the value of {name}", name, reference.values[name], actual,
@@ -517,6 +544,7 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
     for claim, (value, derivative) in zip(prepared.claims, reference.claimed):
         failure = _claim_failure(spec, claim, value, derivative, keep, shown, example.sizes)
         if failure is not None:
+            failure.point = _only(at, failure.point)
             return failure
     if forward:
         try:
@@ -570,7 +598,58 @@ def _claim_failure(spec, claim, value, derivative, keep, shown, sizes):
     label = f"∂{spec.output}/∂{claim.wrt}" if claim.kind == "grad" else f"∂²{spec.output}/∂{claim.wrt}²"
     return Failure("claim", f"{claim.kind}({spec.output}, {claim.wrt})", _formula(label, claim.derivative.tensor),
                    shown(point), sizes, reference[keep][point], claimed[keep][point], allowed, line=claim.line,
-                   reference_label="derivative", actual_label="claimed", claim=claim.text)
+                   reference_label="derivative", actual_label="claimed", claim=claim.text, point=point)
+
+
+def _only(at: Example, point: int) -> Example:
+    return at.at(np.arange(at.batch) == point)
+
+
+# Values a failing point's elements are tried at, simplest first, when Hypothesis could not
+# shrink the point itself (it came from a materialized bulk of points).
+SIMPLER_VALUES = (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 10.0, -10.0)
+SIMPLIFIED_ELEMENTS = 64
+SIMPLIFY_SECONDS = 2.0
+
+
+def _simplified(spec: Spec, subject, failure: Failure, options: Options) -> Failure:
+    """The failure at a point whose elements are each as simple as still shows it: tried at
+    SIMPLER_VALUES, at the value rounded to fewer digits, and directions at 1."""
+    point = failure.point
+    if point is None:
+        return failure
+    arrays = {**point.inputs, "cotangent": point.cotangent,
+              **{f"tangent of {name}": t for name, t in (point.tangents or {}).items()}}
+    if sum(a.size for a in arrays.values()) > SIMPLIFIED_ELEMENTS:
+        return failure
+    deadline = time.monotonic() + SIMPLIFY_SECONDS
+    scratch = Result(failure.subject, options.dtype_name, 0)
+
+    def still_fails(candidate: Example) -> Failure | None:
+        found = evaluate(spec, subject, candidate, options, scratch, Counter())
+        return found if found is not None and (found.check, found.subject) == (failure.check, failure.subject) else None
+
+    for name, array in arrays.items():
+        for element in np.ndindex(array.shape):
+            current = float(array[element])
+            direction = name == "cotangent" or name.startswith("tangent of ")
+            for candidate in ((1.0,) if direction else _simpler(current, options.dtype)):
+                if candidate == current or time.monotonic() > deadline:
+                    continue
+                trial = {k: a.copy() for k, a in arrays.items()}
+                trial[name][element] = candidate
+                example = Example(point.sizes, {n: trial[n] for n in point.inputs}, trial["cotangent"],
+                                  {n: trial[f"tangent of {n}"] for n in point.tangents} if point.tangents else None)
+                found = still_fails(example)
+                if found is not None:
+                    arrays, failure = trial, found
+                    break
+    return failure
+
+
+def _simpler(value: float, dtype: torch.dtype) -> list:
+    rounded = [float(f"{value:.{digits}g}") for digits in (1, 2, 3)]
+    return [float(torch.tensor(c, dtype=dtype)) for c in (*SIMPLER_VALUES, float(round(value)), *rounded)]
 
 
 def _code_failure(failed: CodeFailure, subject, at: Example, options: Options) -> Failure:

@@ -28,6 +28,7 @@ Two more things are found on the way:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from sympy.codegen import cfunctions
 from .lower.sympy import ReducedMax, ReducedMin, Tensor
 from .tolerance import UNIT_ROUNDOFF, allowed_error, underflow_limit
 
-ERROR_DTYPE = np.longdouble
+ERROR_DTYPE = np.float64
 PRECISE_DIGITS = 50
 # The mpmath fallback runs per element in Python, so it is bounded per batch of points:
 # elements per formula, terms per element and seconds for all formulas of the batch.
@@ -77,6 +78,9 @@ def _in_float64(special):
 
 
 NUMPY_FUNCTIONS.update({function: _in_float64(special) for function, special in SPECIAL_FUNCTIONS.items()})
+# Functions that are never 0: a computed 0 is an underflow, where torch's order of operations
+# (exp(x - max) in logsumexp) may keep precision the formula lost.
+NEVER_ZERO = {sympy.exp, sympy.erfc, sympy.cosh}
 # Functions that jump where their argument crosses 0: a point there is ambiguous.
 JUMPS_AT_ZERO = {sympy.sign, sympy.Heaviside}
 COMPARISONS = {sympy.Lt: np.less, sympy.Le: np.less_equal, sympy.Gt: np.greater,
@@ -164,11 +168,12 @@ class Reference:
         if self._magnitude is not None:
             with np.errstate(all="ignore"):
                 magnitude = np.broadcast_to(np.asarray(self._magnitude(ctx)[0], dtype=ERROR_DTYPE), full)
-            error = np.fmax(error, magnitude)  # NaN where the formula is undefined: rejected anyway
+            # A lost step (error NaN) stays lost; an undefined magnitude leaves the bound as it is.
+            error = np.where(np.isnan(magnitude), error, np.maximum(error, magnitude))
         if not np.isfinite(value).all():
             self._evaluate_wide(ctx, value)
         if not np.isfinite(value).all():
-            self._evaluate_precisely(ctx, value)
+            self._evaluate_precisely(ctx, value, error)
         return value, error
 
     def _evaluate_wide(self, ctx: Context, value: np.ndarray) -> None:
@@ -184,7 +189,7 @@ class Reference:
             value[redo] = wide[redo].astype(np.float64)  # beyond float64 this is inf: an overflow
             ctx.rescued |= (redo & np.isfinite(value)).reshape(len(value), -1).any(axis=1)
 
-    def _evaluate_precisely(self, ctx: Context, value: np.ndarray) -> None:
+    def _evaluate_precisely(self, ctx: Context, value: np.ndarray, error: np.ndarray) -> None:
         """Overwrite NaN elements (inf/inf, 0 * inf on the way) with mpmath's value.
 
         Bounded: formulas whose sums expand past MAX_EXPANDED_TERMS terms at these sizes,
@@ -201,7 +206,8 @@ class Reference:
             return
         if ctx.precise_deadline is None:
             ctx.precise_deadline = time.monotonic() + PRECISE_SECONDS
-        undefined = np.isnan(value) & per_point(~ctx.hopeless, value)
+        # Where the error bound is lost the point is rejected whatever the value is.
+        undefined = np.isnan(value) & np.isfinite(error) & per_point(~ctx.hopeless, value)
         for position in np.argwhere(undefined)[:MAX_PRECISE_ELEMENTS]:
             if time.monotonic() > ctx.precise_deadline:
                 break
@@ -287,8 +293,30 @@ def _wide(array):
 def _scaled(error, factor):
     """``error * |factor|``, where an exact operand (error 0) stays exact even if factor is inf,
     and a step that lost its precision (error inf) stays lost even through a zero factor."""
-    scaled = np.where(np.isinf(error), np.inf, error * np.abs(factor))
-    return np.where(np.equal(error, 0), 0.0, scaled)
+    scaled = error * np.abs(factor)
+    undefined = np.isnan(scaled)  # only 0 * inf and inf * 0 make NaN here: rare, so mended after
+    if undefined.any():
+        scaled = np.where(undefined & np.isinf(error), np.inf, scaled)
+        scaled = np.where(undefined & np.equal(error, 0), 0.0, scaled)
+    return scaled
+
+
+def _product(arrays):
+    return functools.reduce(np.multiply, arrays)
+
+
+def _spans_whole(positions: np.ndarray, size: int) -> bool:
+    """Whether an index's positions (an increasing range) are 0, 1, ..., size - 1."""
+    return positions.size == size and (size == 0 or positions.flat[0] == 0)
+
+
+def _placed(array: np.ndarray, axes: list, depth: int) -> np.ndarray:
+    """``array`` (batch, *dims) with its k-th dim moved to axis ``axes[k]`` of depth + 1 axes."""
+    order = sorted(range(len(axes)), key=axes.__getitem__)
+    shape = [array.shape[0]] + [1] * depth
+    for k in order:
+        shape[axes[k]] = array.shape[1 + k]
+    return array.transpose([0] + [1 + k for k in order]).reshape(shape)
 
 
 def _pad(array, depth: int):
@@ -369,9 +397,17 @@ class _Compiler:
     def _Indexed(self, expr, axes, depth):
         name = expr.base.name
         positions = [self.compile(i, axes, depth) for i in expr.indices]
+        # x[i], A[i, j]: each index an axis of its own, so when it spans the whole dim the
+        # element array is the variable's array with its axes moved, a view, not a gather.
+        own_axes = [axes.get(i) for i in expr.indices]
+        whole = None not in own_axes and len(set(own_axes)) == len(own_axes)
 
         def indexed(ctx):
             value, error = ctx.env[name]
+            if whole and all(_spans_whole(ctx.indices[i], value.shape[k + 1]) for k, i in enumerate(expr.indices)):
+                error = np.broadcast_to(error, value.shape)
+                return (np.asarray(_placed(value, own_axes, depth), dtype=self.value_dtype),
+                        _placed(error, own_axes, depth))
             where = (np.arange(ctx.batch).reshape((ctx.batch,) + (1,) * depth),)
             # Clipped: a Piecewise evaluates every branch, also where its own index is out of range.
             where += tuple(np.clip(np.asarray(p(ctx)[0], dtype=np.int64), 0, value.shape[axis + 1] - 1)
@@ -397,17 +433,17 @@ class _Compiler:
 
         def mul(ctx):
             values, errors = zip(*(f(ctx) for f in factors))
-            product = np.prod(np.broadcast_arrays(*values), axis=0) if len(values) > 1 else values[0]
+            product = _product(values)
             error = (len(values) - 1) * _wide(product)
             for k, e in enumerate(errors):
                 if np.any(e):
                     others = [v for j, v in enumerate(values) if j != k]
-                    error = error + _scaled(e, np.prod(np.broadcast_arrays(*map(_wide, others)), axis=0))
+                    error = error + _scaled(e, _product(map(_wide, others)) if others else 1.0)
             carrying = [k for k, e in enumerate(errors) if np.any(e)]
             for a, b in itertools.combinations(carrying, 2):
                 # Second order: two factors that both carry error, near zero both (e.g. cancelled).
                 others = [_wide(v) for j, v in enumerate(values) if j not in (a, b)]
-                scale = np.prod(np.broadcast_arrays(*others), axis=0) if others else 1.0
+                scale = _product(others) if others else 1.0
                 error = error + _scaled(_wide(errors[a]) * _wide(errors[b]) * UNIT_ROUNDOFF[ctx.dtype], scale)
             vanished = np.equal(product, 0)
             for v in values:
@@ -460,8 +496,12 @@ class _Compiler:
         # derivative holds tanh again).
         values_only = _Compiler(self.size_names, track_errors=False, value_dtype=self.value_dtype)
         partials = [values_only.compile(p, {}, depth) for p in derivatives]
+        # Second order, for one argument: sin(pi * x) at a half-integer x has a zero first
+        # derivative, and the rounding of pi * x still moves it by |sin''| * error**2 / 2.
+        curvature = values_only.compile(_second_partial(type(expr)), {}, depth) if len(arguments) == 1 else None
 
         special = type(expr) in SPECIAL_FUNCTIONS
+        never_zero = type(expr) in NEVER_ZERO
 
         def function(ctx):
             values, errors = zip(*(a(ctx) for a in arguments))
@@ -475,7 +515,9 @@ class _Compiler:
                 ctx.bound.update(zip(dummies, (np.asarray(v, dtype=ERROR_DTYPE) for v in values)))
                 for partial, e in zip(partials, errors):
                     error = error + _scaled(e, partial(ctx)[0])
-            return value, ctx.guard(value, error)
+                if curvature is not None:
+                    error = error + _scaled(np.square(errors[0]) * (UNIT_ROUNDOFF[ctx.dtype] / 2), curvature(ctx)[0])
+            return value, ctx.guard(value, error, vanished=never_zero and np.equal(value, 0))
 
         return function
 
@@ -616,6 +658,14 @@ class _Compiler:
     def _Not(self, expr, axes, depth):
         (part,) = self._args(expr, axes, depth)
         return lambda ctx: (np.logical_not(part(ctx)[0]), 0.0)
+
+
+@cache
+def _second_partial(function_class):
+    """sympy's second derivative of a one-argument function, in the dummy of ``_partials``."""
+    (dummy,), (first,) = _partials(function_class, 1)
+    second = sympy.diff(first, dummy)
+    return sympy.Integer(0) if second.has(sympy.Derivative) else second
 
 
 @cache

@@ -100,6 +100,7 @@ class Failure:
     notes: list = field(default_factory=list)
     error: str = ""  # the code under test raised, or returned the wrong shape: no numbers to compare
     snippet: str = ""  # Python that reproduces the failing call of a user's function
+    point: object = None  # the failing point as a one-point strategies.Example, to evaluate again
 
     def render(self, spec_name: str, reproduce: str) -> str:
         if self.error:

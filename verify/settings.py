@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 MODES = ("rev", "fwd")
@@ -50,6 +50,16 @@ def _modes(text: str) -> tuple:
     return modes
 
 
+def _sizes(text: str) -> dict:
+    sizes = {}
+    for word in _words(text):
+        name, equals, value = word.partition("=")
+        if not equals or not name.isidentifier() or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"takes size symbols with positive values, as n=1000,m=3; got {text!r}")
+        sizes[name] = int(value)
+    return sizes
+
+
 def _database(text: str) -> str | None:
     return None if str(text).strip().lower() in NO_DATABASE else str(text)
 
@@ -84,6 +94,7 @@ OPTIONS = (
                                   f"(default {DEFAULT_DATABASE}; 'none' keeps none)"),
     Option("order", _order, "2 also checks Hessian-vector products: double backward, forward over reverse"),
     Option("modes", _modes, "comma-separated: rev (VJPs), fwd (JVPs); default rev,fwd"),
+    Option("sizes", _sizes, "fix size symbols, as n=1000,m=3; the others are drawn from 1 to 8"),
 )
 
 
@@ -96,13 +107,15 @@ class RunSettings:
     database: str | None = DEFAULT_DATABASE
     order: int = 1
     modes: tuple = MODES
+    sizes: dict = field(default_factory=dict)
 
     def check_arguments(self, dtype: str) -> dict:
         """Keyword arguments of ``verify.check`` for one of the dtypes."""
         import torch
 
         return {"max_examples": self.max_examples, "seed": self.seed, "derandomize": self.derandomize,
-                "database": self.database, "dtype": getattr(torch, dtype), "order": self.order, "modes": self.modes}
+                "database": self.database, "dtype": getattr(torch, dtype), "order": self.order, "modes": self.modes,
+                "sizes": self.sizes}
 
 
 def stable_seed(text: str, dtype_name: str) -> int:

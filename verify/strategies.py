@@ -25,12 +25,22 @@ from .tolerance import representable_limit, underflow_limit
 
 DEFAULT_SIZES = (1, 8)
 MAX_BATCH = 8
+# An example carries up to as many points as fit in this many input elements (and at most
+# MAX_POINTS), so that per-example costs spread over many points.
+ELEMENT_BUDGET = 2**12
+MAX_POINTS = 1024
+# Arrays up to this many elements are drawn element by element, which shrinks best; larger
+# ones are materialized by numpy from what Hypothesis draws (a seed, a magnitude regime, and
+# special values with their positions), so a 10**6-element input costs a few draws.
+DRAWN_ELEMENTS = 256
+MATERIALIZED_SPECIALS = 8
 ORDINARY_MAGNITUDE = 10.0
 # Cotangents and tangents: signs, zero and a spread of magnitudes, exact in every dtype, and
 # no tiny values that would push the reference's products into subnormal numbers. They shrink
 # to 1, so a minimal counterexample shows the direction only where it matters (a backward
 # that ignores its incoming gradient passes at 1 and fails elsewhere).
-DIRECTIONS = st.sampled_from([1.0, -1.0, 2.0, 0.5, -3.0, 0.0, 0.25, -4.0, 1.5, -0.75])
+DIRECTION_VALUES = (1.0, -1.0, 2.0, 0.5, -3.0, 0.0, 0.25, -4.0, 1.5, -0.75)
+DIRECTIONS = st.sampled_from(DIRECTION_VALUES)
 FLOAT_WIDTH = {torch.float64: 64, torch.float32: 32, torch.float16: 16, torch.bfloat16: 32}
 
 
@@ -47,6 +57,13 @@ class Example:
     @property
     def batch(self) -> int:
         return len(next(iter(self.inputs.values())))
+
+    def joined(self, other: Example) -> Example:
+        """The points of both examples, which have the same sizes."""
+        tangents = None if self.tangents is None else {n: np.concatenate([t, other.tangents[n]])
+                                                       for n, t in self.tangents.items()}
+        return Example(self.sizes, {n: np.concatenate([a, other.inputs[n]]) for n, a in self.inputs.items()},
+                       np.concatenate([self.cotangent, other.cotangent]), tangents)
 
     def at(self, keep: np.ndarray) -> Example:
         """The points where ``keep`` is true."""
@@ -122,28 +139,86 @@ def _draw_sizes(draw, spec: Spec, sizes) -> dict:
     return chosen
 
 
-def _draw_input(draw, spec: Spec, name: str, dtype: torch.dtype, sizes: dict, batch: int) -> np.ndarray:
+def _draw_input(draw, spec: Spec, name: str, dtype: torch.dtype, sizes: dict, batch: int,
+                materialize: bool) -> np.ndarray:
     declared = spec.inputs[name]
     shape = (batch, *concrete_shape(declared.shape, sizes))
     # Per input and example, so that a whole tensor of ordinary values stays common.
     wide = draw(st.booleans(), label=f"{name} at any magnitude")
+    if materialize or math.prod(shape) > DRAWN_ELEMENTS:
+        return _materialized(draw, declared.domain, dtype, shape, wide, label=name)
     return draw(hnp.arrays(np.float64, shape, elements=values(declared.domain, dtype, wide)), label=name)
+
+
+def _draw_directions(draw, shape: tuple, label: str, materialize: bool) -> np.ndarray:
+    if materialize or math.prod(shape) > DRAWN_ELEMENTS:
+        seed = draw(st.integers(0, 2**32 - 1), label=f"seed of {label}")
+        return np.random.default_rng(seed).choice(DIRECTION_VALUES, size=shape)
+    return draw(hnp.arrays(np.float64, shape, elements=DIRECTIONS), label=label)
+
+
+def _materialized(draw, domain: Domain, dtype: torch.dtype, shape: tuple, wide: bool, label: str) -> np.ndarray:
+    """A large array inside ``domain``: numpy fills it from a drawn seed, uniformly over the
+    ordinary range scaled by a drawn power of 10 (wider with ``wide``), then Hypothesis places
+    a few special values of its choosing (0, ties, the extremes of the dtype)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1), label=f"seed of {label}"))
+    fallback = draw(values(domain, dtype, wide=False), label=f"fallback of {label}")
+    widest = int(math.log10(representable_limit(dtype)) / 2) if wide else 2
+    scale = 10.0 ** draw(st.integers(-widest, widest), label=f"scale of {label}")
+    size = math.prod(shape)
+    low, high = max(domain.low, -ORDINARY_MAGNITUDE * scale), min(domain.high, ORDINARY_MAGNITUDE * scale)
+    if high < low:  # the domain lies beyond the scale: fill from its near end
+        low, high = (domain.low, domain.low + ORDINARY_MAGNITUDE * scale) if domain.low > 0 else (
+            domain.high - ORDINARY_MAGNITUDE * scale, domain.high)
+    array = torch.tensor(rng.uniform(low, high, size), dtype=torch.float64).to(dtype).double().numpy()
+    valid = np.isfinite(array) & ((array == 0) | (np.abs(array) >= underflow_limit(dtype)))
+    valid &= (array > domain.low) if domain.low_open else (array >= domain.low)
+    valid &= (array < domain.high) if domain.high_open else (array <= domain.high)
+    array = np.where(valid, array, fallback)
+    count = draw(st.integers(0, MATERIALIZED_SPECIALS), label=f"special values of {label}")
+    for _ in range(count):
+        at = draw(st.integers(0, size - 1), label=f"position in {label}")
+        array[at] = draw(values(domain, dtype, wide), label=f"value in {label}")
+    return array.reshape(shape)
+
+
+def points_per_example(spec: Spec, sizes: dict) -> int:
+    per_point = sum(math.prod(concrete_shape(declared.shape, sizes)) for declared in spec.inputs.values())
+    return max(1, min(MAX_POINTS, ELEMENT_BUDGET // max(per_point, 1)))
+
+
+def _draw_points(draw, spec: Spec, dtype: torch.dtype, sizes: dict, batch: int, tangents: bool,
+                 materialize: bool) -> Example:
+    inputs = {name: _draw_input(draw, spec, name, dtype, sizes, batch, materialize) for name in spec.inputs}
+    shape = (batch, *concrete_shape(spec.nodes[spec.output].shape, sizes))
+    cotangent = _draw_directions(draw, shape, "cotangent", materialize)
+    drawn = None
+    if tangents:
+        drawn = {name: _draw_directions(draw, array.shape, f"tangent of {name}", materialize)
+                 for name, array in inputs.items()}
+    return Example(sizes, inputs, cotangent, drawn)
 
 
 @st.composite
 def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = False) -> Example:
     """Sizes for the size symbols not fixed by ``sizes``, then a batch of points, a random
-    cotangent for the output and (``tangents``) a random tangent for each input."""
+    cotangent for the output and (``tangents``) a random tangent for each input.
+
+    The batch is a few points drawn element by element, and often a bulk of many more that
+    numpy materializes, up to the element budget. The shrinker can drop the bulk and keep
+    the few: a failure that any point shows ends at one minimal point.
+    """
     chosen = _draw_sizes(draw, spec, sizes)
-    batch = draw(st.integers(1, MAX_BATCH), label="points")
-    inputs = {name: _draw_input(draw, spec, name, dtype, chosen, batch) for name in spec.inputs}
-    shape = (batch, *concrete_shape(spec.nodes[spec.output].shape, chosen))
-    cotangent = draw(hnp.arrays(np.float64, shape, elements=DIRECTIONS), label="cotangent")
-    drawn = None
-    if tangents:
-        drawn = {name: draw(hnp.arrays(np.float64, array.shape, elements=DIRECTIONS), label=f"tangent of {name}")
-                 for name, array in inputs.items()}
-    return Example(chosen, inputs, cotangent, drawn)
+    most = points_per_example(spec, chosen)
+    # Decided before the few are drawn: the shrinker tries dropping the bulk while the few
+    # are still as found, before it simplifies them.
+    with_bulk = draw(st.booleans(), label="a bulk of points")
+    head = _draw_points(draw, spec, dtype, chosen, draw(st.integers(1, min(MAX_BATCH, most)), label="points"),
+                        tangents, materialize=False)
+    if head.batch == most or not with_bulk:
+        return head
+    bulk = _draw_points(draw, spec, dtype, chosen, most - head.batch, tangents, materialize=True)
+    return head.joined(bulk)
 
 
 @st.composite
@@ -164,5 +239,5 @@ def inputs(draw, spec: str | Spec, dtype: torch.dtype = torch.float64, sizes: di
     if dtype not in FLOAT_WIDTH:
         raise ValueError(f"dtype must be one of {', '.join(map(str, FLOAT_WIDTH))}; got {dtype}")
     chosen = _draw_sizes(draw, parsed, sizes)
-    return {name: torch.tensor(_draw_input(draw, parsed, name, dtype, chosen, batch=1)[0], dtype=dtype)
+    return {name: torch.tensor(_draw_input(draw, parsed, name, dtype, chosen, 1, materialize=False)[0], dtype=dtype)
             for name in parsed.inputs}

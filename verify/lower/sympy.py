@@ -11,6 +11,9 @@ derivative of ``o`` written with ``v`` kept as a symbol of its own, exactly what
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from dataclasses import dataclass
 from itertools import count
 
@@ -334,6 +337,7 @@ def _summed(term: sympy.Expr, limit: tuple) -> sympy.Expr:
 
 SAMPLE_SIZE = 3
 MAX_PROOF_OPS = 400
+PROOF_SECONDS = 10.0  # per claim; past it the claim is checked numerically, not proved
 
 
 def _same_at_a_sample(raw, settled, spec: Spec, free: dict) -> bool:
@@ -485,9 +489,34 @@ def prove_equal(derivative: Tensor, claimed: sympy.Expr) -> bool:
     if sympy.count_ops(difference) > MAX_PROOF_OPS:
         return False  # simplify can take minutes on large formulas: such claims are checked numerically
     try:
-        return sympy.simplify(difference) == 0
-    except StopIteration:  # sympy 1.14's sum_simplify raises it on some nested sums
+        with time_limit(PROOF_SECONDS):
+            return sympy.simplify(difference) == 0
+    except (StopIteration, OutOfTime):  # sympy 1.14's sum_simplify raises StopIteration on some nested sums
         return False
+
+
+class OutOfTime(Exception):
+    """The sympy work ran past its time budget."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise ``OutOfTime`` in the block after ``seconds``, by SIGALRM. Signals reach only the
+    main thread, so elsewhere the block runs unlimited (MAX_PROOF_OPS still bounds it)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise OutOfTime(f"over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _canonical_indices(expr, depth: int = 0):

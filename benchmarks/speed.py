@@ -1,0 +1,113 @@
+"""Points verified per second: verify against torch.autograd.gradcheck, in one run.
+
+    python benchmarks/speed.py [--sizes 2,100,10000,1000000] [--seconds 2]
+
+On o = 1/2 * sum(sin(x)**2 * exp(x)) at each size n it prints:
+
+* verify's points per second: points where values, VJPs and JVPs were checked, over the
+  wall time of ``verify.check(..., sizes={"n": n})`` after the sympy work (which is cached);
+* gradcheck's points per second on the same function in float64 (each call checks one point
+  with 2n forward passes), where one call finishes within the time budget;
+* the ratio of the two;
+* verify's time per point over a bare torch forward+backward of the same batch.
+
+Then the one-time sympy cost (parse, differentiate, prove, compile) at n = 10 and n = 10**6.
+"""
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import verify
+from verify import engine
+from verify.strategies import points_per_example
+
+SPEC = "x: Real[n]\no = 1/2 * sum(sin(x)**2 * exp(x))"
+
+
+def function(x):
+    return 0.5 * (torch.sin(x) ** 2 * torch.exp(x)).sum(dim=-1)
+
+
+def verify_rate(spec, n: int, seconds: float) -> tuple:
+    """(points per second, points, seconds) of verify.check at size n, examples growing until
+    the run takes ``seconds``."""
+    examples = 4
+    while True:
+        started = time.perf_counter()
+        result = verify.check(spec, sizes={"n": n}, seed=0, max_examples=examples)
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds or examples >= 1000:
+            return result.points / elapsed, result.points, elapsed
+        examples = min(1000, max(examples * 2, int(examples * seconds / max(elapsed, 1e-3))))
+
+
+def gradcheck_rate(n: int, seconds: float) -> float | None:
+    """gradcheck's points per second, or None when one call would not finish in ``seconds``."""
+    # 2n forward passes per call: estimate one from a timed forward first.
+    x = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    started = time.perf_counter()
+    function(x)
+    if 2 * n * (time.perf_counter() - started) > 10 * seconds:
+        return None
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.autograd.gradcheck(function, (torch.randn(n, dtype=torch.float64, requires_grad=True),))
+        calls += 1
+    return calls / (time.perf_counter() - started)
+
+
+def bare_torch_seconds_per_point(spec, n: int) -> float:
+    """A forward and backward of the same batch verify evaluates per example, per point."""
+    batch = points_per_example(spec, {"n": n})
+    x = torch.randn(batch, n, dtype=torch.float64, requires_grad=True)
+    repeats, started = 0, time.perf_counter()
+    while time.perf_counter() - started < 0.5:
+        function(x).sum().backward()
+        repeats += 1
+    return (time.perf_counter() - started) / repeats / batch
+
+
+def sympy_seconds(n: int) -> float:
+    """The sympy work of the spec at size n, from scratch (caches cleared)."""
+    engine._PLANS.clear()
+    started = time.perf_counter()
+    spec = verify.parse(SPEC)
+    engine.plan(spec, {"n": n})
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="2,100,10000,1000000")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time budget per measurement")
+    args = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}")
+    print(f"spec: {SPEC!r}, float64, verify checks values, VJPs and JVPs\n")
+    spec = verify.parse(SPEC)
+    rows = [("n", "verify pts/s", "gradcheck pts/s", "ratio", "verify / bare torch", "points", "seconds")]
+    for n in map(int, args.sizes.split(",")):
+        rate, points, elapsed = verify_rate(spec, n, args.seconds)
+        reference = gradcheck_rate(n, args.seconds)
+        per_point = 1 / rate if rate else float("inf")
+        overhead = per_point / bare_torch_seconds_per_point(spec, n)
+        rows.append((f"{n}", f"{rate:,.1f}", "does not finish" if reference is None else f"{reference:,.2f}",
+                     "" if reference is None else f"{rate / reference:,.0f}x", f"{overhead:,.0f}x", f"{points}",
+                     f"{elapsed:.1f}"))
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    print()
+    for n in (10, 10**6):
+        print(f"sympy work at n = {n}: {sympy_seconds(n):.3f} s")
+
+
+if __name__ == "__main__":
+    main()
