@@ -20,7 +20,7 @@ from tests.test_ops import ROWS, TORCH_FINDINGS
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # Findings that need more examples than CI runs to turn up (docs/findings.md), with their check.
-FINDINGS = {**TORCH_FINDINGS, ("minimum", torch.float64): "JVP"}
+FINDINGS = TORCH_FINDINGS
 
 
 def run_row(op: str, dtype_name: str, examples: int) -> str:

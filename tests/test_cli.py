@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,17 @@ def test_the_status_line_is_drawn_on_a_terminal_only():
         progress.clear()
     assert "[1/2] checking a.vspec (float64)" in terminal.getvalue() and "\r\x1b[K" in terminal.getvalue()
     assert log.getvalue() == ""
+
+
+def test_a_thousand_spec_files_end_with_a_correct_summary_in_bounded_memory(tmp_path):
+    functions = ["sin", "cos", "exp", "tanh", "sigmoid", "softplus", "log1p", "atan", "sinh", "erf"]
+    for k in range(1000):
+        write(tmp_path, f"spec{k:04d}.vspec", f"x: Real[n]\no = sum({functions[k % 10]}(x) * {k % 7 + 1})\n")
+    write(tmp_path, "spec0500.vspec", FALSE)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    completed = run("check", str(tmp_path), "--max-examples", "3", "--modes", "rev", "--database", "none")
+    assert completed.returncode == 1
+    assert completed.stdout.rstrip().endswith("999 passed, 1 failed")
+    assert completed.stdout.count("\nok ") + completed.stdout.startswith("ok ") == 999
+    # The plan cache keeps the last 64 specs: memory stays that of a few specs, in kilobytes.
+    assert max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) < 1_500_000

@@ -39,7 +39,8 @@ ROWS.update({
     "atan2": "y: Real[n]\nx: Real[n]\no = sum(atan2(y, x))",
     "hypot": "a: Real[n]\nb: Real[n]\no = sum(hypot(a, b))",
     "maximum": "a: Real[n]\nb: Real[n]\no = sum(maximum(a, b) * a)",
-    "minimum": "a: Real[n]\nb: Real[n]\no = sum(minimum(a, b * b) * a)",
+    # The example point shows torch's forward-mode finding (docs/findings.md).
+    "minimum": "a: Real[n] = [108086391056894080]\nb: Real[n] = [4503599627370497]\no = sum(minimum(a, b * b) * a)",
     "where": "x: Real[n]\ny: Real[n]\no = sum(where(x > y, x * y, exp(y / 8)))",
     "less": "x: Real[n]\no = sum(where(x < 0.5, x, 2 * x))",
     "less_equal": "x: Real[n]\no = sum(where(x <= 0, -x, x * x))",
@@ -83,7 +84,7 @@ FALSE_CLAIMS.update({"relu": "grad(o, x) == 2 * x", "sign": "grad(o, x) == 1 + 0
 # the check that finds them: digamma's backward (trigamma) is off by 5e-10 relative at x = 1
 # in float64; logcumsumexp's forward-mode derivative is off by 4e-11 at x = [1, 7].
 TORCH_FINDINGS = {("digamma", torch.float64): "gradient", ("logcumsumexp", torch.float64): "JVP",
-                  ("logcumsumexp", torch.float32): "JVP"}
+                  ("logcumsumexp", torch.float32): "JVP", ("minimum", torch.float64): "JVP"}
 
 
 def first_input(spec_text: str) -> str:

@@ -1,6 +1,7 @@
 """The spec parser: the whitelist, exact numbers, shapes, and errors that point at the text."""
 
 import os
+from datetime import timedelta
 
 import pytest
 import sympy
@@ -137,7 +138,25 @@ BAD_SPECS = [
     ("_x: Real\no = _x", 1, 1, "reserved for verify"),
     ("x: Real\no = x * sqrt(-1)", 2, 9, "not a finite real number"),
     ("x: Real\no = x * log(0)", 2, 9, "not a finite real number"),
+    # Hostile: nothing here may run, and each is refused before any sympy work.
+    ("x: Real\no = x.__class__", 2, 5, "attribute access is not allowed"),
+    ("x: Real\no = __builtins__", 2, 5, "names starting with '__' are not allowed"),
+    ("x: Real\no = (lambda: x)()", 2, 6, "only ops of the registry can be called"),
+    ("import os\nx: Real\no = x", 1, 1, "an import is not allowed"),
+    ("x: Real\no = sum([x for _ in x])", 2, 9, "a comprehension is not allowed"),
+    ("x: Real\no = f'{x}'", 2, 5, "an f-string is not allowed"),
+    ("x: Real\no = (y := x)", 2, 6, "an assignment expression"),
+    ("class A: pass\nx: Real\no = x", 1, 1, "a class definition is not allowed"),
+    ("def f(): pass\nx: Real\no = x", 1, 1, "a function definition is not allowed"),
+    ("x: Real[10**12]\no = sum(x)", 1, 9, "a dim is a positive integer"),
 ]
+# Specs past the parser's bounds on size, by name (their text is too long for a test id).
+OVERSIZED_SPECS = {
+    "deep": ("x: Real\no = " + "-(" * 150 + "x" + ")" * 150, 2, 205, "nested more than 100 levels deep"),
+    "long line": ("x: Real\no = " + "x + " * 3000 + "x", 2, 10001, "the line has 12005 characters"),
+    "many nodes": ("x: Real\n" + "y = x\n" * 20000 + "o = y", 10001, 1, "more than 50000 syntax nodes"),
+    "huge": ("x: Real\n" + "# padding\n" * 200_000 + "o = x", None, None, "at most 1000000 are read"),
+}
 
 
 @pytest.mark.parametrize("text, line, column, fragment", BAD_SPECS)
@@ -148,6 +167,14 @@ def test_bad_spec_is_a_spec_error_at_its_line_and_column(text, line, column, fra
     assert isinstance(error, ValueError)
     assert (error.line, error.column) == (line, column)
     assert f"bad.vspec:{line}:{column}:" in str(error)
+
+
+@pytest.mark.parametrize("name", OVERSIZED_SPECS)
+def test_specs_past_the_size_bounds_are_refused_where_they_cross_them(name):
+    text, line, column, fragment = OVERSIZED_SPECS[name]
+    with pytest.raises(verify.SpecError, match=fragment) as caught:
+        verify.parse(text)
+    assert (caught.value.line, caught.value.column) == (line, column)
 
 
 def test_error_shows_the_line_with_a_caret_and_what_is_allowed():
@@ -183,6 +210,37 @@ def test_junk_text_gives_a_spec_or_a_spec_error(text):
         spec = verify.parse(text)
     except verify.SpecError as error:
         assert error.line is None or error.line >= 1
+    else:
+        assert spec.output in spec.nodes
+
+
+VALID_SPECS = [
+    "x: Real[n] = [2, 4]\ny = x**2\no = 1/2 * sum(y)\nassert grad(o, x) == x\n",
+    "W: Real[m, n]\nx: Real[n]\nb: Positive[m]\na = W @ x + log(b)\nh = tanh(a)\no = mean(h**2)\n",
+    "A: Interval(-1, 1)[n, n]\nc = A - mean(A, axis=1, keepdim=True)\no = sum(c.T @ c) / n\n",
+]
+EDITS = st.tuples(st.integers(0, 120), st.sampled_from(["delete", "insert", "replace", "repeat"]),
+                  st.sampled_from(list("xyAWnmo:=+-*/@()[], .T\n0123456789_'\"#\\") + ["__", "lambda", "import",
+                                  "**", "10**10**10", "sum(", "exp(", "Real[", "assert grad(o, x) =="]))
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=5))  # a bound, not a speed measurement
+@given(st.sampled_from(VALID_SPECS), st.lists(EDITS, max_size=6))
+def test_mutated_valid_specs_give_a_spec_or_a_spec_error_and_end(text, edits):
+    for at, kind, piece in edits:
+        at = at % (len(text) + 1)
+        if kind == "delete":
+            text = text[:at] + text[at + len(piece):]
+        elif kind == "insert":
+            text = text[:at] + piece + text[at:]
+        elif kind == "replace":
+            text = text[:at] + piece + text[at + len(piece):]
+        else:
+            text = text[:at] + text[at:at + 20] * 3 + text[at + 20:]
+    try:
+        spec = verify.parse(text)
+    except verify.SpecError as error:
+        assert error.line is None or 1 <= error.line <= text.count("\n") + 1
     else:
         assert spec.output in spec.nodes
 

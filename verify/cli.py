@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(check)
     check.add_argument("--json", metavar="FILE", help=f"write the verdicts as JSON (schema {SCHEMA})")
     check.add_argument("--junit-xml", metavar="FILE", help="write a JUnit XML report, one test case per spec and dtype")
+    fuzz = commands.add_parser("fuzz", help="hunt for gradient bugs in torch with random specs from the op registry")
+    fuzz.add_argument("--ops", help="comma-separated ops to compose (default: every one-argument elementwise op)")
+    fuzz.add_argument("--max-examples", type=int, default=200, metavar="N", help="specs per search round")
+    fuzz.add_argument("--time", type=float, default=600.0, metavar="SECONDS", help="time budget (default 600)")
+    fuzz.add_argument("--modes", default="rev,fwd", help="comma-separated: rev, fwd, order2 (default rev,fwd)")
+    fuzz.add_argument("--dtype", choices=DTYPES, default="float64")
+    fuzz.add_argument("--seed", type=int, default=0)
+    fuzz.add_argument("--out", default="fuzz-findings", metavar="DIR",
+                      help="where each finding's .vspec and standalone torch script go")
     explain = commands.add_parser("explain", help="walk through a spec's example point node by node")
     explain.add_argument("path", metavar="FILE")
     explain.add_argument("--dtype", choices=DTYPES, default="float64")
@@ -50,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if arguments.command == "check":
             return _check(arguments)
+        if arguments.command == "fuzz":
+            return _fuzz(arguments)
         return _explain(arguments)
     except UsageError as error:
         print(f"verify: error: {error}", file=sys.stderr)
@@ -158,6 +169,35 @@ class Progress:
         if self.live:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+
+
+def _fuzz(arguments) -> int:
+    """Exit 0 when the run found nothing, 1 when it found something (each saved under --out)."""
+    from verify.fuzz import fuzz, fuzzable_ops, save
+
+    known = fuzzable_ops()
+    ops = [o.strip() for o in arguments.ops.split(",")] if arguments.ops else known
+    unknown = [o for o in ops if o not in known]
+    if unknown:
+        raise UsageError(f"--ops: not fuzzable: {', '.join(unknown)}; choose from {', '.join(known)}")
+    words = {w.strip() for w in arguments.modes.split(",") if w.strip()}
+    if not words or words - {"rev", "fwd", "order2"}:
+        raise UsageError(f"--modes takes rev, fwd and order2; got {arguments.modes!r}")
+    modes = tuple(m for m in ("rev", "fwd") if m in words) or ("rev",)
+    out = Path(arguments.out)
+    count = 0
+
+    def report(finding):
+        nonlocal count
+        count += 1
+        spec_path, script_path = save(finding, out, count, _dtype(arguments.dtype))
+        print(f"finding {count}: {finding.check} along {finding.path}; ops {', '.join(finding.ops)}", flush=True)
+        print(f"  {spec_path}\n  {script_path}", flush=True)
+
+    fuzz(ops=ops, max_examples=arguments.max_examples, seconds=arguments.time, order=2 if "order2" in words else 1,
+         modes=modes, dtype=_dtype(arguments.dtype), seed=arguments.seed, on_finding=report)
+    print(f"\n{count} finding(s)")
+    return ExitCode.MISMATCH if count else ExitCode.OK
 
 
 def _explain(arguments) -> int:

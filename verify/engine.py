@@ -392,11 +392,12 @@ def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: 
     derivatives = {name: reference(ctx) for name, reference in prepared.gradients.items()}
     # A scalar output's formulas hold no cotangent: its VJP is the gradient times the cotangent.
     seed = example.cotangent if scalar_output else None
-    gradients = {name: _amplified(_times(pair, seed), amplification) for name, pair in derivatives.items()}
+    gradients = {name: _amplified(_times(pair, seed), amplification, of_terms=True)
+                 for name, pair in derivatives.items()}
     claimed = [(claim.reference(ctx), derivatives[claim.wrt] if claim.kind == "grad" else claim.derivative(ctx))
                for claim in prepared.claims]
-    jvp = _amplified(prepared.forward_mode()(ctx), amplification) if forward else None
-    hvps = ({name: _amplified(_times(reference(ctx), seed), amplification)
+    jvp = _amplified(prepared.forward_mode()(ctx), amplification, of_terms=True) if forward else None
+    hvps = ({name: _amplified(_times(reference(ctx), seed), amplification, of_terms=True)
              for name, reference in prepared.second_order().items()} if order == 2 else {})
     return ReferenceSide(values, gradients, claimed, jvp, hvps, inside, outside, ctx.ambiguous, ctx.rescued)
 
@@ -450,12 +451,15 @@ def _node_arrays(prepared: Plan, example: Example, values: dict):
     return array_of
 
 
-def _amplified(pair: tuple, amplification: np.ndarray) -> tuple:
+def _amplified(pair: tuple, amplification: np.ndarray, of_terms: bool = False) -> tuple:
     """The error bound widened by the amplification, norm-wise: rounding in a solve spreads
-    over every element of the result."""
+    over every element of the result. ``of_terms`` scales it by the magnitude of the terms
+    (a derivative's bound has its a priori floor) rather than of the result, which may cancel:
+    sigmoid's JVP terms at -28 and 59 nearly cancel, and the one at 59 is lost to 1 - y."""
     value, error = pair
     with np.errstate(all="ignore"):
-        largest = np.abs(value).reshape(len(value), -1).max(axis=1) if value.ndim > 1 else np.abs(value)
+        scale = np.maximum(np.abs(value), error) if of_terms else np.abs(value)
+        largest = scale.reshape(len(value), -1).max(axis=1) if value.ndim > 1 else scale
         return value, error + per_point(amplification * largest, value)
 
 

@@ -40,7 +40,7 @@ import sympy
 import torch
 from sympy.codegen import cfunctions
 
-from .lower.sympy import ReducedMax, ReducedMin, Tensor
+from .lower.sympy import OutOfTime, ReducedMax, ReducedMin, Tensor, time_limit
 from .tolerance import UNIT_ROUNDOFF, allowed_error, underflow_limit
 
 ERROR_DTYPE = np.float64
@@ -261,8 +261,12 @@ def _precise_value(formula, ctx: Context, point: int) -> float:
     for atom in formula.atoms(sympy.Symbol):
         if atom.name in ctx.env and atom.name not in arrays and not atom.is_integer:
             values[atom] = ctx.env[atom.name][0][point]
-    exact = formula.xreplace({a: sympy.Float(float(v), PRECISE_DIGITS) for a, v in values.items()})
-    result = exact.evalf(PRECISE_DIGITS)
+    try:
+        with time_limit(max(ctx.precise_deadline - time.monotonic(), 1e-3)):  # exp(exp(x)) can take forever
+            exact = formula.xreplace({a: sympy.Float(float(v), PRECISE_DIGITS) for a, v in values.items()})
+            result = exact.evalf(PRECISE_DIGITS)
+    except (OutOfTime, ValueError, ArithmeticError):  # mpmath at a pole, or into complex numbers
+        return np.nan
     if not (result.is_number and result.is_extended_real and result.is_finite):
         return np.nan
     with np.errstate(over="ignore"):
@@ -372,6 +376,8 @@ class _Compiler:
 
     def _NaN(self, expr, axes, depth):
         return lambda ctx: (np.nan, 0.0)
+
+    _ComplexInfinity = _NaN  # 1/0 folded by sympy: undefined, so the point is rejected
 
     def _BooleanTrue(self, expr, axes, depth):
         return lambda ctx: (True, 0.0)

@@ -48,6 +48,12 @@ BINARY_OPERATORS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "d
 # Folding a constant power costs about |exponent| * log2|base| bits; past this it is refused.
 MAX_CONSTANT_BITS = 4096
 MAX_DIM = 10**7
+# Bounds on the text, so that neither Python's parser nor sympy's recursive algorithms can
+# be driven into exhaustion by a spec.
+MAX_SPEC_CHARACTERS = 1_000_000
+MAX_LINE_LENGTH = 10_000
+MAX_SYNTAX_NODES = 50_000
+MAX_NESTING = 100
 
 EXPRESSION_HINT = ("expected an expression of numbers, declared names, size symbols, pi, e, "
                    "+ - * / ** @, unary minus, .T, slices with constant bounds (x[1:], A[:, 0]) and calls of: "
@@ -117,6 +123,12 @@ class _Parser:
         if "\x00" in self.text:
             line = self.text[: self.text.index("\x00")].count("\n") + 1
             raise self.error("the spec contains a NUL byte", Loc(line, 1))
+        if len(self.text) > MAX_SPEC_CHARACTERS:
+            raise self.error(f"the spec has {len(self.text)} characters; at most {MAX_SPEC_CHARACTERS} are read")
+        for number, line in enumerate(self.lines, start=1):
+            if len(line) > MAX_LINE_LENGTH:
+                raise self.error(f"the line has {len(line)} characters; at most {MAX_LINE_LENGTH} are read",
+                                 Loc(number, MAX_LINE_LENGTH + 1))
         try:
             tree = ast.parse(self.text, mode="exec")
         except SyntaxError as exc:
@@ -125,6 +137,7 @@ class _Parser:
         except (RecursionError, MemoryError, ValueError) as exc:
             raise self.error(f"the spec cannot be parsed ({type(exc).__name__}): it is nested too deeply "
                              "or too large") from None
+        self.check_size(tree)
         for statement in tree.body:
             try:
                 self.statement(statement)
@@ -148,6 +161,21 @@ class _Parser:
                                  claim.loc)
         return Spec(self.inputs, self.nodes, self.claims, self.size_symbols, self.text, self.path, self.locs,
                     self.size_requirements)
+
+    def check_size(self, tree: ast.Module) -> None:
+        """Refuse trees with too many nodes or nested too deeply, walking without recursion."""
+        count = 0
+        for statement in tree.body:
+            stack = [(statement, 0)]
+            while stack:
+                node, depth = stack.pop()
+                count += 1
+                if count > MAX_SYNTAX_NODES:
+                    raise self.error(f"the spec has more than {MAX_SYNTAX_NODES} syntax nodes by here", statement)
+                if depth > MAX_NESTING:
+                    raise self.error(f"the expression is nested more than {MAX_NESTING} levels deep", node,
+                                     hint="name intermediate steps (y = ...) to flatten it")
+                stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
 
     def statement(self, statement: ast.stmt) -> None:
         if isinstance(statement, ast.AnnAssign):

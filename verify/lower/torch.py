@@ -21,16 +21,17 @@ class TorchProgram:
         self.spec = spec
         self.tracked = tracked
 
-    def run(self, inputs: dict, sizes: dict, dtype: torch.dtype) -> dict:
+    def run(self, inputs: dict, sizes: dict, dtype: torch.dtype, retain: bool = True) -> dict:
         """Forward pass on ``inputs`` (name -> tensor of shape (batch, *shape)).
 
-        Returns name -> tensor for every tracked node, with gradients retained.
+        Returns name -> tensor for every tracked node, with gradients retained unless
+        ``retain`` is false (torch.func transforms do not allow it).
         """
         evaluation = _Evaluation(inputs, sizes, dtype)
         results = {}
         for node, name in self.tracked.items():
             tensor = evaluation.value(node)
-            if isinstance(tensor, torch.Tensor) and tensor.requires_grad and not isinstance(node, Input):
+            if retain and isinstance(tensor, torch.Tensor) and tensor.requires_grad and not isinstance(node, Input):
                 tensor.retain_grad()
             results[name] = tensor
         return results
