@@ -85,7 +85,7 @@ def sympy_seconds(n: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="2,100,10000,1000000")
+    parser.add_argument("--sizes", default="2,100,1000,10000,1000000")
     parser.add_argument("--seconds", type=float, default=2.0, help="time budget per measurement")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
