@@ -546,9 +546,8 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
             if failure is not None:
                 return failure
     for claim, (value, derivative) in zip(prepared.claims, reference.claimed):
-        failure = _claim_failure(spec, claim, value, derivative, keep, shown, example.sizes)
+        failure = _claim_failure(spec, claim, value, derivative, keep, shown, at)
         if failure is not None:
-            failure.point = _only(at, failure.point)
             return failure
     if forward:
         try:
@@ -592,7 +591,7 @@ def _second_order(prepared, subject, at, reference, options, result, compared):
     return None
 
 
-def _claim_failure(spec, claim, value, derivative, keep, shown, sizes):
+def _claim_failure(spec, claim, value, derivative, keep, shown, at: Example):
     (claimed, claimed_error), (reference, reference_error) = value, derivative
     both_errors = claimed_error[keep] + reference_error[keep] + np.abs(claimed[keep])
     found = _compare(reference[keep], both_errors, claimed[keep], torch.float64)
@@ -601,8 +600,8 @@ def _claim_failure(spec, claim, value, derivative, keep, shown, sizes):
     point, allowed = found
     label = f"∂{spec.output}/∂{claim.wrt}" if claim.kind == "grad" else f"∂²{spec.output}/∂{claim.wrt}²"
     return Failure("claim", f"{claim.kind}({spec.output}, {claim.wrt})", _formula(label, claim.derivative.tensor),
-                   shown(point), sizes, reference[keep][point], claimed[keep][point], allowed, line=claim.line,
-                   reference_label="derivative", actual_label="claimed", claim=claim.text, point=point)
+                   shown(point), at.sizes, reference[keep][point], claimed[keep][point], allowed, line=claim.line,
+                   reference_label="derivative", actual_label="claimed", claim=claim.text, point=_only(at, point))
 
 
 def _only(at: Example, point: int) -> Example:

@@ -45,11 +45,8 @@ def fuzzable_ops() -> list:
 
 
 def _torch_name(name: str) -> str | None:
-    for home in ("torch", "torch.special", "torch.nn.functional"):
-        module = {"torch": torch, "torch.special": torch.special, "torch.nn.functional": torch.nn.functional}[home]
-        if hasattr(module, name):
-            return f"{home}.{name}"
-    return None
+    homes = {"torch": torch, "torch.special": torch.special, "torch.nn.functional": torch.nn.functional}
+    return next((f"{home}.{name}" for home, module in homes.items() if hasattr(module, name)), None)
 
 
 @st.composite

@@ -8,9 +8,10 @@ becomes fancy indexing. Nothing runs per element in Python.
 Beside each value the closures carry a running bound on the rounding error of computing
 that value in floating point, in units of the unit roundoff ``u`` (first-order forward
 error analysis: every operation adds ``|result|``, and each argument's error is scaled by
-the magnitude of the partial derivative with respect to it). Bounds are kept in
-``np.longdouble``, whose wider exponent keeps them finite where a float64 result sits near
-overflow. ``verify.tolerance`` turns that bound into the tolerance of a comparison, so
+the magnitude of the partial derivative with respect to it). Bounds are kept in float64
+(four times faster than long double): where a step of the formula overflows float64 its
+bound is infinite and the point is rejected, even where the value itself is rescued as
+below. ``verify.tolerance`` turns that bound into the tolerance of a comparison, so
 points where the formula is sensitive get room, and benign points stay tight.
 
 Two more things are found on the way:
@@ -44,6 +45,7 @@ from .lower.sympy import OutOfTime, ReducedMax, ReducedMin, Tensor, time_limit
 from .tolerance import UNIT_ROUNDOFF, allowed_error, underflow_limit
 
 ERROR_DTYPE = np.float64
+WIDE_DTYPE = np.longdouble  # values that overflow float64 are computed again in it
 PRECISE_DIGITS = 50
 # The mpmath fallback runs per element in Python, so it is bounded per batch of points:
 # elements per formula, terms per element and seconds for all formulas of the batch.
@@ -178,13 +180,13 @@ class Reference:
 
     def _evaluate_wide(self, ctx: Context, value: np.ndarray) -> None:
         """Overwrite non-finite elements with the longdouble value where that one is finite."""
-        if np.finfo(ERROR_DTYPE).max <= np.finfo(np.float64).max:
+        if np.finfo(WIDE_DTYPE).max <= np.finfo(np.float64).max:
             return  # longdouble is float64 here: only mpmath can help
         if self._wide is None:
-            compiler = _Compiler(self.size_names, track_errors=False, value_dtype=ERROR_DTYPE)
+            compiler = _Compiler(self.size_names, track_errors=False, value_dtype=WIDE_DTYPE)
             self._wide = compiler.compile(self.tensor.expr, self.axes, depth=len(self.tensor.indices))
         with np.errstate(all="ignore"):
-            wide = np.broadcast_to(np.asarray(self._wide(ctx)[0], dtype=ERROR_DTYPE), value.shape)
+            wide = np.broadcast_to(np.asarray(self._wide(ctx)[0], dtype=WIDE_DTYPE), value.shape)
             redo = ~np.isfinite(value) & np.isfinite(wide)
             value[redo] = wide[redo].astype(np.float64)  # beyond float64 this is inf: an overflow
             ctx.rescued |= (redo & np.isfinite(value)).reshape(len(value), -1).any(axis=1)
