@@ -39,7 +39,7 @@ from .ops import COMPARISONS, CONCRETE_ONLY, REGISTRY
 from .reference import ERROR_DTYPE, Context, Reference, per_point
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved, reproduction_snippet
 from .settings import stable_seed
-from .strategies import Example, examples
+from .strategies import BATCHED, PER_POINT, Example, examples
 from .subject import CodeFailure, FunctionSubject, ModeUnsupported, SpecSubject, function_name
 from .tolerance import UNIT_ROUNDOFF, allowed_error, representable_limit, underflow_limit
 
@@ -243,7 +243,8 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
             first_failing_call = first_failing_call or calls
             raise _Counterexample(failure)
 
-    test = given(examples(spec, options.dtype, sizes=sizes, tangents=tangents))(agrees)
+    budget = BATCHED if subject is None else PER_POINT
+    test = given(examples(spec, options.dtype, sizes=sizes, tangents=tangents, budget=budget))(agrees)
     # Hypothesis keys kept examples by the test function's source, the same for every spec.
     test._hypothesis_internal_database_key = key
     test = settings(max_examples=max_examples, database=kept, deadline=None, report_multiple_bugs=False,
@@ -359,21 +360,27 @@ class ReferenceSide:
     inside: np.ndarray  # points where every op is inside its domain
     outside: Counter  # the domains the other points are outside of -> number of points
     ambiguous: np.ndarray  # points where a comparison is too close to call in the dtype
-    rescued: np.ndarray  # points where float64 overflowed on the way to a finite value
 
 
 def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: int = 1,
                    forward: bool = False) -> ReferenceSide:
     """The reference at every point of ``example``: values, VJPs, claims, and (as asked) the
     JVP and Hessian-vector products."""
+    ctx, values, inside, outside = reference_values(prepared, example, dtype)
+    return ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, order, forward),
+                         inside, outside, ctx.ambiguous)
+
+
+def reference_values(prepared: Plan, example: Example, dtype: torch.dtype) -> tuple:
+    """(context, node label -> (value, error bound), points inside every domain, the domains
+    the others are outside of) at every point of ``example``."""
     # Inputs carry one rounding each in the error bounds, though they are exact: an algorithm
     # is right when its result is the exact one for inputs perturbed by a rounding (backward
     # stability), so the bounds include the condition number of each formula at the point.
     ctx = Context({name: (array, np.abs(array).astype(ERROR_DTYPE)) for name, array in example.inputs.items()},
                   example.sizes, example.batch, dtype)
     exact = np.zeros((), dtype=ERROR_DTYPE)
-    scalar_output = not prepared.spec.nodes[prepared.spec.output].shape
-    if not scalar_output:
+    if prepared.spec.nodes[prepared.spec.output].shape:
         ctx.env[COTANGENT] = (example.cotangent, np.broadcast_to(exact, example.cotangent.shape))
     for name, tangent in (example.tangents or {}).items():
         ctx.env[tangent_name(name)] = (tangent, np.broadcast_to(exact, tangent.shape))
@@ -385,13 +392,18 @@ def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: 
         values[name] = ctx.env[name] = value, error  # gradient formulas refer to node values
     outside = Counter()
     inside = _inside_domains(prepared, example, values, outside)
-    ctx.hopeless = ~inside
     forward_amplification = _amplification(prepared, example, values, dtype, "forward_condition")
     values = {name: _amplified(pair, forward_amplification) for name, pair in values.items()}
-    amplification = _amplification(prepared, example, values, dtype, "backward_condition")
+    return ctx, values, inside, outside
+
+
+def reference_derivatives(prepared: Plan, example: Example, ctx: Context, values: dict, order: int,
+                          forward: bool) -> tuple:
+    """(VJPs, claims, JVP, Hessian-vector products) in the context of ``reference_values``."""
+    amplification = _amplification(prepared, example, values, ctx.dtype, "backward_condition")
     derivatives = {name: reference(ctx) for name, reference in prepared.gradients.items()}
     # A scalar output's formulas hold no cotangent: its VJP is the gradient times the cotangent.
-    seed = example.cotangent if scalar_output else None
+    seed = None if prepared.spec.nodes[prepared.spec.output].shape else example.cotangent
     gradients = {name: _amplified(_times(pair, seed), amplification, of_terms=True)
                  for name, pair in derivatives.items()}
     claimed = [(claim.reference(ctx), derivatives[claim.wrt] if claim.kind == "grad" else claim.derivative(ctx))
@@ -399,7 +411,7 @@ def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: 
     jvp = _amplified(prepared.forward_mode()(ctx), amplification, of_terms=True) if forward else None
     hvps = ({name: _amplified(_times(reference(ctx), seed), amplification, of_terms=True)
              for name, reference in prepared.second_order().items()} if order == 2 else {})
-    return ReferenceSide(values, gradients, claimed, jvp, hvps, inside, outside, ctx.ambiguous, ctx.rescued)
+    return gradients, claimed, jvp, hvps
 
 
 def _times(pair: tuple, seed) -> tuple:
@@ -474,21 +486,23 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
     for claim, status in zip(prepared.claims, result.claims):
         status.proved = status.proved and claim.proved
-    reference = reference_side(prepared, example, dtype, options.order, forward)
-    rejected.update(reference.outside)
-    keep = reference.inside
-    newly = keep & reference.ambiguous
-    if newly.any():
-        rejected["a comparison, kink or tie is within rounding of its boundary"] += int(newly.sum())
+    result.examples += 1
+    ctx, values, inside, outside = reference_values(prepared, example, dtype)
+    rejected.update(outside)
+    keep = _unambiguous(inside, ctx.ambiguous, rejected)
+    keep = _accepted_points(example.batch, dtype, rejected, keep,
+                            [(f"the value of {n}", value) for n, value in values.items()])
+    if not keep.any():  # the derivatives would be rejected too: a batch of overflows costs little
+        return None
+    reference = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order, forward),
+                              inside, outside, ctx.ambiguous)
     output = spec.output
-    keep = _accepted_points(example.batch, dtype, rejected, keep & ~reference.ambiguous, [
-        *((f"the value of {n}", value) for n, value in reference.values.items()),
+    keep = _accepted_points(example.batch, dtype, rejected, _unambiguous(keep, ctx.ambiguous, rejected), [
         *((f"∂{output}/∂{n}", value) for n, value in reference.gradients.items()),
         *((f"the claimed {c.kind} of {c.wrt}", value) for c, (value, _) in zip(prepared.claims, reference.claimed)),
         *((("the JVP of " + output, reference.jvp),) if reference.jvp is not None else ()),
         *((f"the Hessian-vector product of {n}", value) for n, value in reference.hvps.items()),
     ])
-    result.examples += 1
     if not keep.any():
         return None
     value_shapes = {name: concrete_shape(ref.tensor.shape, example.sizes) for name, ref in prepared.values.items()
@@ -499,15 +513,6 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
     at = example.at(keep)
     try:
         actual_values, actual_gradients, _ = subject.reverse(at, value_shapes, gradient_shapes, dtype)
-        overflowed = _torch_overflowed(actual_values, actual_gradients) & reference.rescued[keep]
-        if overflowed.any():
-            # float64 itself overflowed on the way to these finite values, and so did torch.
-            rejected[f"torch overflows {options.dtype_name} on the way to a finite result"] += int(overflowed.sum())
-            keep[np.flatnonzero(keep)[overflowed]] = False
-            if not keep.any():
-                return None
-            at = example.at(keep)
-            actual_values, actual_gradients, _ = subject.reverse(at, value_shapes, gradient_shapes, dtype)
     except ModeUnsupported as unsupported:
         result.unsupported["dtype"] = str(unsupported)
         return None
@@ -689,12 +694,21 @@ def _inside_domains(prepared: Plan, example: Example, values: dict, rejected: Co
     return keep
 
 
+def _unambiguous(keep: np.ndarray, ambiguous: np.ndarray, rejected: Counter) -> np.ndarray:
+    """``keep`` less the points where a comparison was too close to call, counted."""
+    newly = keep & ambiguous
+    if newly.any():
+        rejected["a comparison, kink or tie is within rounding of its boundary"] += int(newly.sum())
+    return keep & ~ambiguous
+
+
 def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.ndarray, checks: list) -> np.ndarray:
     """Points where every reference value is defined, fits the dtype with room to spare, is
     no subnormal number, and has a finite error bound.
 
     The others are counted by reason and left out: there the math is undefined, or the
-    result overflows or underflows the dtype, or a step on the way does.
+    result overflows or underflows the dtype, or a step on the way does (a NaN from inf - inf
+    on the way counts as that step's overflow).
     """
     keep = keep.copy()
     limit = representable_limit(dtype)
@@ -702,13 +716,14 @@ def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np
     dtype_name = str(dtype).replace("torch.", "")
     for label, (value, error) in checks:
         value, error = value.reshape(batch, -1), error.reshape(batch, -1)
-        defined = ~np.isnan(value).any(axis=1)
+        bounded_elements = np.isfinite(error)
+        defined = ~(np.isnan(value) & bounded_elements).any(axis=1)
         with np.errstate(all="ignore"):
             room = allowed_error(value, error, dtype)
             room = np.where(np.isfinite(room), room, 0)  # an unbounded step has its own reason
-            fits = defined & (np.abs(value) + room <= limit).all(axis=1)
+            fits = ~(np.abs(value) + room > limit).any(axis=1)
         normal = ~((value != 0) & (np.abs(value) < tiny)).any(axis=1)
-        bounded = np.isfinite(error).all(axis=1)
+        bounded = bounded_elements.all(axis=1)
         for reason, bad in ((f"{label} is undefined", ~defined),
                             (f"{label} overflows {dtype_name}", ~fits),
                             (f"{label} underflows {dtype_name}", ~normal),
@@ -718,11 +733,6 @@ def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np
                 rejected[reason] += int(newly.sum())
                 keep &= ~bad
     return keep
-
-
-def _torch_overflowed(values: dict, gradients: dict) -> np.ndarray:
-    arrays = [*values.values(), *gradients.values()]
-    return np.logical_or.reduce([~np.isfinite(a.reshape(len(a), -1)).all(axis=1) for a in arrays])
 
 
 def _compare(reference, error, actual, dtype):

@@ -8,30 +8,25 @@ becomes fancy indexing. Nothing runs per element in Python.
 Beside each value the closures carry a running bound on the rounding error of computing
 that value in floating point, in units of the unit roundoff ``u`` (first-order forward
 error analysis: every operation adds ``|result|``, and each argument's error is scaled by
-the magnitude of the partial derivative with respect to it). Bounds are kept in float64
-(four times faster than long double): where a step of the formula overflows float64 its
-bound is infinite and the point is rejected, even where the value itself is rescued as
-below. ``verify.tolerance`` turns that bound into the tolerance of a comparison, so
+the magnitude of the partial derivative with respect to it). Bounds are kept in float64:
+where a step of the formula overflows float64 its bound is infinite, and the point is
+rejected as one where a step overflows, even if the result is finite (∂/∂x log(1 + exp(x))
+at x = 800). ``verify.tolerance`` turns that bound into the tolerance of a comparison, so
 points where the formula is sensitive get room, and benign points stay tight.
 
-Two more things are found on the way:
+A subexpression that several formulas hold (sin(x[i]) in a value, a gradient and a JVP)
+is computed once per batch of points.
 
-* **Ambiguous points.** A comparison (``where``, a kink, a tie of a maximum) between values
-  that carry rounding error, closer than the tolerance of the dtype under test, could go
-  either way in torch. Such points are marked in ``Context.ambiguous`` and rejected.
-* **Overflow on the way to a finite result.** Where float64 gives inf or NaN, the formula is
-  evaluated again in ``np.longdouble`` (vectorized; on x86 its exponent reaches 1e4932), and
-  what is still not finite, element by element with mpmath at ``PRECISE_DIGITS`` digits.
-  So ∂/∂x log(1 + exp(x)) at x = 800 is 1, not NaN, and x**2 at 1e200 is known to
-  overflow float64 rather than be undefined. What is undefined stays NaN, for the engine
-  to reject.
+**Ambiguous points** are found on the way. A comparison (``where``, a kink, a tie of a
+maximum) between values that carry rounding error, closer than the tolerance of the dtype
+under test, could go either way in torch. Such points are marked in ``Context.ambiguous``
+and rejected.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import time
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -41,17 +36,13 @@ import sympy
 import torch
 from sympy.codegen import cfunctions
 
-from .lower.sympy import OutOfTime, ReducedMax, ReducedMin, Tensor, time_limit
+from .lower.sympy import ReducedMax, ReducedMin, Tensor
 from .tolerance import UNIT_ROUNDOFF, allowed_error, underflow_limit
 
 ERROR_DTYPE = np.float64
-WIDE_DTYPE = np.longdouble  # values that overflow float64 are computed again in it
-PRECISE_DIGITS = 50
-# The mpmath fallback runs per element in Python, so it is bounded per batch of points:
-# elements per formula, terms per element and seconds for all formulas of the batch.
-MAX_PRECISE_ELEMENTS = 64
-MAX_EXPANDED_TERMS = 16
-PRECISE_SECONDS = 0.2
+# A subexpression that several formulas share (sin(x[i]) in the value, the gradient and the
+# JVP) is computed once per batch, while the batch's shared results take up to this many bytes.
+SHARED_BYTES = 2**28
 
 # Numeric twins of the sympy functions that formulas and their derivatives contain.
 NUMPY_FUNCTIONS = {
@@ -108,19 +99,13 @@ class Context:
     batch: int
     dtype: torch.dtype = torch.float64
     indices: dict = field(default_factory=dict)  # index symbol -> integer array
-    bound: dict = field(default_factory=dict)  # dummy argument -> array, for partial derivatives
     ambiguous: np.ndarray = None
-    rescued: np.ndarray = None  # points where float64 overflowed on the way to a finite value
-    hopeless: np.ndarray = None  # points already rejected, not worth the mpmath fallback
-    precise_deadline: float | None = None  # set when the fallback first runs on this batch
+    shared: dict = field(default_factory=dict)  # subexpression key -> (value, error), see _Compiler
+    shared_bytes: int = 0
 
     def __post_init__(self):
         if self.ambiguous is None:
             self.ambiguous = np.zeros(self.batch, dtype=bool)
-        if self.rescued is None:
-            self.rescued = np.zeros(self.batch, dtype=bool)
-        if self.hopeless is None:
-            self.hopeless = np.zeros(self.batch, dtype=bool)
         # Narrower dtypes overflow in steps where float64 does not (pi * x in sinc at 1e38 in
         # float32): such a step makes the error bound infinite, so the point is rejected.
         self.step_limit = float(torch.finfo(self.dtype).max) if self.dtype != torch.float64 else np.inf
@@ -134,7 +119,7 @@ class Context:
         lost = ((magnitude < self.step_tiny) & (magnitude > 0)) | vanished
         if not np.isinf(self.step_limit):
             lost = lost | (magnitude > self.step_limit)
-        return np.where(lost, np.inf, error)
+        return np.where(lost, np.inf, error) if np.any(lost) else error
 
     def mark_ambiguous(self, close):
         close = np.asarray(close, dtype=bool)
@@ -153,10 +138,8 @@ class Reference:
         self._compiled = _Compiler(size_names).compile(tensor.expr, self.axes, depth)
         self._magnitude = None
         if a_priori:
-            magnitudes = _Compiler(size_names, track_errors=False, value_dtype=ERROR_DTYPE)
+            magnitudes = _Compiler(size_names, track_errors=False)
             self._magnitude = magnitudes.compile(_magnitude(tensor.expr), self.axes, depth)
-        self._wide = None  # the same formula computed in longdouble, compiled when first needed
-        self._expanded = {}  # sizes -> the formula with its sums written out, for the mpmath fallback
 
     def __call__(self, ctx: Context) -> tuple:
         shape = tuple(_size(d, ctx.sizes) for d in self.tensor.shape)
@@ -172,51 +155,7 @@ class Reference:
                 magnitude = np.broadcast_to(np.asarray(self._magnitude(ctx)[0], dtype=ERROR_DTYPE), full)
             # A lost step (error NaN) stays lost; an undefined magnitude leaves the bound as it is.
             error = np.where(np.isnan(magnitude), error, np.maximum(error, magnitude))
-        if not np.isfinite(value).all():
-            self._evaluate_wide(ctx, value)
-        if not np.isfinite(value).all():
-            self._evaluate_precisely(ctx, value, error)
         return value, error
-
-    def _evaluate_wide(self, ctx: Context, value: np.ndarray) -> None:
-        """Overwrite non-finite elements with the longdouble value where that one is finite."""
-        if np.finfo(WIDE_DTYPE).max <= np.finfo(np.float64).max:
-            return  # longdouble is float64 here: only mpmath can help
-        if self._wide is None:
-            compiler = _Compiler(self.size_names, track_errors=False, value_dtype=WIDE_DTYPE)
-            self._wide = compiler.compile(self.tensor.expr, self.axes, depth=len(self.tensor.indices))
-        with np.errstate(all="ignore"):
-            wide = np.broadcast_to(np.asarray(self._wide(ctx)[0], dtype=WIDE_DTYPE), value.shape)
-            redo = ~np.isfinite(value) & np.isfinite(wide)
-            value[redo] = wide[redo].astype(np.float64)  # beyond float64 this is inf: an overflow
-            ctx.rescued |= (redo & np.isfinite(value)).reshape(len(value), -1).any(axis=1)
-
-    def _evaluate_precisely(self, ctx: Context, value: np.ndarray, error: np.ndarray) -> None:
-        """Overwrite NaN elements (inf/inf, 0 * inf on the way) with mpmath's value.
-
-        Bounded: formulas whose sums expand past MAX_EXPANDED_TERMS terms at these sizes,
-        and elements past the time budget, stay NaN (rejected as undefined).
-        """
-        key = tuple(sorted(ctx.sizes.items()))
-        if key not in self._expanded:
-            sizes = {sympy.Symbol(n, integer=True, positive=True): sympy.Integer(v) for n, v in ctx.sizes.items()}
-            concrete = self.tensor.expr.xreplace(sizes)
-            small = _expanded_terms(concrete) <= MAX_EXPANDED_TERMS
-            self._expanded[key] = concrete.doit() if small else None
-        expanded = self._expanded[key]
-        if expanded is None:
-            return
-        if ctx.precise_deadline is None:
-            ctx.precise_deadline = time.monotonic() + PRECISE_SECONDS
-        # Where the error bound is lost the point is rejected whatever the value is.
-        undefined = np.isnan(value) & np.isfinite(error) & per_point(~ctx.hopeless, value)
-        for position in np.argwhere(undefined)[:MAX_PRECISE_ELEMENTS]:
-            if time.monotonic() > ctx.precise_deadline:
-                break
-            point, element = int(position[0]), tuple(int(i) for i in position[1:])
-            formula = expanded.xreplace({i: sympy.Integer(v) for i, v in zip(self.tensor.indices, element)})
-            value[(point, *element)] = _precise_value(formula, ctx, point)
-            ctx.rescued[point] |= bool(np.isfinite(value[(point, *element)]))
 
 
 def _magnitude(expr):
@@ -236,43 +175,6 @@ def _magnitude(expr):
     if isinstance(expr, sympy.Sum):
         return sympy.Sum(_magnitude(expr.function), *expr.limits)
     return sympy.Abs(expr)
-
-
-def _expanded_terms(expr) -> int:
-    """How many terms the sums and extrema of ``expr`` (with numeric bounds) write out to."""
-    total = 1
-    for reduction in expr.atoms(sympy.concrete.expr_with_limits.ExprWithLimits):
-        count = 1
-        for _, low, high in reduction.limits:
-            if not (low.is_Integer and high.is_Integer):
-                return MAX_EXPANDED_TERMS + 1
-            count *= int(high - low + 1)
-        total += count
-    return total
-
-
-def _precise_value(formula, ctx: Context, point: int) -> float:
-    """The formula at one point, by mpmath at PRECISE_DIGITS digits; NaN where undefined."""
-    values = {}
-    elements = formula.atoms(sympy.Indexed)
-    for atom in elements:
-        if not all(i.is_Integer for i in atom.indices):
-            return np.nan
-        values[atom] = ctx.env[atom.base.name][0][(point, *(int(i) for i in atom.indices))]
-    arrays = {atom.base.name for atom in elements}
-    for atom in formula.atoms(sympy.Symbol):
-        if atom.name in ctx.env and atom.name not in arrays and not atom.is_integer:
-            values[atom] = ctx.env[atom.name][0][point]
-    try:
-        with time_limit(max(ctx.precise_deadline - time.monotonic(), 1e-3)):  # exp(exp(x)) can take forever
-            exact = formula.xreplace({a: sympy.Float(float(v), PRECISE_DIGITS) for a, v in values.items()})
-            result = exact.evalf(PRECISE_DIGITS)
-    except (OutOfTime, ValueError, ArithmeticError):  # mpmath at a pole, or into complex numbers
-        return np.nan
-    if not (result.is_number and result.is_extended_real and result.is_finite):
-        return np.nan
-    with np.errstate(over="ignore"):
-        return float(result)
 
 
 def per_point(array, like):
@@ -296,12 +198,21 @@ def _wide(array):
     return np.abs(np.asarray(array, dtype=ERROR_DTYPE))
 
 
+def _plus(total: np.ndarray, term):
+    """``total + term``, in place when ``total`` (a fresh array) has the shape of the sum:
+    at 10**6 elements a new array costs more in page faults than the addition."""
+    if total.shape == np.broadcast_shapes(total.shape, np.shape(term)):
+        return np.add(total, term, out=total)
+    return total + term
+
+
 def _scaled(error, factor):
     """``error * |factor|``, where an exact operand (error 0) stays exact even if factor is inf,
     and a step that lost its precision (error inf) stays lost even through a zero factor."""
     scaled = error * np.abs(factor)
-    undefined = np.isnan(scaled)  # only 0 * inf and inf * 0 make NaN here: rare, so mended after
-    if undefined.any():
+    # Only 0 * inf and inf * 0 make NaN here (the terms are >= 0): rare, so mended after.
+    if np.isnan(np.sum(scaled)):
+        undefined = np.isnan(scaled)
         scaled = np.where(undefined & np.isinf(error), np.inf, scaled)
         scaled = np.where(undefined & np.equal(error, 0), 0.0, scaled)
     return scaled
@@ -309,6 +220,12 @@ def _scaled(error, factor):
 
 def _product(arrays):
     return functools.reduce(np.multiply, arrays)
+
+
+def _product_except(arrays: list, left_out: tuple):
+    """The product of ``arrays`` but those at the positions ``left_out``, scalars first."""
+    kept = sorted((a for k, a in enumerate(arrays) if k not in left_out), key=np.ndim)
+    return _product(kept) if kept else 1.0
 
 
 def _spans_whole(positions: np.ndarray, size: int) -> bool:
@@ -343,22 +260,56 @@ def _too_close(ctx: Context, left, right, error) -> np.ndarray:
 class _Compiler:
     """One method per sympy class, found along the class's MRO as sympy's printers do."""
 
-    def __init__(self, size_names: frozenset, track_errors: bool = True, value_dtype=np.float64):
+    def __init__(self, size_names: frozenset, track_errors: bool = True):
         self.size_names = size_names
         self.track_errors = track_errors
-        self.value_dtype = value_dtype
 
     def compile(self, expr, axes: dict, depth: int):
         if self.track_errors and expr.is_integer and not expr.has(sympy.Indexed):
             # Index and size arithmetic (i - n, m + n) is exact.
-            exact = _Compiler(self.size_names, track_errors=False, value_dtype=self.value_dtype)
+            exact = _Compiler(self.size_names, track_errors=False)
             compiled = exact.compile(expr, axes, depth)
             return lambda ctx: (compiled(ctx)[0], 0.0)
         for cls in type(expr).__mro__:
             method = getattr(self, "_" + cls.__name__, None)
             if method is not None:
-                return method(expr, axes, depth)
+                return self._shared(expr, axes, depth, method(expr, axes, depth))
         raise UnsupportedFormula(f"no numeric rule for {type(expr).__name__} in {expr}")
+
+    def _shared(self, expr, axes, depth, compiled):
+        """``compiled``, evaluated once per context for all formulas that hold ``expr``.
+
+        Two occurrences give the same arrays when their free indices sit on the same axes
+        and span the same ranges, whatever the indices are called: the key names each index
+        by its axis, and the spans are read at evaluation time. Leaves are cheap, so they are
+        not shared.
+        """
+        symbols = expr.free_symbols
+        placed = {s: axes[s] for s in symbols if s in axes}
+        if expr.is_Atom or isinstance(expr, sympy.Indexed) or any(
+                s.is_integer and s not in placed and s.name not in self.size_names for s in symbols):
+            return compiled
+        canonical = expr.xreplace({s: sympy.Symbol(f"axis {a}", integer=True) for s, a in placed.items()})
+        indices = sorted(placed, key=placed.__getitem__)
+        static = (canonical, depth)
+        track_errors = self.track_errors
+
+        def shared(ctx):
+            spans = tuple((int(ctx.indices[s].flat[0]), ctx.indices[s].size) for s in indices)
+            key = (static, spans, track_errors)
+            found = ctx.shared.get(key)
+            if found is None and not track_errors:  # a value with its error bound serves too
+                found = ctx.shared.get((static, spans, True))
+            if found is not None:
+                return found
+            result = compiled(ctx)
+            size = sum(np.asarray(part).nbytes for part in result)
+            if ctx.shared_bytes + size <= SHARED_BYTES:
+                ctx.shared[key] = result
+                ctx.shared_bytes += size
+            return result
+
+        return shared
 
     def _mark_ambiguous(self, ctx, close):
         # Without tracked errors there is no rounding to judge closeness by.
@@ -394,11 +345,9 @@ class _Compiler:
             return lambda ctx: (_pad(ctx.indices[expr], depth), 0.0)
 
         def variable(ctx):
-            if expr in ctx.bound:
-                return ctx.bound[expr], 0.0
             value, error = ctx.env[expr.name]
             shape = (ctx.batch,) + (1,) * depth
-            return np.asarray(value, dtype=self.value_dtype).reshape(shape), error.reshape(shape)
+            return np.asarray(value, dtype=np.float64).reshape(shape), error.reshape(shape)
 
         return variable
 
@@ -414,19 +363,21 @@ class _Compiler:
             value, error = ctx.env[name]
             if whole and all(_spans_whole(ctx.indices[i], value.shape[k + 1]) for k, i in enumerate(expr.indices)):
                 error = np.broadcast_to(error, value.shape)
-                return (np.asarray(_placed(value, own_axes, depth), dtype=self.value_dtype),
+                return (np.asarray(_placed(value, own_axes, depth), dtype=np.float64),
                         _placed(error, own_axes, depth))
             where = (np.arange(ctx.batch).reshape((ctx.batch,) + (1,) * depth),)
             # Clipped: a Piecewise evaluates every branch, also where its own index is out of range.
             where += tuple(np.clip(np.asarray(p(ctx)[0], dtype=np.int64), 0, value.shape[axis + 1] - 1)
                            for axis, p in enumerate(positions))
-            return np.asarray(value[where], dtype=self.value_dtype), error[where]
+            return np.asarray(value[where], dtype=np.float64), error[where]
 
         return indexed
 
     # -- arithmetic ----------------------------------------------------------------------
     def _Add(self, expr, axes, depth):
         terms = self._args(expr, axes, depth)
+        if not self.track_errors:
+            return lambda ctx: (sum(t(ctx)[0] for t in terms), 0.0)
 
         def add(ctx):
             values, errors = zip(*(t(ctx) for t in terms))
@@ -438,21 +389,21 @@ class _Compiler:
 
     def _Mul(self, expr, axes, depth):
         factors = self._args(expr, axes, depth)
+        if not self.track_errors:
+            return lambda ctx: (_product([f(ctx)[0] for f in factors]), 0.0)
 
         def mul(ctx):
             values, errors = zip(*(f(ctx) for f in factors))
             product = _product(values)
-            error = (len(values) - 1) * _wide(product)
-            for k, e in enumerate(errors):
-                if np.any(e):
-                    others = [v for j, v in enumerate(values) if j != k]
-                    error = error + _scaled(e, _product(map(_wide, others)) if others else 1.0)
+            magnitudes = [_wide(v) for v in values]
             carrying = [k for k, e in enumerate(errors) if np.any(e)]
+            error = (len(values) - 1) * _wide(product)
+            for k in carrying:
+                error = _plus(error, _scaled(errors[k], _product_except(magnitudes, (k,))))
             for a, b in itertools.combinations(carrying, 2):
                 # Second order: two factors that both carry error, near zero both (e.g. cancelled).
-                others = [_wide(v) for j, v in enumerate(values) if j not in (a, b)]
-                scale = _product(others) if others else 1.0
-                error = error + _scaled(_wide(errors[a]) * _wide(errors[b]) * UNIT_ROUNDOFF[ctx.dtype], scale)
+                error = _plus(error, _scaled(np.multiply(errors[a], errors[b]) * UNIT_ROUNDOFF[ctx.dtype],
+                                             _product_except(magnitudes, (a, b))))
             vanished = np.equal(product, 0)
             for v in values:
                 vanished = vanished & np.not_equal(v, 0)
@@ -462,10 +413,12 @@ class _Compiler:
 
     def _Pow(self, expr, axes, depth):
         base, exponent = self._args(expr, axes, depth)
+        if not self.track_errors:
+            return lambda ctx: (np.power(np.asarray(base(ctx)[0], dtype=np.float64), exponent(ctx)[0]), 0.0)
 
         def power(ctx):
             (b, b_error), (p, p_error) = base(ctx), exponent(ctx)
-            b = np.asarray(b, dtype=self.value_dtype)
+            b = np.asarray(b, dtype=np.float64)
             value = np.power(b, p)
             wide_base = np.asarray(b, dtype=ERROR_DTYPE)
             error = _wide(value) + _scaled(b_error, p * np.power(wide_base, np.asarray(p, dtype=ERROR_DTYPE) - 1))
@@ -500,13 +453,16 @@ class _Compiler:
         if not self.track_errors:
             return lambda ctx: (numeric(*(a(ctx)[0] for a in arguments)), 0.0)
         dummies, derivatives = _partials(type(expr), len(arguments))
+        at_arguments = dict(zip(dummies, expr.args))
         # Partials only scale errors, so they need no error bounds of their own (and tanh's
-        # derivative holds tanh again).
-        values_only = _Compiler(self.size_names, track_errors=False, value_dtype=self.value_dtype)
-        partials = [values_only.compile(p, {}, depth) for p in derivatives]
+        # derivative holds tanh again). Written in the arguments, cos(x[i]) in sin's partial
+        # is shared with the cos(x[i]) of a gradient formula.
+        values_only = _Compiler(self.size_names, track_errors=False)
+        partials = [values_only.compile(p.xreplace(at_arguments), axes, depth) for p in derivatives]
         # Second order, for one argument: sin(pi * x) at a half-integer x has a zero first
         # derivative, and the rounding of pi * x still moves it by |sin''| * error**2 / 2.
-        curvature = values_only.compile(_second_partial(type(expr)), {}, depth) if len(arguments) == 1 else None
+        curvature = (values_only.compile(_second_partial(type(expr)).xreplace(at_arguments), axes, depth)
+                     if len(arguments) == 1 else None)
 
         special = type(expr) in SPECIAL_FUNCTIONS
         never_zero = type(expr) in NEVER_ZERO
@@ -520,7 +476,6 @@ class _Compiler:
             if any(np.any(e) for e in errors):
                 if jumps:
                     ctx.mark_ambiguous(_too_close(ctx, values[0], 0.0, errors[0]))
-                ctx.bound.update(zip(dummies, (np.asarray(v, dtype=ERROR_DTYPE) for v in values)))
                 for partial, e in zip(partials, errors):
                     error = error + _scaled(e, partial(ctx)[0])
                 if curvature is not None:
@@ -546,7 +501,7 @@ class _Compiler:
         def tie(ctx):
             (value, error), (extremum, _) = value_fn(ctx), extremum_fn(ctx)
             self._mark_ambiguous(ctx, _too_close(ctx, value, extremum, _wide(error)) & (value != extremum))
-            return np.equal(value, extremum).astype(self.value_dtype), 0.0
+            return np.equal(value, extremum).astype(np.float64), 0.0
 
         return tie
 
@@ -597,6 +552,7 @@ class _Compiler:
         body = self.compile(expr.function, inner_axes, inner_depth)
         summed = tuple(range(depth + 1, inner_depth + 1))
         kind = type(expr)
+        track_errors = self.track_errors
 
         def total(ctx):
             inside = True
@@ -606,11 +562,15 @@ class _Compiler:
                 ctx.indices[index] = span
                 inside = inside & (span >= low) & (span <= high)
             value, error = body(ctx)
-            value = np.asarray(value, dtype=self.value_dtype)
+            value = np.asarray(value, dtype=np.float64)
             shape = np.broadcast_shapes(np.shape(_pad(value, inner_depth)), np.shape(inside))
-            value = np.where(inside, np.broadcast_to(_pad(value, inner_depth), shape), neutral)
-            error = np.where(inside, np.broadcast_to(_pad(np.asarray(error, dtype=ERROR_DTYPE), inner_depth), shape), 0)
+            value = np.broadcast_to(_pad(value, inner_depth), shape)
+            if not np.all(inside):  # the index arrays are small: this is cheap
+                value = np.where(inside, value, neutral)
             result = reduce(value, axis=summed)
+            if not track_errors:
+                return result, 0.0
+            error = np.where(inside, np.broadcast_to(_pad(np.asarray(error, dtype=ERROR_DTYPE), inner_depth), shape), 0)
             if kind is sympy.Sum:
                 magnitude = _wide(value).sum(axis=summed)  # partial sums may reach it, in any order
                 return result, ctx.guard(magnitude, error.sum(axis=summed) + magnitude)
@@ -634,7 +594,7 @@ class _Compiler:
             values, errors, conditions = [], [], []
             for value_fn, cond_fn in branches:
                 value, error = value_fn(ctx)
-                values.append(np.asarray(value, dtype=self.value_dtype))
+                values.append(np.asarray(value, dtype=np.float64))
                 errors.append(np.asarray(error, dtype=ERROR_DTYPE))
                 conditions.append(np.asarray(cond_fn(ctx)[0], dtype=bool))
             shape = np.broadcast_shapes(*(np.shape(a) for a in values + errors + conditions))

@@ -25,10 +25,21 @@ from .tolerance import representable_limit, underflow_limit
 
 DEFAULT_SIZES = (1, 8)
 MAX_BATCH = 8
-# An example carries up to as many points as fit in this many input elements (and at most
-# MAX_POINTS), so that per-example costs spread over many points.
-ELEMENT_BUDGET = 2**12
-MAX_POINTS = 1024
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An example carries up to as many points as fit in ``elements`` input elements, and at
+    most ``points``, so that per-example costs spread over many points."""
+
+    elements: int
+    points: int
+
+
+# The spec's own lowering evaluates a whole batch in one torch call; a user's function is
+# called once per point, where a large batch buys nothing and costs Python calls.
+BATCHED = Budget(elements=2**16, points=2**12)
+PER_POINT = Budget(elements=2**12, points=2**10)
 # Arrays up to this many elements are drawn element by element, which shrinks best; larger
 # ones are materialized by numpy from what Hypothesis draws (a seed, a magnitude regime, and
 # special values with their positions), so a 10**6-element input costs a few draws.
@@ -182,9 +193,9 @@ def _materialized(draw, domain: Domain, dtype: torch.dtype, shape: tuple, wide: 
     return array.reshape(shape)
 
 
-def points_per_example(spec: Spec, sizes: dict) -> int:
+def points_per_example(spec: Spec, sizes: dict, budget: Budget = BATCHED) -> int:
     per_point = sum(math.prod(concrete_shape(declared.shape, sizes)) for declared in spec.inputs.values())
-    return max(1, min(MAX_POINTS, ELEMENT_BUDGET // max(per_point, 1)))
+    return max(1, min(budget.points, budget.elements // max(per_point, 1)))
 
 
 def _draw_points(draw, spec: Spec, dtype: torch.dtype, sizes: dict, batch: int, tangents: bool,
@@ -200,16 +211,18 @@ def _draw_points(draw, spec: Spec, dtype: torch.dtype, sizes: dict, batch: int, 
 
 
 @st.composite
-def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = False) -> Example:
-    """Sizes for the size symbols not fixed by ``sizes``, then a batch of points, a random
-    cotangent for the output and (``tangents``) a random tangent for each input.
+def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = False,
+             budget: Budget = BATCHED) -> Example:
+    """Sizes for the size symbols not fixed by ``sizes``, then a batch of points (as many as
+    ``budget`` allows), a random cotangent for the output and (``tangents``) a random tangent
+    for each input.
 
     The batch is a few points drawn element by element, and often a bulk of many more that
     numpy materializes, up to the element budget. The shrinker can drop the bulk and keep
     the few: a failure that any point shows ends at one minimal point.
     """
     chosen = _draw_sizes(draw, spec, sizes)
-    most = points_per_example(spec, chosen)
+    most = points_per_example(spec, chosen, budget)
     # Decided before the few are drawn: the shrinker tries dropping the bulk while the few
     # are still as found, before it simplifies them.
     with_bulk = draw(st.booleans(), label="a bulk of points")
