@@ -3,11 +3,12 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from hypothesis import given, settings
 
 import verify
-from verify.fuzz import fuzz, fuzzable_ops, save, spec_texts
+from verify.fuzz import PATHS, SECOND_ORDER_PATHS, check_paths, fuzz, fuzzable_ops, save, spec_texts
 from verify.ops import REGISTRY
 
 
@@ -34,6 +35,22 @@ def test_the_fuzzer_is_deterministic_with_a_seed(plant_torch_form):
     assert runs[0] and runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "eager"])
+def test_each_torch_func_path_agrees_on_correct_ops_and_catches_a_planted_bug(path, plant_torch_form):
+    text = "x: Real[n]\ny: Real\no = sum(sin(x) * exp(y * x))\n"
+    order = 2 if path in SECOND_ORDER_PATHS else 1
+    assert check_paths(text, paths=(path,), order=order, modes=("rev",), max_examples=5) is None
+    _plant_sin_bug(plant_torch_form)
+    finding = check_paths(text, paths=(path,), order=order, modes=("rev",), max_examples=5)
+    assert finding is not None and finding.path == path and "sin" in finding.ops
+
+
+def test_the_hessian_path_runs_at_second_order_only(plant_torch_form):
+    _plant_sin_bug(plant_torch_form)  # found by every path that runs
+    assert check_paths("x: Real[n]\no = sum(sin(x))\n", paths=("func.hessian",), order=1) is None
+    assert check_paths("x: Real[n]\no = sum(sin(x))\n", paths=("func.hessian",), order=2) is not None
+
+
 @settings(max_examples=50, deadline=None)
 @given(spec_texts(["exp", "sin"]))
 def test_generated_specs_parse_and_use_only_the_chosen_ops(text):
@@ -53,3 +70,10 @@ def test_the_fuzz_command_over_correct_ops_finds_nothing_and_exits_0(tmp_path):
                                capture_output=True, text=True, timeout=300, check=False)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "0 finding(s)" in completed.stdout
+
+
+def test_an_unknown_path_is_a_usage_error(tmp_path):
+    completed = subprocess.run(["verify", "fuzz", "--paths", "eager,func.nope", "--out", str(tmp_path)],
+                               capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 2 and "--paths takes eager" in completed.stdout + completed.stderr
+    assert "Traceback" not in completed.stderr

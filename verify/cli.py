@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--max-examples", type=int, default=200, metavar="N", help="specs per search round")
     fuzz.add_argument("--time", type=float, default=600.0, metavar="SECONDS", help="time budget (default 600)")
     fuzz.add_argument("--modes", default="rev,fwd", help="comma-separated: rev, fwd, order2 (default rev,fwd)")
+    fuzz.add_argument("--paths", help="comma-separated AD paths: eager, func.vjp, func.grad, func.jacrev, "
+                      "func.jacfwd, func.vmap, func.hessian (default: all; func.hessian needs order2)")
     fuzz.add_argument("--dtype", choices=DTYPES, default="float64")
     fuzz.add_argument("--seed", type=int, default=0)
     fuzz.add_argument("--out", default="fuzz-findings", metavar="DIR",
@@ -173,7 +175,7 @@ class Progress:
 
 def _fuzz(arguments) -> int:
     """Exit 0 when the run found nothing, 1 when it found something (each saved under --out)."""
-    from verify.fuzz import fuzz, fuzzable_ops, save
+    from verify.fuzz import PATHS, fuzz, fuzzable_ops, save
 
     known = fuzzable_ops()
     ops = [o.strip() for o in arguments.ops.split(",")] if arguments.ops else known
@@ -184,6 +186,9 @@ def _fuzz(arguments) -> int:
     if not words or words - {"rev", "fwd", "order2"}:
         raise UsageError(f"--modes takes rev, fwd and order2; got {arguments.modes!r}")
     modes = tuple(m for m in ("rev", "fwd") if m in words) or ("rev",)
+    paths = tuple(p.strip() for p in arguments.paths.split(",") if p.strip()) if arguments.paths else PATHS
+    if not paths or set(paths) - set(PATHS):
+        raise UsageError(f"--paths takes {', '.join(PATHS)}; got {arguments.paths!r}")
     out = Path(arguments.out)
     count = 0
 
@@ -194,8 +199,8 @@ def _fuzz(arguments) -> int:
         print(f"finding {count}: {finding.check} along {finding.path}; ops {', '.join(finding.ops)}", flush=True)
         print(f"  {spec_path}\n  {script_path}", flush=True)
 
-    fuzz(ops=ops, max_examples=arguments.max_examples, seconds=arguments.time, order=2 if "order2" in words else 1,
-         modes=modes, dtype=_dtype(arguments.dtype), seed=arguments.seed, on_finding=report)
+    fuzz(ops=ops, max_examples=arguments.max_examples, seconds=arguments.time, paths=paths,
+         order=2 if "order2" in words else 1, modes=modes, dtype=_dtype(arguments.dtype), seed=arguments.seed, on_finding=report)
     print(f"\n{count} finding(s)")
     return ExitCode.MISMATCH if count else ExitCode.OK
 

@@ -5,9 +5,12 @@ inputs that broadcast), and each is checked through:
 
 * ``eager``: torch's autograd on the spec's lowering (values, VJPs, JVPs by forward AD, and
   with ``order2`` Hessian-vector products by double backward and forward over reverse);
-* ``func.vjp``, ``func.jacrev``, ``func.jacfwd``: the same function, with its backward computed
-  by those ``torch.func`` transforms (jacrev is vmap over vjp, jacfwd vmap over jvp), and with
-  ``order2`` differentiated again by autograd.
+* ``func.vjp``, ``func.grad``, ``func.jacrev``, ``func.jacfwd``: the same function, with its
+  backward computed by those ``torch.func`` transforms (jacrev is vmap over vjp, jacfwd vmap
+  over jvp), and with ``order2`` differentiated again by autograd;
+* ``func.vmap``: the backward is ``vmap(grad(f))`` over a batch of copies of the point, so
+  torch's batching rules are checked too;
+* ``func.hessian`` (with ``order2`` only): Hessian-vector products from ``torch.func.hessian``.
 
 Points where the math is undefined, kinks, ties and untaken ``where`` branches are rejected by
 the engine under the registry's rules, so a finding is a discrepancy at a point where the math is
@@ -32,7 +35,8 @@ from hypothesis import strategies as st
 from .errors import Mismatch, SpecError, Unchecked
 from .ops import REGISTRY
 
-PATHS = ("eager", "func.vjp", "func.jacrev", "func.jacfwd")
+PATHS = ("eager", "func.vjp", "func.grad", "func.jacrev", "func.jacfwd", "func.vmap", "func.hessian")
+SECOND_ORDER_PATHS = ("func.hessian",)  # the same as func.vjp at first order
 BINARY = ("+", "-", "*", "/")
 INNER_EXAMPLES = 10
 
@@ -95,6 +99,8 @@ def check_paths(text: str, paths=PATHS, order: int = 1, modes=("rev", "fwd"), dt
 
     spec = verify.parse(text)
     for path in paths:
+        if path in SECOND_ORDER_PATHS and order < 2:
+            continue
         try:
             if path == "eager":
                 verify.check(spec, seed=seed, dtype=dtype, order=order, modes=modes, max_examples=max_examples)
@@ -126,12 +132,45 @@ def transformed(spec, path: str):
         batched = {name: t.unsqueeze(0) for name, t in zip(names, tensors)}  # the program runs on batches
         return program.run(batched, sizes, tensors[0].dtype, retain=False)[spec.output][0]
 
+    argnums = tuple(range(len(names)))
+
+    def weighted(grad):
+        return lambda *tensors: (function(*tensors) * grad).sum()
+
     def backward(tensors, grad):
         if path == "func.vjp":
             return torch.func.vjp(function, *tensors)[1](grad)
+        if path == "func.grad":
+            return torch.func.grad(weighted(grad), argnums=argnums)(*tensors)
+        if path == "func.vmap":
+            per_copy = torch.func.vmap(torch.func.grad(weighted(grad), argnums=argnums))
+            return tuple(g[0] for g in per_copy(*(torch.stack([t, t]) for t in tensors)))
+        if path == "func.hessian":
+            return HessianVJP.apply(grad, *tensors)
         jacobian = {"func.jacrev": torch.func.jacrev, "func.jacfwd": torch.func.jacfwd}[path]
-        jacobians = jacobian(function, argnums=tuple(range(len(tensors))))(*tensors)
+        jacobians = jacobian(function, argnums=argnums)(*tensors)
         return tuple(torch.tensordot(grad, j, dims=grad.dim()) for j in jacobians)
+
+    class HessianVJP(torch.autograd.Function):
+        """The VJP, whose own derivative (what double backward asks for) comes from
+        torch.func.hessian of grad · f, and from the JVP for the cotangent."""
+
+        @staticmethod
+        def forward(grad, *tensors):
+            return torch.func.vjp(function, *tensors)[1](grad)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx, *directions):
+            grad, *tensors = ctx.saved_tensors
+            hessians = torch.func.hessian(weighted(grad), argnums=argnums)(*tensors)
+            products = tuple(sum(torch.tensordot(hessians[i][j], v, dims=v.dim()) for j, v in enumerate(directions))
+                             for i in argnums)
+            along = torch.func.jvp(function, tuple(tensors), directions)[1]
+            return (along, *products)
 
     class Transformed(torch.autograd.Function):
         @staticmethod
