@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 
 import verify
-from verify.fuzz import PATHS, SECOND_ORDER_PATHS, check_paths, fuzz, fuzzable_ops, save, spec_texts
+from verify.fuzz import PATHS, SECOND_ORDER_PATHS, Finding, check_paths, fuzz, fuzzable_ops, save, spec_texts
 from verify.ops import REGISTRY
 
 
@@ -77,3 +77,16 @@ def test_an_unknown_path_is_a_usage_error(tmp_path):
                                capture_output=True, text=True, timeout=120, check=False)
     assert completed.returncode == 2 and "--paths takes eager" in completed.stdout + completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_a_zero_tensor_from_torch_func_is_a_zero_not_an_error():
+    # jacfwd's double backward of x + 0 * x hands back a ZeroTensor, which numpy() refuses.
+    assert check_paths("x: Real[n]\no = x + 0 * x\n", paths=("func.jacfwd",), order=2, max_examples=5) is None
+
+
+def test_an_error_of_verify_itself_is_saved_as_a_spec_with_the_error(tmp_path):
+    finding = Finding("x: Real[n]\no = sin(x)\n", "func.vjp", "verify raised RuntimeError", (),
+                      "RuntimeError: boom", None)
+    spec_path, script_path = save(finding, tmp_path, 1)
+    assert script_path is None and "RuntimeError: boom" in spec_path.read_text()
+    assert verify.parse(spec_path.read_text()).output == "o"

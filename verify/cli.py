@@ -197,7 +197,7 @@ def _fuzz(arguments) -> int:
         count += 1
         spec_path, script_path = save(finding, out, count, _dtype(arguments.dtype))
         print(f"finding {count}: {finding.check} along {finding.path}; ops {', '.join(finding.ops)}", flush=True)
-        print(f"  {spec_path}\n  {script_path}", flush=True)
+        print(f"  {spec_path}" + (f"\n  {script_path}" if script_path else ""), flush=True)
 
     fuzz(ops=ops, max_examples=arguments.max_examples, seconds=arguments.time, paths=paths,
          order=2 if "order2" in words else 1, modes=modes, dtype=_dtype(arguments.dtype), seed=arguments.seed, on_finding=report)

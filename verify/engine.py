@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, Verbosity, given, settings
+from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
 
@@ -247,8 +247,10 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     test = given(examples(spec, options.dtype, sizes=sizes, tangents=tangents, budget=budget))(agrees)
     # Hypothesis keys kept examples by the test function's source, the same for every spec.
     test._hypothesis_internal_database_key = key
+    # No explain phase: it reruns a failing example many times over to annotate Hypothesis's
+    # own report, which verify replaces with its own.
     test = settings(max_examples=max_examples, database=kept, deadline=None, report_multiple_bugs=False,
-                    verbosity=Verbosity.quiet,
+                    verbosity=Verbosity.quiet, phases=[p for p in Phase if p is not Phase.explain],
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(hypothesis_seed(seed)(test))
     try:
         test()

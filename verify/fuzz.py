@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, Verbosity, given, settings
+from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
@@ -215,7 +215,8 @@ def fuzz(*, ops: list | None = None, max_examples: int = 200, seconds: float = 6
         found.clear()
 
         @settings(max_examples=max_examples, database=None, deadline=None, verbosity=Verbosity.quiet,
-                  report_multiple_bugs=False, suppress_health_check=list(HealthCheck))
+                  report_multiple_bugs=False, suppress_health_check=list(HealthCheck),
+                  phases=[p for p in Phase if p is not Phase.explain])  # each rerun checks a spec
         @hypothesis_seed(seed + round_number)
         @given(spec_texts(ops))
         def search(text):
@@ -247,9 +248,15 @@ class _NewFinding(Exception):
 
 def save(finding: Finding, directory: Path, number: int, dtype=torch.float64) -> tuple:
     """Write the finding as ``finding-N.vspec`` (the failing point as its example) and
-    ``finding-N.py`` (a torch script that shows it without verify). Returns both paths."""
+    ``finding-N.py`` (a torch script that shows it without verify). Returns both paths; the
+    script's is None for an error of verify itself, whose spec file holds the error instead."""
     directory.mkdir(parents=True, exist_ok=True)
     failure = finding.failure
+    spec_path = directory / f"finding-{number}.vspec"
+    if failure is None:
+        spec_path.write_text(f"# {finding.check} along {finding.path}: a bug of verify, please report it\n"
+                             + "".join(f"# {line}\n" for line in finding.report.splitlines()) + finding.spec)
+        return spec_path, None
     point = {name: np.asarray(value).tolist() for name, value in failure.inputs.items()
              if name in _declared(finding.spec)}
     lines = []
@@ -258,7 +265,6 @@ def save(finding: Finding, directory: Path, number: int, dtype=torch.float64) ->
         lines.append(f"{line} = {point[name]!r}" if ":" in line and name in point else line)
     header = (f"# {finding.check} check failed along {finding.path}; ops {', '.join(finding.ops)}\n"
               f"# sympy: {np.asarray(failure.reference).tolist()!r}\n# torch: {np.asarray(failure.actual).tolist()!r}\n")
-    spec_path = directory / f"finding-{number}.vspec"
     spec_path.write_text(header + "\n".join(lines) + "\n")
     script_path = directory / f"finding-{number}.py"
     script_path.write_text(_script(finding, dtype))

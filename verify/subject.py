@@ -47,7 +47,8 @@ def _unsupported(exc: Exception) -> bool:
 def _array(tensor, shape) -> np.ndarray:
     if tensor is None:  # no path from the output: the derivative is 0
         return np.zeros(shape)
-    return np.broadcast_to(tensor.detach().to("cpu", torch.float64).numpy(), shape).copy()
+    # force: torch.func may hand back a ZeroTensor, a zero that numpy() refuses without it.
+    return np.broadcast_to(tensor.detach().to("cpu", torch.float64).numpy(force=True), shape).copy()
 
 
 class SpecSubject:
