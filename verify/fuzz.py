@@ -281,7 +281,8 @@ def _script(finding: Finding, dtype) -> str:
     names = _declared(finding.spec)
     expression = next(line for line in finding.spec.splitlines() if line.startswith("o = "))[4:]
     functions = sorted(set(re.findall(r"\b(\w+)\(", expression)) - {"sum"})
-    lines = ['"""A discrepancy between torch and the exact derivative, found by `verify fuzz`."""', "import torch", ""]
+    lines = ['"""A discrepancy between torch and the exact derivative, found by `verify fuzz`."""', "import torch",
+             "torch.set_printoptions(precision=17)  # the digits where torch and the exact value part", ""]
     lines += [f"{op} = {_torch_name(op)}" for op in functions]
     lines += ["sum = torch.sum", "", f"def f({', '.join(names)}):", f"    return {expression}", ""]
     dtype_name = str(dtype).replace("torch.", "")

@@ -164,9 +164,13 @@ def reproduction_snippet(fn_name: str, check: str, inputs: dict, cotangent, tang
     if check == "value":
         lines.append("print(out)")
     elif check == "HVP":
-        lines.append(f"grads = torch.autograd.grad(out, [{names}], {tensor(cotangent)}, create_graph=True)")
-        lines.append(f"print(torch.autograd.grad(grads, [{names}], "
-                     f"[{', '.join(tensor(tangents[n]) for n in inputs)}], allow_unused=True))")
+        # An input the output does not use has no gradient (None): it adds nothing to the HVP.
+        lines.append(f"grads = torch.autograd.grad(out, [{names}], {tensor(cotangent)}, create_graph=True, "
+                     "allow_unused=True)")
+        lines.append(f"tangents = [{', '.join(tensor(tangents[n]) for n in inputs)}]")
+        lines.append("used = [(g, t) for g, t in zip(grads, tangents) if g is not None]")
+        lines.append(f"print(torch.autograd.grad([g for g, _ in used], [{names}], [t for _, t in used], "
+                     "allow_unused=True))")
     else:
         lines.append(f"out.backward({tensor(cotangent)})")
         lines.append(f"print({', '.join(n + '.grad' for n in inputs)})")
