@@ -529,26 +529,27 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
             inputs.update({f"tangent of {name}": t[point] for name, t in at.tangents.items()})
         return inputs
 
-    def compared(check, subject_text, label, pair, actual, formula, tangents=False, **details):
+    def compared(check, subject_text, label, pair, actual, formula: tuple, tangents=False, **details):
+        """``formula`` is (its label, its Tensor): printed only for a failure, as sympy prints slowly."""
         value, error = pair
         found = _compare(value[keep], error[keep], actual, dtype)
         if found is None:
             return None
         point, allowed = found
-        return Failure(check, subject_text, formula, shown(point, tangents), example.sizes, value[keep][point],
+        return Failure(check, subject_text, _formula(*formula), shown(point, tangents), example.sizes, value[keep][point],
                        actual[point], allowed, line=_line(spec, label),
                        snippet=_snippet(subject, check, at, point, options), point=_only(at, point), **details)
 
     for name, actual in actual_values.items():
         failure = compared("value", f"the value of {name}", name, reference.values[name], actual,
-                           _formula(name, prepared.values[name].tensor))
+                           (name, prepared.values[name].tensor))
         if failure is not None:
             return failure
     if "rev" in options.modes:
         for name in _backward_order(spec, actual_gradients):
             blame = _blame(spec, name) if isinstance(subject, SpecSubject) else ""
             failure = compared("gradient", f"∂{output}/∂{name}", name, reference.gradients[name],
-                               actual_gradients[name], _formula(f"∂{output}/∂{name}", prepared.gradients[name].tensor),
+                               actual_gradients[name], (f"∂{output}/∂{name}", prepared.gradients[name].tensor),
                                blame=blame)
             if failure is not None:
                 return failure
@@ -565,7 +566,7 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
             return _code_failure(failed, subject, at, options)
         else:
             failure = compared("JVP", f"the JVP of {output}", output, reference.jvp, actual,
-                               _formula(f"JVP of {output}", prepared.forward_mode().tensor), tangents=True)
+                               (f"JVP of {output}", prepared.forward_mode().tensor), tangents=True)
             if failure is not None:
                 return failure
     if options.order == 2:
@@ -590,7 +591,7 @@ def _second_order(prepared, subject, at, reference, options, result, compared):
         except CodeFailure as failed:
             return _code_failure(failed, subject, at, options)
         for name, actual in products.items():
-            formula = _formula(f"HVP of {name}", prepared.second_order()[name].tensor)
+            formula = (f"HVP of {name}", prepared.second_order()[name].tensor)
             failure = compared("HVP", f"the Hessian-vector product of {name} ({way})", name, reference.hvps[name],
                                actual, formula, tangents=True)
             if failure is not None:
