@@ -132,7 +132,6 @@ class Reference:
 
     def __init__(self, tensor: Tensor, size_names: frozenset, a_priori: bool = False):
         self.tensor = tensor
-        self.size_names = size_names
         self.axes = {index: axis + 1 for axis, index in enumerate(tensor.indices)}
         depth = len(tensor.indices)
         self._compiled = _Compiler(size_names).compile(tensor.expr, self.axes, depth)
