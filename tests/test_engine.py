@@ -45,6 +45,8 @@ def test_false_claim_is_refuted_with_a_shrunk_counterexample():
     "A: Real[n, k]\nB: Real[k, m]\no = sum((A @ B) ** 2, axis=(0, 1))\n",
     "v: Real[n]\nB: Real[n, m]\nu = v @ B\no = u @ u\n",
     "x: Real[n]\ny = x\no = sum(y * x - x)\n",
+    # A product of constants and sizes only (∂o/∂x = pi * n): its bound is a scalar.
+    "x: Real[n]\no = sum(x * pi * n)\n",
 ])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_correct_specs_pass_in_float64_and_float32(spec, dtype):

@@ -198,9 +198,9 @@ def _wide(array):
 
 
 def _plus(total: np.ndarray, term):
-    """``total + term``, in place when ``total`` (a fresh array) has the shape of the sum:
-    at 10**6 elements a new array costs more in page faults than the addition."""
-    if total.shape == np.broadcast_shapes(total.shape, np.shape(term)):
+    """``total + term``, in place when ``total`` (a fresh array, not a numpy scalar) has the
+    shape of the sum: at 10**6 elements a new array costs more in page faults than the addition."""
+    if isinstance(total, np.ndarray) and total.shape == np.broadcast_shapes(total.shape, np.shape(term)):
         return np.add(total, term, out=total)
     return total + term
 
