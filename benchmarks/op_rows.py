@@ -19,8 +19,6 @@ import verify
 from tests.test_ops import ROWS, TORCH_FINDINGS
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-# Findings that need more examples than CI runs to turn up (docs/findings.md), with their check.
-FINDINGS = TORCH_FINDINGS
 
 
 def run_row(op: str, dtype_name: str, examples: int) -> str:
@@ -29,7 +27,7 @@ def run_row(op: str, dtype_name: str, examples: int) -> str:
     try:
         result = verify.check(ROWS[op], seed=1, dtype=dtype, max_examples=examples)
     except verify.Mismatch as mismatch:
-        expected = FINDINGS.get((op, dtype)) == mismatch.failure.check
+        expected = TORCH_FINDINGS.get((op, dtype)) == mismatch.failure.check
         verdict = "torch finding (expected)" if expected else "FALSE ALARM: " + str(mismatch).splitlines()[0]
         return f"{op:14} {dtype_name:8} {'':>8} {'':>8} {'':>8} {time.perf_counter() - started:7.1f}  {verdict}"
     except verify.Unchecked as unchecked:

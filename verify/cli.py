@@ -13,7 +13,7 @@ from enum import IntEnum
 from pathlib import Path
 
 from .outcomes import SCHEMA, VERDICTS, github_annotations, json_report, junit_xml, outcome_of
-from .settings import DTYPES, add_arguments, from_arguments
+from .settings import DTYPES, add_arguments, from_arguments, words
 
 
 class ExitCode(IntEnum):
@@ -177,18 +177,10 @@ def _fuzz(arguments) -> int:
     """Exit 0 when the run found nothing, 1 when it found something (each saved under --out)."""
     from verify.fuzz import PATHS, fuzz, fuzzable_ops, save
 
-    known = fuzzable_ops()
-    ops = [o.strip() for o in arguments.ops.split(",")] if arguments.ops else known
-    unknown = [o for o in ops if o not in known]
-    if unknown:
-        raise UsageError(f"--ops: not fuzzable: {', '.join(unknown)}; choose from {', '.join(known)}")
-    words = {w.strip() for w in arguments.modes.split(",") if w.strip()}
-    if not words or words - {"rev", "fwd", "order2"}:
-        raise UsageError(f"--modes takes rev, fwd and order2; got {arguments.modes!r}")
-    modes = tuple(m for m in ("rev", "fwd") if m in words) or ("rev",)
-    paths = tuple(p.strip() for p in arguments.paths.split(",") if p.strip()) if arguments.paths else PATHS
-    if not paths or set(paths) - set(PATHS):
-        raise UsageError(f"--paths takes {', '.join(PATHS)}; got {arguments.paths!r}")
+    ops = _chosen("--ops", arguments.ops, fuzzable_ops())
+    kinds = _chosen("--modes", arguments.modes, ("rev", "fwd", "order2"))
+    modes = tuple(m for m in ("rev", "fwd") if m in kinds) or ("rev",)
+    paths = _chosen("--paths", arguments.paths, PATHS)
     out = Path(arguments.out)
     count = 0
 
@@ -199,10 +191,21 @@ def _fuzz(arguments) -> int:
         print(f"finding {count}: {finding.check} along {finding.path}; ops {', '.join(finding.ops)}", flush=True)
         print(f"  {spec_path}" + (f"\n  {script_path}" if script_path else ""), flush=True)
 
-    fuzz(ops=ops, max_examples=arguments.max_examples, seconds=arguments.time, paths=paths,
-         order=2 if "order2" in words else 1, modes=modes, dtype=_dtype(arguments.dtype), seed=arguments.seed, on_finding=report)
+    fuzz(ops=list(ops), max_examples=arguments.max_examples, seconds=arguments.time, paths=paths,
+         order=2 if "order2" in kinds else 1, modes=modes, dtype=_dtype(arguments.dtype), seed=arguments.seed,
+         on_finding=report)
     print(f"\n{count} finding(s)")
     return ExitCode.MISMATCH if count else ExitCode.OK
+
+
+def _chosen(option: str, text: str | None, known) -> tuple:
+    """The names listed in ``text`` (all of ``known`` when it is not given), each one of ``known``."""
+    if text is None:
+        return tuple(known)
+    names = tuple(words(text))
+    if not names or set(names) - set(known):
+        raise UsageError(f"{option} takes {', '.join(known)}; got {text!r}")
+    return names
 
 
 def _explain(arguments) -> int:

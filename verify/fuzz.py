@@ -109,7 +109,7 @@ def check_paths(text: str, paths=PATHS, order: int = 1, modes=("rev", "fwd"), dt
                 verify.check_function(transformed(spec, path), spec, seed=seed, dtype=dtype, order=order,
                                       modes=("rev",), max_examples=max_examples)
         except Mismatch as mismatch:
-            ops = tuple(sorted(set(re.findall(r"\b(\w+)\(", text)) | {b for b in BINARY if f" {b} " in text}))
+            ops = tuple(sorted(_called(text) | {b for b in BINARY if f" {b} " in text}))
             return Finding(text, path, mismatch.failure.check, ops, str(mismatch), mismatch.failure)
         except (Unchecked, SpecError):
             continue  # nothing checkable here (every point undefined): no finding, and no pass
@@ -117,6 +117,11 @@ def check_paths(text: str, paths=PATHS, order: int = 1, modes=("rev", "fwd"), dt
             return Finding(text, path, f"verify raised {type(error).__name__}", (), f"{type(error).__name__}: {error}",
                            None)
     return None
+
+
+def _called(text: str) -> set:
+    """The functions a spec's text calls."""
+    return set(re.findall(r"\b(\w+)\(", text))
 
 
 def transformed(spec, path: str):
@@ -280,7 +285,7 @@ def _script(finding: Finding, dtype) -> str:
     failure = finding.failure
     names = _declared(finding.spec)
     expression = next(line for line in finding.spec.splitlines() if line.startswith("o = "))[4:]
-    functions = sorted(set(re.findall(r"\b(\w+)\(", expression)) - {"sum"})
+    functions = sorted(_called(expression) - {"sum"})
     lines = ['"""A discrepancy between torch and the exact derivative, found by `verify fuzz`."""', "import torch",
              "torch.set_printoptions(precision=17)  # the digits where torch and the exact value part", ""]
     lines += [f"{op} = {_torch_name(op)}" for op in functions]

@@ -64,13 +64,7 @@ SPECIAL_FUNCTIONS = {
 }
 SPECIAL_FUNCTION_ULPS = 64
 
-
-def _in_float64(special):
-    """scipy's special functions have no long double loops: their arguments go in as float64."""
-    return lambda *args: special(*(np.asarray(a, dtype=np.float64) for a in args))
-
-
-NUMPY_FUNCTIONS.update({function: _in_float64(special) for function, special in SPECIAL_FUNCTIONS.items()})
+NUMPY_FUNCTIONS.update(SPECIAL_FUNCTIONS)
 # Functions that are never 0: a computed 0 is an underflow, where torch's order of operations
 # (exp(x - max) in logsumexp) may keep precision the formula lost.
 NEVER_ZERO = {sympy.exp, sympy.erfc, sympy.cosh}

@@ -25,12 +25,13 @@ def _positive(text: str) -> int:
     return number
 
 
-def _words(text: str) -> list:
+def words(text: str) -> list:
+    """The names of a comma- or space-separated list."""
     return [w for w in re.split(r"[,\s]+", str(text)) if w]
 
 
 def _dtypes(text: str) -> tuple:
-    names = tuple(_words(text))
+    names = tuple(words(text))
     unknown = [n for n in names if n not in DTYPES]
     if unknown or not names:
         raise ValueError(f"takes dtypes from {', '.join(DTYPES)}, separated by commas; got {text!r}")
@@ -44,7 +45,7 @@ def _order(text: str) -> int:
 
 
 def _modes(text: str) -> tuple:
-    modes = tuple(_words(text))
+    modes = tuple(words(text))
     if not modes or any(m not in MODES for m in modes):
         raise ValueError(f"takes rev, fwd or rev,fwd; got {text!r}")
     return modes
@@ -52,7 +53,7 @@ def _modes(text: str) -> tuple:
 
 def _sizes(text: str) -> dict:
     sizes = {}
-    for word in _words(text):
+    for word in words(text):
         name, equals, value = word.partition("=")
         if not equals or not name.isidentifier() or not value.isdigit() or int(value) < 1:
             raise ValueError(f"takes size symbols with positive values, as n=1000,m=3; got {text!r}")
