@@ -13,7 +13,7 @@ import hashlib
 import random
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -352,7 +352,8 @@ def unit_directions(spec: Spec, sizes: dict, inputs: dict, tangents: bool) -> tu
 
 @dataclass
 class ReferenceSide:
-    """The reference on a batch; each entry is a (value, error bound) pair."""
+    """The reference on a batch; each entry is a (value, error bound) pair, or with
+    ``bounded=False`` a (value, floor of the error bound) pair."""
 
     values: dict  # label -> pair
     gradients: dict  # name -> the VJP with the example's cotangent
@@ -373,9 +374,10 @@ def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: 
                          inside, outside, ctx.ambiguous)
 
 
-def reference_values(prepared: Plan, example: Example, dtype: torch.dtype) -> tuple:
+def reference_values(prepared: Plan, example: Example, dtype: torch.dtype, bounded: bool = True) -> tuple:
     """(context, node label -> (value, error bound), points inside every domain, the domains
-    the others are outside of) at every point of ``example``."""
+    the others are outside of) at every point of ``example``. Without ``bounded``, the error
+    bounds are only floors, and cost no error arithmetic."""
     # Inputs carry one rounding each in the error bounds, though they are exact: an algorithm
     # is right when its result is the exact one for inputs perturbed by a rounding (backward
     # stability), so the bounds include the condition number of each formula at the point.
@@ -388,31 +390,38 @@ def reference_values(prepared: Plan, example: Example, dtype: torch.dtype) -> tu
         ctx.env[tangent_name(name)] = (tangent, np.broadcast_to(exact, tangent.shape))
     values = {}
     for name, reference in prepared.values.items():
-        value, error = reference(ctx)
-        if name in prepared.steps:  # in graph order, so the operands' entries are ready
+        value, error = reference(ctx) if bounded else reference.estimate(ctx)
+        if bounded and name in prepared.steps:  # in graph order, so the operands' entries are ready
             error = np.maximum(error, prepared.steps[name](ctx)[1])
         values[name] = ctx.env[name] = value, error  # gradient formulas refer to node values
     outside = Counter()
     inside = _inside_domains(prepared, example, values, outside)
-    forward_amplification = _amplification(prepared, example, values, dtype, "forward_condition")
-    values = {name: _amplified(pair, forward_amplification) for name, pair in values.items()}
+    if bounded:
+        forward_amplification = _amplification(prepared, example, values, dtype, "forward_condition")
+        values = {name: _amplified(pair, forward_amplification) for name, pair in values.items()}
     return ctx, values, inside, outside
 
 
 def reference_derivatives(prepared: Plan, example: Example, ctx: Context, values: dict, order: int,
-                          forward: bool) -> tuple:
+                          forward: bool, bounded: bool = True) -> tuple:
     """(VJPs, claims, JVP, Hessian-vector products) in the context of ``reference_values``."""
-    amplification = _amplification(prepared, example, values, ctx.dtype, "backward_condition")
-    derivatives = {name: reference(ctx) for name, reference in prepared.gradients.items()}
+    amplification = _amplification(prepared, example, values, ctx.dtype, "backward_condition") if bounded else None
+
+    def evaluated(reference: Reference) -> tuple:
+        return reference(ctx) if bounded else reference.estimate(ctx)
+
+    def widened(pair: tuple) -> tuple:
+        return pair if amplification is None else _amplified(pair, amplification, of_terms=True)
+
+    derivatives = {name: evaluated(reference) for name, reference in prepared.gradients.items()}
     # A scalar output's formulas hold no cotangent: its VJP is the gradient times the cotangent.
     seed = None if prepared.spec.nodes[prepared.spec.output].shape else example.cotangent
-    gradients = {name: _amplified(_times(pair, seed), amplification, of_terms=True)
-                 for name, pair in derivatives.items()}
-    claimed = [(claim.reference(ctx), derivatives[claim.wrt] if claim.kind == "grad" else claim.derivative(ctx))
+    gradients = {name: widened(_times(pair, seed)) for name, pair in derivatives.items()}
+    claimed = [(evaluated(claim.reference), derivatives[claim.wrt] if claim.kind == "grad" else evaluated(claim.derivative))
                for claim in prepared.claims]
-    jvp = _amplified(prepared.forward_mode()(ctx), amplification, of_terms=True) if forward else None
-    hvps = ({name: _amplified(_times(reference(ctx), seed), amplification, of_terms=True)
-             for name, reference in prepared.second_order().items()} if order == 2 else {})
+    jvp = widened(evaluated(prepared.forward_mode())) if forward else None
+    hvps = ({name: widened(_times(evaluated(reference), seed)) for name, reference in prepared.second_order().items()}
+            if order == 2 else {})
     return gradients, claimed, jvp, hvps
 
 
@@ -477,10 +486,122 @@ def _amplified(pair: tuple, amplification: np.ndarray, of_terms: bool = False) -
         return value, error + per_point(amplification * largest, value)
 
 
+@dataclass
+class TorchSide:
+    """What torch computed on a batch: values, VJPs, the JVP and, per way, the HVPs. A check
+    whose call raised holds the Failure that reports it, in place of its arrays."""
+
+    values: dict
+    gradients: dict
+    jvp: np.ndarray | Failure | None = None
+    hvps: dict = field(default_factory=dict)  # way -> (input name -> array) or Failure
+
+    def at(self, keep: np.ndarray) -> TorchSide:
+        def kept(entry):
+            if isinstance(entry, dict):
+                return {name: kept(array) for name, array in entry.items()}
+            return entry[keep] if isinstance(entry, np.ndarray) else entry
+
+        return TorchSide(kept(self.values), kept(self.gradients), kept(self.jvp), kept(self.hvps))
+
+
+def _torch_side(prepared: Plan, subject, at: Example, options: Options, result: Result):
+    """Everything torch computes on ``at`` for the checks asked; a Failure when its first call
+    raised, or None when the dtype is unsupported."""
+    spec, dtype = prepared.spec, options.dtype
+    value_shapes = {name: concrete_shape(ref.tensor.shape, at.sizes) for name, ref in prepared.values.items()
+                    if isinstance(subject, SpecSubject) or name == spec.output}
+    gradient_shapes = {name: concrete_shape(ref.tensor.shape, at.sizes) for name, ref in prepared.gradients.items()
+                       if isinstance(subject, SpecSubject) or name in spec.inputs}
+    try:
+        values, gradients, _ = subject.reverse(at, value_shapes, gradient_shapes, dtype)
+    except ModeUnsupported as unsupported:
+        result.unsupported["dtype"] = str(unsupported)
+        return None
+    except CodeFailure as failed:
+        return _code_failure(failed, subject, at, options)
+    side = TorchSide(values, gradients if "rev" in options.modes else {})
+    if "fwd" in options.modes and "fwd" not in result.unsupported:
+        try:
+            side.jvp = subject.forward(at, dtype)
+        except ModeUnsupported as unsupported:
+            result.unsupported["fwd"] = str(unsupported)
+        except CodeFailure as failed:
+            side.jvp = _code_failure(failed, subject, at, options)
+    if options.order == 2:
+        ways = [("rev-over-rev", False)] if "rev" in options.modes else []
+        if "fwd" in options.modes and "fwd-over-rev" not in result.unavailable:
+            ways.append(("fwd-over-rev", True))
+        for way, over_forward in ways:
+            try:
+                side.hvps[way] = subject.second(at, dtype, over_forward)
+            except ModeUnsupported as unsupported:
+                result.unavailable[way] = str(unsupported)
+            except CodeFailure as failed:
+                side.hvps[way] = _code_failure(failed, subject, at, options)
+    return side
+
+
+@dataclass
+class _Comparison:
+    """One check of a batch: a reference (value, error bound) against an array of the same shape."""
+
+    check: str
+    subject: str
+    reference: tuple
+    actual: np.ndarray
+    formula: tuple  # (its label, its Tensor): printed only for a failure, as sympy prints slowly
+    line: int | None
+    dtype: torch.dtype
+    tangents: bool = False  # the failing point is shown with its tangents
+    details: dict = field(default_factory=dict)
+
+
+def _comparisons(prepared: Plan, subject, reference: ReferenceSide, actual: TorchSide, dtype: torch.dtype):
+    """Every check of a batch, in the order a failure is reported; a raised call's Failure where
+    its check would be."""
+    spec = prepared.spec
+    output = spec.output
+    for name, array in actual.values.items():
+        yield _Comparison("value", f"the value of {name}", reference.values[name], array,
+                          (name, prepared.values[name].tensor), _line(spec, name), dtype)
+    for name in _backward_order(spec, actual.gradients):
+        blame = _blame(spec, name) if isinstance(subject, SpecSubject) else ""
+        yield _Comparison("gradient", f"∂{output}/∂{name}", reference.gradients[name], actual.gradients[name],
+                          (f"∂{output}/∂{name}", prepared.gradients[name].tensor), _line(spec, name), dtype,
+                          details={"blame": blame})
+    for claim, ((claimed, claimed_error), (derivative, error)) in zip(prepared.claims, reference.claimed):
+        label = f"∂{output}/∂{claim.wrt}" if claim.kind == "grad" else f"∂²{output}/∂{claim.wrt}²"
+        with np.errstate(over="ignore"):  # two float64 formulas: both carry rounding
+            both_errors = claimed_error + error + np.abs(claimed)
+        yield _Comparison("claim", f"{claim.kind}({output}, {claim.wrt})", (derivative, both_errors), claimed,
+                          (label, claim.derivative.tensor), claim.line, torch.float64,
+                          details={"reference_label": "derivative", "actual_label": "claimed", "claim": claim.text})
+    if isinstance(actual.jvp, Failure):
+        yield actual.jvp
+    elif actual.jvp is not None:
+        yield _Comparison("JVP", f"the JVP of {output}", reference.jvp, actual.jvp,
+                          (f"JVP of {output}", prepared.forward_mode().tensor), _line(spec, output), dtype,
+                          tangents=True)
+    for way, products in actual.hvps.items():
+        if isinstance(products, Failure):
+            yield products
+            continue
+        for name, array in products.items():
+            yield _Comparison("HVP", f"the Hessian-vector product of {name} ({way})", reference.hvps[name], array,
+                              (f"HVP of {name}", prepared.second_order()[name].tensor), _line(spec, name), dtype,
+                              tangents=True)
+
+
 def evaluate(spec: Spec, subject, example: Example, options: Options, result: Result, rejected: Counter):
     """Compare both sides on one batch; returns the first Failure, or None when all agree.
 
     ``subject`` is a FunctionSubject, or None for the spec's own torch lowering.
+
+    The reference is first evaluated without its error bounds. Points where torch agrees
+    with it within the tolerance of a floor of those bounds (tighter than the bounds allow)
+    are checked at that; only the others pay for the error arithmetic, and only there are
+    points rejected as too close to a kink or with a step that overflows.
     """
     prepared = plan(spec, example.sizes)
     subject = subject or prepared.subject.on(options.device)
@@ -489,6 +610,36 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
     for claim, status in zip(prepared.claims, result.claims):
         status.proved = status.proved and claim.proved
     result.examples += 1
+    ctx, values, inside, outside = reference_values(prepared, example, dtype, bounded=False)
+    rejected.update(outside)
+    keep = _accepted_points(example.batch, dtype, rejected, inside,
+                            [(f"the value of {n}", value) for n, value in values.items()])
+    if not keep.any():
+        return None
+    at = example.at(keep)
+    actual = _torch_side(prepared, subject, at, options, result)
+    if not isinstance(actual, TorchSide):
+        return actual
+    estimate = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order,
+                                                            forward, bounded=False), inside, outside, ctx.ambiguous)
+    confirmed = np.ones(at.batch, dtype=bool)
+    for comparison in _comparisons(prepared, subject, _restricted(estimate, keep), actual, dtype):
+        if isinstance(comparison, Failure):
+            confirmed[:] = False
+            break
+        confirmed &= _within(*comparison.reference, comparison.actual, comparison.dtype)
+    result.points += int(confirmed.sum())
+    if confirmed.all():
+        return None
+    return _checked_closely(prepared, subject, at.at(~confirmed), actual.at(~confirmed), options, result, rejected)
+
+
+def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSide, options: Options, result: Result,
+                     rejected: Counter):
+    """The checks of ``evaluate`` with the reference's error bounds, where torch was not
+    within the floor's tolerance; the first Failure, or None."""
+    dtype = options.dtype
+    forward = actual.jvp is not None
     ctx, values, inside, outside = reference_values(prepared, example, dtype)
     rejected.update(outside)
     keep = _unambiguous(inside, ctx.ambiguous, rejected)
@@ -498,7 +649,7 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
         return None
     reference = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order, forward),
                               inside, outside, ctx.ambiguous)
-    output = spec.output
+    output = prepared.spec.output
     keep = _accepted_points(example.batch, dtype, rejected, _unambiguous(keep, ctx.ambiguous, rejected), [
         *((f"∂{output}/∂{n}", value) for n, value in reference.gradients.items()),
         *((f"the claimed {c.kind} of {c.wrt}", value) for c, (value, _) in zip(prepared.claims, reference.claimed)),
@@ -507,109 +658,39 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
     ])
     if not keep.any():
         return None
-    value_shapes = {name: concrete_shape(ref.tensor.shape, example.sizes) for name, ref in prepared.values.items()
-                    if isinstance(subject, SpecSubject) or name == output}
-    gradient_shapes = {name: concrete_shape(ref.tensor.shape, example.sizes)
-                       for name, ref in prepared.gradients.items()
-                       if isinstance(subject, SpecSubject) or name in spec.inputs}
     at = example.at(keep)
-    try:
-        actual_values, actual_gradients, _ = subject.reverse(at, value_shapes, gradient_shapes, dtype)
-    except ModeUnsupported as unsupported:
-        result.unsupported["dtype"] = str(unsupported)
-        return None
-    except CodeFailure as failed:
-        return _code_failure(failed, subject, at, options)
-
-    def shown(point, tangents=False):
-        inputs = {name: array[point] for name, array in at.inputs.items()}
-        if spec.nodes[output].shape or at.cotangent[point] != 1:
-            inputs["cotangent"] = at.cotangent[point]  # the gradient seeded into backward
-        if tangents:
-            inputs.update({f"tangent of {name}": t[point] for name, t in at.tangents.items()})
-        return inputs
-
-    def compared(check, subject_text, label, pair, actual, formula: tuple, tangents=False, **details):
-        """``formula`` is (its label, its Tensor): printed only for a failure, as sympy prints slowly."""
-        value, error = pair
-        found = _compare(value[keep], error[keep], actual, dtype)
-        if found is None:
-            return None
-        point, allowed = found
-        return Failure(check, subject_text, _formula(*formula), shown(point, tangents), example.sizes, value[keep][point],
-                       actual[point], allowed, line=_line(spec, label),
-                       snippet=_snippet(subject, check, at, point, options), point=_only(at, point), **details)
-
-    for name, actual in actual_values.items():
-        failure = compared("value", f"the value of {name}", name, reference.values[name], actual,
-                           (name, prepared.values[name].tensor))
-        if failure is not None:
-            return failure
-    if "rev" in options.modes:
-        for name in _backward_order(spec, actual_gradients):
-            blame = _blame(spec, name) if isinstance(subject, SpecSubject) else ""
-            failure = compared("gradient", f"∂{output}/∂{name}", name, reference.gradients[name],
-                               actual_gradients[name], (f"∂{output}/∂{name}", prepared.gradients[name].tensor),
-                               blame=blame)
-            if failure is not None:
-                return failure
-    for claim, (value, derivative) in zip(prepared.claims, reference.claimed):
-        failure = _claim_failure(spec, claim, value, derivative, keep, shown, at)
-        if failure is not None:
-            return failure
-    if forward:
-        try:
-            actual = subject.forward(at, dtype)
-        except ModeUnsupported as unsupported:
-            result.unsupported["fwd"] = str(unsupported)
-        except CodeFailure as failed:
-            return _code_failure(failed, subject, at, options)
-        else:
-            failure = compared("JVP", f"the JVP of {output}", output, reference.jvp, actual,
-                               (f"JVP of {output}", prepared.forward_mode().tensor), tangents=True)
-            if failure is not None:
-                return failure
-    if options.order == 2:
-        failure = _second_order(prepared, subject, at, reference, options, result, compared)
-        if failure is not None:
-            return failure
+    for comparison in _comparisons(prepared, subject, _restricted(reference, keep), actual.at(keep), dtype):
+        if isinstance(comparison, Failure):
+            return comparison
+        found = _compare(*comparison.reference, comparison.actual, comparison.dtype)
+        if found is not None:
+            return _failure(prepared.spec, subject, comparison, at, *found, options)
     result.points += int(keep.sum())
     return None
 
 
-def _second_order(prepared, subject, at, reference, options, result, compared):
-    """Hessian-vector products by double backward and, where torch has it, forward over reverse."""
-    ways = [("rev-over-rev", False)] if "rev" in options.modes else []
-    if "fwd" in options.modes and "fwd-over-rev" not in result.unavailable:
-        ways.append(("fwd-over-rev", True))
-    for way, over_forward in ways:
-        try:
-            products = subject.second(at, options.dtype, over_forward)
-        except ModeUnsupported as unsupported:
-            result.unavailable[way] = str(unsupported)
-            continue
-        except CodeFailure as failed:
-            return _code_failure(failed, subject, at, options)
-        for name, actual in products.items():
-            formula = (f"HVP of {name}", prepared.second_order()[name].tensor)
-            failure = compared("HVP", f"the Hessian-vector product of {name} ({way})", name, reference.hvps[name],
-                               actual, formula, tangents=True)
-            if failure is not None:
-                return failure
-    return None
+def _restricted(reference: ReferenceSide, keep: np.ndarray) -> ReferenceSide:
+    """The reference's pairs at the points where ``keep`` is true."""
+    def kept(pair):
+        return None if pair is None else (pair[0][keep], pair[1][keep])
+
+    return ReferenceSide({n: kept(p) for n, p in reference.values.items()},
+                         {n: kept(p) for n, p in reference.gradients.items()},
+                         [(kept(claimed), kept(derivative)) for claimed, derivative in reference.claimed],
+                         kept(reference.jvp), {n: kept(p) for n, p in reference.hvps.items()},
+                         reference.inside[keep], reference.outside, reference.ambiguous[keep])
 
 
-def _claim_failure(spec, claim, value, derivative, keep, shown, at: Example):
-    (claimed, claimed_error), (reference, reference_error) = value, derivative
-    both_errors = claimed_error[keep] + reference_error[keep] + np.abs(claimed[keep])
-    found = _compare(reference[keep], both_errors, claimed[keep], torch.float64)
-    if found is None:
-        return None
-    point, allowed = found
-    label = f"∂{spec.output}/∂{claim.wrt}" if claim.kind == "grad" else f"∂²{spec.output}/∂{claim.wrt}²"
-    return Failure("claim", f"{claim.kind}({spec.output}, {claim.wrt})", _formula(label, claim.derivative.tensor),
-                   shown(point), at.sizes, reference[keep][point], claimed[keep][point], allowed, line=claim.line,
-                   reference_label="derivative", actual_label="claimed", claim=claim.text, point=_only(at, point))
+def _failure(spec: Spec, subject, comparison: _Comparison, at: Example, point: int, allowed, options: Options) -> Failure:
+    inputs = {name: array[point] for name, array in at.inputs.items()}
+    if spec.nodes[spec.output].shape or at.cotangent[point] != 1:
+        inputs["cotangent"] = at.cotangent[point]  # the gradient seeded into backward
+    if comparison.tangents:
+        inputs.update({f"tangent of {name}": t[point] for name, t in at.tangents.items()})
+    snippet = "" if comparison.check == "claim" else _snippet(subject, comparison.check, at, point, options)
+    return Failure(comparison.check, comparison.subject, _formula(*comparison.formula), inputs, at.sizes,
+                   comparison.reference[0][point], comparison.actual[point], allowed, line=comparison.line,
+                   snippet=snippet, point=_only(at, point), **comparison.details)
 
 
 def _only(at: Example, point: int) -> Example:
@@ -719,13 +800,14 @@ def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np
     dtype_name = str(dtype).replace("torch.", "")
     for label, (value, error) in checks:
         value, error = value.reshape(batch, -1), error.reshape(batch, -1)
+        magnitude = np.abs(value)
         bounded_elements = np.isfinite(error)
         defined = ~(np.isnan(value) & bounded_elements).any(axis=1)
         with np.errstate(all="ignore"):
-            room = allowed_error(value, error, dtype)
+            room = allowed_error(magnitude, error, dtype)
             room = np.where(np.isfinite(room), room, 0)  # an unbounded step has its own reason
-            fits = ~(np.abs(value) + room > limit).any(axis=1)
-        normal = ~((value != 0) & (np.abs(value) < tiny)).any(axis=1)
+            fits = ~(magnitude + room > limit).any(axis=1)
+        normal = ~((magnitude < tiny) & (value != 0)).any(axis=1)
         bounded = bounded_elements.all(axis=1)
         for reason, bad in ((f"{label} is undefined", ~defined),
                             (f"{label} overflows {dtype_name}", ~fits),
@@ -738,15 +820,20 @@ def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np
     return keep
 
 
+def _within(reference, error, actual, dtype) -> np.ndarray:
+    """Per point, whether every element of ``actual`` is within tolerance of the reference."""
+    with np.errstate(all="ignore"):  # inf and NaN are not within any tolerance
+        ok = np.abs(actual - reference) <= allowed_error(reference, error, dtype)
+    return ok.reshape(len(ok), -1).all(axis=1)
+
+
 def _compare(reference, error, actual, dtype):
     """(first failing point, allowed errors there), or None when every element is within tolerance."""
-    allowed = allowed_error(reference, error, dtype)
-    ok = np.abs(actual - reference) <= allowed
-    bad_points = ~ok.reshape(len(ok), -1).all(axis=1)
+    bad_points = ~_within(reference, error, actual, dtype)
     if not bad_points.any():
         return None
     point = int(np.argmax(bad_points))
-    return point, allowed[point]
+    return point, allowed_error(reference[point], error[point], dtype)
 
 
 def _backward_order(spec: Spec, names) -> list:

@@ -122,33 +122,50 @@ class Context:
 
 
 class Reference:
-    """One compiled formula: ``reference(ctx)`` gives (value, error bound), shape (batch, *dims)."""
+    """One compiled formula: ``reference(ctx)`` gives (value, error bound), shape (batch, *dims).
+
+    ``reference.estimate(ctx)`` gives the same value without the error arithmetic, beside a
+    floor of the error bound: the a priori bound where the formula has one, else 0.
+    """
 
     def __init__(self, tensor: Tensor, size_names: frozenset, a_priori: bool = False):
         self.tensor = tensor
         self.axes = {index: axis + 1 for axis, index in enumerate(tensor.indices)}
         depth = len(tensor.indices)
         self._compiled = _Compiler(size_names).compile(tensor.expr, self.axes, depth)
-        self._magnitude = None
-        if a_priori:
-            magnitudes = _Compiler(size_names, track_errors=False)
-            self._magnitude = magnitudes.compile(_magnitude(tensor.expr), self.axes, depth)
+        values_only = _Compiler(size_names, track_errors=False)
+        self._value = values_only.compile(tensor.expr, self.axes, depth)
+        self._magnitude = values_only.compile(_magnitude(tensor.expr), self.axes, depth) if a_priori else None
 
     def __call__(self, ctx: Context) -> tuple:
+        full = self._bind(ctx)
+        with np.errstate(all="ignore"):
+            value, error = self._compiled(ctx)
+        value = np.array(np.broadcast_to(value, full), dtype=np.float64)
+        error = np.array(np.broadcast_to(error, full), dtype=ERROR_DTYPE)
+        magnitude = self._floor(ctx, full)
+        # A lost step (error NaN) stays lost; an undefined magnitude leaves the bound as it is.
+        return value, error if magnitude is None else np.where(np.isnan(magnitude), error, np.maximum(error, magnitude))
+
+    def estimate(self, ctx: Context) -> tuple:
+        full = self._bind(ctx)
+        with np.errstate(all="ignore"):
+            value = np.array(np.broadcast_to(self._value(ctx)[0], full), dtype=np.float64)
+        magnitude = self._floor(ctx, full)
+        return value, np.zeros(full, dtype=ERROR_DTYPE) if magnitude is None else np.nan_to_num(magnitude, nan=0.0)
+
+    def _bind(self, ctx: Context) -> tuple:
+        """Bind the output indices to their axes; the full shape of a result, (batch, *dims)."""
         shape = tuple(_size(d, ctx.sizes) for d in self.tensor.shape)
         for index, axis in self.axes.items():
             ctx.indices[index] = np.arange(shape[axis - 1]).reshape(_axis_shape(axis, len(shape)))
+        return (ctx.batch, *shape)
+
+    def _floor(self, ctx: Context, full: tuple):
+        if self._magnitude is None:
+            return None
         with np.errstate(all="ignore"):
-            value, error = self._compiled(ctx)
-        full = (ctx.batch, *shape)
-        value = np.array(np.broadcast_to(value, full), dtype=np.float64)
-        error = np.array(np.broadcast_to(error, full), dtype=ERROR_DTYPE)
-        if self._magnitude is not None:
-            with np.errstate(all="ignore"):
-                magnitude = np.broadcast_to(np.asarray(self._magnitude(ctx)[0], dtype=ERROR_DTYPE), full)
-            # A lost step (error NaN) stays lost; an undefined magnitude leaves the bound as it is.
-            error = np.where(np.isnan(magnitude), error, np.maximum(error, magnitude))
-        return value, error
+            return np.broadcast_to(np.asarray(self._magnitude(ctx)[0], dtype=ERROR_DTYPE), full)
 
 
 def _magnitude(expr):

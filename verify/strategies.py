@@ -8,6 +8,7 @@ overflows, because gradient bugs live at thresholds and near overflow too.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ PER_POINT = Budget(elements=2**12, points=2**10)
 # special values with their positions), so a 10**6-element input costs a few draws.
 DRAWN_ELEMENTS = 256
 MATERIALIZED_SPECIALS = 8
+BULK_ODDS = 7  # to 1: examples with a bulk of materialized points, to those with only a few
 ORDINARY_MAGNITUDE = 10.0
 # Cotangents and tangents: signs, zero and a spread of magnitudes, exact in every dtype, and
 # no tiny values that would push the reference's products into subnormal numbers. They shrink
@@ -108,11 +110,13 @@ def _floats(domain: Domain, dtype: torch.dtype, magnitude: float) -> st.SearchSt
         lambda v: not ((domain.low_open and v == domain.low) or (domain.high_open and v == domain.high)))
 
 
+@functools.lru_cache(maxsize=256)
 def values(domain: Domain, dtype: torch.dtype, wide: bool) -> st.SearchStrategy:
     """Floats inside ``domain``, exactly representable in ``dtype``: of ordinary magnitude, or
     (``wide``) anywhere up to near the largest finite value of the dtype.
 
-    Raises ``SpecError`` when no value of the dtype lies inside the domain.
+    Raises ``SpecError`` when no value of the dtype lies inside the domain. Cached: a large
+    input draws a few values from it per example, and building it anew costs more.
     """
     # Up to the edge margin below overflow, and not within it above underflow (see tolerance).
     anywhere = _floats(domain, dtype, representable_limit(dtype)).filter(
@@ -223,9 +227,10 @@ def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = 
     """
     chosen = _draw_sizes(draw, spec, sizes)
     most = points_per_example(spec, chosen, budget)
-    # Decided before the few are drawn: the shrinker tries dropping the bulk while the few
-    # are still as found, before it simplifies them.
-    with_bulk = draw(st.booleans(), label="a bulk of points")
+    # Decided before the few are drawn: the shrinker tries dropping the bulk (this draw
+    # shrinks to 0) while the few are still as found, before it simplifies them. Most
+    # examples carry one, so that large inputs get many points per example.
+    with_bulk = draw(st.integers(0, BULK_ODDS), label="a bulk of points") > 0
     head = _draw_points(draw, spec, dtype, chosen, draw(st.integers(1, min(MAX_BATCH, most)), label="points"),
                         tangents, materialize=False)
     if head.batch == most or not with_bulk:
