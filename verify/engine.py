@@ -627,7 +627,7 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
         if isinstance(comparison, Failure):
             confirmed[:] = False
             break
-        confirmed &= _within(*comparison.reference, comparison.actual, comparison.dtype)
+        confirmed &= _agreeing(*comparison.reference, comparison.actual, comparison.dtype)
     result.points += int(confirmed.sum())
     if confirmed.all():
         return None
@@ -820,20 +820,25 @@ def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np
     return keep
 
 
-def _within(reference, error, actual, dtype) -> np.ndarray:
-    """Per point, whether every element of ``actual`` is within tolerance of the reference."""
+def _agreeing(reference, floor, actual, dtype) -> np.ndarray:
+    """Per point, whether every element of ``actual`` is within the tolerance of the error
+    bound's floor, a tolerance that fits the dtype: where the floor is huge, the bounds decide
+    whether the point counts at all."""
     with np.errstate(all="ignore"):  # inf and NaN are not within any tolerance
-        ok = np.abs(actual - reference) <= allowed_error(reference, error, dtype)
+        allowed = allowed_error(reference, floor, dtype)
+        ok = (np.abs(actual - reference) <= allowed) & (np.abs(reference) + allowed <= representable_limit(dtype))
     return ok.reshape(len(ok), -1).all(axis=1)
 
 
 def _compare(reference, error, actual, dtype):
     """(first failing point, allowed errors there), or None when every element is within tolerance."""
-    bad_points = ~_within(reference, error, actual, dtype)
+    allowed = allowed_error(reference, error, dtype)
+    ok = np.abs(actual - reference) <= allowed
+    bad_points = ~ok.reshape(len(ok), -1).all(axis=1)
     if not bad_points.any():
         return None
     point = int(np.argmax(bad_points))
-    return point, allowed_error(reference[point], error[point], dtype)
+    return point, allowed[point]
 
 
 def _backward_order(spec: Spec, names) -> list:
