@@ -497,6 +497,8 @@ class TorchSide:
     hvps: dict = field(default_factory=dict)  # way -> (input name -> array) or Failure
 
     def at(self, keep: np.ndarray) -> TorchSide:
+        if keep.all():
+            return self
         def kept(entry):
             if isinstance(entry, dict):
                 return {name: kept(array) for name, array in entry.items()}
@@ -613,7 +615,7 @@ def evaluate(spec: Spec, subject, example: Example, options: Options, result: Re
     ctx, values, inside, outside = reference_values(prepared, example, dtype, bounded=False)
     rejected.update(outside)
     keep = _accepted_points(example.batch, dtype, rejected, inside,
-                            [(f"the value of {n}", value) for n, value in values.items()])
+                            [(f"the value of {n}", value) for n, value in values.items()], bounded=False)
     if not keep.any():
         return None
     at = example.at(keep)
@@ -671,6 +673,8 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
 
 def _restricted(reference: ReferenceSide, keep: np.ndarray) -> ReferenceSide:
     """The reference's pairs at the points where ``keep`` is true."""
+    if keep.all():
+        return reference
     def kept(pair):
         return None if pair is None else (pair[0][keep], pair[1][keep])
 
@@ -786,9 +790,10 @@ def _unambiguous(keep: np.ndarray, ambiguous: np.ndarray, rejected: Counter) -> 
     return keep & ~ambiguous
 
 
-def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.ndarray, checks: list) -> np.ndarray:
+def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.ndarray, checks: list,
+                     bounded: bool = True) -> np.ndarray:
     """Points where every reference value is defined, fits the dtype with room to spare, is
-    no subnormal number, and has a finite error bound.
+    no subnormal number, and (``bounded``: the bounds are computed) has a finite error bound.
 
     The others are counted by reason and left out: there the math is undefined, or the
     result overflows or underflows the dtype, or a step on the way does (a NaN from inf - inf
@@ -799,20 +804,25 @@ def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np
     tiny = underflow_limit(dtype)
     dtype_name = str(dtype).replace("torch.", "")
     for label, (value, error) in checks:
-        value, error = value.reshape(batch, -1), error.reshape(batch, -1)
+        value = value.reshape(batch, -1)
         magnitude = np.abs(value)
-        bounded_elements = np.isfinite(error)
-        defined = ~(np.isnan(value) & bounded_elements).any(axis=1)
         with np.errstate(all="ignore"):
-            room = allowed_error(magnitude, error, dtype)
-            room = np.where(np.isfinite(room), room, 0)  # an unbounded step has its own reason
-            fits = ~(magnitude + room > limit).any(axis=1)
+            if bounded:
+                error = error.reshape(batch, -1)
+                lost = ~np.isfinite(error)
+                defined = ~(np.isnan(value) & ~lost).any(axis=1)
+                room = allowed_error(magnitude, error, dtype)
+                room = np.where(np.isfinite(room), room, 0)  # an unbounded step has its own reason
+                fits = ~(magnitude + room > limit).any(axis=1)
+            else:
+                lost = np.zeros((batch, 1), dtype=bool)
+                defined = ~np.isnan(value).any(axis=1)
+                fits = ~(magnitude + allowed_error(magnitude, 0.0, dtype) > limit).any(axis=1)
         normal = ~((magnitude < tiny) & (value != 0)).any(axis=1)
-        bounded = bounded_elements.all(axis=1)
         for reason, bad in ((f"{label} is undefined", ~defined),
                             (f"{label} overflows {dtype_name}", ~fits),
                             (f"{label} underflows {dtype_name}", ~normal),
-                            (f"a step of {label} overflows or underflows {dtype_name}", ~bounded)):
+                            (f"a step of {label} overflows or underflows {dtype_name}", lost.any(axis=1))):
             newly = keep & bad
             if newly.any():
                 rejected[reason] += int(newly.sum())

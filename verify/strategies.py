@@ -80,6 +80,8 @@ class Example:
 
     def at(self, keep: np.ndarray) -> Example:
         """The points where ``keep`` is true."""
+        if keep.all():
+            return self
         tangents = None if self.tangents is None else {n: t[keep] for n, t in self.tangents.items()}
         return Example(self.sizes, {n: a[keep] for n, a in self.inputs.items()}, self.cotangent[keep], tangents)
 
