@@ -9,7 +9,10 @@ On o = 1/2 * sum(sin(x)**2 * exp(x)) at each size n it prints:
 * gradcheck's points per second on the same function in float64 (each call checks one point
   with 2n forward passes), where one call finishes within the time budget;
 * the ratio of the two;
-* verify's time per point over a bare torch forward+backward of the same batch.
+* verify's time per point over a bare torch forward+backward of the same batch, and the two
+  parts of a check that no tolerance or draw can avoid, on the same scale: torch's own part
+  (forward, backward with every node's gradient kept, forward-mode JVP) and the reference's
+  first pass (values, VJPs and JVPs in numpy, with the floors of their error bounds).
 
 Then the one-time sympy cost (parse, differentiate, prove, compile) at n = 10 and n = 10**6,
 and the wall time of a whole default check (100 examples) at n = 10**6, sympy work included.
@@ -21,13 +24,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import verify
 from verify import engine
-from verify.strategies import points_per_example
+from verify.ir import concrete_shape
+from verify.strategies import Example, points_per_example
 
 SPEC = "x: Real[n]\no = 1/2 * sum(sin(x)**2 * exp(x))"
 
@@ -39,6 +44,7 @@ def function(x):
 def verify_rate(spec, n: int, seconds: float) -> tuple:
     """(points per second, points, seconds) of verify.check at size n, examples growing until
     the run takes ``seconds``."""
+    verify.check(spec, sizes={"n": n}, seed=0, max_examples=1)  # the sympy work, then cached
     examples = 4
     while True:
         started = time.perf_counter()
@@ -68,11 +74,40 @@ def bare_torch_seconds_per_point(spec, n: int) -> float:
     """A forward and backward of the same batch verify evaluates per example, per point."""
     batch = points_per_example(spec, {"n": n})
     x = torch.randn(batch, n, dtype=torch.float64, requires_grad=True)
+    return _seconds(lambda: function(x).sum().backward()) / batch
+
+
+def shares_of_a_check(spec, n: int) -> tuple:
+    """Per point of the same batch, over a bare forward and backward: (torch's own part of a
+    check: forward and backward with every node's gradient kept, and a forward-mode JVP; the
+    reference's first pass: values, VJPs and JVPs without error bounds, with the bounds' floors)."""
+    prepared = engine.plan(spec, {"n": n})
+    batch = points_per_example(spec, {"n": n})
+    rng = np.random.default_rng(0)
+    example = Example({"n": n}, {"x": rng.uniform(-10, 10, (batch, n))}, rng.choice([1.0, -2.0], batch),
+                      {"x": rng.choice([1.0, -2.0], (batch, n))})
+    shapes = {name: concrete_shape(ref.tensor.shape, example.sizes) for name, ref in prepared.values.items()}
+    gradient_shapes = {name: concrete_shape(ref.tensor.shape, example.sizes) for name, ref in prepared.gradients.items()}
+
+    def torch_part():
+        prepared.subject.reverse(example, shapes, gradient_shapes, torch.float64)
+        prepared.subject.forward(example, torch.float64)
+
+    def reference_pass():
+        ctx, values, _, _ = engine.reference_values(prepared, example, torch.float64, bounded=False)
+        engine.reference_derivatives(prepared, example, ctx, values, 1, True, bounded=False)
+
+    bare = bare_torch_seconds_per_point(spec, n) * batch
+    return tuple(_seconds(part) / bare for part in (torch_part, reference_pass))
+
+
+def _seconds(call) -> float:
+    call()
     repeats, started = 0, time.perf_counter()
     while time.perf_counter() - started < 0.5:
-        function(x).sum().backward()
+        call()
         repeats += 1
-    return (time.perf_counter() - started) / repeats / batch
+    return (time.perf_counter() - started) / repeats
 
 
 def sympy_seconds(n: int) -> float:
@@ -102,15 +137,17 @@ def main() -> None:
           f"torch {torch.__version__}")
     print(f"spec: {SPEC!r}, float64, verify checks values, VJPs and JVPs\n")
     spec = verify.parse(SPEC)
-    rows = [("n", "verify pts/s", "gradcheck pts/s", "ratio", "verify / bare torch", "points", "seconds")]
+    rows = [("n", "verify pts/s", "gradcheck pts/s", "ratio", "verify / bare torch", "torch part", "reference pass",
+             "points", "seconds")]
     for n in map(int, args.sizes.split(",")):
         rate, points, elapsed = verify_rate(spec, n, args.seconds)
         reference = gradcheck_rate(n, args.seconds)
         per_point = 1 / rate if rate else float("inf")
         overhead = per_point / bare_torch_seconds_per_point(spec, n)
+        torch_part, reference_pass = shares_of_a_check(spec, n)
         rows.append((f"{n}", f"{rate:,.1f}", "does not finish" if reference is None else f"{reference:,.2f}",
-                     "" if reference is None else f"{rate / reference:,.0f}x", f"{overhead:,.0f}x", f"{points}",
-                     f"{elapsed:.1f}"))
+                     "" if reference is None else f"{rate / reference:,.0f}x", f"{overhead:,.0f}x",
+                     f"{torch_part:,.1f}x", f"{reference_pass:,.1f}x", f"{points}", f"{elapsed:.1f}"))
     widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
