@@ -731,7 +731,7 @@ def _simplified(spec: Spec, subject, failure: Failure, options: Options) -> Fail
             direction = name == "cotangent" or name.startswith("tangent of ")
             for candidate in ((1.0,) if direction else _simpler(current, options.dtype)):
                 if candidate == current or time.monotonic() > deadline:
-                    continue
+                    break  # candidates come simplest first: none after the current value is simpler
                 trial = {k: a.copy() for k, a in arrays.items()}
                 trial[name][element] = candidate
                 example = Example(point.sizes, {n: trial[n] for n in point.inputs}, trial["cotangent"],
