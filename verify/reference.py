@@ -294,14 +294,13 @@ class _Compiler:
         by its axis, and the spans are read at evaluation time. Leaves are cheap, so they are
         not shared.
         """
-        symbols = expr.free_symbols
+        symbols = _free_symbols(expr)
         placed = {s: axes[s] for s in symbols if s in axes}
         if expr.is_Atom or isinstance(expr, sympy.Indexed) or any(
                 s.is_integer and s not in placed and s.name not in self.size_names for s in symbols):
             return compiled
-        canonical = expr.xreplace({s: sympy.Symbol(f"axis {a}", integer=True) for s, a in placed.items()})
         indices = sorted(placed, key=placed.__getitem__)
-        static = (canonical, depth)
+        static = (_canonical(expr, tuple((s, placed[s]) for s in indices)), depth)
         track_errors = self.track_errors
 
         def shared(ctx):
@@ -636,6 +635,19 @@ class _Compiler:
     def _Not(self, expr, axes, depth):
         (part,) = self._args(expr, axes, depth)
         return lambda ctx: (np.logical_not(part(ctx)[0]), 0.0)
+
+
+# A plan compiles each formula twice (with and without error arithmetic), and formulas share
+# subexpressions; sympy walks the whole subtree on every call of free_symbols and xreplace.
+@functools.lru_cache(maxsize=2**14)
+def _free_symbols(expr) -> frozenset:
+    return frozenset(expr.free_symbols)
+
+
+@functools.lru_cache(maxsize=2**14)
+def _canonical(expr, placed: tuple):
+    """``expr`` with each free index named by the axis it sits on."""
+    return expr.xreplace({s: sympy.Symbol(f"axis {a}", integer=True) for s, a in placed})
 
 
 @cache
