@@ -58,6 +58,29 @@ def test_sums_over_symbolic_sizes_become_reductions():
     np.testing.assert_array_equal(value, batch.sum(axis=1, keepdims=True) * batch)
 
 
+@pytest.mark.parametrize("build", [
+    lambda A, B, x, i, j, k, n: (sympy.Sum(A[i, k] * B[k, j], (k, 0, n - 1)), (i, j)),  # matmul
+    lambda A, B, x, i, j, k, n: (sympy.Sum(3 * A[i, k] * x[k] * x[j], (k, 0, n - 1)), (i, j)),  # a scalar factor
+    lambda A, B, x, i, j, k, n: (sympy.Sum(x[i] * x[j], (k, 0, n - 1)), (i, j)),  # no factor spans k
+    lambda A, B, x, i, j, k, n: (sympy.Sum(A[i, k] * B[k, j], (k, 0, n - 1), (j, 0, n - 1)), (i,)),
+    lambda A, B, x, i, j, k, n: (sympy.Sum(A[i, k] * x[k], (k, 0, i)), (i,)),  # bounds on an outer index
+])
+def test_sums_of_products_take_the_same_values_without_error_arithmetic(build):
+    # Without error arithmetic, a sum of products goes to einsum; with it, products are formed.
+    n = sympy.Symbol("n", integer=True, positive=True)
+    i, j, k = sympy.symbols("i j k", integer=True, nonnegative=True)
+    A, B, x = sympy.IndexedBase("A"), sympy.IndexedBase("B"), sympy.IndexedBase("x")
+    expr, indices = build(A, B, x, i, j, k, n)
+    reference = Reference(Tensor(expr, indices, (n,) * len(indices)), frozenset({"n"}))
+    rng = np.random.default_rng(0)
+    arrays = {"A": rng.normal(size=(5, 3, 3)), "B": rng.normal(size=(5, 3, 3)), "x": rng.normal(size=(5, 3))}
+
+    def context():
+        return engine.Context({name: (a, np.abs(a)) for name, a in arrays.items()}, {"n": 3}, 5)
+
+    np.testing.assert_allclose(reference.estimate(context())[0], reference(context())[0], rtol=1e-14, atol=1e-14)
+
+
 def test_unknown_function_is_refused_when_compiled():
     formula = Tensor(sympy.gamma(sympy.Symbol("x", real=True)), (), ())
     with pytest.raises(UnsupportedFormula, match="gamma"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -236,6 +237,31 @@ def _product_except(arrays: list, left_out: tuple):
     """The product of ``arrays`` but those at the positions ``left_out``, scalars first."""
     kept = sorted((a for k, a in enumerate(arrays) if k not in left_out), key=np.ndim)
     return _product(kept) if kept else 1.0
+
+
+def _summed_product(arrays: list, lengths: dict, depth: int, inner_depth: int) -> np.ndarray:
+    """The sum over axes depth + 1 to inner_depth of the product of ``arrays``, which broadcast
+    against each other on inner_depth + 1 axes, by einsum. ``lengths`` gives each summed axis's
+    length: a sum over an axis no factor spans multiplies by it."""
+    scale = 1.0
+    operands, spanned = [], set()
+    for array in arrays:
+        array = np.asarray(array, dtype=np.float64)
+        if array.ndim == 0:
+            scale = scale * array
+            continue
+        array = _pad(array, inner_depth)
+        labels = [axis for axis in range(inner_depth + 1) if array.shape[axis] != 1]
+        operands += [array.reshape([array.shape[axis] for axis in labels]), labels]
+        spanned.update(labels)
+    for axis, length in lengths.items():
+        if axis not in spanned:
+            scale = scale * length
+    kept = [axis for axis in range(depth + 1) if axis in spanned]
+    if not operands:
+        return np.asarray(scale, dtype=np.float64)
+    result = np.einsum(*operands, kept) * scale
+    return result.reshape([result.shape[kept.index(axis)] if axis in spanned else 1 for axis in range(depth + 1)])
 
 
 def _spans_whole(positions: np.ndarray, size: int) -> bool:
@@ -558,10 +584,12 @@ class _Compiler:
             bound_axes, bound_depth = (inner_axes, inner_depth) if used else (axes, depth)
             bounds.append((index, depth + offset, self.compile(low, bound_axes, bound_depth),
                            self.compile(high, bound_axes, bound_depth)))
-        body = self.compile(expr.function, inner_axes, inner_depth)
         summed = tuple(range(depth + 1, inner_depth + 1))
         kind = type(expr)
         track_errors = self.track_errors
+        body = self.compile(expr.function, inner_axes, inner_depth)
+        fused = not track_errors and kind is sympy.Sum and expr.function.is_Mul
+        factors = self._args(expr.function, inner_axes, inner_depth) if fused else None
 
         def total(ctx):
             inside = True
@@ -570,6 +598,13 @@ class _Compiler:
                 span = np.arange(int(np.min(low)), int(np.max(high)) + 1).reshape(_axis_shape(axis, inner_depth))
                 ctx.indices[index] = span
                 inside = inside & (span >= low) & (span <= high)
+            if factors is not None and np.all(inside):
+                arrays = [f(ctx)[0] for f in factors]
+                # A sum of products whose product spans more than any factor (A @ B in index
+                # notation) goes to einsum, which never forms that product.
+                if math.prod(np.broadcast_shapes(*map(np.shape, arrays))) > max(map(np.size, arrays)):
+                    lengths = {axis: ctx.indices[index].size for index, axis, _, _ in bounds}
+                    return _summed_product(arrays, lengths, depth, inner_depth), 0.0
             value, error = body(ctx)
             value = np.asarray(value, dtype=np.float64)
             shape = np.broadcast_shapes(np.shape(_pad(value, inner_depth)), np.shape(inside))
