@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import verify
-from verify import engine
+from verify import checks, engine
 from verify.ir import concrete_shape
 from verify.strategies import Example, points_per_example
 
@@ -94,8 +94,8 @@ def shares_of_a_check(spec, n: int) -> tuple:
         prepared.subject.forward(example, torch.float64)
 
     def reference_pass():
-        ctx, values, _, _ = engine.reference_values(prepared, example, torch.float64, bounded=False)
-        engine.reference_derivatives(prepared, example, ctx, values, 1, True, bounded=False)
+        ctx, values, _, _ = checks.reference_values(prepared, example, torch.float64, bounded=False)
+        checks.reference_derivatives(prepared, example, ctx, values, 1, True, bounded=False)
 
     bare = bare_torch_seconds_per_point(spec, n) * batch
     return tuple(_seconds(part) / bare for part in (torch_part, reference_pass))

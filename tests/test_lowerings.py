@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import verify
-from verify import engine
+from verify import checks, engine
 from verify.reference import Context
-from verify.strategies import size_bounds
+from verify.strategies import Example, size_bounds
 
 from .test_ops import ROWS
 
@@ -43,8 +43,8 @@ def test_symbolic_size_gradients_match_sympy_on_the_concrete_expansion(op_name, 
     for name, declared in spec.inputs.items():
         shape = tuple(d if isinstance(d, int) else sizes[d.name] for d in declared.shape)
         inputs[name] = rng.uniform(0.5, 2.0, size=(1, *shape))
-    point = engine.Example(sizes, inputs, *engine.unit_directions(spec, sizes, inputs, tangents=False))
-    reference = engine.reference_side(prepared, point, torch.float64)
+    point = Example(sizes, inputs, *engine.unit_directions(spec, sizes, inputs, tangents=False))
+    reference = checks.reference_side(prepared, point, torch.float64)
     values, gradients = reference.values, reference.gradients
 
     def element_symbol(name, index):

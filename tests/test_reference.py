@@ -8,9 +8,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import verify
-from verify import engine
+from verify import checks, engine
 from verify.lower.sympy import Tensor
-from verify.reference import Reference, UnsupportedFormula
+from verify.reference import Context, Reference, UnsupportedFormula
+from verify.strategies import Example
 
 UNARY = ["exp", "sin", "cos", "tanh", "neg", "square", "sqrt_of_square_plus_one", "log_of_square_plus_one"]
 BINARY = ["+", "-", "*"]
@@ -35,8 +36,8 @@ def formulas(draw, depth=3):
 def test_value_and_error_bound_against_exact_evaluation(formula, x, y):
     spec = verify.parse(f"x: Real\ny: Real\no = {formula} + 0 * x * y")
     prepared = engine.plan(spec)
-    values = engine.reference_side(
-        prepared, engine.Example({}, {"x": np.array([x]), "y": np.array([y])}, np.ones(1)), torch.float64).values
+    values = checks.reference_side(
+        prepared, Example({}, {"x": np.array([x]), "y": np.array([y])}, np.ones(1)), torch.float64).values
     value, bound = values["o"]
     exact = prepared.values["o"].tensor.expr.xreplace(
         {sympy.Symbol("x", real=True): sympy.Float(x, 60), sympy.Symbol("y", real=True): sympy.Float(y, 60)}
@@ -53,7 +54,7 @@ def test_sums_over_symbolic_sizes_become_reductions():
     formula = Tensor(sympy.Sum(x[k] * x[i], (k, 0, n - 1)), (i,), (n,))
     reference = Reference(formula, frozenset({"n"}))
     batch = np.arange(6.0).reshape(2, 3)
-    ctx = engine.Context({"x": (batch, np.zeros_like(batch))}, {"n": 3}, 2)
+    ctx = Context({"x": (batch, np.zeros_like(batch))}, {"n": 3}, 2)
     value, _ = reference(ctx)
     np.testing.assert_array_equal(value, batch.sum(axis=1, keepdims=True) * batch)
 
@@ -76,7 +77,7 @@ def test_sums_of_products_take_the_same_values_without_error_arithmetic(build):
     arrays = {"A": rng.normal(size=(5, 3, 3)), "B": rng.normal(size=(5, 3, 3)), "x": rng.normal(size=(5, 3))}
 
     def context():
-        return engine.Context({name: (a, np.abs(a)) for name, a in arrays.items()}, {"n": 3}, 5)
+        return Context({name: (a, np.abs(a)) for name, a in arrays.items()}, {"n": 3}, 5)
 
     np.testing.assert_allclose(reference.estimate(context())[0], reference(context())[0], rtol=1e-14, atol=1e-14)
 

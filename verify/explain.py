@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from . import engine
+from . import checks, engine
 from .ir import Input, Spec, concrete_shape
 from .report import proved
 from .strategies import Example, size_bounds
@@ -28,7 +28,7 @@ def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
     tracked = engine.labelled_nodes(spec)
     sizes = point.sizes if engine.needs_concrete_sizes(spec) else None
     prepared = engine.build_plan(spec, tracked, list(tracked), sizes)
-    gradients = engine.reference_side(prepared, point, dtype).gradients
+    gradients = checks.reference_side(prepared, point, dtype).gradients
     shapes = {name: concrete_shape(reference.tensor.shape, point.sizes) for name, reference in prepared.values.items()}
     gradient_shapes = {name: concrete_shape(reference.tensor.shape, point.sizes)
                        for name, reference in prepared.gradients.items()}
