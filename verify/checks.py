@@ -20,15 +20,13 @@ from .lower.sympy import COTANGENT, Tensor, tangent_name
 from .ops import REGISTRY
 from .reference import ERROR_DTYPE, Context, Reference, per_point
 from .report import Failure, Result, reproduction_snippet
+from .settings import MODES
 from .strategies import Example
 from .subject import CodeFailure, FunctionSubject, ModeUnsupported, SpecSubject
 from .tolerance import UNIT_ROUNDOFF, allowed_error, representable_limit, underflow_limit
 
 if TYPE_CHECKING:
     from .engine import Plan
-
-MODES = ("rev", "fwd")
-
 
 @dataclass(frozen=True)
 class Options:

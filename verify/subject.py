@@ -22,8 +22,6 @@ from torch.autograd import forward_ad
 from .ir import Spec
 from .lower.torch import TorchProgram
 
-MODES = ("rev", "fwd")
-
 
 class CodeFailure(Exception):
     """The code under test raised, or returned something of the wrong shape, at one point."""
