@@ -52,18 +52,14 @@ class ReferenceSide:
     claimed: list  # per claim: (claimed form, sympy's derivative)
     jvp: tuple | None
     hvps: dict
-    inside: np.ndarray  # points where every op is inside its domain
-    outside: Counter  # the domains the other points are outside of -> number of points
-    ambiguous: np.ndarray  # points where a comparison is too close to call in the dtype
 
 
 def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: int = 1,
                    forward: bool = False) -> ReferenceSide:
     """The reference at every point of ``example``: values, VJPs, claims, and (as asked) the
     JVP and Hessian-vector products."""
-    ctx, values, inside, outside = reference_values(prepared, example, dtype)
-    return ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, order, forward),
-                         inside, outside, ctx.ambiguous)
+    ctx, values, _, _ = reference_values(prepared, example, dtype)
+    return ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, order, forward))
 
 
 def reference_values(prepared: Plan, example: Example, dtype: torch.dtype, bounded: bool = True) -> tuple:
@@ -314,8 +310,8 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
     actual = _torch_side(prepared, subject, at, options, result)
     if not isinstance(actual, TorchSide):
         return actual
-    estimate = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order,
-                                                            forward, bounded=False), inside, outside, ctx.ambiguous)
+    estimate = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order, forward,
+                                                            bounded=False))
     confirmed = np.ones(at.batch, dtype=bool)
     for comparison in _comparisons(prepared, subject, _restricted(estimate, keep), actual, dtype):
         if isinstance(comparison, Failure):
@@ -341,8 +337,7 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
                             [(f"the value of {n}", value) for n, value in values.items()])
     if not keep.any():  # the derivatives would be rejected too: a batch of overflows costs little
         return None
-    reference = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order, forward),
-                              inside, outside, ctx.ambiguous)
+    reference = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order, forward))
     output = prepared.spec.output
     keep = _accepted_points(example.batch, dtype, rejected, _unambiguous(keep, ctx.ambiguous, rejected), [
         *((f"∂{output}/∂{n}", value) for n, value in reference.gradients.items()),
@@ -373,8 +368,7 @@ def _restricted(reference: ReferenceSide, keep: np.ndarray) -> ReferenceSide:
     return ReferenceSide({n: kept(p) for n, p in reference.values.items()},
                          {n: kept(p) for n, p in reference.gradients.items()},
                          [(kept(claimed), kept(derivative)) for claimed, derivative in reference.claimed],
-                         kept(reference.jvp), {n: kept(p) for n, p in reference.hvps.items()},
-                         reference.inside[keep], reference.outside, reference.ambiguous[keep])
+                         kept(reference.jvp), {n: kept(p) for n, p in reference.hvps.items()})
 
 
 def _failure(spec: Spec, subject, comparison: _Comparison, at: Example, point: int, allowed, options: Options) -> Failure:
