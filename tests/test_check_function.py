@@ -1,10 +1,17 @@
 """verify.check_function on users' own code: the corpus of correct and broken Functions."""
 
+from collections import Counter
+
+import numpy as np
 import pytest
 import torch
 
 import verify
 from benchmarks.corpus import CASES, Sin, Tanh
+from verify import checks, engine
+from verify.report import Result
+from verify.strategies import Example
+from verify.subject import FunctionSubject
 
 CORRECT = [case for case in CASES if not case.bug]
 BROKEN = [case for case in CASES if case.bug]
@@ -99,6 +106,31 @@ def test_exception_in_the_backward_is_a_finding_at_the_input_that_triggers_it():
         verify.check_function(FailsAboveOne.apply, "x: Real[n]\ny = x**2", modes=("rev",), seed=0)
     assert caught.value.failure.inputs["x"].max() > 1
     assert "test_check_function.py" in caught.value.failure.error  # the user's line, not torch's
+
+
+def test_code_that_raises_only_at_rejected_points_is_no_finding():
+    # At x = 0, sqrt(x**2) takes sqrt at 0, whose infinite slope loses the step's bound (torch's
+    # backward gives 0 * inf there): the point is rejected, so what the code does there is not
+    # checked, even when the rest of its batch is.
+    def raises_at_zero(x):
+        if (x == 0).any():
+            raise ValueError("zero")
+        return torch.sqrt(x**2)
+
+    result = verify.check_function(raises_at_zero, "x: Real[n] = [0.0, 4.0]\ny = sqrt(x**2)", seed=0,
+                                   max_examples=20)
+    assert result.points > 0 and any(reason.startswith("a step of the value of y") for reason in result.rejected)
+
+
+def test_a_batch_that_fails_counts_none_of_its_points_as_checked():
+    spec = verify.parse("x: Real[n]\ny = sqrt(x)")
+    prepared = engine.plan(spec)
+    result = Result("<spec>", "float64", 0)
+    example = Example({"n": 1}, {"x": np.array([[4.0], [9.0]])}, np.ones((2, 1)), {"x": np.ones((2, 1))})
+    wrong_at_nine = FunctionSubject(spec, lambda x: torch.sqrt(x) + (x == 9) * 1e-3)
+    failure = checks.evaluate(prepared, wrong_at_nine, example, checks.Options(), result, Counter())
+    assert failure is not None and failure.inputs["x"].tolist() == [9.0]
+    assert result.points == 0
 
 
 def test_gradient_of_the_wrong_shape_is_a_finding():

@@ -82,6 +82,17 @@ def test_sums_of_products_take_the_same_values_without_error_arithmetic(build):
     np.testing.assert_allclose(reference.estimate(context())[0], reference(context())[0], rtol=1e-14, atol=1e-14)
 
 
+def test_a_floor_that_overflows_stays_infinite_and_confirms_nothing():
+    # The terms cancel to 0, but their magnitudes overflow: only the bounds may judge this point.
+    n, k = sympy.Symbol("n", integer=True, positive=True), sympy.Symbol("k", integer=True, nonnegative=True)
+    x = sympy.IndexedBase("x")
+    reference = Reference(Tensor(sympy.Sum(x[k], (k, 0, n - 1)), (), ()), frozenset({"n"}), a_priori=True)
+    batch = np.array([[1e308, -1e308]])
+    value, floor = reference.estimate(Context({"x": (batch, np.abs(batch))}, {"n": 2}, 1))
+    assert value.tolist() == [0.0] and np.isinf(floor).all()
+    assert not checks._agreeing(value, floor, np.array([1e290]), torch.float64).any()
+
+
 def test_unknown_function_is_refused_when_compiled():
     formula = Tensor(sympy.gamma(sympy.Symbol("x", real=True)), (), ())
     with pytest.raises(UnsupportedFormula, match="gamma"):

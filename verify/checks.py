@@ -184,6 +184,10 @@ class TorchSide:
     jvp: np.ndarray | Failure | None = None
     hvps: dict = field(default_factory=dict)  # way -> (input name -> array) or Failure
 
+    def complete(self) -> bool:
+        """Whether every call returned (none holds a Failure)."""
+        return not isinstance(self.jvp, Failure) and not any(isinstance(p, Failure) for p in self.hvps.values())
+
     def at(self, keep: np.ndarray) -> TorchSide:
         if keep.all():
             return self
@@ -234,7 +238,7 @@ def _torch_side(prepared: Plan, subject, at: Example, options: Options, result: 
 
 @dataclass
 class _Comparison:
-    """One check of a batch: a reference (value, error bound) against an array of the same shape."""
+    """One check of a batch: a reference (value, error bound or its floor) against an array of the same shape."""
 
     check: str
     subject: str
@@ -308,28 +312,32 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
         return None
     at = example.at(keep)
     actual = _torch_side(prepared, subject, at, options, result)
-    if not isinstance(actual, TorchSide):
-        return actual
+    if actual is None:
+        return None
+    if isinstance(actual, Failure) or not actual.complete():
+        # A call raised, maybe at a point the bounds reject: torch runs again on the points they accept.
+        return _checked_closely(prepared, subject, at, None, options, result, rejected)
     estimate = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order, forward,
                                                             bounded=False))
     confirmed = np.ones(at.batch, dtype=bool)
     for comparison in _comparisons(prepared, subject, _restricted(estimate, keep), actual, dtype):
-        if isinstance(comparison, Failure):
-            confirmed[:] = False
-            break
         confirmed &= _agreeing(*comparison.reference, comparison.actual, comparison.dtype)
-    result.points += int(confirmed.sum())
-    if confirmed.all():
-        return None
-    return _checked_closely(prepared, subject, at.at(~confirmed), actual.at(~confirmed), options, result, rejected)
+    failure = None
+    if not confirmed.all():
+        failure = _checked_closely(prepared, subject, at.at(~confirmed), actual.at(~confirmed), options, result,
+                                   rejected)
+    if failure is None:
+        result.points += int(confirmed.sum())
+    return failure
 
 
-def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSide, options: Options, result: Result,
-                     rejected: Counter):
+def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSide | None, options: Options,
+                     result: Result, rejected: Counter):
     """The checks of ``evaluate`` with the reference's error bounds, where torch was not
-    within the floor's tolerance; the first Failure, or None."""
+    within the floor's tolerance; the first Failure, or None. Without ``actual``, torch runs
+    on the points the bounds accept."""
     dtype = options.dtype
-    forward = actual.jvp is not None
+    forward = "fwd" in options.modes and "fwd" not in result.unsupported
     ctx, values, inside, outside = reference_values(prepared, example, dtype)
     rejected.update(outside)
     keep = _unambiguous(inside, ctx.ambiguous, rejected)
@@ -348,7 +356,10 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
     if not keep.any():
         return None
     at = example.at(keep)
-    for comparison in _comparisons(prepared, subject, _restricted(reference, keep), actual.at(keep), dtype):
+    actual = _torch_side(prepared, subject, at, options, result) if actual is None else actual.at(keep)
+    if not isinstance(actual, TorchSide):
+        return actual
+    for comparison in _comparisons(prepared, subject, _restricted(reference, keep), actual, dtype):
         if isinstance(comparison, Failure):
             return comparison
         found = _compare(*comparison.reference, comparison.actual, comparison.dtype)
@@ -432,11 +443,12 @@ def _unambiguous(keep: np.ndarray, ambiguous: np.ndarray, rejected: Counter) -> 
 def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.ndarray, checks: list,
                      bounded: bool = True) -> np.ndarray:
     """Points where every reference value is defined, fits the dtype with room to spare, is
-    no subnormal number, and (``bounded``: the bounds are computed) has a finite error bound.
+    no subnormal number, and has a finite error bound.
 
     The others are counted by reason and left out: there the math is undefined, or the
     result overflows or underflows the dtype, or a step on the way does (a NaN from inf - inf
-    on the way counts as that step's overflow).
+    on the way counts as that step's overflow). Without ``bounded`` (the bounds are not
+    computed yet) NaN is let through: only a bound tells an undefined value from a lost step.
     """
     keep = keep.copy()
     limit = representable_limit(dtype)
@@ -455,7 +467,7 @@ def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np
                 fits = ~(magnitude + room > limit).any(axis=1)
             else:
                 lost = np.zeros((batch, 1), dtype=bool)
-                defined = ~np.isnan(value).any(axis=1)
+                defined = np.ones(batch, dtype=bool)
                 fits = ~(magnitude + allowed_error(magnitude, 0.0, dtype) > limit).any(axis=1)
         normal = ~((magnitude < tiny) & (value != 0)).any(axis=1)
         for reason, bad in ((f"{label} is undefined", ~defined),

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from .checks import MODES, Options, evaluate
+from .checks import Options, evaluate
 from .errors import Mismatch, Unchecked, Unsupported
 from .ir import Apply, Constant, SizeRef, Spec, concrete_shape, graph_nodes
 from .lower.sympy import (
@@ -36,7 +36,7 @@ from .lower.sympy import (
 from .ops import COMPARISONS, CONCRETE_ONLY, REGISTRY
 from .reference import Reference
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved
-from .settings import stable_seed
+from .settings import MODES, stable_seed
 from .strategies import BATCHED, PER_POINT, Example, examples
 from .subject import FunctionSubject, SpecSubject, function_name
 from .tolerance import UNIT_ROUNDOFF

@@ -153,7 +153,9 @@ class Reference:
         with np.errstate(all="ignore"):
             value = np.array(np.broadcast_to(self._value(ctx)[0], full), dtype=np.float64)
         magnitude = self._floor(ctx, full)
-        return value, np.zeros(full, dtype=ERROR_DTYPE) if magnitude is None else np.nan_to_num(magnitude, nan=0.0)
+        # An undefined magnitude gives no floor; an infinite one stays infinite (the point is left to the bounds).
+        return value, np.zeros(full, dtype=ERROR_DTYPE) if magnitude is None else np.nan_to_num(
+            magnitude, nan=0.0, posinf=np.inf)
 
     def _bind(self, ctx: Context) -> tuple:
         """Bind the output indices to their axes; the full shape of a result, (batch, *dims)."""
@@ -601,7 +603,8 @@ class _Compiler:
             if factors is not None and np.all(inside):
                 arrays = [f(ctx)[0] for f in factors]
                 # A sum of products whose product spans more than any factor (A @ B in index
-                # notation) goes to einsum, which never forms that product.
+                # notation) goes to einsum, which never forms that product. It sums in another
+                # order, so the value differs from the formed sum's by rounding, within its bound.
                 if math.prod(np.broadcast_shapes(*map(np.shape, arrays))) > max(map(np.size, arrays)):
                     lengths = {axis: ctx.indices[index].size for index, axis, _, _ in bounds}
                     return _summed_product(arrays, lengths, depth, inner_depth), 0.0
