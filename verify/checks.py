@@ -310,32 +310,53 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
                             [(f"the value of {n}", value) for n, value in values.items()], bounded=False)
     if not keep.any():
         return None
-    at = example.at(keep)
-    actual = _torch_side(prepared, subject, at, options, result)
-    if actual is None:
-        return None
-    if isinstance(actual, Failure) or not actual.complete():
-        # A call raised, maybe at a point the bounds reject: torch runs again on the points they accept.
-        return _checked_closely(prepared, subject, at, None, options, result, rejected)
-    estimate = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order, forward,
-                                                            bounded=False))
-    confirmed = np.ones(at.batch, dtype=bool)
-    for comparison in _comparisons(prepared, subject, _restricted(estimate, keep), actual, dtype):
-        confirmed &= _agreeing(*comparison.reference, comparison.actual, comparison.dtype)
-    failure = None
-    if not confirmed.all():
-        failure = _checked_closely(prepared, subject, at.at(~confirmed), actual.at(~confirmed), options, result,
-                                   rejected)
-    if failure is None:
-        result.points += int(confirmed.sum())
-    return failure
+    # A NaN value is undefined math or a step that overflowed: only the bounds tell which, and
+    # torch runs there only where they accept the point.
+    undecided = keep & _any_nan(values, example.batch)
+    keep &= ~undecided
+    closely = []  # (points, torch's side there or None) for the bounds to judge
+    checked = 0
+    if keep.any():
+        at = example.at(keep)
+        actual = _torch_side(prepared, subject, at, options, result)
+        if actual is None:
+            return None
+        if isinstance(actual, Failure) or not actual.complete():
+            # A call raised, maybe at a point the bounds reject: torch runs again on the points they accept.
+            closely.append((at, None))
+        else:
+            estimate = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order,
+                                                                    forward, bounded=False))
+            confirmed = np.ones(at.batch, dtype=bool)
+            for comparison in _comparisons(prepared, subject, _restricted(estimate, keep), actual, dtype):
+                confirmed &= _agreeing(*comparison.reference, comparison.actual, comparison.dtype)
+            checked = int(confirmed.sum())
+            if not confirmed.all():
+                closely.append((at.at(~confirmed), actual.at(~confirmed)))
+    if undecided.any():
+        closely.append((example.at(undecided), None))
+    for points, actual in closely:
+        failure, count = _checked_closely(prepared, subject, points, actual, options, result, rejected)
+        if failure is not None:
+            return failure  # a batch that fails counts none of its points
+        checked += count
+    result.points += checked
+    return None
+
+
+def _any_nan(values: dict, batch: int) -> np.ndarray:
+    """Per point, whether some value is NaN."""
+    found = np.zeros(batch, dtype=bool)
+    for value, _ in values.values():
+        found |= np.isnan(value.reshape(batch, -1)).any(axis=1)
+    return found
 
 
 def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSide | None, options: Options,
-                     result: Result, rejected: Counter):
-    """The checks of ``evaluate`` with the reference's error bounds, where torch was not
-    within the floor's tolerance; the first Failure, or None. Without ``actual``, torch runs
-    on the points the bounds accept."""
+                     result: Result, rejected: Counter) -> tuple:
+    """The checks of ``evaluate`` with the reference's error bounds, where the floor did not
+    settle them: (the first Failure or None, the number of points checked). Without
+    ``actual``, torch runs on the points the bounds accept."""
     dtype = options.dtype
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
     ctx, values, inside, outside = reference_values(prepared, example, dtype)
@@ -344,7 +365,7 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
     keep = _accepted_points(example.batch, dtype, rejected, keep,
                             [(f"the value of {n}", value) for n, value in values.items()])
     if not keep.any():  # the derivatives would be rejected too: a batch of overflows costs little
-        return None
+        return None, 0
     reference = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order, forward))
     output = prepared.spec.output
     keep = _accepted_points(example.batch, dtype, rejected, _unambiguous(keep, ctx.ambiguous, rejected), [
@@ -354,19 +375,18 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
         *((f"the Hessian-vector product of {n}", value) for n, value in reference.hvps.items()),
     ])
     if not keep.any():
-        return None
+        return None, 0
     at = example.at(keep)
     actual = _torch_side(prepared, subject, at, options, result) if actual is None else actual.at(keep)
     if not isinstance(actual, TorchSide):
-        return actual
+        return actual, 0
     for comparison in _comparisons(prepared, subject, _restricted(reference, keep), actual, dtype):
         if isinstance(comparison, Failure):
-            return comparison
+            return comparison, 0
         found = _compare(*comparison.reference, comparison.actual, comparison.dtype)
         if found is not None:
-            return _failure(prepared.spec, subject, comparison, at, *found, options)
-    result.points += int(keep.sum())
-    return None
+            return _failure(prepared.spec, subject, comparison, at, *found, options), 0
+    return None, int(keep.sum())
 
 
 def _restricted(reference: ReferenceSide, keep: np.ndarray) -> ReferenceSide:
