@@ -296,7 +296,8 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
     The reference is first evaluated without its error bounds. Points where torch agrees
     with it within the tolerance of a floor of those bounds (tighter than the bounds allow)
     are checked at that; only the others pay for the error arithmetic, and only there are
-    points rejected as too close to a kink or with a step that overflows.
+    points rejected as too close to a kink or with a step that overflows. Points with a NaN
+    value, and a batch where a torch call raised, go to the bounds before torch sees them.
     """
     subject = subject or prepared.subject.on(options.device)
     dtype = options.dtype
