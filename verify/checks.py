@@ -486,10 +486,11 @@ def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np
                 room = allowed_error(magnitude, error, dtype)
                 room = np.where(np.isfinite(room), room, 0)  # an unbounded step has its own reason
                 fits = ~(magnitude + room > limit).any(axis=1)
-            else:
+            else:  # the room grows with the magnitude: the largest element decides
                 lost = np.zeros((batch, 1), dtype=bool)
                 defined = np.ones(batch, dtype=bool)
-                fits = ~(magnitude + allowed_error(magnitude, 0.0, dtype) > limit).any(axis=1)
+                largest = np.fmax.reduce(magnitude, axis=1)
+                fits = ~(largest + allowed_error(largest, 0.0, dtype) > limit)
         normal = ~((magnitude < tiny) & (value != 0)).any(axis=1)
         for reason, bad in ((f"{label} is undefined", ~defined),
                             (f"{label} overflows {dtype_name}", ~fits),
@@ -507,8 +508,12 @@ def _agreeing(reference, floor, actual, dtype) -> np.ndarray:
     bound's floor, a tolerance that fits the dtype: where the floor is huge, the bounds decide
     whether the point counts at all."""
     with np.errstate(all="ignore"):  # inf and NaN are not within any tolerance
-        allowed = allowed_error(reference, floor, dtype)
-        ok = (np.abs(actual - reference) <= allowed) & (np.abs(reference) + allowed <= representable_limit(dtype))
+        magnitude = np.abs(reference)
+        allowed = allowed_error(magnitude, floor, dtype)
+        ok = np.abs(actual - reference) <= allowed
+        limit = representable_limit(dtype)
+        if not np.max(magnitude, initial=0.0) + np.max(allowed, initial=0.0) <= limit:
+            ok &= magnitude + allowed <= limit
     return ok.reshape(len(ok), -1).all(axis=1)
 
 
