@@ -191,6 +191,7 @@ class TorchSide:
     def at(self, keep: np.ndarray) -> TorchSide:
         if keep.all():
             return self
+
         def kept(entry):
             if isinstance(entry, dict):
                 return {name: kept(array) for name, array in entry.items()}
@@ -200,8 +201,9 @@ class TorchSide:
 
 
 def _torch_side(prepared: Plan, subject, at: Example, options: Options, result: Result):
-    """Everything torch computes on ``at`` for the checks asked; a Failure when its first call
-    raised, or None when the dtype is unsupported."""
+    """Everything torch computes on ``at`` for the checks asked, or None when the dtype is
+    unsupported. A raised call gives the Failure that reports it: in place of the whole side
+    for the first call (values and VJPs), in place of its arrays for the JVP and HVPs."""
     spec, dtype = prepared.spec, options.dtype
     value_shapes = {name: concrete_shape(ref.tensor.shape, at.sizes) for name, ref in prepared.values.items()
                     if isinstance(subject, SpecSubject) or name == spec.output}
@@ -394,6 +396,7 @@ def _restricted(reference: ReferenceSide, keep: np.ndarray) -> ReferenceSide:
     """The reference's pairs at the points where ``keep`` is true."""
     if keep.all():
         return reference
+
     def kept(pair):
         return None if pair is None else (pair[0][keep], pair[1][keep])
 

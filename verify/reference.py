@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -590,8 +589,14 @@ class _Compiler:
         kind = type(expr)
         track_errors = self.track_errors
         body = self.compile(expr.function, inner_axes, inner_depth)
-        fused = not track_errors and kind is sympy.Sum and expr.function.is_Mul
-        factors = self._args(expr.function, inner_axes, inner_depth) if fused else None
+        factors = None
+        if not track_errors and kind is sympy.Sum and expr.function.is_Mul:
+            # A sum of products whose product spans more indices than any factor (A @ B in
+            # index notation) goes to einsum, which never forms that product. It sums in another
+            # order, so the value differs from the formed sum's by rounding, within its bound.
+            spans = [_free_symbols(f) & inner_axes.keys() for f in expr.function.args]
+            if all(span < set().union(*spans) for span in spans):
+                factors = self._args(expr.function, inner_axes, inner_depth)
 
         def total(ctx):
             inside = True
@@ -601,13 +606,8 @@ class _Compiler:
                 ctx.indices[index] = span
                 inside = inside & (span >= low) & (span <= high)
             if factors is not None and np.all(inside):
-                arrays = [f(ctx)[0] for f in factors]
-                # A sum of products whose product spans more than any factor (A @ B in index
-                # notation) goes to einsum, which never forms that product. It sums in another
-                # order, so the value differs from the formed sum's by rounding, within its bound.
-                if math.prod(np.broadcast_shapes(*map(np.shape, arrays))) > max(map(np.size, arrays)):
-                    lengths = {axis: ctx.indices[index].size for index, axis, _, _ in bounds}
-                    return _summed_product(arrays, lengths, depth, inner_depth), 0.0
+                lengths = {axis: ctx.indices[index].size for index, axis, _, _ in bounds}
+                return _summed_product([f(ctx)[0] for f in factors], lengths, depth, inner_depth), 0.0
             value, error = body(ctx)
             value = np.asarray(value, dtype=np.float64)
             shape = np.broadcast_shapes(np.shape(_pad(value, inner_depth)), np.shape(inside))

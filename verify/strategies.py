@@ -223,7 +223,7 @@ def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = 
     ``budget`` allows), a random cotangent for the output and (``tangents``) a random tangent
     for each input.
 
-    The batch is a few points drawn element by element, and often a bulk of many more that
+    The batch is a few points drawn element by element, and usually a bulk of many more that
     numpy materializes, up to the element budget. The shrinker can drop the bulk and keep
     the few: a failure that any point shows ends at one minimal point.
     """
