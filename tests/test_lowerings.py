@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import verify
-from verify import checks, engine
+from verify import oracle
+from verify import plan as planning
 from verify.reference import Context
 from verify.strategies import Example, size_bounds
 
@@ -27,7 +28,7 @@ OP_ROWS = {op: ROWS[op] for op in ["add", "sub", "mul", "div", "pow", "exp", "lo
 def _concrete(spec, sizes):
     """The spec's output as an explicit sympy expression in scalar symbols, at concrete sizes."""
     substitution = {sympy.Symbol(name, integer=True, positive=True): value for name, value in sizes.items()}
-    prepared = engine.plan(spec)
+    prepared = planning.plan(spec)
     output = prepared.values[spec.output].tensor.expr
     return prepared, output.xreplace(substitution).doit()
 
@@ -43,8 +44,8 @@ def test_symbolic_size_gradients_match_sympy_on_the_concrete_expansion(op_name, 
     for name, declared in spec.inputs.items():
         shape = tuple(d if isinstance(d, int) else sizes[d.name] for d in declared.shape)
         inputs[name] = rng.uniform(0.5, 2.0, size=(1, *shape))
-    point = Example(sizes, inputs, *engine.unit_directions(spec, sizes, inputs, tangents=False))
-    reference = checks.reference_side(prepared, point, torch.float64)
+    point = Example(sizes, inputs, *planning.unit_directions(spec, sizes, inputs, tangents=False))
+    reference = oracle.reference_side(prepared, point, torch.float64)
     values, gradients = reference.values, reference.gradients
 
     def element_symbol(name, index):
@@ -65,7 +66,7 @@ def test_symbolic_size_gradients_match_sympy_on_the_concrete_expansion(op_name, 
 
 def test_reference_context_evaluates_a_whole_batch_at_once():
     spec = verify.parse("x: Real[n]\no = sum(exp(x))")
-    prepared = engine.plan(spec)
+    prepared = planning.plan(spec)
     batch = np.linspace(-1, 1, 12).reshape(4, 3)
     ctx = Context({"x": (batch, np.zeros_like(batch))}, {"n": 3}, 4)
     value, error = prepared.values["o"](ctx)

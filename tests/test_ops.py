@@ -85,7 +85,9 @@ FALSE_CLAIMS.update({"relu": "grad(o, x) == 2 * x", "sign": "grad(o, x) == 1 + 0
 # in float64; logcumsumexp's forward-mode derivative is off by 2.9e-7 at x = [1, 46], and
 # minimum's by 1 at its row's example point (docs/findings.md).
 TORCH_FINDINGS = {("digamma", torch.float64): "gradient", ("logcumsumexp", torch.float64): "JVP",
-                  ("logcumsumexp", torch.float32): "JVP", ("minimum", torch.float64): "JVP"}
+                  ("logcumsumexp", torch.float32): "JVP", ("minimum", torch.float64): "JVP",
+                  ("asinh", torch.float32): "gradient", ("atan2", torch.float64): "gradient",
+                  ("atan2", torch.float32): "gradient"}
 
 
 def first_input(spec_text: str) -> str:

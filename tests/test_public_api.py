@@ -15,7 +15,8 @@ def test_all_lists_exactly_the_public_names():
     # pytest's assertion rewriting of its plugin's package adds "@py_builtins" and the like.
     public = {name for name in dir(verify) if not name.startswith(("_", "@"))}
     modules = {"api", "engine", "checks", "errors", "ir", "lower", "ops", "reference", "report", "spec", "strategies",
-               "tolerance", "explain", "cli", "subject", "pytest_plugin", "settings", "outcomes", "fuzz"}
+               "tolerance", "explain", "cli", "subject", "pytest_plugin", "settings", "outcomes", "fuzz", "plan",
+               "oracle", "acceptance", "balls"}
     assert set(verify.__all__) == public - modules
 
 

@@ -8,7 +8,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import verify
-from verify import checks, engine
+from verify import acceptance, oracle
+from verify import plan as planning
 from verify.lower.sympy import Tensor
 from verify.reference import Context, Reference, UnsupportedFormula
 from verify.strategies import Example
@@ -35,8 +36,8 @@ def formulas(draw, depth=3):
 @example("cos(log((y)**2 + 1))", 0.0, 5.179475653321955e-158)  # underflow, then a zero partial
 def test_value_and_error_bound_against_exact_evaluation(formula, x, y):
     spec = verify.parse(f"x: Real\ny: Real\no = {formula} + 0 * x * y")
-    prepared = engine.plan(spec)
-    values = checks.reference_side(
+    prepared = planning.plan(spec)
+    values = oracle.reference_side(
         prepared, Example({}, {"x": np.array([x]), "y": np.array([y])}, np.ones(1)), torch.float64).values
     value, bound = values["o"]
     exact = prepared.values["o"].tensor.expr.xreplace(
@@ -90,7 +91,7 @@ def test_a_floor_that_overflows_stays_infinite_and_confirms_nothing():
     batch = np.array([[1e308, -1e308]])
     value, floor = reference.estimate(Context({"x": (batch, np.abs(batch))}, {"n": 2}, 1))
     assert value.tolist() == [0.0] and np.isinf(floor).all()
-    assert not checks._agreeing(value, floor, np.array([1e290]), torch.float64).any()
+    assert not acceptance.agreeing(value, floor, np.array([1e290]), torch.float64).any()
 
 
 def test_unknown_function_is_refused_when_compiled():

@@ -1,9 +1,8 @@
 """The checks of one batch: the reference and torch on the same points, compared.
 
-``evaluate`` runs a batch in two passes. The reference is first evaluated without its error
-bounds, and points where torch agrees within the tolerance of the bounds' floor are checked at
-that. The other points get the bounds, and with them are passed, failed, or rejected (too
-close to a kink, or a step that overflows).
+``evaluate`` runs a batch in up to three passes, each on the points the one before could not
+settle: float64 without error bounds, float64 with them, and the exact pass in arb balls.
+Which points are judged, and which rejected, is ``verify.acceptance``'s business.
 """
 
 from __future__ import annotations
@@ -15,18 +14,24 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .ir import Apply, Constant, Ref, SizeRef, Spec, concrete_shape
-from .lower.sympy import COTANGENT, Tensor, tangent_name
+from . import acceptance, balls
+from .ir import Apply, Ref, Spec, concrete_shape
+from .lower.sympy import Tensor
 from .ops import REGISTRY
-from .reference import ERROR_DTYPE, Context, Reference, per_point
+from .oracle import ReferenceSide, exact_point, reference_derivatives, reference_values, restricted
 from .report import Failure, Result, reproduction_snippet
 from .settings import MODES
 from .strategies import Example
 from .subject import CodeFailure, FunctionSubject, ModeUnsupported, SpecSubject
-from .tolerance import UNIT_ROUNDOFF, allowed_error, representable_limit, underflow_limit
 
 if TYPE_CHECKING:
-    from .engine import Plan
+    from .plan import Plan
+
+# Points of one batch that the exact pass judges: it runs element by element in Python. Torch
+# runs on SCREENED times as many first, and those where it is not finite go first.
+EXACT_POINTS = 8
+SCREENED = 4
+
 
 @dataclass(frozen=True)
 class Options:
@@ -36,142 +41,11 @@ class Options:
     order: int = 1
     modes: tuple = MODES
     device: str = "cpu"
+    kinks: str = "any"  # at an exact kink, a user's function may take "any" one-sided derivative, or "torch"'s
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
-
-
-@dataclass
-class ReferenceSide:
-    """The reference on a batch; each entry is a (value, error bound) pair, or with
-    ``bounded=False`` a (value, floor of the error bound) pair."""
-
-    values: dict  # label -> pair
-    gradients: dict  # name -> the VJP with the example's cotangent
-    claimed: list  # per claim: (claimed form, sympy's derivative)
-    jvp: tuple | None
-    hvps: dict
-
-
-def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: int = 1,
-                   forward: bool = False) -> ReferenceSide:
-    """The reference at every point of ``example``: values, VJPs, claims, and (as asked) the
-    JVP and Hessian-vector products."""
-    ctx, values, _, _ = reference_values(prepared, example, dtype)
-    return ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, order, forward))
-
-
-def reference_values(prepared: Plan, example: Example, dtype: torch.dtype, bounded: bool = True) -> tuple:
-    """(context, node label -> (value, error bound), points inside every domain, the domains
-    the others are outside of) at every point of ``example``. Without ``bounded``, the error
-    bounds are only floors, and cost no error arithmetic."""
-    # Inputs carry one rounding each in the error bounds, though they are exact: an algorithm
-    # is right when its result is the exact one for inputs perturbed by a rounding (backward
-    # stability), so the bounds include the condition number of each formula at the point.
-    ctx = Context({name: (array, np.abs(array).astype(ERROR_DTYPE)) for name, array in example.inputs.items()},
-                  example.sizes, example.batch, dtype)
-    exact = np.zeros((), dtype=ERROR_DTYPE)
-    if prepared.spec.nodes[prepared.spec.output].shape:
-        ctx.env[COTANGENT] = (example.cotangent, np.broadcast_to(exact, example.cotangent.shape))
-    for name, tangent in (example.tangents or {}).items():
-        ctx.env[tangent_name(name)] = (tangent, np.broadcast_to(exact, tangent.shape))
-    values = {}
-    for name, reference in prepared.values.items():
-        value, error = reference(ctx) if bounded else reference.estimate(ctx)
-        if bounded and name in prepared.steps:  # in graph order, so the operands' entries are ready
-            error = np.maximum(error, prepared.steps[name](ctx)[1])
-        values[name] = ctx.env[name] = value, error  # gradient formulas refer to node values
-    outside = Counter()
-    inside = _inside_domains(prepared, example, values, outside)
-    if bounded:
-        forward_amplification = _amplification(prepared, example, values, dtype, "forward_condition")
-        values = {name: _amplified(pair, forward_amplification) for name, pair in values.items()}
-    return ctx, values, inside, outside
-
-
-def reference_derivatives(prepared: Plan, example: Example, ctx: Context, values: dict, order: int,
-                          forward: bool, bounded: bool = True) -> tuple:
-    """(VJPs, claims, JVP, Hessian-vector products) in the context of ``reference_values``."""
-    amplification = _amplification(prepared, example, values, ctx.dtype, "backward_condition") if bounded else None
-
-    def evaluated(reference: Reference) -> tuple:
-        return reference(ctx) if bounded else reference.estimate(ctx)
-
-    def widened(pair: tuple) -> tuple:
-        return pair if amplification is None else _amplified(pair, amplification, of_terms=True)
-
-    derivatives = {name: evaluated(reference) for name, reference in prepared.gradients.items()}
-    # A scalar output's formulas hold no cotangent: its VJP is the gradient times the cotangent.
-    seed = None if prepared.spec.nodes[prepared.spec.output].shape else example.cotangent
-    gradients = {name: widened(_times(pair, seed)) for name, pair in derivatives.items()}
-    claimed = [(evaluated(claim.reference), derivatives[claim.wrt] if claim.kind == "grad" else evaluated(claim.derivative))
-               for claim in prepared.claims]
-    jvp = widened(evaluated(prepared.forward_mode())) if forward else None
-    hvps = ({name: widened(_times(evaluated(reference), seed)) for name, reference in prepared.second_order().items()}
-            if order == 2 else {})
-    return gradients, claimed, jvp, hvps
-
-
-def _times(pair: tuple, seed) -> tuple:
-    """(value, error) times a per-point scalar, with one more rounding."""
-    if seed is None:
-        return pair
-    value, error = pair
-    factor = seed.reshape((len(seed),) + (1,) * (value.ndim - 1))
-    with np.errstate(all="ignore"):  # inf bounds stay inf; the point is rejected later
-        product = value * factor
-        return product, error * np.abs(factor) + np.abs(product)
-
-
-def _amplification(prepared: Plan, example: Example, values: dict, dtype: torch.dtype, which: str) -> np.ndarray:
-    """Per point, the largest amplification of rounding by the way torch computes an op,
-    capped at 1/u of float64: ``which`` is the registry's ``backward_condition`` (it widens
-    the bounds of VJPs, JVPs and HVPs) or ``forward_condition`` (values)."""
-    cap = 1 / UNIT_ROUNDOFF[torch.float64]
-    worst = np.zeros(example.batch, dtype=ERROR_DTYPE)
-    array_of = _node_arrays(prepared, example, values)
-    for label, node in prepared.nodes.items():
-        condition = getattr(REGISTRY[node.op], which) if isinstance(node, Apply) else None
-        if condition is None or label not in values:
-            continue
-        with np.errstate(all="ignore"):
-            operands = (array_of(o, node.rank if REGISTRY[node.op].kind == "elementwise" else o.rank)
-                        for o in node.operands)
-            amplification = np.asarray(condition(dtype, values[label][0], *operands), dtype=ERROR_DTYPE)
-        amplification = np.nan_to_num(amplification.reshape(example.batch, -1), nan=0.0, posinf=cap)
-        worst = np.maximum(worst, np.minimum(amplification.max(axis=1), cap))
-    return worst
-
-
-def _node_arrays(prepared: Plan, example: Example, values: dict):
-    """A function giving a node's reference values, with size-1 dims after the batch dim up to ``rank``."""
-    labels = {id(node): label for label, node in prepared.nodes.items()}
-
-    def array_of(operand, rank):
-        while isinstance(operand, Ref):
-            operand = operand.target
-        if isinstance(operand, Constant):
-            return float(operand.value)
-        if isinstance(operand, SizeRef):
-            return float(example.sizes[operand.symbol.name])
-        label = labels[id(operand)]
-        array = example.inputs[label] if label in example.inputs else values[label][0]
-        return array.reshape(array.shape[:1] + (1,) * (rank - operand.rank) + array.shape[1:])
-
-    return array_of
-
-
-def _amplified(pair: tuple, amplification: np.ndarray, of_terms: bool = False) -> tuple:
-    """The error bound widened by the amplification, norm-wise: rounding in a solve spreads
-    over every element of the result. ``of_terms`` scales it by the magnitude of the terms
-    (a derivative's bound has its a priori floor) rather than of the result, which may cancel:
-    sigmoid's JVP terms at -28 and 59 nearly cancel, and the one at 59 is lost to 1 - y."""
-    value, error = pair
-    with np.errstate(all="ignore"):
-        scale = np.maximum(np.abs(value), error) if of_terms else np.abs(value)
-        largest = scale.reshape(len(value), -1).max(axis=1) if value.ndim > 1 else scale
-        return value, error + per_point(amplification * largest, value)
 
 
 @dataclass
@@ -187,6 +61,13 @@ class TorchSide:
     def complete(self) -> bool:
         """Whether every call returned (none holds a Failure)."""
         return not isinstance(self.jvp, Failure) and not any(isinstance(p, Failure) for p in self.hvps.values())
+
+    def finite(self) -> np.ndarray:
+        """Per point, whether every array torch returned is finite there."""
+        arrays = [*self.values.values(), *self.gradients.values(), *([self.jvp] if self.jvp is not None else []),
+                  *(array for products in self.hvps.values() for array in products.values())]
+        batch = len(arrays[0])
+        return np.logical_and.reduce([np.isfinite(a.reshape(batch, -1)).all(axis=1) for a in arrays])
 
     def at(self, keep: np.ndarray) -> TorchSide:
         if keep.all():
@@ -208,15 +89,18 @@ def _torch_side(prepared: Plan, subject, at: Example, options: Options, result: 
     value_shapes = {name: concrete_shape(ref.tensor.shape, at.sizes) for name, ref in prepared.values.items()
                     if isinstance(subject, SpecSubject) or name == spec.output}
     gradient_shapes = {name: concrete_shape(ref.tensor.shape, at.sizes) for name, ref in prepared.gradients.items()
-                       if isinstance(subject, SpecSubject) or name in spec.inputs}
+                       if "rev" in options.modes and "rev" not in result.unsupported
+                       and (isinstance(subject, SpecSubject) or name in spec.inputs)}
     try:
         values, gradients, _ = subject.reverse(at, value_shapes, gradient_shapes, dtype)
     except ModeUnsupported as unsupported:
-        result.unsupported["dtype"] = str(unsupported)
-        return None
+        result.unsupported[unsupported.mode] = str(unsupported)
+        if unsupported.mode == "dtype":
+            return None
+        return _torch_side(prepared, subject, at, options, result)  # the rest, without the backward
     except CodeFailure as failed:
         return _code_failure(failed, subject, at, options)
-    side = TorchSide(values, gradients if "rev" in options.modes else {})
+    side = TorchSide(values, gradients)
     if "fwd" in options.modes and "fwd" not in result.unsupported:
         try:
             side.jvp = subject.forward(at, dtype)
@@ -225,7 +109,7 @@ def _torch_side(prepared: Plan, subject, at: Example, options: Options, result: 
         except CodeFailure as failed:
             side.jvp = _code_failure(failed, subject, at, options)
     if options.order == 2:
-        ways = [("rev-over-rev", False)] if "rev" in options.modes else []
+        ways = [("rev-over-rev", False)] if "rev" in options.modes and "rev" not in result.unsupported else []
         if "fwd" in options.modes and "fwd-over-rev" not in result.unavailable:
             ways.append(("fwd-over-rev", True))
         for way, over_forward in ways:
@@ -295,11 +179,12 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
 
     ``subject`` is a FunctionSubject, or None for the spec's own torch lowering.
 
-    The reference is first evaluated without its error bounds. Points where torch agrees
-    with it within the tolerance of a floor of those bounds (tighter than the bounds allow)
-    are checked at that; only the others pay for the error arithmetic, and only there are
-    points rejected as too close to a kink or with a step that overflows. Points with a NaN
-    value, and a batch where a torch call raised, go to the bounds before torch sees them.
+    Three passes, each taking the points the one before could not settle. The reference is
+    first evaluated in float64 without its error bounds, and points where torch agrees with
+    it within the tolerance of a floor of those bounds (tighter than the bounds allow) are
+    checked at that. The bounds then pass, fail or reject the other points, by the rules of
+    ``verify.acceptance``. Where float64 cannot tell (a step of a formula overflowed, a
+    disagreement within the reference's own error of the allowance), the exact pass decides.
     """
     subject = subject or prepared.subject.on(options.device)
     dtype = options.dtype
@@ -307,15 +192,13 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
     for claim, status in zip(prepared.claims, result.claims):
         status.proved = status.proved and claim.proved
     result.examples += 1
-    ctx, values, inside, outside = reference_values(prepared, example, dtype, bounded=False)
-    rejected.update(outside)
-    keep = _accepted_points(example.batch, dtype, rejected, inside,
-                            [(f"the value of {n}", value) for n, value in values.items()], bounded=False)
-    if not keep.any():
-        return None
+    ctx, values = reference_values(prepared, example, dtype, bounded=False)
+    inside, doubtful = acceptance.inside_domains(prepared, example, values, rejected, how="floor")
+    keep, unsure = acceptance.accepted_points(example.batch, dtype, rejected, inside,
+                                              _value_checks(prepared, subject, values), how="floor")
     # A NaN value is undefined math or a step that overflowed: only the bounds tell which, and
     # torch runs there only where they accept the point.
-    undecided = keep & _any_nan(values, example.batch)
+    undecided = doubtful | unsure | keep & _any_nan(values, example.batch)
     keep &= ~undecided
     closely = []  # (points, torch's side there or None) for the bounds to judge
     checked = 0
@@ -331,8 +214,8 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
             estimate = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order,
                                                                     forward, bounded=False))
             confirmed = np.ones(at.batch, dtype=bool)
-            for comparison in _comparisons(prepared, subject, _restricted(estimate, keep), actual, dtype):
-                confirmed &= _agreeing(*comparison.reference, comparison.actual, comparison.dtype)
+            for comparison in _comparisons(prepared, subject, restricted(estimate, keep), actual, dtype):
+                confirmed &= acceptance.agreeing(*comparison.reference, comparison.actual, comparison.dtype)
             checked = int(confirmed.sum())
             if not confirmed.all():
                 closely.append((at.at(~confirmed), actual.at(~confirmed)))
@@ -347,6 +230,35 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
     return None
 
 
+def _value_checks(prepared: Plan, subject, values: dict) -> list:
+    """The values that the rules judge: every node's, as steps of the spec's own torch
+    lowering; a user's function has only its output's, as a checked quantity."""
+    if isinstance(subject, SpecSubject):
+        return [acceptance.step(f"the value of {name}", pair, _stable(prepared, name)) for name, pair in values.items()]
+    output = prepared.spec.output
+    return [acceptance.quantity(f"the value of {output}", values[output])]
+
+
+def _stable(prepared: Plan, label: str) -> bool:
+    node = prepared.nodes.get(label)
+    return isinstance(node, Apply) and REGISTRY[node.op].stable
+
+
+def _derivative_checks(prepared: Plan, reference: ReferenceSide, options: Options) -> list:
+    """The derivatives that the rules judge: those the options check."""
+    output = prepared.spec.output
+    reverse = "rev" in options.modes
+    return [
+        *(acceptance.quantity(f"∂{output}/∂{n}", pair) for n, pair in reference.gradients.items() if reverse),
+        *(acceptance.quantity(f"the claimed {c.kind} of {c.wrt}", claimed)
+          for c, (claimed, _) in zip(prepared.claims, reference.claimed)),
+        *((acceptance.quantity("the JVP of " + output, reference.jvp),) if reference.jvp is not None else ()),
+        *(acceptance.quantity(f"the Hessian-vector product of {n}", pair) for n, pair in reference.hvps.items()),
+        *(acceptance.quantity(f"∂{output}/∂{n}", pair) for n, pair in reference.jacobian.items()
+          if reverse or reference.jvp is not None),
+    ]
+
+
 def _any_nan(values: dict, batch: int) -> np.ndarray:
     """Per point, whether some value is NaN."""
     found = np.zeros(batch, dtype=bool)
@@ -359,51 +271,130 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
                      result: Result, rejected: Counter) -> tuple:
     """The checks of ``evaluate`` with the reference's error bounds, where the floor did not
     settle them: (the first Failure or None, the number of points checked). Without
-    ``actual``, torch runs on the points the bounds accept."""
+    ``actual``, torch runs on the points the bounds accept. Points the bounds cannot settle
+    go to the exact pass."""
     dtype = options.dtype
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
-    ctx, values, inside, outside = reference_values(prepared, example, dtype)
-    rejected.update(outside)
-    keep = _unambiguous(inside, ctx.ambiguous, rejected)
-    keep = _accepted_points(example.batch, dtype, rejected, keep,
-                            [(f"the value of {n}", value) for n, value in values.items()])
-    if not keep.any():  # the derivatives would be rejected too: a batch of overflows costs little
-        return None, 0
-    reference = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order, forward))
-    output = prepared.spec.output
-    keep = _accepted_points(example.batch, dtype, rejected, _unambiguous(keep, ctx.ambiguous, rejected), [
-        *((f"∂{output}/∂{n}", value) for n, value in reference.gradients.items()),
-        *((f"the claimed {c.kind} of {c.wrt}", value) for c, (value, _) in zip(prepared.claims, reference.claimed)),
-        *((("the JVP of " + output, reference.jvp),) if reference.jvp is not None else ()),
-        *((f"the Hessian-vector product of {n}", value) for n, value in reference.hvps.items()),
-    ])
-    if not keep.any():
-        return None, 0
-    at = example.at(keep)
-    actual = _torch_side(prepared, subject, at, options, result) if actual is None else actual.at(keep)
-    if not isinstance(actual, TorchSide):
-        return actual, 0
-    for comparison in _comparisons(prepared, subject, _restricted(reference, keep), actual, dtype):
-        if isinstance(comparison, Failure):
-            return comparison, 0
-        found = _compare(*comparison.reference, comparison.actual, comparison.dtype)
-        if found is not None:
-            return _failure(prepared.spec, subject, comparison, at, *found, options), 0
-    return None, int(keep.sum())
+    ctx, values = reference_values(prepared, example, dtype)
+    inside, exactly = acceptance.inside_domains(prepared, example, values, rejected)
+    disagreed = np.zeros(example.batch, dtype=bool)
+    # A comparison within rounding of its boundary is decided exactly: an exact tie is checked.
+    exactly |= inside & ctx.ambiguous
+    keep, unsure = acceptance.accepted_points(example.batch, dtype, rejected, inside & ~ctx.ambiguous,
+                                              _value_checks(prepared, subject, values))
+    exactly |= unsure
+    checked = 0
+    if keep.any():
+        reference = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order,
+                                                                 forward))
+        exactly |= keep & ctx.ambiguous
+        keep, unsure = acceptance.accepted_points(example.batch, dtype, rejected, keep & ~ctx.ambiguous,
+                                                  _derivative_checks(prepared, reference, options))
+        exactly |= unsure
+    if keep.any():
+        at = example.at(keep)
+        torch_side = _torch_side(prepared, subject, at, options, result) if actual is None else actual.at(keep)
+        if not isinstance(torch_side, TorchSide):
+            return torch_side, 0
+        unsettled = np.zeros(at.batch, dtype=bool)
+        for comparison in _comparisons(prepared, subject, restricted(reference, keep), torch_side, dtype):
+            if isinstance(comparison, Failure):
+                return comparison, 0
+            failing, close, _ = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.dtype)
+            disagreed[np.flatnonzero(keep)[failing]] = True
+            unsettled |= failing | close
+        checked = int((~unsettled).sum())
+        exactly[np.flatnonzero(keep)[unsettled]] = True
+    if exactly.any():
+        # A disagreement is decided exactly, first: the float64 reference may be what is off.
+        failure, count = _checked_exactly(prepared, subject, example.at(exactly), disagreed[exactly],
+                                          None if actual is None else actual.at(exactly), options, result, rejected)
+        if failure is not None:
+            return failure, 0
+        checked += count
+    return None, checked
 
 
-def _restricted(reference: ReferenceSide, keep: np.ndarray) -> ReferenceSide:
-    """The reference's pairs at the points where ``keep`` is true."""
-    if keep.all():
-        return reference
+def _checked_exactly(prepared: Plan, subject, example: Example, disagreed: np.ndarray, actual: TorchSide | None,
+                     options: Options, result: Result, rejected: Counter) -> tuple:
+    """The checks of ``evaluate`` against the exact reference, point by point, for the points
+    float64 could not settle: (the first Failure or None, the number of points checked).
+    Points where torch ``disagreed`` with the float64 reference come first. At most
+    ``EXACT_POINTS`` points of a batch are judged; the others are counted as left.
 
-    def kept(pair):
-        return None if pair is None else (pair[0][keep], pair[1][keep])
+    In a user's function, at a point exactly on a kink, a derivative may take either side's
+    value (unless ``options.kinks`` is "torch"): the tutorial's ReLU has 1 at 0."""
+    dtype = options.dtype
+    forward = "fwd" in options.modes and "fwd" not in result.unsupported
+    one_sided = isinstance(subject, FunctionSubject) and options.kinks == "any"
+    # The candidates: disagreements first, then, of a few more, those where torch is not finite.
+    candidates = np.argsort(~disagreed, kind="stable")[:EXACT_POINTS * SCREENED]
+    if example.batch > len(candidates):
+        result.exact["left unjudged (the exact pass's budget per example)"] += example.batch - len(candidates)
+    chosen = np.isin(np.arange(example.batch), candidates)
+    example, disagreed = example.at(chosen), disagreed[chosen]
+    actual = None if actual is None else actual.at(chosen)
+    if actual is None:
+        actual = _torch_side(prepared, subject, example, options, result)
+        if not isinstance(actual, TorchSide) or not actual.complete():
+            actual = None  # a call raised, maybe where a point is rejected: torch runs point by point
+    suspect = disagreed | (False if actual is None else ~actual.finite())
+    order = np.lexsort((~disagreed, ~suspect))[:EXACT_POINTS]
+    if example.batch > len(order):
+        result.exact["left unjudged (the exact pass's budget per example)"] += example.batch - len(order)
+    checked = 0
+    for index in order:
+        only = np.arange(example.batch) == index
+        point = example.at(only)
+        try:
+            exact = exact_point(prepared, point, dtype, options.order, forward, one_sided)
+        except balls.Beyond:
+            result.exact["left unjudged: beyond arb's exponent range (exp of 2**60 or more)"] += 1
+            continue
+        if exact is None:
+            rejected[f"the exact pass could not decide a comparison at {balls.PRECISIONS[-1]} bits"] += 1
+            continue
+        reference = exact.side
+        inside, _ = acceptance.inside_domains(prepared, point, reference.values, rejected, how="exact")
+        keep = acceptance.unambiguous(inside, np.array([exact.ambiguous]), rejected)
+        keep, _ = acceptance.accepted_points(1, dtype, rejected, keep,
+                                             _value_checks(prepared, subject, reference.values), how="exact")
+        keep, _ = acceptance.accepted_points(1, dtype, rejected, keep, _derivative_checks(prepared, reference, options),
+                                             how="exact")
+        if not keep.any():
+            continue
+        torch_side = _torch_side(prepared, subject, point, options, result) if actual is None else actual.at(only)
+        if not isinstance(torch_side, TorchSide):
+            return torch_side, 0
+        sides = [_comparisons(prepared, subject, side, torch_side, dtype) for side in [reference, *exact.one_sided]]
+        for comparison, *other_sides in zip(*sides):
+            if isinstance(comparison, Failure):
+                return comparison, 0
+            if _agrees_exactly(comparison) or comparison.check in DERIVATIVES and any(map(_agrees_exactly,
+                                                                                          other_sides)):
+                continue
+            _, _, allowed = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.dtype,
+                                                   exact=True)
+            failure = _failure(prepared.spec, subject, comparison, point, 0, allowed[0], options)
+            failure.notes.append(f"decided by the exact pass (arb balls at {exact.bits} bits)")
+            if exact.one_sided:
+                failure.notes.append("the point is exactly on a kink: no one-sided derivative agrees either")
+            return failure, 0
+        checked += 1
+        result.exact["judged by the exact pass"] += 1
+        if disagreed[index]:
+            result.exact["float64 disagreed, and the exact reference agrees"] += 1
+    return None, checked
 
-    return ReferenceSide({n: kept(p) for n, p in reference.values.items()},
-                         {n: kept(p) for n, p in reference.gradients.items()},
-                         [(kept(claimed), kept(derivative)) for claimed, derivative in reference.claimed],
-                         kept(reference.jvp), {n: kept(p) for n, p in reference.hvps.items()})
+
+# Checks where a user's function may take either side's derivative at an exact kink.
+DERIVATIVES = ("gradient", "JVP", "HVP")
+KINKS = ("any", "torch")
+
+
+def _agrees_exactly(comparison) -> bool:
+    failing, _, _ = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.dtype, exact=True)
+    return not failing.any()
 
 
 def _failure(spec: Spec, subject, comparison: _Comparison, at: Example, point: int, allowed, options: Options) -> Failure:
@@ -434,101 +425,6 @@ def _snippet(subject, check: str, at: Example, point: int, options: Options) -> 
     return reproduction_snippet(subject.name, check, {n: a[point] for n, a in at.inputs.items()},
                                 at.cotangent[point], {n: t[point] for n, t in (at.tangents or {}).items()},
                                 options.dtype_name)
-
-
-def _inside_domains(prepared: Plan, example: Example, values: dict, rejected: Counter) -> np.ndarray:
-    """Points where every op is inside its domain (the registry's ``defined``), by its
-    operand values; the others are counted with the op's domain as the reason."""
-    keep = np.ones(example.batch, dtype=bool)
-    array_of = _node_arrays(prepared, example, values)
-    for label, node in prepared.nodes.items():
-        op = REGISTRY[node.op] if isinstance(node, Apply) else None
-        if op is None or op.defined is None:
-            continue
-        rank = max(o.rank for o in node.operands) if op.kind == "elementwise" else 0
-        with np.errstate(all="ignore"):
-            inside = np.asarray(op.defined(*(array_of(o, rank) for o in node.operands)), dtype=bool)
-        per_point = inside.reshape(inside.shape[0], -1).all(axis=1) if inside.ndim else inside
-        outside = keep & ~np.broadcast_to(per_point, keep.shape)
-        if outside.any():
-            rejected[f"{label} is outside the domain of {node.op}: {op.domain}"] += int(outside.sum())
-            keep &= ~outside
-    return keep
-
-
-def _unambiguous(keep: np.ndarray, ambiguous: np.ndarray, rejected: Counter) -> np.ndarray:
-    """``keep`` less the points where a comparison was too close to call, counted."""
-    newly = keep & ambiguous
-    if newly.any():
-        rejected["a comparison, kink or tie is within rounding of its boundary"] += int(newly.sum())
-    return keep & ~ambiguous
-
-
-def _accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.ndarray, checks: list,
-                     bounded: bool = True) -> np.ndarray:
-    """Points where every reference value is defined, fits the dtype with room to spare, is
-    no subnormal number, and has a finite error bound.
-
-    The others are counted by reason and left out: there the math is undefined, or the
-    result overflows or underflows the dtype, or a step on the way does (a NaN from inf - inf
-    on the way counts as that step's overflow). Without ``bounded`` (the bounds are not
-    computed yet) NaN is let through: only a bound tells an undefined value from a lost step.
-    """
-    keep = keep.copy()
-    limit = representable_limit(dtype)
-    tiny = underflow_limit(dtype)
-    dtype_name = str(dtype).replace("torch.", "")
-    for label, (value, error) in checks:
-        value = value.reshape(batch, -1)
-        magnitude = np.abs(value)
-        with np.errstate(all="ignore"):
-            if bounded:
-                error = error.reshape(batch, -1)
-                lost = ~np.isfinite(error)
-                defined = ~(np.isnan(value) & ~lost).any(axis=1)
-                room = allowed_error(magnitude, error, dtype)
-                room = np.where(np.isfinite(room), room, 0)  # an unbounded step has its own reason
-                fits = ~(magnitude + room > limit).any(axis=1)
-            else:  # the room grows with the magnitude: the largest element decides
-                lost = np.zeros((batch, 1), dtype=bool)
-                defined = np.ones(batch, dtype=bool)
-                largest = np.fmax.reduce(magnitude, axis=1)
-                fits = ~(largest + allowed_error(largest, 0.0, dtype) > limit)
-        normal = ~((magnitude < tiny) & (value != 0)).any(axis=1)
-        for reason, bad in ((f"{label} is undefined", ~defined),
-                            (f"{label} overflows {dtype_name}", ~fits),
-                            (f"{label} underflows {dtype_name}", ~normal),
-                            (f"a step of {label} overflows or underflows {dtype_name}", lost.any(axis=1))):
-            newly = keep & bad
-            if newly.any():
-                rejected[reason] += int(newly.sum())
-                keep &= ~bad
-    return keep
-
-
-def _agreeing(reference, floor, actual, dtype) -> np.ndarray:
-    """Per point, whether every element of ``actual`` is within the tolerance of the error
-    bound's floor, a tolerance that fits the dtype: where the floor is huge, the bounds decide
-    whether the point counts at all."""
-    with np.errstate(all="ignore"):  # inf and NaN are not within any tolerance
-        magnitude = np.abs(reference)
-        allowed = allowed_error(magnitude, floor, dtype)
-        ok = np.abs(actual - reference) <= allowed
-        limit = representable_limit(dtype)
-        if not np.max(magnitude, initial=0.0) + np.max(allowed, initial=0.0) <= limit:
-            ok &= magnitude + allowed <= limit
-    return ok.reshape(len(ok), -1).all(axis=1)
-
-
-def _compare(reference, error, actual, dtype):
-    """(first failing point, allowed errors there), or None when every element is within tolerance."""
-    allowed = allowed_error(reference, error, dtype)
-    ok = np.abs(actual - reference) <= allowed
-    bad_points = ~ok.reshape(len(ok), -1).all(axis=1)
-    if not bad_points.any():
-        return None
-    point = int(np.argmax(bad_points))
-    return point, allowed[point]
 
 
 def _backward_order(spec: Spec, names) -> list:

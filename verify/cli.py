@@ -134,8 +134,8 @@ def _print_verdict(outcome, name_dtype: bool) -> None:
     where = f"{outcome.path} ({outcome.dtype})" if name_dtype else outcome.path
     if outcome.passed:
         print(f"{VERDICTS['ok']} {where}: {outcome.result.summary()}", flush=True)
-        for reason, count in sorted(outcome.result.rejected.items()):
-            print(f"         rejected {count} point(s): {reason}")
+        for line in outcome.result.details():
+            print(f"         {line}")
         return
     why = {"spec_error": "spec error", "unsupported": "not every check asked for could run",
            "unchecked": "no point could be checked"}.get(outcome.verdict)

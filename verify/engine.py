@@ -1,7 +1,6 @@
-"""The engine: derive once per spec, then let Hypothesis drive batches of points through both sides.
+"""The engine: let Hypothesis drive batches of points through both sides of a spec's plan.
 
-``plan`` does all the sympy work of a spec once (lowering, differentiation, claim proofs,
-compilation to numeric code) and caches it. ``run`` draws examples, has ``verify.checks``
+``run`` has ``verify.plan`` do the sympy work once, draws examples, has ``verify.checks``
 evaluate the reference and torch on each batch and compare them, and turns the shrunk
 counterexample into a ``Mismatch``.
 """
@@ -11,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,149 +19,18 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from .checks import Options, evaluate
+from .checks import KINKS, Options, evaluate
 from .errors import Mismatch, Unchecked, Unsupported
-from .ir import Apply, Constant, SizeRef, Spec, concrete_shape, graph_nodes
-from .lower.sympy import (
-    SympyLowering,
-    Tensor,
-    _broadcast_index,
-    derive,
-    directional_derivative,
-    prove_equal,
-    second_derivative,
-)
-from .ops import COMPARISONS, CONCRETE_ONLY, REGISTRY
-from .reference import Reference
+from .ir import Spec
+from .plan import claim_text, example_point, needs_concrete_sizes, plan
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved
 from .settings import MODES, stable_seed
 from .strategies import BATCHED, PER_POINT, Example, examples
-from .subject import FunctionSubject, SpecSubject, function_name
+from .subject import FunctionSubject, function_name
 from .tolerance import UNIT_ROUNDOFF
 
 
-@dataclass
-class ClaimPlan:
-    text: str
-    line: int
-    kind: str  # "grad" or "hessian"
-    wrt: str
-    claimed: Tensor
-    proved: bool
-    reference: Reference  # the claimed closed form
-    derivative: Reference  # sympy's derivative it is claimed to equal
-
-
-@dataclass
-class Plan:
-    """Everything a spec needs at run time; built once, reused for every example and dtype."""
-
-    spec: Spec
-    values: dict  # label -> Reference of each node's value
-    steps: dict  # label -> Reference of the node's op on its operands' values (see derive)
-    gradients: dict  # name -> Reference of ∂o/∂name (against the cotangent, for a non-scalar o)
-    claims: list
-    subject: SpecSubject
-    nodes: dict  # label -> node
-    jvp: Reference | None = None  # derived when forward mode is first checked
-    hvps: dict | None = None  # input name -> Reference, derived when order 2 is first checked
-
-    def forward_mode(self) -> Reference:
-        if self.jvp is None:
-            output = self.values[self.spec.output].tensor
-            self.jvp = Reference(directional_derivative(output, self.spec), frozenset(self.spec.size_symbols),
-                                 a_priori=True)
-        return self.jvp
-
-    def second_order(self) -> dict:
-        if self.hvps is None:
-            self.hvps = {name: Reference(directional_derivative(self.gradients[name].tensor, self.spec),
-                                         frozenset(self.spec.size_symbols), a_priori=True)
-                         for name in self.spec.inputs if name in self.gradients}
-        return self.hvps
-
-
-# Plans by spec, the least recently used dropped first: a run over thousands of spec files
-# keeps only the recent ones.
-_PLANS: OrderedDict = OrderedDict()
-PLAN_CACHE_SIZE = 64
-
-
-def plan(spec: Spec, sizes: dict | None = None) -> Plan:
-    """The sympy work for ``spec``, done once per spec text and cached.
-
-    Specs with an op that index notation cannot express (``det``, ``inv``) are derived per
-    size instead, so they need ``sizes``.
-    """
-    concrete = needs_concrete_sizes(spec)
-    # Specs built in Python have no text of their own: they are cached by identity.
-    key = (spec.source or id(spec), spec.path, tuple(sorted(sizes.items())) if concrete else None)
-    if key not in _PLANS:
-        tracked = labelled_nodes(spec)
-        differentiate = [*spec.inputs.values(), *spec.nodes.values()]
-        _PLANS[key] = build_plan(spec, tracked, differentiate, sizes if concrete else None)
-        if len(_PLANS) > PLAN_CACHE_SIZE:
-            _PLANS.popitem(last=False)
-    _PLANS.move_to_end(key)
-    return _PLANS[key]
-
-
-def needs_concrete_sizes(spec: Spec) -> bool:
-    return any(isinstance(node, Apply) and node.op in CONCRETE_ONLY for node in graph_nodes(spec))
-
-
-def labelled_nodes(spec: Spec) -> dict:
-    """Node -> label for every node whose value can be compared: inputs, named nodes, and
-    unnamed subexpressions (labelled by their text, as in ``sum(y)``). Constants are left out."""
-    labels = {node: name for name, node in spec.inputs.items()}
-    named = {id(node): name for name, node in spec.nodes.items()}
-    taken = set(labels.values()) | set(named.values())
-    for node in graph_nodes(spec):
-        if node in labels or isinstance(node, (Constant, SizeRef)):
-            continue
-        if isinstance(node, Apply) and REGISTRY[node.op] in COMPARISONS:
-            continue
-        label = named.get(id(node))
-        if label is None:
-            label = node.loc.text
-            if any(c in label for c in " +-*/@"):
-                label = f"({label})"  # so that sympy prints (W @ x)[i], not W @ x[i]
-            while label in taken:
-                label += "'"
-        taken.add(label)
-        labels[node] = label
-    return labels
-
-
-def build_plan(spec: Spec, tracked: dict, differentiate, sizes: dict | None = None) -> Plan:
-    """Derive, prove and compile the values of ``tracked`` (node -> name) and the gradients
-    with respect to the nodes in ``differentiate``."""
-    derivation = derive(spec, tracked, differentiate, sizes)
-    size_names = frozenset(spec.size_symbols)
-    values = {name: Reference(t, size_names) for name, t in derivation.values.items()}
-    # Torch's derivative formulas are equal to sympy's, not the same: their bounds get a floor.
-    gradients = {name: Reference(t, size_names, a_priori=True) for name, t in derivation.gradients.items()}
-    steps = {name: Reference(t, size_names) for name, t in derivation.steps.items()}
-    claims = []
-    for claim in spec.claims:
-        lowering = SympyLowering(spec, sizes=sizes)
-        derivative = derivation.gradients[claim.wrt].inline(derivation.values)
-        if claim.kind == "hessian":
-            derivative = second_derivative(derivative, spec, claim.wrt, lowering)
-            derivative_reference = Reference(derivative, size_names)
-        else:
-            derivative_reference = gradients[claim.wrt]
-        shape = derivative.shape
-        claimed_expr = lowering.element(claim.expr, _broadcast_index(derivative.indices, shape, claim.expr.shape))
-        claimed = Tensor(claimed_expr, derivative.indices, shape)
-        claims.append(ClaimPlan(_claim_text(claim), claim.loc.line, claim.kind, claim.wrt, claimed,
-                                prove_equal(derivative, claimed_expr), Reference(claimed, size_names),
-                                derivative_reference))
-    return Plan(spec, values, steps, gradients, claims, SpecSubject(spec, tracked),
-                {v: k for k, v in tracked.items()})
-
-
-def _validated(dtype, order, modes, device) -> Options:
+def _validated(dtype, order, modes, device, kinks="any") -> Options:
     if dtype not in UNIT_ROUNDOFF:
         raise ValueError("dtype must be one of torch.float64, torch.float32, torch.bfloat16, torch.float16; "
                          f"got {dtype}")
@@ -172,7 +39,9 @@ def _validated(dtype, order, modes, device) -> Options:
     modes = (modes,) if isinstance(modes, str) else tuple(modes)
     if not modes or any(m not in MODES for m in modes):
         raise ValueError(f"modes must be a non-empty subset of {MODES}; got {modes!r}")
-    return Options(dtype, order, modes, str(torch.device(device)))
+    if kinks not in KINKS:
+        raise ValueError(f"kinks must be one of {KINKS}; got {kinks!r}")
+    return Options(dtype, order, modes, str(torch.device(device)), kinks)
 
 
 class _Counterexample(Exception):
@@ -186,7 +55,7 @@ class _Counterexample(Exception):
 
 def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None, dtype: torch.dtype = torch.float64,
         order: int = 1, modes=MODES, device: str = "cpu", database: str | Path | None = None,
-        derandomize: bool = False, sizes: dict | None = None) -> Result:
+        derandomize: bool = False, sizes: dict | None = None, kinks: str = "any") -> Result:
     """Check ``spec``'s torch lowering, or ``fn``, on Hypothesis-drawn batches of points and
     on the spec's example point.
 
@@ -196,14 +65,14 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     others are drawn.
     """
     __tracebackhide__ = True
-    options = _validated(dtype, order, modes, device)
+    options = _validated(dtype, order, modes, device, kinks)
     sizes = _validated_sizes(spec, sizes)
     if seed is None:
         seed = stable_seed(spec.source, options.dtype_name) if derandomize else random.SystemRandom().randrange(2**31)
     name = spec.path or "<spec>"
     reproduce = _reproduce_line(spec, fn, seed, options, sizes)
     result = Result(name, options.dtype_name, seed, modes=options.modes, order=options.order, reproduce=reproduce,
-                    claims=[ClaimResult(_claim_text(c), c.loc.line, True) for c in spec.claims])
+                    claims=[ClaimResult(claim_text(c), c.loc.line, True) for c in spec.claims])
     rejected = Counter()
     if not needs_concrete_sizes(spec):
         plan(spec)  # the sympy work happens here, before any example
@@ -255,7 +124,8 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     result.rejected = dict(rejected)
     if result.unsupported:
         reasons = "; ".join(f"{mode}: {reason}" for mode, reason in result.unsupported.items())
-        hint = ' (pass modes=("rev",) to check reverse mode only)' if "fwd" in result.unsupported else ""
+        hint = (' (pass modes=("rev",) to check reverse mode only)' if "fwd" in result.unsupported else
+                ' (pass modes=("fwd",) to check forward mode only)' if "rev" in result.unsupported else "")
         raise Unsupported(f"{name}: not everything asked for could be checked: {reasons}{hint}", result)
     if result.points == 0:
         reasons = "; ".join(f"{count} {reason}" for reason, count in rejected.most_common(3)) or "none drawn"
@@ -303,33 +173,6 @@ def _reproduce_line(spec: Spec, fn, seed: int, options: Options, sizes: dict) ->
         flags += "" if not sizes else " --sizes " + ",".join(f"{k}={v}" for k, v in sizes.items())
         return f"verify check {spec.path} --seed {seed}{flags}"
     return f"verify.check(spec, seed={seed}" + "".join(f", {e}" for e in extras) + ")"
-
-
-def _claim_text(claim) -> str:
-    return claim.loc.text.removeprefix("assert").strip()
-
-
-def example_point(spec: Spec, dtype: torch.dtype, tangents: bool = False) -> Example | None:
-    """The spec's example point as a batch of one, rounded to ``dtype`` as torch will see it,
-    with cotangent and tangents of ones."""
-    point = spec.example_point()
-    if point is None:
-        return None
-    sizes = {}
-    for name, declared in spec.inputs.items():
-        nested = point[name]
-        for dim in declared.shape:
-            if not isinstance(dim, int):
-                sizes[dim.name] = len(nested)
-            nested = nested[0]
-    inputs = {name: torch.tensor([value], dtype=dtype).double().numpy() for name, value in point.items()}
-    return Example(sizes, inputs, *unit_directions(spec, sizes, inputs, tangents))
-
-
-def unit_directions(spec: Spec, sizes: dict, inputs: dict, tangents: bool) -> tuple:
-    """A cotangent of ones and (when asked) tangents of ones, for a batch of one point."""
-    cotangent = np.ones((1, *concrete_shape(spec.nodes[spec.output].shape, sizes)))
-    return cotangent, ({name: np.ones_like(array) for name, array in inputs.items()} if tangents else None)
 
 
 # Values a failing point's elements are tried at, simplest first, when Hypothesis could not

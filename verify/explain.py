@@ -13,7 +13,8 @@ import math
 import numpy as np
 import torch
 
-from . import checks, engine
+from . import oracle
+from . import plan as planning
 from .ir import Input, Spec, concrete_shape
 from .report import proved
 from .strategies import Example, size_bounds
@@ -24,11 +25,11 @@ DEFAULT_SIZE = 3
 
 def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
     """The walkthrough of ``spec`` at its example point (or a fixed point when it has none)."""
-    point = engine.example_point(spec, dtype) or _default_point(spec, dtype)
-    tracked = engine.labelled_nodes(spec)
-    sizes = point.sizes if engine.needs_concrete_sizes(spec) else None
-    prepared = engine.build_plan(spec, tracked, list(tracked), sizes)
-    gradients = checks.reference_side(prepared, point, dtype).gradients
+    point = planning.example_point(spec, dtype) or _default_point(spec, dtype)
+    tracked = planning.labelled_nodes(spec)
+    sizes = point.sizes if planning.needs_concrete_sizes(spec) else None
+    prepared = planning.build_plan(spec, tracked, list(tracked), sizes)
+    gradients = oracle.reference_side(prepared, point, dtype).gradients
     shapes = {name: concrete_shape(reference.tensor.shape, point.sizes) for name, reference in prepared.values.items()}
     gradient_shapes = {name: concrete_shape(reference.tensor.shape, point.sizes)
                        for name, reference in prepared.gradients.items()}
@@ -83,7 +84,7 @@ def _default_point(spec: Spec, dtype) -> Example:
         width = high - low
         sample = rng.uniform(low + 0.1 * width, high - 0.1 * width, size=(1, *concrete_shape(declared.shape, sizes)))
         inputs[name] = torch.tensor(sample, dtype=dtype).double().numpy()
-    return Example(sizes, inputs, *engine.unit_directions(spec, sizes, inputs, tangents=False))
+    return Example(sizes, inputs, *planning.unit_directions(spec, sizes, inputs, tangents=False))
 
 
 def _show(array) -> str:

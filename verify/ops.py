@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from sympy.codegen import cfunctions
 
 from .ir import ShapeError, broadcast_shapes
+from .lower import functions
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,14 @@ class Op:
     # are rejected with ``domain`` as the reason, even where sympy simplified the op away
     # (x**2 / x is x to sympy, and 0/0 to torch at 0).
     defined: Callable | None = None
+    # Where its derivative is, where that is less (sqrt at 0: sympy may have simplified the
+    # sqrt away, as in sqrt(x**2), and torch's backward there is 0 * inf).
+    differentiable: Callable | None = None
+    # Whether torch's kernel keeps its own steps in range wherever the result is (a shifted
+    # exp in softmax, a threshold in softplus). Where a step of the sympy form overflows
+    # the dtype, the spec's torch lowering does not fail with it: the exact pass decides.
+    # Otherwise the kernel computes those steps too, and the point is rejected there.
+    stable: bool = False
 
 
 # -- shape rules -----------------------------------------------------------------------
@@ -131,10 +140,10 @@ def _sinc(a):
     return sympy.Piecewise((sympy.sin(z) / z, sympy.Ne(a, 0)), (1 - z**2 / 6 + z**4 / 120 - z**6 / 5040, True))
 
 
-def _elementwise(name, arity, sympy_form, torch_form, domain="all reals", kink="", backward_condition=None,
-                 defined=None):
-    return Op(name, "elementwise", arity, sympy_form, torch_form, _elementwise_shape, domain, kink,
-              backward_condition=backward_condition, defined=defined)
+def _elementwise(name, arity, sympy_form, torch_form, domain="all reals", kink="", defined=None, stable=False,
+                 differentiable=None):
+    return Op(name, "elementwise", arity, sympy_form, torch_form, _elementwise_shape, domain, kink, defined=defined,
+              stable=stable, differentiable=differentiable)
 
 
 def _arithmetic(name, sympy_form, torch_form, domain="all reals", defined=None):
@@ -158,7 +167,7 @@ ELEMENTWISE = [
     _arithmetic("sub", lambda a, b: a - b, lambda a, b: a - b),
     _arithmetic("mul", lambda a, b: a * b, lambda a, b: a * b),
     _arithmetic("div", lambda a, b: a / b, lambda a, b: a / b, domain="b != 0", defined=lambda a, b: b != 0),
-    _arithmetic("pow", lambda a, b: a**b, lambda a, b: a**b, domain="a > 0, or b an integer (∂/∂b: a > 0)",
+    _arithmetic("pow", functions.power, lambda a, b: a**b, domain="a > 0, or b an integer (∂/∂b: a > 0)",
                 defined=_power_defined),
     _elementwise("neg", 1, lambda a: -a, torch.neg),
     # A fresh view, so that `y = x` gives y a gradient of its own, as a named node needs.
@@ -167,43 +176,45 @@ ELEMENTWISE = [
     _elementwise("sign", 1, sympy.sign, torch.sign, kink="sign' = 0 everywhere, 0 included"),
     _elementwise("reciprocal", 1, lambda a: 1 / a, torch.reciprocal, domain="x != 0", defined=lambda a: a != 0),
     _elementwise("square", 1, lambda a: a**2, torch.square),
-    _elementwise("sqrt", 1, sympy.sqrt, torch.sqrt, domain="x >= 0 (derivative: x > 0)", defined=lambda a: a >= 0),
+    _elementwise("sqrt", 1, sympy.sqrt, torch.sqrt, domain="x >= 0 (derivative: x > 0)", defined=lambda a: a >= 0,
+                 differentiable=_positive),
     _elementwise("rsqrt", 1, lambda a: 1 / sympy.sqrt(a), torch.rsqrt, domain="x > 0", defined=_positive),
     _elementwise("exp", 1, sympy.exp, torch.exp),
-    # sympy's expm1 and log1p (from codegen) evaluate without the cancellation of exp(x) - 1.
-    _elementwise("expm1", 1, cfunctions.expm1, torch.expm1, backward_condition=lambda dtype, y, a: abs(y) / abs(1 + y)),
+    # expm1 and log1p evaluate without the cancellation of exp(x) - 1.
+    _elementwise("expm1", 1, functions.expm1, torch.expm1, stable=True),
     _elementwise("log", 1, sympy.log, torch.log, domain="x > 0", defined=_positive),
     _elementwise("log2", 1, cfunctions.log2, torch.log2, domain="x > 0", defined=_positive),
     _elementwise("log10", 1, cfunctions.log10, torch.log10, domain="x > 0", defined=_positive),
-    _elementwise("log1p", 1, cfunctions.log1p, torch.log1p, domain="x > -1", defined=lambda a: a > -1),
+    _elementwise("log1p", 1, cfunctions.log1p, torch.log1p, domain="x > -1", defined=lambda a: a > -1,
+                 stable=True),
     _elementwise("sin", 1, sympy.sin, torch.sin),
     _elementwise("cos", 1, sympy.cos, torch.cos),
     _elementwise("tan", 1, sympy.tan, torch.tan, domain="cos(x) != 0"),
     _elementwise("asin", 1, sympy.asin, torch.asin, domain="-1 <= x <= 1 (derivative: |x| < 1)",
-                 defined=lambda a: abs(a) <= 1),
+                 defined=lambda a: abs(a) <= 1, differentiable=lambda a: abs(a) < 1),
     _elementwise("acos", 1, sympy.acos, torch.acos, domain="-1 <= x <= 1 (derivative: |x| < 1)",
-                 defined=lambda a: abs(a) <= 1),
+                 defined=lambda a: abs(a) <= 1, differentiable=lambda a: abs(a) < 1),
     _elementwise("atan", 1, sympy.atan, torch.atan),
     _elementwise("sinh", 1, sympy.sinh, torch.sinh),
     _elementwise("cosh", 1, sympy.cosh, torch.cosh),
-    _elementwise("tanh", 1, sympy.tanh, torch.tanh, backward_condition=lambda dtype, y, a: 2 * y**2 / abs(1 - y**2)),
+    _elementwise("tanh", 1, sympy.tanh, torch.tanh, stable=True),
     _elementwise("asinh", 1, sympy.asinh, torch.asinh),
-    _elementwise("acosh", 1, sympy.acosh, torch.acosh, domain="x >= 1 (derivative: x > 1)", defined=lambda a: a >= 1),
+    _elementwise("acosh", 1, sympy.acosh, torch.acosh, domain="x >= 1 (derivative: x > 1)", defined=lambda a: a >= 1,
+                 differentiable=lambda a: a > 1),
     _elementwise("atanh", 1, sympy.atanh, torch.atanh, domain="-1 < x < 1", defined=lambda a: abs(a) < 1),
-    _elementwise("sigmoid", 1, lambda a: 1 / (1 + sympy.exp(-a)), torch.sigmoid,
-                 backward_condition=lambda dtype, y, a: abs(y) / abs(1 - y)),
-    _elementwise("logsigmoid", 1, lambda a: -sympy.log(1 + sympy.exp(-a)), F.logsigmoid),
+    _elementwise("sigmoid", 1, functions.sigmoid, torch.sigmoid, stable=True),
+    _elementwise("logsigmoid", 1, functions.logsigmoid, F.logsigmoid, stable=True),
     _elementwise("softplus", 1,
-                 lambda a: sympy.Piecewise((a, a > SOFTPLUS_THRESHOLD), (sympy.log(1 + sympy.exp(a)), True)),
-                 F.softplus, kink=f"x above {SOFTPLUS_THRESHOLD} gives x exactly (torch's threshold)"),
+                 lambda a: sympy.Piecewise((a, a > SOFTPLUS_THRESHOLD), (functions.softplus(a), True)),
+                 F.softplus, kink=f"x above {SOFTPLUS_THRESHOLD} gives x exactly (torch's threshold)", stable=True),
     _elementwise("relu", 1, lambda a: sympy.Piecewise((a, a > 0), (0, True)), torch.relu, kink="relu'(0) = 0"),
     _elementwise("elu", 1, lambda a: sympy.Piecewise((a, a > 0), (sympy.exp(a) - 1, True)), F.elu,
                  kink="elu'(0) = 1 (alpha = 1: no kink)"),
-    _elementwise("gelu", 1, lambda a: a / 2 * (1 + sympy.erf(a / sympy.sqrt(2))), F.gelu),
-    _elementwise("silu", 1, lambda a: a / (1 + sympy.exp(-a)), F.silu),
-    _elementwise("mish", 1, lambda a: a * sympy.tanh(sympy.log(1 + sympy.exp(a))), F.mish),
-    _elementwise("erf", 1, sympy.erf, torch.erf),
-    _elementwise("erfc", 1, sympy.erfc, torch.erfc),
+    _elementwise("gelu", 1, lambda a: a / 2 * (1 + sympy.erf(a / sympy.sqrt(2))), F.gelu, stable=True),
+    _elementwise("silu", 1, lambda a: a * functions.sigmoid(a), F.silu, stable=True),
+    _elementwise("mish", 1, lambda a: a * sympy.tanh(functions.softplus(a)), F.mish, stable=True),
+    _elementwise("erf", 1, sympy.erf, torch.erf, stable=True),
+    _elementwise("erfc", 1, sympy.erfc, torch.erfc, stable=True),
     _elementwise("lgamma", 1, lambda a: _defined(sympy.loggamma(a), a > 0), torch.lgamma, domain="x > 0",
                  defined=_positive),
     _elementwise("digamma", 1, lambda a: _defined(sympy.polygamma(0, a), a > 0), torch.digamma, domain="x > 0",
@@ -211,10 +222,13 @@ ELEMENTWISE = [
     _elementwise("sinc", 1, _sinc, torch.sinc, kink="sinc(0) = 1, derivatives at 0 are the limits"),
     _elementwise("xlogy", 2, lambda a, b: _defined(a * sympy.log(b), b > 0), torch.xlogy, domain="y > 0",
                  kink="xlogy(0, y) = 0; ∂/∂x = log(y), also at x = 0", defined=lambda a, b: b > 0),
-    _elementwise("atan2", 2, sympy.atan2, torch.atan2, domain="(y, x) != (0, 0)",
-                 defined=lambda a, b: (a != 0) | (b != 0)),
+    # On the branch cut (y = 0, x < 0) torch follows IEEE: y = -0 gives -pi. The math has no
+    # signed zero, and the exact pass none either, so -0 there is rejected, not judged.
+    _elementwise("atan2", 2, sympy.atan2, torch.atan2, domain="(y, x) != (0, 0), and not y = -0 with x < 0",
+                 defined=lambda a, b: ((a != 0) | (b != 0)) & ~((a == 0) & np.signbit(a) & (b < 0)), stable=True),
     _elementwise("hypot", 2, lambda a, b: sympy.sqrt(a**2 + b**2), torch.hypot,
-                 domain="all reals (derivative: (a, b) != (0, 0))"),
+                 domain="all reals (derivative: (a, b) != (0, 0))", stable=True,
+                 differentiable=lambda a, b: (a != 0) | (b != 0)),
     _elementwise("maximum", 2, sympy.Max, torch.maximum, kink="ties split the gradient 1/2 each"),
     _elementwise("minimum", 2, sympy.Min, torch.minimum, kink="ties split the gradient 1/2 each"),
     _elementwise("where", 3, lambda c, a, b: sympy.Piecewise((a, c), (b, True)), torch.where,
@@ -234,9 +248,9 @@ COMPARISON_OPERATORS = {ast.Lt: "less", ast.LtE: "less_equal", ast.Gt: "greater"
 # -- reductions ------------------------------------------------------------------------
 
 
-def _reduction(name, sympy_form, torch_form, kink="", params=(), domain="all reals"):
+def _reduction(name, sympy_form, torch_form, kink="", params=(), domain="all reals", stable=False):
     return Op(name, "reduction", 1, sympy_form, torch_form, _reduction_shape, domain, kink,
-              params=("axis", "keepdims", *params))
+              params=("axis", "keepdims", *params), stable=stable)
 
 
 def _prod_torch(t, dims, keepdim):
@@ -267,7 +281,7 @@ REDUCTIONS = [
     _reduction("prod", lambda over: over.product(lambda v: v), _prod_torch),
     _reduction("amax", lambda over: over.max(lambda v: v), torch.amax, kink="tied maxima share the gradient evenly"),
     _reduction("amin", lambda over: over.min(lambda v: v), torch.amin, kink="tied minima share the gradient evenly"),
-    _reduction("logsumexp", lambda over: sympy.log(over.sum(sympy.exp)), torch.logsumexp),
+    _reduction("logsumexp", lambda over: sympy.log(over.sum(sympy.exp)), torch.logsumexp, stable=True),
     _reduction("var", _variance, lambda t, dims, keepdim: torch.var(t, dim=dims, keepdim=keepdim),
                domain="two or more elements (unbiased)"),
     _reduction("std", lambda over: sympy.sqrt(_variance(over)),
@@ -281,9 +295,9 @@ REDUCTIONS = [
 # -- along one axis --------------------------------------------------------------------
 
 
-def _axiswise(name, sympy_form, torch_form, backward_condition=None):
+def _axiswise(name, sympy_form, torch_form, backward_condition=None, stable=False):
     return Op(name, "axiswise", 1, sympy_form, torch_form, _axiswise_shape, params=("axis",),
-              backward_condition=backward_condition)
+              backward_condition=backward_condition, stable=stable)
 
 
 def _log_space_condition(dtype, y, a):
@@ -296,10 +310,11 @@ AXISWISE = [
     _axiswise("cumsum", lambda along: along.sum(lambda v: v, upto_here=True), lambda t, d: torch.cumsum(t, d)),
     _axiswise("cumprod", lambda along: along.product(lambda v: v, upto_here=True), lambda t, d: torch.cumprod(t, d)),
     _axiswise("logcumsumexp", lambda along: sympy.log(along.sum(sympy.exp, upto_here=True)),
-              lambda t, d: torch.logcumsumexp(t, d), backward_condition=_log_space_condition),
-    _axiswise("softmax", lambda along: sympy.exp(along.here) / along.sum(sympy.exp), lambda t, d: torch.softmax(t, d)),
+              lambda t, d: torch.logcumsumexp(t, d), backward_condition=_log_space_condition, stable=True),
+    _axiswise("softmax", lambda along: sympy.exp(along.here) / along.sum(sympy.exp), lambda t, d: torch.softmax(t, d),
+              stable=True),
     _axiswise("log_softmax", lambda along: along.here - sympy.log(along.sum(sympy.exp)),
-              lambda t, d: torch.log_softmax(t, d)),
+              lambda t, d: torch.log_softmax(t, d), stable=True),
 ]
 
 # -- structure: products, transposes, reshapes, joins ----------------------------------

@@ -8,11 +8,12 @@ becomes fancy indexing. Nothing runs per element in Python.
 Beside each value the closures carry a running bound on the rounding error of computing
 that value in floating point, in units of the unit roundoff ``u`` (first-order forward
 error analysis: every operation adds ``|result|``, and each argument's error is scaled by
-the magnitude of the partial derivative with respect to it). Bounds are kept in float64:
-where a step of the formula overflows float64 its bound is infinite, and the point is
-rejected as one where a step overflows, even if the result is finite (∂/∂x log(1 + exp(x))
-at x = 800). ``verify.tolerance`` turns that bound into the tolerance of a comparison, so
-points where the formula is sensitive get room, and benign points stay tight.
+the magnitude of the partial derivative with respect to it; a step that underflows adds
+the smallest normal number, absolutely). Bounds are kept in float64: where a step of the
+formula overflows, its bound is infinite, and the point goes to the exact pass, which
+evaluates the same closures on arb balls (``exact=True``: ``verify.balls``).
+``verify.tolerance`` turns a bound into the allowance of a comparison, so points where the
+formula is sensitive get room, and benign points stay tight.
 
 A subexpression that several formulas hold (sin(x[i]) in a value, a gradient and a JVP)
 is computed once per batch of points.
@@ -20,7 +21,7 @@ is computed once per batch of points.
 **Ambiguous points** are found on the way. A comparison (``where``, a kink, a tie of a
 maximum) between values that carry rounding error, closer than the tolerance of the dtype
 under test, could go either way in torch. Such points are marked in ``Context.ambiguous``
-and rejected.
+and decided by the exact pass.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ import sympy
 import torch
 from sympy.codegen import cfunctions
 
+from . import balls
+from .lower import functions
 from .lower.sympy import ReducedMax, ReducedMin, Tensor
-from .tolerance import UNIT_ROUNDOFF, allowed_error, underflow_limit
+from .tolerance import UNIT_ROUNDOFF, allowed_error
 
 ERROR_DTYPE = np.float64
 # A subexpression that several formulas share (sin(x[i]) in the value, the gradient and the
@@ -51,7 +54,10 @@ NUMPY_FUNCTIONS = {
     sympy.tanh: np.tanh, sympy.asinh: np.arcsinh, sympy.acosh: np.arccosh, sympy.atanh: np.arctanh,
     sympy.Abs: np.abs, sympy.sign: np.sign, sympy.atan2: np.arctan2,
     sympy.sinc: lambda x: np.sinc(np.asarray(x) / np.pi), cfunctions.expm1: np.expm1, cfunctions.log1p: np.log1p,
-    cfunctions.log2: np.log2, cfunctions.log10: np.log10,
+    cfunctions.log2: np.log2, cfunctions.log10: np.log10, functions.expm1: np.expm1,
+    functions.sigmoid: scipy.special.expit, functions.logsigmoid: scipy.special.log_expit,
+    functions.softplus: lambda x: np.logaddexp(0.0, x),
+    functions.power: lambda a, b: np.power(np.asarray(a, dtype=np.float64), b),
     # Derivatives of jumps: torch's backward of sign, heaviside and comparisons is 0.
     sympy.DiracDelta: lambda *args: np.zeros_like(np.asarray(args[0], dtype=np.float64)),
 }
@@ -101,19 +107,24 @@ class Context:
         if self.ambiguous is None:
             self.ambiguous = np.zeros(self.batch, dtype=bool)
         # Narrower dtypes overflow in steps where float64 does not (pi * x in sinc at 1e38 in
-        # float32): such a step makes the error bound infinite, so the point is rejected.
+        # float32): such a step makes the error bound infinite, and the exact pass decides.
         self.step_limit = float(torch.finfo(self.dtype).max) if self.dtype != torch.float64 else np.inf
-        self.step_tiny = underflow_limit(self.dtype)
+        self.step_tiny = float(torch.finfo(self.dtype).tiny)
+        # An underflowed step is off by up to the smallest normal number, absolutely: in units of u.
+        self.underflow_error = self.step_tiny / UNIT_ROUNDOFF[self.dtype]
 
     def guard(self, value, error, vanished=False):
-        """The error bound, made infinite where a step's value overflows the dtype under test,
-        or underflows it (into subnormal numbers, or to zero where ``vanished`` says a product
-        of nonzero factors became 0): there torch keeps no relative precision."""
+        """The error bound, made infinite where a step's value overflows the dtype under test
+        (float64 overflows to inf by itself), and at least the smallest normal number where
+        it underflows (into subnormal numbers, or to zero where ``vanished`` says a product of
+        nonzero factors became 0): there torch keeps only absolute precision."""
         magnitude = np.abs(value)
-        lost = ((magnitude < self.step_tiny) & (magnitude > 0)) | vanished
-        if not np.isinf(self.step_limit):
-            lost = lost | (magnitude > self.step_limit)
-        return np.where(lost, np.inf, error) if np.any(lost) else error
+        underflow = ((magnitude < self.step_tiny) & (magnitude > 0)) | vanished
+        if np.any(underflow):
+            error = np.where(underflow, np.maximum(error, self.underflow_error), error)
+        if not np.isinf(self.step_limit) and np.any(magnitude > self.step_limit):
+            error = np.where(magnitude > self.step_limit, np.inf, error)
+        return error
 
     def mark_ambiguous(self, close):
         close = np.asarray(close, dtype=bool)
@@ -136,6 +147,22 @@ class Reference:
         values_only = _Compiler(size_names, track_errors=False)
         self._value = values_only.compile(tensor.expr, self.axes, depth)
         self._magnitude = values_only.compile(_magnitude(tensor.expr), self.axes, depth) if a_priori else None
+        self._size_names = size_names
+        self._exact = None  # compiled on first use: most formulas never need the exact pass
+
+    def exact(self, ctx: Context) -> tuple:
+        """(value, a priori error bound) as object arrays of balls, shape (batch, *dims), in a
+        context whose variables are balls (``verify.exact``). The bound is the formula taken
+        over the magnitudes of its terms: what computing each term to a relative rounding may
+        be off by."""
+        if self._exact is None:
+            exact = _Compiler(self._size_names, exact=True)
+            depth = len(self.tensor.indices)
+            self._exact = (exact.compile(self.tensor.expr, self.axes, depth),
+                           exact.compile(_magnitude(self.tensor.expr), self.axes, depth))
+        full = self._bind(ctx)
+        value, magnitude = (np.broadcast_to(np.asarray(f(ctx)[0], dtype=object), full) for f in self._exact)
+        return np.array(balls.to_balls(np.array(value)), dtype=object), np.array(balls.to_balls(np.array(magnitude)))
 
     def __call__(self, ctx: Context) -> tuple:
         full = self._bind(ctx)
@@ -297,9 +324,15 @@ def _too_close(ctx: Context, left, right, error) -> np.ndarray:
 class _Compiler:
     """One method per sympy class, found along the class's MRO as sympy's printers do."""
 
-    def __init__(self, size_names: frozenset, track_errors: bool = True):
+    def __init__(self, size_names: frozenset, track_errors: bool = True, exact: bool = False):
         self.size_names = size_names
-        self.track_errors = track_errors
+        self.track_errors = track_errors and not exact
+        # On object arrays of arb balls (verify.balls), values only: the exact pass.
+        self.exact = exact
+
+    def _real(self, array):
+        """An array of reals: float64, or as it is (balls) in the exact pass."""
+        return np.asarray(array, dtype=object if self.exact else np.float64)
 
     def compile(self, expr, axes: dict, depth: int):
         if self.track_errors and expr.is_integer and not expr.has(sympy.Indexed):
@@ -332,10 +365,10 @@ class _Compiler:
 
         def shared(ctx):
             spans = tuple((int(ctx.indices[s].flat[0]), ctx.indices[s].size) for s in indices)
-            key = (static, spans, track_errors)
+            key = (static, spans, track_errors, self.exact)
             found = ctx.shared.get(key)
             if found is None and not track_errors:  # a value with its error bound serves too
-                found = ctx.shared.get((static, spans, True))
+                found = ctx.shared.get((static, spans, True, self.exact))
             if found is not None:
                 return found
             result = compiled(ctx)
@@ -357,6 +390,8 @@ class _Compiler:
 
     # -- leaves --------------------------------------------------------------------------
     def _Number(self, expr, axes, depth):
+        if self.exact:  # built at evaluation time, in the precision of the moment
+            return lambda ctx: (balls.constant(expr), 0.0)
         value = float(expr)
         error = 0.0 if expr.is_Integer and abs(value) < 2**53 else abs(value)
         return lambda ctx: (value, error)
@@ -383,7 +418,7 @@ class _Compiler:
         def variable(ctx):
             value, error = ctx.env[expr.name]
             shape = (ctx.batch,) + (1,) * depth
-            return np.asarray(value, dtype=np.float64).reshape(shape), error.reshape(shape)
+            return self._real(value).reshape(shape), error.reshape(shape)
 
         return variable
 
@@ -399,19 +434,24 @@ class _Compiler:
             value, error = ctx.env[name]
             if whole and all(_spans_whole(ctx.indices[i], value.shape[k + 1]) for k, i in enumerate(expr.indices)):
                 error = np.broadcast_to(error, value.shape)
-                return (np.asarray(_placed(value, own_axes, depth), dtype=np.float64),
-                        _placed(error, own_axes, depth))
+                return self._real(_placed(value, own_axes, depth)), _placed(error, own_axes, depth)
             where = (np.arange(ctx.batch).reshape((ctx.batch,) + (1,) * depth),)
             # Clipped: a Piecewise evaluates every branch, also where its own index is out of range.
             where += tuple(np.clip(np.asarray(p(ctx)[0], dtype=np.int64), 0, value.shape[axis + 1] - 1)
                            for axis, p in enumerate(positions))
-            return np.asarray(value[where], dtype=np.float64), error[where]
+            return self._real(value[where]), error[where]
 
         return indexed
 
     # -- arithmetic ----------------------------------------------------------------------
     def _Add(self, expr, axes, depth):
         terms = self._args(expr, axes, depth)
+        if self.exact:
+            def add_balls(ctx):
+                values = [t(ctx)[0] for t in terms]
+                return balls.rounded_sum(sum(values), values), 0.0
+
+            return add_balls
         if not self.track_errors:
             return lambda ctx: (sum(t(ctx)[0] for t in terms), 0.0)
 
@@ -425,6 +465,8 @@ class _Compiler:
 
     def _Mul(self, expr, axes, depth):
         factors = self._args(expr, axes, depth)
+        if self.exact:
+            return lambda ctx: (balls.rounded(_product([f(ctx)[0] for f in factors]), len(factors) - 1), 0.0)
         if not self.track_errors:
             return lambda ctx: (_product([f(ctx)[0] for f in factors]), 0.0)
 
@@ -449,6 +491,8 @@ class _Compiler:
 
     def _Pow(self, expr, axes, depth):
         base, exponent = self._args(expr, axes, depth)
+        if self.exact:
+            return lambda ctx: (balls.rounded(balls.power(base(ctx)[0], exponent(ctx)[0])), 0.0)
         if not self.track_errors:
             return lambda ctx: (np.power(np.asarray(base(ctx)[0], dtype=np.float64), exponent(ctx)[0]), 0.0)
 
@@ -481,11 +525,14 @@ class _Compiler:
         return lambda ctx: (np.mod(left(ctx)[0], right(ctx)[0]), 0.0)
 
     def _Function(self, expr, axes, depth):
-        numeric = NUMPY_FUNCTIONS.get(type(expr))
+        numeric = (balls.FUNCTIONS if self.exact else NUMPY_FUNCTIONS).get(type(expr))
         if numeric is None:
             raise UnsupportedFormula(f"no numeric rule for the function {type(expr).__name__}")
         arguments = self._args(expr, axes, depth)
         jumps = type(expr) in JUMPS_AT_ZERO
+        if self.exact:  # scipy's and torch's special functions are some tens of ulps off
+            roundings = SPECIAL_FUNCTION_ULPS if type(expr) in SPECIAL_FUNCTIONS else 1
+            return lambda ctx: (balls.rounded(numeric(*(a(ctx)[0] for a in arguments)), roundings), 0.0)
         if not self.track_errors:
             return lambda ctx: (numeric(*(a(ctx)[0] for a in arguments)), 0.0)
         dummies, derivatives = _partials(type(expr), len(arguments))
@@ -526,6 +573,8 @@ class _Compiler:
 
         def heaviside(ctx):
             value, error = argument(ctx)
+            if self.exact:
+                return balls.heaviside(value, at_zero), 0.0
             self._mark_ambiguous(ctx, _too_close(ctx, value, 0.0, error))
             return np.heaviside(value, at_zero), 0.0
 
@@ -536,6 +585,8 @@ class _Compiler:
 
         def tie(ctx):
             (value, error), (extremum, _) = value_fn(ctx), extremum_fn(ctx)
+            if self.exact:
+                return balls.compare(sympy.Eq, value, extremum).astype(np.int64), 0.0
             self._mark_ambiguous(ctx, _too_close(ctx, value, extremum, _wide(error)) & (value != extremum))
             return np.equal(value, extremum).astype(np.float64), 0.0
 
@@ -544,10 +595,15 @@ class _Compiler:
     def _MinMaxBase(self, expr, axes, depth):
         arguments = self._args(expr, axes, depth)
         pick = np.maximum if isinstance(expr, sympy.Max) else np.minimum
+        if self.exact:
+            pick = balls.extremum(isinstance(expr, sympy.Max))
 
         def extremum(ctx):
             values, errors = zip(*(a(ctx) for a in arguments))
-            value = pick.reduce(np.broadcast_arrays(*values))
+            value = pick.reduce(np.broadcast_arrays(*values)) if not self.exact else pick(
+                np.stack(np.broadcast_arrays(*(np.asarray(v, dtype=object) for v in values))), 0)
+            if self.exact:
+                return value, 0.0
             for v, e in zip(values, errors):  # a near tie with another argument could flip in torch
                 self._mark_ambiguous(ctx, _too_close(ctx, v, value, e) & (v != value))
             error = np.max(np.broadcast_arrays(*(_wide(e) for e in errors)), axis=0)
@@ -569,6 +625,9 @@ class _Compiler:
         reduce, neutral = REDUCTIONS.get(type(expr), (None, None))
         if reduce is None:
             raise UnsupportedFormula(f"no numeric rule for {type(expr).__name__}")
+        if self.exact and isinstance(expr, ReducedMax):
+            largest = not isinstance(expr, ReducedMin)
+            reduce, neutral = balls.extremum(largest), balls.neutral(largest)
         limits = expr.limits
         own = {limit[0] for limit in limits}
         inner_depth = depth + len(limits)
@@ -590,7 +649,7 @@ class _Compiler:
         track_errors = self.track_errors
         body = self.compile(expr.function, inner_axes, inner_depth)
         factors = None
-        if not track_errors and kind is sympy.Sum and expr.function.is_Mul:
+        if not track_errors and not self.exact and kind is sympy.Sum and expr.function.is_Mul:
             # A sum of products whose product spans more indices than any factor (A @ B in
             # index notation) goes to einsum, which never forms that product. It sums in another
             # order, so the value differs from the formed sum's by rounding, within its bound.
@@ -609,12 +668,16 @@ class _Compiler:
                 lengths = {axis: ctx.indices[index].size for index, axis, _, _ in bounds}
                 return _summed_product([f(ctx)[0] for f in factors], lengths, depth, inner_depth), 0.0
             value, error = body(ctx)
-            value = np.asarray(value, dtype=np.float64)
+            value = self._real(value)
             shape = np.broadcast_shapes(np.shape(_pad(value, inner_depth)), np.shape(inside))
             value = np.broadcast_to(_pad(value, inner_depth), shape)
             if not np.all(inside):  # the index arrays are small: this is cheap
                 value = np.where(inside, value, neutral)
             result = reduce(value, axis=summed)
+            if self.exact and kind is sympy.Sum:
+                return balls.rounded_sum(result, [np.abs(value).sum(axis=summed)]), 0.0
+            if self.exact and kind is sympy.Product:
+                return balls.rounded(result, np.sum(np.broadcast_to(inside, shape), axis=summed)), 0.0
             if not track_errors:
                 return result, 0.0
             error = np.where(inside, np.broadcast_to(_pad(np.asarray(error, dtype=ERROR_DTYPE), inner_depth), shape), 0)
@@ -641,7 +704,7 @@ class _Compiler:
             values, errors, conditions = [], [], []
             for value_fn, cond_fn in branches:
                 value, error = value_fn(ctx)
-                values.append(np.asarray(value, dtype=np.float64))
+                values.append(self._real(value))
                 errors.append(np.asarray(error, dtype=ERROR_DTYPE))
                 conditions.append(np.asarray(cond_fn(ctx)[0], dtype=bool))
             shape = np.broadcast_shapes(*(np.shape(a) for a in values + errors + conditions))
@@ -657,6 +720,8 @@ class _Compiler:
 
         def relation(ctx):
             (a, a_error), (b, b_error) = left(ctx), right(ctx)
+            if self.exact:
+                return balls.compare(type(expr), a, b), 0.0
             self._mark_ambiguous(ctx, _too_close(ctx, a, b, _wide(a_error) + _wide(b_error)))
             return compare(a, b), 0.0
 

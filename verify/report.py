@@ -8,6 +8,7 @@ line that reproduces it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,7 @@ class Result:
     points: int = 0
     examples: int = 0
     rejected: dict = field(default_factory=dict)  # reason -> number of points
+    exact: Counter = field(default_factory=Counter)  # what the exact pass did -> number of points
     claims: list = field(default_factory=list)
     modes: tuple = ("rev", "fwd")
     order: int = 1
@@ -51,7 +53,7 @@ class Result:
     def checks(self) -> str:
         """What was compared at each point, e.g. "values, VJPs, JVPs, HVPs"."""
         done = ["values"]
-        if "rev" in self.modes:
+        if "rev" in self.modes and "rev" not in self.unsupported:
             done.append("VJPs")
         if "fwd" in self.modes and "fwd" not in self.unsupported:
             done.append("JVPs")
@@ -63,6 +65,21 @@ class Result:
     def rejected_points(self) -> int:
         return sum(self.rejected.values())
 
+    @property
+    def warnings(self) -> list:
+        """What a reader of a pass should know: most drawn points were rejected."""
+        if self.rejected_points > self.points:
+            total = self.rejected_points + self.points
+            return [(f"most drawn points were rejected ({self.rejected_points} of {total}): "
+                     "the checks cover less of the input space than the point count suggests")]
+        return []
+
+    def details(self) -> list:
+        """The lines under a verdict: rejections by reason, the exact pass's work, warnings."""
+        lines = [f"rejected {count} point(s): {reason}" for reason, count in sorted(self.rejected.items())]
+        lines += [f"{what}: {count} point(s)" for what, count in sorted(self.exact.items())]
+        return lines + [f"warning: {warning}" for warning in self.warnings]
+
     def summary(self) -> str:
         parts = [f"{self.points} points agree ({self.dtype}; {self.checks})"]
         if self.rejected:
@@ -73,8 +90,7 @@ class Result:
 
     def __str__(self) -> str:
         lines = [f"{self.name}: ok, {self.summary()}"]
-        for reason, count in sorted(self.rejected.items()):
-            lines.append(f"  rejected {count} point(s): {reason}")
+        lines += [f"  {line}" for line in self.details()]
         for way, reason in sorted(self.unavailable.items()):
             lines.append(f"  not available, so not checked: {way}: {reason}")
         return "\n".join(lines)

@@ -34,7 +34,12 @@ class CodeFailure(Exception):
 
 
 class ModeUnsupported(Exception):
-    """The code under test does not support a mode (forward AD) or the dtype."""
+    """The code under test does not support a mode ("rev": its backward, "fwd": forward AD)
+    or, where ``mode`` is "dtype", the dtype."""
+
+    def __init__(self, message: str, mode: str = "dtype"):
+        self.mode = mode
+        super().__init__(message)
 
 
 def _unsupported(exc: Exception) -> bool:
@@ -75,10 +80,12 @@ class SpecSubject:
             raise CodeFailure("value", 0, f"torch raised {_describe(exc)}") from None
 
     def reverse(self, at, value_shapes: dict, gradient_shapes: dict, dtype) -> tuple:
-        """(values, gradients, grad_fn names) for a backward seeded with the cotangent."""
+        """(values, gradients, grad_fn names) for a backward seeded with the cotangent; no
+        backward runs where ``gradient_shapes`` is empty."""
         leaves = {name: self._tensor(array, dtype, True) for name, array in at.inputs.items()}
         outputs = self._run(leaves, at.sizes, dtype)
-        outputs[self.spec.output].backward(self._tensor(at.cotangent, dtype))
+        if gradient_shapes:
+            outputs[self.spec.output].backward(self._tensor(at.cotangent, dtype))
         batch = at.batch
         values = {name: _array(_as_tensor(outputs[name], dtype), (batch, *shape))
                   for name, shape in value_shapes.items()}
@@ -169,7 +176,7 @@ class FunctionSubject:
             return torch.autograd.grad(outputs, wrt, seeds, allow_unused=True, create_graph=create_graph)
         except Exception as exc:  # noqa: BLE001 - a failing backward is a finding
             if _unsupported(exc):
-                raise ModeUnsupported(f"{self.name}: {exc}") from None
+                raise ModeUnsupported(f"{self.name}: {exc}", mode="rev") from None
             raise CodeFailure(check, point, f"the backward of {self.name} raised {_describe(exc)}") from None
 
     def _gradients(self, check, point, output, leaves: dict, seed, create_graph=False) -> dict:
@@ -191,11 +198,13 @@ class FunctionSubject:
             leaves = {name: self._tensor(array[point], dtype, True) for name, array in at.inputs.items()}
             output = self._call("value", point, list(leaves.values()), output_shape)
             values.append(_array(output, output_shape))
+            if not gradient_shapes:
+                continue
             grads = self._gradients("gradient", point, output, leaves, self._tensor(at.cotangent[point], dtype))
             for name, grad in grads.items():
                 gradients[name].append(_array(grad, leaves[name].shape))
         grad_fns = dict.fromkeys(gradients, self.name)
-        return {output_name: np.stack(values)}, {n: np.stack(g) for n, g in gradients.items()}, grad_fns
+        return {output_name: np.stack(values)}, {n: np.stack(g) for n, g in gradients.items() if g}, grad_fns
 
     def forward(self, at, dtype) -> np.ndarray:
         output_shape = at.cotangent.shape[1:]

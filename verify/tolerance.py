@@ -1,24 +1,49 @@
-"""The tolerance rule: how far torch may be from the exact reference, per dtype and point.
+"""The allowance: how far torch may be from the exact reference, per dtype and element.
 
-A comparison at one element allows::
+The reference is exact math (float64 where it can certify itself, else arb balls). The
+allowance is what a straightforward evaluation **of the spec as written** may be off by in
+the dtype under test, and the same rule serves ``verify.check`` and ``check_function``: a
+user's code must be as accurate as the spec's own steps. A comparison at one element allows::
 
     allowed = SAFETY * u(dtype) * (|reference| + error_bound) + SAFETY * tiny(dtype)
 
 * ``u(dtype)`` is the unit roundoff of the dtype torch computed in (below).
-* ``error_bound`` comes from ``verify.reference``: a first-order bound, in units of u, on
-  the rounding error of evaluating the formula in floating point. It grows where the
+* ``error_bound``, in units of u, is the first-order error model of the formula's steps:
+  one rounding per arithmetic step and per op (``verify.reference`` in float64, the exact
+  pass's modelled balls in ``verify.balls``), each propagated only to what depends on it.
+  An op's kernel model is local to it: ``sigmoid``, ``tanh`` and ``expm1`` compute their
+  derivatives from their outputs (``sigmoid * (1 - sigmoid)``), so only the terms through
+  them get the rounding of that output; ``pow``'s derivative rounds ``y - 1`` (|log x|
+  roundings); a special function (``digamma``) is some tens of ulps off. It grows where the
   point is sensitive: terms that cancel, ``exp`` of a large argument, long sums. A
   well-conditioned point has ``error_bound`` near ``|reference|`` and is held tight.
-* ``SAFETY`` covers that torch's kernels round in a different order from the formula and
-  take a few more steps (``pow``'s backward is ``n * x**(n-1)`` times the incoming
-  gradient). It is a constant of the rule, never tuned per spec.
-* ``tiny(dtype)``, the smallest normal number, absorbs results that underflow.
+* The inputs are exact, yet the model gives each of them one rounding: a correct algorithm
+  returns the exact result for inputs perturbed that much (backward stability), so the
+  bound includes the condition number of the formula at the point (torch's logsumexp
+  backward, ``exp(x - y)``, is off by |y| roundings).
+* A derivative's bound is at least the formula over the magnitudes of its terms: torch's
+  backward sums the same terms in another order.
+* ``SAFETY`` covers that torch's kernels round in a different order and take a few more
+  steps. It is a constant of the rule, never tuned per spec.
+* ``tiny(dtype)``, the smallest normal number, absorbs results that underflow: they are
+  judged, not rejected.
 
-The inputs are exactly representable in the dtype, yet the bound gives each of them one
-rounding: a correct algorithm returns the exact result for inputs perturbed that much
-(backward stability), so the bound includes the condition number of the formula at the
-point. logcumsumexp computed by shifting its arguments, at x = 219, needs that room.
-Claims compare two float64 formulas, so they use the float64 row.
+Never part of the allowance: a maximum over the spec's points or ops, or the float64
+reference's own rounding or overflow (the comparison leaves a distance within the
+reference's own error of the allowance to the exact pass, and an overflowing float64 step
+sends its point there too). An allowance is a model of the computation, never of the oracle.
+
+A worked example: ``y = tanh(x)`` at x = 25 in float32. The exact derivative is
+1 - tanh(25)**2 = 7.7e-22. Its formula's model: tanh rounds once (|y| = 1 unit), y**2 twice
+that and once more (3 units), 1 - y**2 once more at the size of its terms (2 units), and
+the product with the cotangent once more: 6 units of u. So
+``allowed = 16 * 2**-24 * (7.7e-22 + 6) = 5.7e-6``. torch's backward computes 1 - y*y = 0
+from the rounded y = 1, within 5.7e-6 of 7.7e-22: it passes. (The float64 reference is 0
+too, off by 7.7e-22, far less than its own error bound of 6 * 2**-53 allows, so it
+certifies itself.) A backward that returns 1 there is 1 away, and fails; the gradient of
+another input, through other ops, gets none of tanh's room.
+
+Claims compare two formulas of the reference, so they use the float64 row.
 """
 
 from __future__ import annotations

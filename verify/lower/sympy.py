@@ -24,6 +24,7 @@ from sympy.concrete.expr_with_limits import ExprWithLimits
 
 from ..ir import Apply, Constant, Input, Node, Ref, SizeRef, Spec, concrete_shape, depends_on_inputs
 from ..ops import REGISTRY, normalize_axes, single_axis
+from .functions import elementary
 
 INDEX_NAMES = "ijklpqrstuvw"
 # Names a spec cannot use (spec names never start with "_" or hold a space).
@@ -490,7 +491,7 @@ def _scalar_output(lowering: SympyLowering, output_node: Node) -> sympy.Expr:
 def prove_equal(derivative: Tensor, claimed: sympy.Expr) -> bool:
     """True when sympy shows ``derivative == claimed`` for every size and index in range."""
     ranges = index_ranges(derivative.indices, derivative.shape)
-    difference = _canonical_indices(settle(derivative.expr - claimed, ranges))
+    difference = _canonical_indices(settle(elementary(derivative.expr - claimed), ranges))
     if sympy.count_ops(difference) > MAX_PROOF_OPS:
         return False  # simplify can take minutes on large formulas: such claims are checked numerically
     try:

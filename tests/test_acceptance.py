@@ -1,0 +1,250 @@
+"""Each allowance and rejection rule, with a bug planted in its regime that is still caught,
+and correct code in the same regime that passes."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import verify
+
+DTYPES = [torch.float64, torch.float32]
+ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _function(forward, backward):
+    """A custom autograd.Function from a forward and a backward of (inputs, grad_output)."""
+
+    class Planted(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.save_for_backward(*inputs)
+            return forward(*inputs)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return backward(*ctx.saved_tensors, grad)
+
+    return Planted.apply
+
+
+def _caught(fn, spec, dtype, **options) -> verify.Mismatch:
+    options = {"modes": ("rev",), "seed": 0, "max_examples": 50, **options}
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(fn, spec, dtype=dtype, **options)
+    return caught.value
+
+
+# -- saturation: the room for an op's backward is local to the terms through that op -------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_saturated_tanh_backward_that_returns_one_is_caught(dtype):
+    tanh_one = _function(torch.tanh, lambda x, g: g * torch.where(x.abs() > 20, 1.0, 1 - torch.tanh(x) ** 2))
+    failure = _caught(tanh_one, "x: Interval(20, 60)[n]\ny = tanh(x)", dtype).failure
+    assert failure.check == "gradient" and failure.inputs["x"].max() > 20
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_saturation_elsewhere_in_the_spec_does_not_excuse_another_gradient(dtype):
+    # At x = 25 tanh saturates; the gradient of w (3w for 2w) is a separate term.
+    def forward(x, w):
+        return torch.tanh(x).sum() + (w**2).sum()
+
+    wrong_w = _function(forward, lambda x, w, g: (g * (1 - torch.tanh(x) ** 2), g * 3 * w))
+    spec = "x: Interval(25, 26)[n]\nw: Real[n]\no = sum(tanh(x)) + sum(w**2)"
+    failure = _caught(wrong_w, spec, dtype).failure
+    assert failure.subject == "∂o/∂w"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_saturated_sigmoid_backward_that_returns_one_is_caught(dtype):
+    sigmoid_one = _function(torch.sigmoid, lambda x, g: g * torch.where(
+        x > 38, 1.0, torch.sigmoid(x) * (1 - torch.sigmoid(x))))
+    assert _caught(sigmoid_one, "x: Interval(38, 200)[n]\ny = sigmoid(x)", dtype).failure.check == "gradient"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_an_expm1_backward_that_returns_one_far_below_zero_is_caught(dtype):
+    expm1_one = _function(torch.expm1, lambda x, g: g * torch.where(x < -38, 1.0, torch.exp(x)))
+    assert _caught(expm1_one, "x: Interval(-200, -38)[n]\ny = expm1(x)", dtype).failure.check == "gradient"
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("op, fn", [("tanh", torch.tanh), ("sigmoid", torch.sigmoid), ("expm1", torch.expm1),
+                                    ("logsigmoid", F.logsigmoid), ("softplus", F.softplus)])
+def test_torch_saturating_ops_pass_in_every_dtype(op, fn, dtype):
+    result = verify.check_function(fn, f"x: Real[n]\ny = {op}(x)", dtype=dtype, seed=0, max_examples=10)
+    assert result.points > 0
+
+
+# -- overflow: a float64 step that overflows is decided exactly, never excused --------------
+
+def _softmax_recomputed(x, g):
+    s = torch.exp(x) / torch.exp(x).sum(-1, keepdim=True)  # NaN once exp overflows
+    return s * (g - (g * s).sum(-1, keepdim=True))
+
+
+def _logsumexp_recomputed(x, g):
+    return g * torch.exp(x) / torch.exp(x).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("forward, backward, spec", [
+    (lambda x: torch.softmax(x, -1), _softmax_recomputed, "x: Real[n]\ny = softmax(x)"),
+    (lambda x: torch.logsumexp(x, -1), _logsumexp_recomputed, "x: Real[n]\ny = logsumexp(x)"),
+    (lambda x: torch.logsumexp(x, -1), _logsumexp_recomputed, "x: Real[n]\ny = log(sum(exp(x)))"),
+], ids=["softmax", "logsumexp", "naive logsumexp"])
+def test_a_backward_that_overflows_where_the_math_does_not_is_caught(forward, backward, spec, dtype):
+    mismatch = _caught(_function(forward, backward), spec, dtype)
+    assert mismatch.failure.check == "gradient"
+    assert not np.isfinite(mismatch.failure.actual).all()  # nan, or inf from g * exp(x)
+
+
+def test_a_softplus_backward_that_overflows_is_caught_against_the_naive_spec():
+    naive = _function(F.softplus, lambda x, g: g * torch.exp(x) / (1 + torch.exp(x)))
+    mismatch = _caught(naive, "x: Real[n]\ny = log(1 + exp(x))", torch.float32)
+    assert mismatch.failure.check == "gradient" and mismatch.failure.inputs["x"].max() > 88
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fn, spec", [
+    (lambda x: torch.softmax(x, -1), "x: Real[n]\ny = softmax(x)"),
+    (lambda x: torch.logsumexp(x, -1), "x: Real[n]\ny = log(sum(exp(x)))"),
+    (F.logsigmoid, "x: Real[n]\ny = -log(1 + exp(-x))"),
+], ids=["softmax", "logsumexp", "logsigmoid"])
+def test_torch_stable_kernels_pass_against_naive_specs_where_float64_overflows(fn, spec, dtype):
+    result = verify.check_function(fn, spec, dtype=dtype, seed=0, max_examples=30)
+    assert result.exact["judged by the exact pass"] > 0  # the regime was reached, and judged
+
+
+def test_the_spec_lowering_of_a_stable_op_is_judged_exactly_not_rejected():
+    result = verify.check("x: Real[n]\ny = softmax(x)", dtype=torch.float32, seed=0, max_examples=30)
+    assert result.exact["judged by the exact pass"] > 0
+    assert not any("step" in reason for reason in result.rejected)
+
+
+def test_a_step_of_the_spec_that_overflows_still_rejects_in_check_but_not_in_check_function():
+    spec = "x: Interval(100, 200)[n]\ny = log(1 + exp(x))"
+    with pytest.raises(verify.Unchecked, match="exp"):  # torch's exp(x) is inf in float32 there: right
+        verify.check(spec, dtype=torch.float32, seed=0, max_examples=10)
+    result = verify.check_function(F.softplus, spec, dtype=torch.float32, seed=0, max_examples=10)
+    assert result.points > 0 and not result.rejected
+
+
+# -- cancellation: the reference is exact however the spec is phrased ------------------------
+
+@pytest.mark.parametrize("spec", ["x: Interval(25, 40)[n]\ny = logsigmoid(x)",
+                                  "x: Interval(25, 40)[n]\ny = -log(1 + exp(-x))",
+                                  "x: Interval(25, 40)[n]\ny = -log1p(exp(-x))"])
+def test_a_backward_that_cancels_in_one_minus_sigmoid_is_caught(spec):
+    # A focal loss's backward computes |label - sigmoid(x)|: 1 - sigmoid(30) keeps 3 digits.
+    cancelling = _function(F.logsigmoid, lambda x, g: g * (1 - torch.sigmoid(x)))
+    assert _caught(cancelling, spec, torch.float64).failure.check == "gradient"
+
+
+# -- half precision: one small element drops no point ----------------------------------------
+
+def test_a_cube_backward_that_drops_small_values_is_caught_in_float16():
+    flushed = _function(lambda x: x**3, lambda x, g: g * torch.where(x.abs() < 0.095, 0.0, 3 * x**2))
+    spec = "x: Interval(-0.5, 0.5)[n]\ny = x**3"
+    assert _caught(flushed, spec, torch.float16).failure.check == "gradient"
+
+
+# -- ties and kinks: decided exactly where reached exactly -----------------------------------
+
+def test_a_tie_between_inputs_is_decided_and_a_wrong_comparison_caught():
+    at_least = _function(lambda x, y: torch.where(x >= y, x, 2 * y), lambda x, y, g: (None, None))
+    spec = "x: Real[n] = [3.0]\ny: Real[n] = [3.0]\no = where(x > y, x, 2 * y)"
+    failure = _caught(at_least, spec, torch.float64, modes=("fwd",)).failure
+    assert failure.check == "value"
+
+
+def test_hardswish_kinks_reached_by_x_plus_3_are_checked_not_rejected():
+    spec = "x: Real[n] = [-3.0, 3.0]\ny = x * minimum(maximum(x + 3, 0), 6) / 6"
+    result = verify.check_function(F.hardswish, spec, seed=0, max_examples=20, modes=("rev",))
+    assert result.points > 0
+    assert not any("comparison" in reason for reason in result.rejected)
+
+
+def _relu_with_derivative_at_zero(slope):
+    return _function(lambda x: x.clamp(min=0), lambda x, g: g * torch.where(
+        x > 0, 1.0, torch.where(x < 0, 0.0, slope)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_tutorial_relu_with_derivative_one_at_zero_passes(dtype):
+    spec = "x: Real[n] = [0.0, -1.0, 2.0]\ny = relu(x)"
+    result = verify.check_function(_relu_with_derivative_at_zero(1.0), spec, dtype=dtype, modes=("rev",), seed=0,
+                                   max_examples=20)
+    assert result.points > 0
+
+
+def test_a_derivative_at_a_kink_that_no_side_has_is_caught():
+    spec = "x: Real[n] = [0.0]\ny = relu(x)"
+    mismatch = _caught(_relu_with_derivative_at_zero(2.0), spec, torch.float64)
+    assert "no one-sided derivative agrees" in str(mismatch)
+
+
+def test_torch_kinks_demand_torch_convention():
+    spec = "x: Real[n] = [0.0]\ny = relu(x)"
+    assert _caught(_relu_with_derivative_at_zero(1.0), spec, torch.float64, kinks="torch").failure.inputs["x"] == 0
+
+
+# -- a kernel's own error: pow's backward rounds y - 1 ---------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_pow_with_two_drawn_inputs_passes(dtype):
+    result = verify.check_function(torch.pow, "x: Positive[n]\nw: Real[n]\ny = x ** w", dtype=dtype, seed=0,
+                                   max_examples=30)
+    assert result.points > 0
+
+
+def test_a_pow_backward_off_by_more_than_the_rounding_of_y_minus_1_is_caught():
+    sloppy = _function(torch.pow, lambda x, w, g: (g * w * x ** (w - 1) * (1 + 1e-10), g * x**w * torch.log(x)))
+    spec = "x: Interval(2, 10)[n]\nw: Interval(1, 3)[n]\ny = x ** w"
+    assert _caught(sloppy, spec, torch.float64).failure.subject == "∂y/∂x"
+
+
+# -- forward-only Functions ---------------------------------------------------------------
+
+class _ForwardExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.exp(x)
+        ctx.save_for_forward(y)
+        return y
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (y,) = ctx.saved_tensors
+        return y * tangent
+
+
+def test_a_function_with_only_a_jvp_is_checked_in_forward_mode():
+    result = verify.check_function(_ForwardExp.apply, "x: Real[n]\ny = exp(x)", modes=("fwd",), seed=0,
+                                   max_examples=20)
+    assert result.checks == "values, JVPs" and result.points > 0
+
+
+def test_a_function_without_backward_is_unsupported_in_reverse_mode_by_that_name():
+    with pytest.raises(verify.Unsupported, match=r"rev: .*backward") as caught:
+        verify.check_function(_ForwardExp.apply, "x: Real[n]\ny = exp(x)", seed=0, max_examples=10)
+    assert caught.value.result.points > 0 and "dtype" not in caught.value.result.unsupported
+
+
+# -- the rejection rules themselves: a bug just inside each regime is still caught --------------
+
+def test_a_bug_just_inside_a_domain_is_caught():
+    # log's domain is x > 0: the points at 0 are rejected, the tiny positive ones are judged.
+    tiny_wrong = _function(torch.log, lambda x, g: g * torch.where(x < 1e-300, 0.0, 1 / x))
+    spec = "x: NonNegative[n] = [0.0, 1e-305]\ny = log(x)"
+    assert _caught(tiny_wrong, spec, torch.float64).failure.inputs["x"].max() < 1e-300
+
+
+def test_a_bug_just_below_where_a_step_overflows_is_caught(plant_torch_form):
+    # exp(x) overflows float32 above 88.7, and those points are rejected in verify.check; a
+    # wrong exp between 80 and 88 is not excused by them.
+    plant_torch_form("exp", lambda t: torch.where((t > 80) & (t < 88), torch.exp(t) * 1.001, torch.exp(t)))
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check("x: Interval(80, 100)[n]\ny = exp(x)", dtype=torch.float32, seed=0, max_examples=30)
+    assert 80 < caught.value.failure.inputs["x"].max()

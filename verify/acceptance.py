@@ -1,0 +1,213 @@
+"""Which points are judged, and by which pass: the rules, one by one.
+
+A point, or one check at it, is **rejected** only on the exact math's grounds, each tested by
+a planted bug in its regime (``tests/test_acceptance.py``):
+
+1. **Domain.** An op's operand is outside the op's domain (``log`` of a negative number).
+2. **The dtype cannot hold a step.** For the spec's own torch lowering only, a node's value
+   overflows the dtype or is a subnormal number there: torch executes the spec's steps, so
+   ``exp(100)`` being inf in float32 is right. A user's function computes its own way, so
+   there the spec's steps never reject a point. An op whose kernel computes its sympy
+   form's steps (``norm`` squares its elements) has them judged as steps of the spec.
+3. **The dtype cannot hold the result.** The quantity checked (a value, VJP, JVP, HVP or
+   claim) overflows the dtype, or is undefined. A quantity that underflows is judged: the
+   allowance's absolute term covers what the dtype can hold of it.
+4. **Too close to call.** A comparison, kink or tie is within rounding of its boundary in
+   the float64 pass, where torch may go either way.
+
+Each rule is applied only where the reference can tell. A float64 value with a finite,
+small error bound can tell; a value whose bound was lost (a float64 step overflowed or
+underflowed) cannot, and its point goes to the exact pass (``verify.oracle.exact_point``),
+which decides the same rules on exact values.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .ir import Apply
+from .ops import REGISTRY
+from .oracle import node_arrays
+from .strategies import Example
+from .tolerance import UNIT_ROUNDOFF, allowed_error, representable_limit, underflow_limit
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+AMBIGUOUS = "a comparison, kink or tie is within rounding of its boundary"
+# A float64 value is certain when its error bound is below this share of its magnitude: its
+# sign, and its size within a factor of 2, are then known.
+CERTAIN_SHARE = 0.25
+
+
+def certain(value: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """Per element, whether a float64 value with this error bound (in units of u) is known
+    closely enough to decide a rule by."""
+    with np.errstate(all="ignore"):
+        bound = np.asarray(error) * UNIT_ROUNDOFF[torch.float64]
+        return np.isfinite(value) & np.isfinite(bound) & (bound <= CERTAIN_SHARE * np.abs(value))
+
+
+def inside_domains(prepared: Plan, example: Example, values: dict, rejected: Counter, how: str = "bounds") -> tuple:
+    """(points inside every op's domain, points the values cannot tell) by rule 1. A point
+    outside counts with the op's domain as the reason where every operand of that op is
+    certain; else it is left to a closer pass. ``how`` is as for ``accepted_points``."""
+    keep = np.ones(example.batch, dtype=bool)
+    doubtful = np.zeros(example.batch, dtype=bool)
+    array_of = node_arrays(prepared, example, values)
+    for label, node, op, predicate, domain in _domains(prepared):
+        rank = max(o.rank for o in node.operands) if op.kind == "elementwise" else 0
+        with np.errstate(all="ignore"):
+            inside = np.asarray(predicate(*(array_of(o, rank) for o in node.operands)), dtype=bool)
+        outside = keep & ~np.broadcast_to(_per_point(inside, np.all), keep.shape)
+        if not outside.any():
+            continue
+        sure = np.full(example.batch, how == "exact")
+        if how == "bounds":
+            sure[:] = True
+            for operand in node.operands:
+                pair = _pair_of(prepared, operand, example, values)
+                if pair is not None:
+                    sure &= _per_point(certain(*pair), np.all)
+        if (outside & sure).any():
+            rejected[f"{label} is outside the domain of {domain}"] += int((outside & sure).sum())
+        doubtful |= outside & ~sure
+        keep &= ~outside
+    return keep, doubtful
+
+
+def _domains(prepared: Plan):
+    """(label, node, op, predicate, what the domain is) for each op's domain, and its
+    derivative's where that is less."""
+    for label, node in prepared.nodes.items():
+        op = REGISTRY[node.op] if isinstance(node, Apply) else None
+        if op is not None and op.defined is not None:
+            yield label, node, op, op.defined, f"{node.op}: {op.domain}"
+        if op is not None and op.differentiable is not None:
+            yield label, node, op, op.differentiable, f"{node.op}'s derivative: {op.domain}"
+
+
+def _pair_of(prepared: Plan, operand, example: Example, values: dict):
+    """An operand's (value, error bound), or None for inputs and constants, which are exact."""
+    labels = {id(node): label for label, node in prepared.nodes.items()}
+    while hasattr(operand, "target"):
+        operand = operand.target
+    label = labels.get(id(operand))
+    if label is None or label in example.inputs or label not in values:
+        return None
+    value, error = values[label]
+    return value.reshape(example.batch, -1), np.broadcast_to(error, value.shape).reshape(example.batch, -1)
+
+
+def unambiguous(keep: np.ndarray, ambiguous: np.ndarray, rejected: Counter) -> np.ndarray:
+    """``keep`` less the points where a comparison was too close to call, counted (rule 4)."""
+    newly = keep & ambiguous
+    if newly.any():
+        rejected[AMBIGUOUS] += int(newly.sum())
+    return keep & ~ambiguous
+
+
+def step(label: str, pair: tuple, stable: bool) -> tuple:
+    """A node's value in the spec's own torch lowering: judged by rules 2 and 3."""
+    return label, pair, "stable step" if stable else "step"
+
+
+def quantity(label: str, pair: tuple) -> tuple:
+    """A checked quantity: judged by rule 3."""
+    return label, pair, "quantity"
+
+
+def accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.ndarray, checks: list,
+                    how: str = "bounds") -> tuple:
+    """(points judged, points left to a closer pass) by rules 2 and 3, for ``checks`` made by
+    ``step`` and ``quantity``. The rest are counted by reason.
+
+    ``how`` says what the values are: "floor" (float64 without bounds: every doubt goes on,
+    to the bounds), "bounds" (float64 with error bounds: a lost bound, or a value too
+    uncertain to decide a rule, goes on, to the exact pass) or "exact" (midpoints of the
+    exact pass: every rule is decided).
+    """
+    keep = keep.copy()
+    doubtful = np.zeros(batch, dtype=bool)
+    limit = representable_limit(dtype)
+    tiny = underflow_limit(dtype)
+    dtype_name = str(dtype).replace("torch.", "")
+    for label, (value, error), kind in checks:
+        error = np.broadcast_to(error, np.shape(value)).reshape(batch, -1)
+        value = value.reshape(batch, -1)
+        magnitude = np.abs(value)
+        with np.errstate(all="ignore"):
+            if how == "bounds":
+                lost = ~np.isfinite(error)
+                sure = certain(value, error) | (value == 0) & (error == 0)
+                room = np.where(np.isfinite(error), allowed_error(magnitude, error, dtype), 0)
+            else:
+                lost = np.zeros(value.shape, dtype=bool)
+                sure = np.full(value.shape, how == "exact")
+                room = allowed_error(magnitude, 0.0, dtype) if how == "floor" else 0.0
+            undefined = np.isnan(value) & ~lost
+            # A step that overflowed float64 too, or whose value is beyond the dtype's range.
+            overflow = (~lost | (kind == "step")) & (magnitude + room > limit)
+            underflow = ~lost & (magnitude < tiny) & (value != 0)
+        if how == "floor":  # nothing is decided without bounds
+            doubtful |= keep & _per_point(undefined | overflow | (underflow if kind != "quantity" else False))
+            continue
+        reasons = [(f"{label} is undefined", undefined),
+                   (f"{label} overflows {dtype_name}", overflow & (sure | lost))]
+        if kind != "quantity":
+            reasons.append((f"{label} underflows {dtype_name}", underflow & sure))
+        if kind == "step":
+            reasons.append((f"a step of {label} overflows {dtype_name}", lost))
+        decided = np.zeros(value.shape, dtype=bool)
+        for reason, bad in reasons:
+            newly = keep & _per_point(bad)
+            if newly.any():
+                rejected[reason] += int(newly.sum())
+                keep &= ~newly
+            decided |= bad
+        unsure = lost | (overflow | (underflow if kind != "quantity" else False)) & ~sure
+        doubtful |= keep & _per_point(unsure & ~decided)
+    return keep & ~doubtful, doubtful
+
+
+def _per_point(array, reduce=np.any) -> np.ndarray:
+    array = np.asarray(array)
+    if not array.ndim:
+        return array
+    return reduce(array.reshape(array.shape[0], -1), axis=1)
+
+
+def agreeing(reference, floor, actual, dtype) -> np.ndarray:
+    """Per point, whether every element of ``actual`` is within the tolerance of the error
+    bound's floor, a tolerance that fits the dtype: where the floor is huge, the bounds decide
+    whether the point counts at all."""
+    with np.errstate(all="ignore"):  # inf and NaN are not within any tolerance
+        magnitude = np.abs(reference)
+        allowed = allowed_error(magnitude, floor, dtype)
+        ok = np.abs(actual - reference) <= allowed
+        limit = representable_limit(dtype)
+        if not np.max(magnitude, initial=0.0) + np.max(allowed, initial=0.0) <= limit:
+            ok &= magnitude + allowed <= limit
+    return ok.reshape(len(ok), -1).all(axis=1)
+
+
+def disagreeing(reference, error, actual, dtype, exact: bool = False) -> tuple:
+    """(points where ``actual`` is certainly off by more than the allowance, points where that
+    is within the float64 reference's own error of it, the allowance).
+
+    The float64 reference is off by at most u · error (twice that, for a first-order bound),
+    so a distance that close to the allowance is left to the exact pass; an ``exact``
+    reference is off by less than a float64 rounding of its value.
+    """
+    with np.errstate(all="ignore"):
+        allowed = allowed_error(reference, error, dtype)
+        distance = np.abs(actual - reference)
+        own = 2 * UNIT_ROUNDOFF[torch.float64] * (np.abs(reference) + (0 if exact else np.abs(error)))
+        over = ~(distance <= allowed + own)
+        near = ~over & (distance > allowed - own)
+    failing = _per_point(over)
+    return failing, _per_point(near) & ~failing, allowed

@@ -1,0 +1,368 @@
+"""Arithmetic for the exact pass: python-flint's ``arb`` balls, element by element.
+
+A ball is a midpoint and a radius that rigorously contain the exact value, with arbitrary
+precision and exponent range: ``exp(800)`` and ``exp(-800)`` are ordinary numbers here.
+The reference's compiled formulas run on numpy object arrays of balls, so the same
+closures serve float64 and the exact pass (``verify.reference``).
+
+Comparisons are decided only when the balls tell: two balls that overlap, unless both are
+exact and equal, raise ``Undecided``, and the caller raises the precision. A tie reached by
+exact arithmetic from exact inputs (``x + 3`` at x = -3) is a tie, decided.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import flint
+import numpy as np
+import sympy
+from flint import arb
+from sympy.codegen import cfunctions
+
+from .lower import functions
+
+# Working precisions, in bits, tried in turn until every comparison is decided and every
+# result is known far below a float64 ulp.
+PRECISIONS = (128, 512, 2048)
+# A result is precise enough when its radius is below this fraction of its magnitude, or
+# below the smallest float64 subnormal's.
+RELATIVE_RADIUS = 2.0**-64
+ABSOLUTE_RADIUS = 2.0**-1100
+
+
+class Undecided(Exception):
+    """Two balls overlap: their order is not known at this precision."""
+
+
+class Beyond(Exception):
+    """A result beyond arb's exponent range (exp of 2**60 or more), which no precision reaches."""
+
+
+# arb's exp gives no finite ball for arguments past about 2**63.
+LARGEST_EXPONENT = 2.0**60
+
+
+def _exponential(fn):
+    """``fn`` of a ball whose size grows as exp of it: Beyond where that leaves arb's range."""
+    def guarded(x):
+        if abs(float(_ball(x).mid())) >= LARGEST_EXPONENT:
+            raise Beyond(f"exp of {float(_ball(x).mid()):g}")
+        return fn(x)
+
+    return guarded
+
+
+class _Mode:
+    """How the formulas run on balls. Exactly, by default: a sign that a ball does not tell
+    raises ``Undecided``. In ``modelled``, every step of a formula also widens its ball by
+    ``rounding`` (relative), and the inputs come widened too. That rounding is far below any
+    dtype's, so ball arithmetic follows the first-order (linear) model of a computation's
+    error: ``scale`` times the radius of a result is what a computation in the dtype may be
+    off by. Signs are decided by midpoints, noting in ``straddled`` whether a rounding of
+    the dtype could flip one."""
+
+    rounding = None  # a ball's radius: an exact power of 2, below float64's range if need be
+    scale = 1.0
+    tiny = 0.0
+    underflow = None
+    straddled = False
+    # An exact tie (a sign that is exactly 0) is met: at a kink, as the formula says there,
+    # or, with ``ties`` at 1 or -1, as if approached from that side.
+    tied = False
+    ties = 0
+
+
+MODE = _Mode()
+
+
+@contextlib.contextmanager
+def exactly(ties: int = 0):
+    """Run the block exactly, exact ties taken as ``ties`` says; yields the mode, to read ``tied``."""
+    MODE.ties, MODE.tied = ties, False
+    try:
+        yield MODE
+    finally:
+        MODE.ties = 0
+
+
+@contextlib.contextmanager
+def modelled(unit_roundoff: float, tiny: float, largest: float):
+    """Run the block in the modelled mode (above) for a dtype of ``unit_roundoff`` whose
+    smallest normal number is ``tiny``, on inputs up to ``largest`` in magnitude; yields the
+    mode, to read ``scale`` and ``straddled``. The rounding is small enough that it moves
+    ``exp`` of the largest input by far less than 1, and the precision wide enough to carry it.
+    A step below ``tiny`` is off by up to ``tiny`` too, absolutely: the dtype underflows there."""
+    bits = 64 + max(math.frexp(largest)[1], 0)
+    previous = flint.ctx.prec
+    flint.ctx.prec = max(previous, 2 * bits + 64)
+    MODE.rounding, MODE.scale, MODE.straddled = arb(2) ** -bits, arb(unit_roundoff) * arb(2) ** bits, False
+    MODE.tiny, MODE.underflow = tiny, arb(tiny) / MODE.scale
+    try:
+        yield MODE
+    finally:
+        MODE.rounding, MODE.scale = None, 1.0
+        flint.ctx.prec = previous
+
+
+def _integral(values) -> bool:
+    """Index and size arithmetic, which is exact."""
+    return isinstance(values, (int, np.integer)) or isinstance(values, np.ndarray) and values.dtype.kind in "iub"
+
+
+def rounded(values, roundings=1):
+    """``values`` widened by ``roundings`` relative roundings, in the modelled mode."""
+    if MODE.rounding is None or _integral(values):
+        return values
+    return values * arb(1, MODE.rounding) ** roundings
+
+
+def rounded_sum(total, terms: list):
+    """A sum of ``terms`` widened by one rounding of the sum of their magnitudes: partial
+    sums may reach it, in any order."""
+    if MODE.rounding is None or _integral(total):
+        return total
+    return total + sum(np.abs(t) for t in terms) * arb(0, MODE.rounding)
+
+
+def underflowed(values):
+    """A step of the spec, widened by the dtype's smallest normal number where it is below it:
+    the dtype holds no relative precision there. (A step inside an op's formula is not the
+    kernel's: softmax never forms 1 / sum(exp(x)).)"""
+    if MODE.rounding is None:
+        return values
+    return np.frompyfunc(_underflowed, 1, 1)(values)
+
+
+def _underflowed(value):
+    value = _ball(value)
+    if value.is_nan() or float(abs(value).mid()) >= MODE.tiny:
+        return value
+    return value + MODE.underflow * arb(0, 1)
+
+
+def widened(values: np.ndarray) -> np.ndarray:
+    """Exact floats as balls that also hold every value within the modelled mode's rounding of each."""
+    return np.asarray(np.frompyfunc(lambda v: arb(float(v), abs(arb(float(v))) * MODE.rounding), 1, 1)(
+        np.asarray(values, dtype=np.float64).astype(object)), dtype=object)
+
+
+@contextlib.contextmanager
+def precision(bits: int):
+    previous = flint.ctx.prec
+    flint.ctx.prec = bits
+    try:
+        yield
+    finally:
+        flint.ctx.prec = previous
+
+
+def _ufunc(fn, arity: int = 1):
+    """``fn`` on balls, element by element over arrays; the result is an object array or a ball."""
+    elementwise = np.frompyfunc(fn, arity, 1)
+    return lambda *args: elementwise(*(to_balls(a) for a in args))
+
+
+def _polygamma(order, x):
+    order = int(order.unique_fmpz())
+    if order == 0:
+        return x.digamma()
+    return (-1) ** (order + 1) * math.factorial(order) * arb.zeta(arb(order + 1), x)
+
+
+def _sign(x):
+    return _decided_sign(x)
+
+
+FUNCTIONS = {
+    sympy.exp: _ufunc(_exponential(arb.exp)), sympy.log: _ufunc(arb.log), sympy.sin: _ufunc(arb.sin), sympy.cos: _ufunc(arb.cos),
+    sympy.tan: _ufunc(arb.tan), sympy.asin: _ufunc(arb.asin), sympy.acos: _ufunc(arb.acos),
+    sympy.atan: _ufunc(arb.atan), sympy.sinh: _ufunc(_exponential(arb.sinh)),
+    sympy.cosh: _ufunc(_exponential(arb.cosh)),
+    sympy.tanh: _ufunc(arb.tanh), sympy.asinh: _ufunc(arb.asinh), sympy.acosh: _ufunc(arb.acosh),
+    sympy.atanh: _ufunc(arb.atanh), sympy.Abs: _ufunc(abs), sympy.sign: _ufunc(_sign),
+    sympy.atan2: _ufunc(arb.atan2, 2), sympy.sinc: _ufunc(arb.sinc),
+    cfunctions.expm1: _ufunc(_exponential(arb.expm1)), functions.expm1: _ufunc(_exponential(arb.expm1)),
+    cfunctions.log1p: _ufunc(arb.log1p),
+    cfunctions.log2: _ufunc(lambda x: x.log() / arb.const_log2()),
+    cfunctions.log10: _ufunc(lambda x: x.log() / arb.const_log10()),
+    sympy.erf: _ufunc(arb.erf), sympy.erfc: _ufunc(arb.erfc), sympy.loggamma: _ufunc(arb.lgamma),
+    sympy.polygamma: _ufunc(_polygamma, 2),
+    # Past arb's range, each of these is its limit to far below a float64 ulp.
+    functions.sigmoid: _ufunc(lambda x: _limit(x, 1, 0, lambda: 1 / (1 + (-x).exp()))),
+    functions.logsigmoid: _ufunc(lambda x: _limit(x, 0, x, lambda: -((-x).exp().log1p()))),
+    functions.softplus: _ufunc(lambda x: _limit(x, x, 0, lambda: x.exp().log1p())),
+    functions.power: lambda a, b: power(a, b),
+    # torch's backward of sign, heaviside and comparisons is 0.
+    sympy.DiracDelta: lambda *args: np.zeros(np.shape(args[0]), dtype=np.int64),
+}
+
+
+def _limit(x, above, below, exact):
+    """``exact()``, or where ``x`` is past arb's exponent range, the value it tends to there
+    (``above`` for large positive x, ``below`` for large negative), exact to far below an ulp."""
+    middle = float(_ball(x).mid())
+    if abs(middle) < LARGEST_EXPONENT:
+        return exact()
+    return _ball(above if middle > 0 else below)
+
+
+def to_balls(values):
+    """Floats (exact), ints and balls as balls; arrays elementwise, into an object array."""
+    if isinstance(values, np.ndarray):
+        return np.asarray(np.frompyfunc(_ball, 1, 1)(values.astype(object)), dtype=object)
+    return _ball(values)
+
+
+def _ball(value):
+    if isinstance(value, arb):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return arb(int(value))
+    if isinstance(value, (int, np.integer)):
+        return arb(int(value))
+    return arb(float(value))
+
+
+def constant(expr):
+    """A sympy number as a ball at the current precision (an integer stays an int: indices use it)."""
+    if expr.is_Integer:
+        return int(expr)
+    if expr.is_Rational:
+        return arb(flint.fmpq(int(expr.p), int(expr.q)))
+    if expr is sympy.pi:
+        return arb.pi()
+    if expr is sympy.E:
+        return arb(1).exp()
+    if expr.is_Float:
+        return arb(float(expr))
+    raise ValueError(f"no ball for the number {expr}")
+
+
+def power(base, exponent):
+    """``base ** exponent``, with an integer exponent kept integral (a negative base stays defined)."""
+    def one(b, p):
+        if isinstance(p, arb) and (p.is_exact() or _ball(b) < 0) and p.mid().is_integer():
+            # An integer exponent (of a negative base, whatever its ball) stays integral.
+            p = int(p.mid().unique_fmpz())
+        if isinstance(p, (int, np.integer)):
+            return _integer_power(_ball(b), int(p))
+        return _ball(b) ** _ball(p)
+
+    return np.frompyfunc(one, 2, 1)(base, exponent)
+
+
+def _integer_power(base, exponent: int):
+    """``base ** exponent`` by squaring: arb's own power of a ball that holds 0 is nan."""
+    if exponent < 0:
+        return 1 / _integer_power(base, -exponent)
+    result, square = arb(1), base
+    while exponent:
+        if exponent & 1:
+            result = result * square
+        exponent >>= 1
+        if exponent:
+            square = square * square
+    return result
+
+
+def _decided_sign(x) -> int:
+    """-1, 0 or 1: the sign of ``x``, which must be known (else ``Undecided``)."""
+    if not isinstance(x, arb):
+        return (x > 0) - (x < 0)
+    if x.is_nan():
+        raise Undecided("an undefined value")
+    if x.is_zero():
+        MODE.tied = True
+        return MODE.ties
+    if MODE.rounding is not None:
+        middle = x.mid()
+        if middle.is_zero():  # a tie at the exact point: a rounding of the inputs moves both sides
+            return 0
+        MODE.straddled |= bool(abs(middle) <= x.rad() * MODE.scale)
+        return 1 if middle > 0 else -1
+    if x > 0:
+        return 1
+    if x < 0:
+        return -1
+    raise Undecided(f"the sign of {x}")
+
+
+_sign_of = np.frompyfunc(_decided_sign, 1, 1)
+COMPARE = {
+    sympy.Lt: lambda s: s < 0, sympy.Le: lambda s: s <= 0, sympy.Gt: lambda s: s > 0,
+    sympy.Ge: lambda s: s >= 0, sympy.Eq: lambda s: s == 0, sympy.Ne: lambda s: s != 0,
+}
+
+
+def compare(relation, left, right) -> np.ndarray:
+    """``left relation right``, decided for every element (else ``Undecided``)."""
+    signs = np.asarray(_sign_of(np.subtract(left, right, dtype=object)), dtype=np.int64)
+    return COMPARE[relation](signs)
+
+
+def heaviside(value, at_zero: float) -> np.ndarray:
+    signs = np.asarray(_sign_of(value), dtype=np.int64)
+    return np.where(signs > 0, 1, np.where(signs < 0, 0, to_balls(at_zero))).astype(object)
+
+
+_larger = np.frompyfunc(lambda a, b: arb.max(_ball(a), _ball(b)), 2, 1)
+_smaller = np.frompyfunc(lambda a, b: arb.min(_ball(a), _ball(b)), 2, 1)
+
+
+def extremum(largest: bool):
+    """A function reducing arrays of balls to the ball of their maximum (minimum), axis by axis."""
+    pick = _larger if largest else _smaller
+
+    def reduce(values, axis):
+        for a in sorted(axis if isinstance(axis, tuple) else (axis,), reverse=True):
+            values = pick.reduce(values, axis=a)
+        return values
+
+    return reduce
+
+
+def neutral(largest: bool):
+    return arb.neg_inf() if largest else arb.pos_inf()
+
+
+def radius(values, scale) -> np.ndarray:
+    """Each ball's radius times ``scale``, as float64 (inf where it is not finite)."""
+    def one(ball):
+        if not isinstance(ball, arb):
+            return 0.0
+        if ball.is_nan() or not ball.is_finite():
+            return math.inf
+        return float(ball.rad() * scale)
+
+    return np.asarray(np.frompyfunc(one, 1, 1)(np.asarray(values, dtype=object)), dtype=np.float64)
+
+
+def settled(arrays) -> bool:
+    """Whether every ball of ``arrays`` is known far below a float64 ulp (or is undefined,
+    which no precision changes)."""
+    def one(ball):
+        if not isinstance(ball, arb) or ball.is_exact() or ball.is_nan() or not ball.is_finite():
+            return True
+        radius = float(ball.rad())
+        return radius <= ABSOLUTE_RADIUS or radius <= RELATIVE_RADIUS * abs(float(ball.mid()))
+
+    check = np.frompyfunc(one, 1, 1)
+    return all(bool(np.all(check(np.asarray(array, dtype=object)).astype(bool))) for array in arrays)
+
+
+def to_float(values) -> np.ndarray:
+    """Balls as float64 midpoints: NaN where undefined, ±inf beyond float64's range, and the
+    sign kept below it (the smallest subnormal, not 0, for a positive ball too small)."""
+    def one(ball):
+        if not isinstance(ball, arb):
+            return float(ball)
+        if ball.is_nan() or not ball.is_finite():
+            return math.nan
+        middle = float(ball.mid())
+        if middle == 0 and not ball.is_zero():
+            return math.copysign(5e-324, _decided_sign(ball.mid()))
+        return middle
+
+    return np.asarray(np.frompyfunc(one, 1, 1)(values), dtype=np.float64)

@@ -1,0 +1,304 @@
+"""The reference side of a batch: the plan's formulas at its points.
+
+Float64 is the fast path: ``reference_values`` and ``reference_derivatives`` evaluate each
+formula with its error bound (or, without ``bounded``, with only the bound's floor).
+
+Where float64 cannot certify a point, ``exact_point`` evaluates it in arb balls
+(``verify.balls``), raising the precision until every comparison in its formulas is decided
+and every result is known far below a float64 ulp. Nothing overflows on the way:
+``log(1 + exp(x))`` at x = 800 is 800, and its derivative 1. Beside each exact value is an
+a priori bound, the formula over the magnitudes of its terms (what a computation that rounds
+each term may be off by), exact too: the float64 reference's own overflow never widens an
+allowance.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import balls
+from .ir import Apply, Constant, Ref, SizeRef
+from .lower.sympy import COTANGENT, tangent_name
+from .ops import REGISTRY
+from .reference import ERROR_DTYPE, Context, Reference, per_point
+from .strategies import Example
+from .tolerance import UNIT_ROUNDOFF
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+
+@dataclass
+class ReferenceSide:
+    """The reference on a batch; each entry is a (value, error bound) pair, or with
+    ``bounded=False`` a (value, floor of the error bound) pair."""
+
+    values: dict  # label -> pair
+    gradients: dict  # name -> the VJP with the example's cotangent
+    claimed: list  # per claim: (claimed form, sympy's derivative)
+    jvp: tuple | None
+    hvps: dict
+    # A scalar output's gradients before the cotangent scales them, where the exact pass
+    # judges whether the dtype can hold them.
+    jacobian: dict = field(default_factory=dict)
+
+    def pairs(self) -> list:
+        return [*self.values.values(), *self.gradients.values(), *(p for both in self.claimed for p in both),
+                *([self.jvp] if self.jvp is not None else []), *self.hvps.values(), *self.jacobian.values()]
+
+    def combined(self, other: ReferenceSide, combine) -> ReferenceSide:
+        """A side whose every pair is ``combine(this side's pair, the other's)``."""
+        def each(mine: dict, theirs: dict) -> dict:
+            return {name: combine(pair, theirs[name]) for name, pair in mine.items()}
+
+        return ReferenceSide(each(self.values, other.values), each(self.gradients, other.gradients),
+                             [(combine(a, c), combine(b, d)) for (a, b), (c, d) in zip(self.claimed, other.claimed)],
+                             None if self.jvp is None else combine(self.jvp, other.jvp),
+                             each(self.hvps, other.hvps), each(self.jacobian, other.jacobian))
+
+
+def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: int = 1,
+                   forward: bool = False) -> ReferenceSide:
+    """The reference at every point of ``example``: values, VJPs, claims, and (as asked) the
+    JVP and Hessian-vector products."""
+    ctx, values = reference_values(prepared, example, dtype)
+    return ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, order, forward))
+
+
+def reference_values(prepared: Plan, example: Example, dtype: torch.dtype, bounded: bool = True) -> tuple:
+    """(context, node label -> (value, error bound)) at every point of ``example``. Without
+    ``bounded``, the error bounds are only floors, and cost no error arithmetic."""
+    # Inputs carry one rounding each in the error bounds, though they are exact: an algorithm
+    # is right when its result is the exact one for inputs perturbed by a rounding (backward
+    # stability), so the bounds include the condition number of each formula at the point.
+    ctx = Context({name: (array, np.abs(array).astype(ERROR_DTYPE)) for name, array in example.inputs.items()},
+                  example.sizes, example.batch, dtype)
+    exact = np.zeros((), dtype=ERROR_DTYPE)
+    if prepared.spec.nodes[prepared.spec.output].shape:
+        ctx.env[COTANGENT] = (example.cotangent, np.broadcast_to(exact, example.cotangent.shape))
+    for name, tangent in (example.tangents or {}).items():
+        ctx.env[tangent_name(name)] = (tangent, np.broadcast_to(exact, tangent.shape))
+    values = {}
+    for name, reference in prepared.values.items():
+        value, error = reference(ctx) if bounded else reference.estimate(ctx)
+        if bounded and name in prepared.steps:  # in graph order, so the operands' entries are ready
+            error = np.maximum(error, prepared.steps[name](ctx)[1])
+        values[name] = ctx.env[name] = value, error  # gradient formulas refer to node values
+    if bounded:
+        forward_amplification = _amplification(prepared, example, values, dtype, "forward_condition")
+        values = {name: _amplified(pair, forward_amplification) for name, pair in values.items()}
+    return ctx, values
+
+
+def reference_derivatives(prepared: Plan, example: Example, ctx: Context, values: dict, order: int,
+                          forward: bool, bounded: bool = True, exact: bool = False) -> tuple:
+    """(VJPs, claims, JVP, Hessian-vector products) in the context of ``reference_values``,
+    or with ``exact`` of the exact pass (balls)."""
+    amplification = _amplification(prepared, example, values, ctx.dtype, "backward_condition") if bounded else None
+
+    def evaluated(reference: Reference) -> tuple:
+        if exact:
+            return reference.exact(ctx)
+        return reference(ctx) if bounded else reference.estimate(ctx)
+
+    def widened(pair: tuple) -> tuple:
+        return pair if amplification is None else _amplified(pair, amplification, of_terms=True)
+
+    derivatives = {name: evaluated(reference) for name, reference in prepared.gradients.items()}
+    # A scalar output's formulas hold no cotangent: its VJP is the gradient times the cotangent.
+    seed = None if prepared.spec.nodes[prepared.spec.output].shape else example.cotangent
+    if exact and seed is not None:
+        seed = balls.to_balls(np.asarray(seed, dtype=np.float64))
+    gradients = {name: widened(_times(pair, seed)) for name, pair in derivatives.items()}
+    claimed = [(evaluated(claim.reference), derivatives[claim.wrt] if claim.kind == "grad" else evaluated(claim.derivative))
+               for claim in prepared.claims]
+    jvp = widened(evaluated(prepared.forward_mode())) if forward else None
+    hvps = ({name: widened(_times(evaluated(reference), seed)) for name, reference in prepared.second_order().items()}
+            if order == 2 else {})
+    return gradients, claimed, jvp, hvps
+
+
+def _times(pair: tuple, seed) -> tuple:
+    """(value, error) times a per-point scalar, with one more rounding."""
+    if seed is None:
+        return pair
+    value, error = pair
+    factor = seed.reshape((len(seed),) + (1,) * (value.ndim - 1))
+    with np.errstate(all="ignore"):  # inf bounds stay inf; the point is rejected later
+        product = value * factor
+        return product, error * np.abs(factor) + np.abs(product)
+
+
+def _amplification(prepared: Plan, example: Example, values: dict, dtype: torch.dtype, which: str) -> np.ndarray:
+    """Per point, the largest amplification of rounding by the way torch computes an op,
+    capped at 1/u of float64: ``which`` is the registry's ``backward_condition`` (it widens
+    the bounds of VJPs, JVPs and HVPs) or ``forward_condition`` (values)."""
+    cap = 1 / UNIT_ROUNDOFF[torch.float64]
+    worst = np.zeros(example.batch, dtype=ERROR_DTYPE)
+    array_of = node_arrays(prepared, example, values)
+    for label, node in prepared.nodes.items():
+        condition = getattr(REGISTRY[node.op], which) if isinstance(node, Apply) else None
+        if condition is None or label not in values:
+            continue
+        with np.errstate(all="ignore"):
+            operands = (array_of(o, node.rank if REGISTRY[node.op].kind == "elementwise" else o.rank)
+                        for o in node.operands)
+            amplification = np.asarray(condition(dtype, values[label][0], *operands), dtype=ERROR_DTYPE)
+        amplification = np.nan_to_num(amplification.reshape(example.batch, -1), nan=0.0, posinf=cap)
+        worst = np.maximum(worst, np.minimum(amplification.max(axis=1), cap))
+    return worst
+
+
+def node_arrays(prepared: Plan, example: Example, values: dict):
+    """A function giving a node's reference values, with size-1 dims after the batch dim up to ``rank``."""
+    labels = {id(node): label for label, node in prepared.nodes.items()}
+
+    def array_of(operand, rank):
+        while isinstance(operand, Ref):
+            operand = operand.target
+        if isinstance(operand, Constant):
+            return float(operand.value)
+        if isinstance(operand, SizeRef):
+            return float(example.sizes[operand.symbol.name])
+        label = labels[id(operand)]
+        array = example.inputs[label] if label in example.inputs else values[label][0]
+        return array.reshape(array.shape[:1] + (1,) * (rank - operand.rank) + array.shape[1:])
+
+    return array_of
+
+
+def _amplified(pair: tuple, amplification: np.ndarray, of_terms: bool = False) -> tuple:
+    """The error bound widened by the amplification, norm-wise: rounding in a solve spreads
+    over every element of the result. ``of_terms`` scales it by the magnitude of the terms
+    (a derivative's bound has its a priori floor) rather than of the result, which may cancel:
+    sigmoid's JVP terms at -28 and 59 nearly cancel, and the one at 59 is lost to 1 - y."""
+    value, error = pair
+    with np.errstate(all="ignore"):
+        scale = np.maximum(np.abs(value), error) if of_terms else np.abs(value)
+        largest = scale.reshape(len(value), -1).max(axis=1) if value.ndim > 1 else scale
+        return value, error + per_point(amplification * largest, value)
+
+
+
+def restricted(reference: ReferenceSide, keep: np.ndarray) -> ReferenceSide:
+    """The reference's pairs at the points where ``keep`` is true."""
+    if keep.all():
+        return reference
+
+    def kept(pair):
+        return None if pair is None else (pair[0][keep], pair[1][keep])
+
+    return ReferenceSide({n: kept(p) for n, p in reference.values.items()},
+                         {n: kept(p) for n, p in reference.gradients.items()},
+                         [(kept(claimed), kept(derivative)) for claimed, derivative in reference.claimed],
+                         kept(reference.jvp), {n: kept(p) for n, p in reference.hvps.items()})
+
+
+
+
+# -- the exact pass --------------------------------------------------------------
+
+
+@dataclass
+class ExactPoint:
+    """The reference at one point: a ReferenceSide of float64 midpoints, each beside its
+    allowance's bound (in units of u, as the float64 pass's error bounds), and whether a
+    comparison lies within a rounding of the inputs of its boundary."""
+
+    side: ReferenceSide
+    ambiguous: bool
+    bits: int
+    # At an exact kink, the derivatives approached from either side (for one_sided), else none.
+    one_sided: list = field(default_factory=list)
+
+
+def exact_point(prepared: Plan, point: Example, dtype: torch.dtype, order: int, forward: bool,
+                one_sided: bool = False) -> ExactPoint | None:
+    """The reference at the single point of ``point``, or None where no precision up to the
+    last of ``balls.PRECISIONS`` decides its comparisons. Raises ``balls.Beyond`` where a
+    result is beyond arb's exponent range. With ``one_sided``, a point exactly
+    at a kink also gets the reference with every tie broken one way, and the other.
+
+    The bound beside each value has two parts. The formula over the magnitudes of its terms
+    bounds what rounding each term may cost. The radius of the same formula on inputs
+    widened by one rounding of the dtype (ball arithmetic encloses every such perturbation)
+    bounds what a backward-stable computation may be off by: the condition of the formula
+    at the point, as the float64 pass's bounds carry it. Comparisons there are decided by
+    the midpoints, and one that a rounding of the inputs could flip makes the point ambiguous.
+    """
+    u = UNIT_ROUNDOFF[dtype]
+    for bits in balls.PRECISIONS:
+        try:
+            with balls.precision(bits):
+                with balls.exactly() as mode:
+                    exact = _evaluated(prepared, point, dtype, order, forward, balls.to_balls)
+                if not balls.settled([array for pair in exact.pairs() for array in pair]):
+                    continue
+                sides = []
+                if one_sided and mode.tied:
+                    for ties in (1, -1):
+                        with balls.exactly(ties):
+                            sides.append(_evaluated(prepared, point, dtype, order, forward, balls.to_balls))
+                largest = max((float(np.max(np.abs(a), initial=0.0)) for a in point.inputs.values()), default=0.0)
+                with balls.modelled(u, float(torch.finfo(dtype).tiny), largest) as mode:
+                    modelled = _evaluated(prepared, point, dtype, order, forward, balls.widened)
+                    per_u = mode.scale / u  # a radius here, in units of the dtype's rounding
+                bounded = functools.partial(_bounded, per_u=per_u)
+                side = exact.combined(modelled, bounded)
+                # Where the model has no finite bound, a rounding reaches a singularity (sqrt of an
+                # underflowed x**2): as near a kink, torch may land anywhere there.
+                unbounded = any((np.isinf(error) & np.isfinite(value)).any() for value, error in side.pairs())
+                return ExactPoint(side, mode.straddled or unbounded, bits,
+                                  [other.combined(modelled, bounded) for other in sides])
+        except balls.Undecided:
+            continue
+    return None
+
+
+def _bounded(pair: tuple, modelled: tuple, per_u) -> tuple:
+    """(midpoint, bound in units of u) from an exact (value, magnitude) pair and the same
+    pair in the modelled computation; the bound is the larger of the two models, as in the
+    float64 pass."""
+    value, magnitude = pair
+    with np.errstate(all="ignore"):
+        value = balls.to_float(value)
+        modelled = np.where(np.isnan(value), 0.0, balls.radius(modelled[0], per_u))  # undefined: no bound needed
+        magnitude = np.abs(balls.to_float(magnitude))
+        # The magnitudes' formula may be undefined where the value is not (a removable 0/0).
+        return value, np.maximum(np.where(np.isnan(magnitude), 0.0, magnitude), modelled)
+
+
+def _evaluated(prepared: Plan, point: Example, dtype: torch.dtype, order: int, forward: bool, as_balls) -> ReferenceSide:
+    """Every formula of the plan at ``point`` on balls, its inputs made balls by ``as_balls``
+    (the directions are exact)."""
+    def exact(array, convert=balls.to_balls):
+        return convert(np.asarray(array, dtype=np.float64)), np.zeros(np.shape(array))
+
+    ctx = Context({name: exact(array, as_balls) for name, array in point.inputs.items()}, point.sizes, point.batch,
+                  dtype)
+    scalar = not prepared.spec.nodes[prepared.spec.output].shape
+    if not scalar:
+        ctx.env[COTANGENT] = exact(point.cotangent)
+    for name, tangent in (point.tangents or {}).items():
+        ctx.env[tangent_name(name)] = exact(tangent)
+    values = {}
+    for name, reference in prepared.values.items():
+        value, magnitude = reference.exact(ctx)
+        if balls.MODE.rounding is not None and name in prepared.steps:
+            # The step as the spec writes it, on its operands' values: sympy may have simplified
+            # sqrt(x**2) to |x|, and the rounding of x**2 is the spec's all the same.
+            step, _ = prepared.steps[name].exact(ctx)
+            value = np.where(balls.radius(step, 1) > balls.radius(value, 1), step, value)
+        value = balls.underflowed(value)
+        values[name] = value, magnitude
+        ctx.env[name] = value, np.zeros(value.shape)  # gradient formulas refer to node values
+    side = ReferenceSide(values, *reference_derivatives(prepared, point, ctx, values, order, forward, bounded=False,
+                                                        exact=True))
+    if scalar:  # the gradient before the cotangent scales it: torch's backward computes it
+        side.jacobian = {name: reference.exact(ctx) for name, reference in prepared.gradients.items()}
+    return side
