@@ -3,7 +3,10 @@
 Used by ``benchmarks/detection.py`` (verify against gradcheck) and by the tests. Each broken
 Function has one bug of a class people write: a wrong formula, a sign error, an ignored grad_output, a wrong
 branch above a threshold, an approximate backward, NaN from overflow where the derivative is
-finite, a transposed weight gradient, a backward that cuts the graph for second order.
+finite, a transposed weight gradient, a backward that cuts the graph for second order; and, in
+the regimes where a tolerance could excuse them, a saturated backward, a stable op's backward
+recomputed naively, a cancelling backward, small values flushed to zero and a comparison that
+errs at a tie. Their specs are written the way users write them (``log(sum(exp(x)))``).
 """
 
 from __future__ import annotations
@@ -188,6 +191,129 @@ class LogSumExp(torch.autograd.Function):
         return g * torch.exp(x - y)
 
 
+class SaturatedTanh(Tanh):
+    """Above 20 in magnitude the backward returns 1, where the derivative is about 0."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * torch.where(y.abs() == 1, torch.ones_like(y), 1 - y * y)
+
+
+class Softmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.softmax(x, 0)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        _, y = ctx.saved_tensors
+        return y * (g - (g * y).sum())
+
+
+class SoftmaxRecomputed(Softmax):
+    """The backward recomputes exp(x) / sum(exp(x)): NaN once exp overflows."""
+
+    @staticmethod
+    def backward(ctx, g):
+        x, _ = ctx.saved_tensors
+        y = torch.exp(x) / torch.exp(x).sum()
+        return y * (g - (g * y).sum())
+
+
+class LogSumExpNaiveBackward(LogSumExp):
+    """The backward as exp(x) / sum(exp(x)): NaN once exp overflows."""
+
+    @staticmethod
+    def backward(ctx, g):
+        x, _ = ctx.saved_tensors
+        return g * torch.exp(x) / torch.exp(x).sum()
+
+
+class LogSigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.logsigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.sigmoid(-x)
+
+
+class LogSigmoidCancelling(LogSigmoid):
+    """The backward as 1 - sigmoid(x), as a focal loss writes |label - p|: 1e-3 off at x = 30."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - torch.sigmoid(x))
+
+
+class Relu(torch.autograd.Function):
+    """PyTorch's tutorial ReLU: its derivative at 0 is 1, a valid one-sided derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        grad = g.clone()
+        grad[x < 0] = 0
+        return grad
+
+
+class Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * 3 * x**2
+
+
+class CubeFlushingSmallValues(Cube):
+    """The backward flushes inputs below 0.095 in magnitude to a derivative of 0."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.where(x.abs() < 0.095, torch.zeros_like(x), 3 * x**2)
+
+
+class Above(torch.autograd.Function):
+    """where(x > y, x, 2y): the value and its gradient."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        return torch.where(x > y, x, 2 * y)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        taken = x > y
+        return g * taken, g * 2 * ~taken
+
+
+class AboveOrTied(Above):
+    """Compares with >= where the math says >: wrong at every tie x = y."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        return torch.where(x >= y, x, 2 * y)
+
+
 CASES = [
     Case("tanh", "x: Real[n]\ny = tanh(x)", Tanh.apply),
     Case("sin", "x: Real[n]\ny = sin(x)", Sin.apply),
@@ -208,4 +334,20 @@ CASES = [
     Case("linear: transposed weight gradient", "W: Real[n, n]\nx: Real[n]\ny = W @ x",
          LinearTransposedWeightGradient.apply, "transposed weight gradient", inputs=((4, 4), (4,))),
     Case("tanh: detached backward", "x: Real[n]\ny = tanh(x)", TanhDetached.apply, "detached backward"),
+    Case("softmax", "x: Real[n]\ny = exp(x) / sum(exp(x))", Softmax.apply),
+    Case("logsumexp, naive spec", "x: Real[n]\ny = log(sum(exp(x)))", LogSumExp.apply),
+    Case("logsigmoid, naive spec", "x: Real[n]\ny = -log(1 + exp(-x))", LogSigmoid.apply),
+    Case("relu: the tutorial's", "x: Real[n]\ny = where(x > 0, x, 0)", Relu.apply),
+    Case("cube", "x: Real[n]\ny = x**3", Cube.apply),
+    Case("where", "x: Real[n]\ny: Real[n]\no = where(x > y, x, 2 * y)", Above.apply, inputs=((5,), (5,))),
+    Case("tanh: saturated backward", "x: Real[n]\ny = tanh(x)", SaturatedTanh.apply, "saturation"),
+    Case("softmax: recomputed", "x: Real[n]\ny = exp(x) / sum(exp(x))", SoftmaxRecomputed.apply,
+         "NaN from overflow in a stable op"),
+    Case("logsumexp: naive backward", "x: Real[n]\ny = log(sum(exp(x)))", LogSumExpNaiveBackward.apply,
+         "NaN from overflow in a stable op"),
+    Case("logsigmoid: 1 - sigmoid", "x: Real[n]\ny = -log(1 + exp(-x))", LogSigmoidCancelling.apply,
+         "cancellation"),
+    Case("cube: small values flushed", "x: Real[n]\ny = x**3", CubeFlushingSmallValues.apply, "flushed small values"),
+    Case("where: >= for >", "x: Real[n] = [1.5]\ny: Real[n] = [1.5]\no = where(x > y, x, 2 * y)", AboveOrTied.apply,
+         "tie", inputs=((5,), (5,))),
 ]

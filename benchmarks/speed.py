@@ -15,7 +15,9 @@ On o = 1/2 * sum(sin(x)**2 * exp(x)) at each size n it prints:
   first pass (values, VJPs and JVPs in numpy, with the floors of their error bounds).
 
 Then the one-time sympy cost (parse, differentiate, prove, compile) at n = 10 and n = 10**6,
-and the wall time of a whole default check (100 examples) at n = 10**6, sympy work included.
+the wall time of a whole default check (100 examples) at n = 10**6, sympy work included, and,
+for the benchmark spec and a few realistic ones, how many points each pass settled: how
+many needed the exact pass, and how many it left unjudged.
 """
 
 import argparse
@@ -30,11 +32,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import verify
-from verify import checks, engine
+from verify import oracle
+from verify import plan as planning
 from verify.ir import concrete_shape
 from verify.strategies import Example, points_per_example
 
 SPEC = "x: Real[n]\no = 1/2 * sum(sin(x)**2 * exp(x))"
+# Realistic specs, written the way users write them, for the share of the exact pass.
+REALISTIC = {
+    "layer norm": "x: Real[n]\nm = sum(x) / n\nd = x - m\nv = sum(d**2) / n\no = sum(d / sqrt(v + 1/100000))",
+    "MLP": "W: Real[m, n]\nx: Real[n]\nh = tanh(W @ x)\no = sum(h**2)",
+    "softmax, naive": "x: Real[n]\ny = exp(x) / sum(exp(x))",
+    "attention": "q: Real[n]\nK: Real[m, n]\nV: Real[m, n]\na = softmax(K @ q)\no = sum(a @ V)",
+}
 
 
 def function(x):
@@ -81,7 +91,7 @@ def shares_of_a_check(spec, n: int) -> tuple:
     """Per point of the same batch, over a bare forward and backward: (torch's own part of a
     check: forward and backward with every node's gradient kept, and a forward-mode JVP; the
     reference's first pass: values, VJPs and JVPs without error bounds, with the bounds' floors)."""
-    prepared = engine.plan(spec, {"n": n})
+    prepared = planning.plan(spec, {"n": n})
     batch = points_per_example(spec, {"n": n})
     rng = np.random.default_rng(0)
     example = Example({"n": n}, {"x": rng.uniform(-10, 10, (batch, n))}, rng.choice([1.0, -2.0], batch),
@@ -94,8 +104,8 @@ def shares_of_a_check(spec, n: int) -> tuple:
         prepared.subject.forward(example, torch.float64)
 
     def reference_pass():
-        ctx, values, _, _ = checks.reference_values(prepared, example, torch.float64, bounded=False)
-        checks.reference_derivatives(prepared, example, ctx, values, 1, True, bounded=False)
+        ctx, values = oracle.reference_values(prepared, example, torch.float64, bounded=False)
+        oracle.reference_derivatives(prepared, example, ctx, values, 1, True, bounded=False)
 
     bare = bare_torch_seconds_per_point(spec, n) * batch
     return tuple(_seconds(part) / bare for part in (torch_part, reference_pass))
@@ -112,17 +122,17 @@ def _seconds(call) -> float:
 
 def sympy_seconds(n: int) -> float:
     """The sympy work of the spec at size n, from scratch (caches cleared)."""
-    engine._PLANS.clear()
+    planning._PLANS.clear()
     started = time.perf_counter()
     spec = verify.parse(SPEC)
-    engine.plan(spec, {"n": n})
+    planning.plan(spec, {"n": n})
     return time.perf_counter() - started
 
 
 def whole_check_seconds(n: int) -> tuple:
     """(seconds, examples, points) of ``verify.check`` with default settings at size n, from
     the spec's text, caches cleared."""
-    engine._PLANS.clear()
+    planning._PLANS.clear()
     started = time.perf_counter()
     result = verify.check(SPEC, sizes={"n": n}, seed=0)
     return time.perf_counter() - started, result.examples, result.points
@@ -157,6 +167,26 @@ def main() -> None:
     seconds, examples, points = whole_check_seconds(10**6)
     print(f"a default check at n = 1000000, sympy work included: {seconds:.1f} s "
           f"({examples} examples, {points} points checked; the other examples overflow or underflow)")
+    print()
+    exact_pass_shares()
+
+
+def exact_pass_shares() -> None:
+    """Per spec and dtype, of a default check (seed 0): points checked, of them judged by the
+    exact pass, points left unjudged by it, points rejected, and seconds."""
+    rows = [("spec", "dtype", "checked", "exact pass", "share", "left unjudged", "rejected", "seconds")]
+    for name, spec in {"benchmark": SPEC, **REALISTIC}.items():
+        for dtype in (torch.float64, torch.float32):
+            started = time.perf_counter()
+            result = verify.check(spec, seed=0, dtype=dtype)
+            exact = result.exact["judged by the exact pass"]
+            left = sum(count for what, count in result.exact.items() if what.startswith("left unjudged"))
+            rows.append((name, str(dtype).replace("torch.", ""), f"{result.points}", f"{exact}",
+                         f"{exact / max(result.points, 1):.3%}", f"{left}", f"{result.rejected_points}",
+                         f"{time.perf_counter() - started:.1f}"))
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
 
 
 if __name__ == "__main__":
