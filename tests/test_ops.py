@@ -87,7 +87,7 @@ FALSE_CLAIMS.update({"relu": "grad(o, x) == 2 * x", "sign": "grad(o, x) == 1 + 0
 TORCH_FINDINGS = {("digamma", torch.float64): "gradient", ("logcumsumexp", torch.float64): "JVP",
                   ("logcumsumexp", torch.float32): "JVP", ("minimum", torch.float64): "JVP",
                   ("asinh", torch.float32): "gradient", ("atan2", torch.float64): "gradient",
-                  ("atan2", torch.float32): "gradient"}
+                  ("atan2", torch.float32): "gradient", ("minimum", torch.float32): "JVP"}
 
 
 def first_input(spec_text: str) -> str:

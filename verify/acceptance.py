@@ -143,23 +143,31 @@ def accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.
         with np.errstate(all="ignore"):
             if how == "bounds":
                 lost = ~np.isfinite(error)
-                sure = certain(value, error) | (value == 0) & (error == 0)
-                room = np.where(np.isfinite(error), allowed_error(magnitude, error, dtype), 0)
+                # What the float64 value may be off by: its first-order bound, twice.
+                off = np.where(lost, 0.0, 2 * UNIT_ROUNDOFF[torch.float64] * error)
+                room = np.where(lost, 0.0, allowed_error(magnitude, error, dtype))
             else:
                 lost = np.zeros(value.shape, dtype=bool)
-                sure = np.full(value.shape, how == "exact")
+                off = np.zeros(value.shape) if how == "exact" else np.full(value.shape, np.inf)
                 room = allowed_error(magnitude, 0.0, dtype) if how == "floor" else 0.0
             undefined = np.isnan(value) & ~lost
             # A step that overflowed float64 too, or whose value is beyond the dtype's range.
             overflow = (~lost | (kind == "step")) & (magnitude + room > limit)
             underflow = ~lost & (magnitude < tiny) & (value != 0)
-        if how == "floor":  # nothing is decided without bounds
+            surely_over = lost | (magnitude - off > limit)
+            surely_under = magnitude + off < tiny
+        if how == "floor":  # without bounds only a step that overflowed float64 itself is decided
+            if kind == "step":
+                over = keep & _per_point(np.isinf(value))
+                if over.any():
+                    rejected[f"{label} overflows {dtype_name}"] += int(over.sum())
+                    keep &= ~over
             doubtful |= keep & _per_point(undefined | overflow | (underflow if kind != "quantity" else False))
             continue
         reasons = [(f"{label} is undefined", undefined),
-                   (f"{label} overflows {dtype_name}", overflow & (sure | lost))]
+                   (f"{label} overflows {dtype_name}", overflow & surely_over)]
         if kind != "quantity":
-            reasons.append((f"{label} underflows {dtype_name}", underflow & sure))
+            reasons.append((f"{label} underflows {dtype_name}", underflow & surely_under))
         if kind == "step":
             reasons.append((f"a step of {label} overflows {dtype_name}", lost))
         decided = np.zeros(value.shape, dtype=bool)
@@ -169,7 +177,7 @@ def accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.
                 rejected[reason] += int(newly.sum())
                 keep &= ~newly
             decided |= bad
-        unsure = lost | (overflow | (underflow if kind != "quantity" else False)) & ~sure
+        unsure = lost | overflow & ~surely_over | (underflow & ~surely_under if kind != "quantity" else False)
         doubtful |= keep & _per_point(unsure & ~decided)
     return keep & ~doubtful, doubtful
 
