@@ -248,3 +248,12 @@ def test_a_bug_just_below_where_a_step_overflows_is_caught(plant_torch_form):
     with pytest.raises(verify.Mismatch) as caught:
         verify.check("x: Interval(80, 100)[n]\ny = exp(x)", dtype=torch.float32, seed=0, max_examples=30)
     assert 80 < caught.value.failure.inputs["x"].max()
+
+
+def test_a_wrong_stable_op_in_the_spec_lowering_is_caught_where_its_sympy_form_overflows(plant_torch_form):
+    # softmax's sympy form overflows float64 above 709; torch's kernel does not, so those points
+    # are judged exactly in verify.check, not rejected: a planted error there is caught.
+    plant_torch_form("softmax", lambda t, d: torch.where(t > 709, 0.5, torch.softmax(t, d)))
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check("x: Interval(700, 800)[n]\ny = softmax(x)", seed=0, max_examples=30)
+    assert caught.value.failure.inputs["x"].max() > 709
