@@ -2,6 +2,7 @@ import dataclasses
 import os
 
 import pytest
+import torch
 from hypothesis import settings
 
 import verify.api  # noqa: F401 - before pytester's in-process runs, which forget the modules they import
@@ -9,6 +10,11 @@ from benchmarks.corpus import ExpIgnoringGradOutput, TanhWithWrongBackward  # no
 from verify.ops import REGISTRY
 
 pytest_plugins = ["pytester"]
+
+# The suite's torch calls are tiny and many: on one thread each. Two xdist workers whose thread
+# pools spin on the same two cores slowed each other down fifty-fold.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in the CLI's subprocesses
 
 # The suite's own property tests are reproducible by default (a clean clone in CI draws the
 # same inputs every run); HYPOTHESIS_PROFILE=explore draws fresh ones, to hunt for new bugs.
