@@ -184,7 +184,8 @@ SIMPLIFY_SECONDS = 2.0
 
 def _simplified(spec: Spec, subject, failure: Failure, options: Options) -> Failure:
     """The failure at a point whose elements are each as simple as still shows it: tried at
-    SIMPLER_VALUES, at the value rounded to fewer digits, and directions at 1."""
+    SIMPLER_VALUES and at the value rounded to fewer digits (those inside the input's
+    domain), and directions at 1."""
     point = failure.point
     if point is None:
         return failure
@@ -206,6 +207,8 @@ def _simplified(spec: Spec, subject, failure: Failure, options: Options) -> Fail
             for candidate in ((1.0,) if direction else _simpler(current, options.dtype)):
                 if candidate == current or time.monotonic() > deadline:
                     break  # candidates come simplest first: none after the current value is simpler
+                if not direction and not spec.inputs[name].domain.contains(candidate):
+                    continue  # a failure is shown only at a point its inputs' domains allow
                 trial = {k: a.copy() for k, a in arrays.items()}
                 trial[name][element] = candidate
                 example = Example(point.sizes, {n: trial[n] for n in point.inputs}, trial["cotangent"],
