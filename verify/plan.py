@@ -7,6 +7,7 @@ runs, read the plan; nothing here draws or compares.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -18,8 +19,10 @@ from .lower.sympy import (
     SympyLowering,
     Tensor,
     _broadcast_index,
+    chain_rule,
     derive,
     directional_derivative,
+    forward_chain,
     prove_equal,
     second_derivative,
 )
@@ -54,6 +57,43 @@ class Plan:
     nodes: dict  # label -> node
     jvp: Reference | None = None  # derived when forward mode is first checked
     hvps: dict | None = None  # input name -> Reference, derived when order 2 is first checked
+    sizes: dict | None = None  # the sizes it was derived for, where it needs concrete ones
+    adjoints: dict | None = None  # label -> Reference, derived when the exact pass first models an allowance
+    tangents: dict | None = None  # the same, forward
+
+    def chained_forward(self) -> dict:
+        """The tangent of each node, one op at a time (``forward_chain``): what forward mode
+        computes, step by step, for the exact pass's model of a JVP's rounding."""
+        if self.tangents is None:
+            self.tangents = {name: Reference(t, frozenset(self.spec.size_symbols), a_priori=True)
+                             for name, t in forward_chain(self.spec, {v: k for k, v in self.nodes.items()},
+                                                          self.sizes).items()}
+        return self.tangents
+
+    @functools.cached_property
+    def upstream(self) -> dict:
+        """Label -> the labels whose values it depends on, itself included."""
+        labels = {id(node): label for label, node in self.nodes.items()}
+        memo = {}
+
+        def visit(node) -> frozenset:
+            if id(node) not in memo:
+                found = {labels[id(node)]} if id(node) in labels else set()
+                for operand in node.args:
+                    found |= visit(operand)
+                memo[id(node)] = frozenset(found)
+            return memo[id(node)]
+
+        return {label: visit(node) for label, node in self.nodes.items()}
+
+    def chained(self) -> dict:
+        """∂o/∂label for each node, by the chain rule one op at a time (``chain_rule``): what a
+        backward computes, step by step, for the exact pass's model of a gradient's rounding."""
+        if self.adjoints is None:
+            self.adjoints = {name: Reference(t, frozenset(self.spec.size_symbols), a_priori=True)
+                             for name, t in chain_rule(self.spec, {v: k for k, v in self.nodes.items()},
+                                                       self.sizes).items()}
+        return self.adjoints
 
     def forward_mode(self) -> Reference:
         if self.jvp is None:
@@ -147,7 +187,7 @@ def build_plan(spec: Spec, tracked: dict, differentiate, sizes: dict | None = No
                                 prove_equal(derivative, claimed_expr), Reference(claimed, size_names),
                                 derivative_reference))
     return Plan(spec, values, steps, gradients, claims, SpecSubject(spec, tracked),
-                {v: k for k, v in tracked.items()})
+                {v: k for k, v in tracked.items()}, sizes=sizes)
 
 
 def claim_text(claim) -> str:

@@ -30,6 +30,7 @@ INDEX_NAMES = "ijklpqrstuvw"
 # Names a spec cannot use (spec names never start with "_" or hold a space).
 COTANGENT = "_cotangent"
 TANGENT_PREFIX = "_tangent_"
+ADJOINT_PREFIX = "_adjoint_"
 _SUMMATION_COUNTER = count(1)
 
 
@@ -441,19 +442,64 @@ def derive(spec: Spec, tracked: dict, differentiate, sizes: dict | None = None) 
     return Derivation(values, gradients, steps)
 
 
+def adjoint_name(label: str) -> str:
+    """The name under which a formula of ``chain_rule`` receives ∂o/∂label."""
+    return ADJOINT_PREFIX + label
+
+
+def chain_rule(spec: Spec, tracked: dict, sizes: dict | None = None) -> dict:
+    """∂o/∂name for each node of ``tracked`` (node -> name) that depends on an input, one op at
+    a time, as torch's backward runs: the sum, over the nodes that use it, of each one's
+    adjoint (a symbol named by ``adjoint_name``) times the derivative of its step (its op on
+    its operands' symbols). Evaluated from the output back, it rounds where a backward does:
+    ``acosh(1 + exp(-x))`` gets acosh' at the rounded 1 + exp(-x), which ``derive``'s
+    derivative of the whole formula simplifies away."""
+    operands = {node: name for node, name in tracked.items() if not isinstance(node, Input)}
+    uses = []  # each node's step, summed against its adjoint over fresh indices
+    for node, name in operands.items():
+        lowering = SympyLowering(spec, {n: m for n, m in operands.items() if n is not node}, sizes)
+        index, limits = [], []
+        for size in lowering.shape(node):
+            symbol, limit = lowering.fresh_index(size)
+            index.append(symbol)
+            limits.append(limit)
+        term = variable_symbol(adjoint_name(name), node.shape, {"real": True}, tuple(index)) * lowering.element(
+            node, tuple(index))
+        uses.append(sympy.Sum(term, *limits) if limits else term)
+    symbols = SympyLowering(spec, operands, sizes)
+    uses.append(_scalar_output(symbols, spec.nodes[spec.output]))  # the output's adjoint: the cotangent
+    adjoints = {}
+    for node, name in tracked.items():
+        if not depends_on_inputs(node):
+            continue
+        indices = symbols.free_indices(node.rank)
+        variable = variable_symbol(name, node.shape, node.domain.sympy_assumptions()
+                                   if isinstance(node, Input) else {"real": True}, indices)
+        base = variable.base if node.shape else variable
+        shape = symbols.shape(node)
+        raw = sympy.diff(sympy.Add(*(use for use in uses if use.has(base))), variable)
+        adjoint = settle(raw, index_ranges(indices, shape))
+        if adjoint != raw and not _same_at_a_sample(raw, adjoint, spec, dict(zip(indices, shape))):
+            adjoint = raw
+        adjoints[name] = Tensor(adjoint, indices, shape)
+    return adjoints
+
+
 def tangent_name(input_name: str) -> str:
     """The name under which the reference receives the tangent of an input (forward mode)."""
     return TANGENT_PREFIX + input_name
 
 
-def directional_derivative(formula: Tensor, spec: Spec) -> Tensor:
+def directional_derivative(formula: Tensor, spec: Spec, moving: dict | None = None) -> Tensor:
     """d/dε of ``formula`` with every input x moved to x + ε·t_x, at ε = 0: a JVP when the
-    formula is the output, a Hessian-vector product when it is a gradient. sympy.diff does it."""
+    formula is the output, a Hessian-vector product when it is a gradient. sympy.diff does it.
+    ``moving`` (name -> node) moves those symbols instead of the inputs."""
     epsilon = sympy.Dummy("epsilon", real=True)
     moved = formula.expr
-    for name, node in spec.inputs.items():
+    for name, node in (spec.inputs if moving is None else moving).items():
         if not node.shape:
-            symbol = sympy.Symbol(name, **node.domain.sympy_assumptions())
+            assumptions = node.domain.sympy_assumptions() if isinstance(node, Input) else {"real": True}
+            symbol = sympy.Symbol(name, **assumptions)
             moved = moved.xreplace({symbol: symbol + epsilon * sympy.Symbol(tangent_name(name), real=True)})
             continue
         tangent = sympy.IndexedBase(tangent_name(name), real=True)
@@ -462,6 +508,21 @@ def directional_derivative(formula: Tensor, spec: Spec) -> Tensor:
     ranges = index_ranges(formula.indices, formula.shape)
     derivative = sympy.diff(moved, epsilon).xreplace({epsilon: 0})
     return Tensor(settle(derivative, ranges), formula.indices, formula.shape)
+
+
+def forward_chain(spec: Spec, tracked: dict, sizes: dict | None = None) -> dict:
+    """The tangent of each node of ``tracked`` (node -> name) that depends on an input, one op
+    at a time, as forward mode runs: the directional derivative of its step, its operands
+    moved along their own tangents (symbols named by ``tangent_name``)."""
+    operands = {node: name for node, name in tracked.items() if not isinstance(node, Input)}
+    tangents = {}
+    for node, name in operands.items():
+        if not depends_on_inputs(node):
+            continue
+        others = {n: m for n, m in operands.items() if n is not node}
+        step = SympyLowering(spec, others, sizes).tensor(node)
+        tangents[name] = directional_derivative(step, spec, {m: n for n, m in tracked.items() if n is not node})
+    return tangents
 
 
 def second_derivative(gradient: Tensor, spec: Spec, wrt: str, lowering: SympyLowering) -> Tensor:
