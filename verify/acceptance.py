@@ -13,7 +13,10 @@ a planted bug in its regime (``tests/test_acceptance.py``):
    claim) overflows the dtype, or is undefined. A quantity that underflows is judged: the
    allowance's absolute term covers what the dtype can hold of it.
 4. **Too close to call.** A comparison, kink or tie is within rounding of its boundary in
-   the float64 pass, where torch may go either way.
+   the float64 pass, where torch may go either way. In the exact pass, one check is
+   rejected (not its point) where one rounding of the spec's steps reaches a singularity of
+   it, so that no finite allowance exists: ``acosh(1 + exp(-x))`` at x = 40 in float64, whose 1 + exp(-x) rounds to 1, where acosh'
+   is infinite. A Hessian-vector product differentiates the backward, so it goes with them.
 
 Each rule is applied only where the reference can tell. A float64 value with a finite,
 small error bound can tell; a value whose bound was lost (a float64 step overflowed or
@@ -23,6 +26,7 @@ which decides the same rules on exact values.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -39,45 +43,65 @@ if TYPE_CHECKING:
     from .plan import Plan
 
 AMBIGUOUS = "a comparison, kink or tie is within rounding of its boundary"
-# A float64 value is certain when its error bound is below this share of its magnitude: its
-# sign, and its size within a factor of 2, are then known.
-CERTAIN_SHARE = 0.25
+UNBOUNDED = "{}: one rounding of the spec's steps reaches a singularity (no finite allowance)"
 
 
-def certain(value: np.ndarray, error: np.ndarray) -> np.ndarray:
-    """Per element, whether a float64 value with this error bound (in units of u) is known
-    closely enough to decide a rule by."""
-    with np.errstate(all="ignore"):
-        bound = np.asarray(error) * UNIT_ROUNDOFF[torch.float64]
-        return np.isfinite(value) & np.isfinite(bound) & (bound <= CERTAIN_SHARE * np.abs(value))
-
-
-def inside_domains(prepared: Plan, example: Example, values: dict, rejected: Counter, how: str = "bounds") -> tuple:
+def inside_domains(prepared: Plan, example: Example, values: dict, rejected: Counter, how: str = "bounds",
+                   gaps: dict | None = None) -> tuple:
     """(points inside every op's domain, points the values cannot tell) by rule 1. A point
-    outside counts with the op's domain as the reason where every operand of that op is
-    certain; else it is left to a closer pass. ``how`` is as for ``accepted_points``."""
+    outside counts with the op's domain as the reason where its values tell; else it is left to
+    a closer pass. ``how`` is as for ``accepted_points``. An element is surely outside where
+    the predicate fails at every corner of its operands' boxes: within twice their error
+    bound with "bounds", within ``gaps`` (label -> how far an exact value may be from its
+    float64 midpoint) with "exact". log1p at -1 + 1e-20, whose float64 value is -1, is not
+    surely outside; the exact pass judges it, inside."""
     keep = np.ones(example.batch, dtype=bool)
     doubtful = np.zeros(example.batch, dtype=bool)
     array_of = node_arrays(prepared, example, values)
+    if how == "exact":
+        offset_of = node_arrays(prepared, example, {label: (values[label][0], gap) for label, gap in gaps.items()},
+                                errors=True)
+    else:
+        error_of = node_arrays(prepared, example, values, errors=True)
+
+        def offset_of(operand, rank):
+            return 2 * UNIT_ROUNDOFF[torch.float64] * np.asarray(error_of(operand, rank))
     for label, node, op, predicate, domain in _domains(prepared):
         rank = max(o.rank for o in node.operands) if op.kind == "elementwise" else 0
+        operands = [array_of(o, rank) for o in node.operands]
         with np.errstate(all="ignore"):
-            inside = np.asarray(predicate(*(array_of(o, rank) for o in node.operands)), dtype=bool)
+            inside = np.asarray(predicate(*operands), dtype=bool)
         outside = keep & ~np.broadcast_to(_per_point(inside, np.all), keep.shape)
         if not outside.any():
             continue
-        sure = np.full(example.batch, how == "exact")
-        if how == "bounds":
-            sure[:] = True
-            for operand in node.operands:
-                pair = _pair_of(prepared, operand, example, values)
-                if pair is not None:
-                    sure &= _per_point(certain(*pair), np.all)
+        if how == "floor":
+            sure = np.zeros(example.batch, dtype=bool)
+        else:
+            sure = _surely_outside(predicate, operands, [offset_of(o, rank) for o in node.operands], example.batch)
         if (outside & sure).any():
             rejected[f"{label} is outside the domain of {domain}"] += int((outside & sure).sum())
+        if how == "exact":  # within a float64 gap of the edge: the exact value's own rules judge it
+            keep &= ~(outside & sure)
+            continue
         doubtful |= outside & ~sure
         keep &= ~outside
     return keep, doubtful
+
+
+def _surely_outside(predicate, operands: list, offsets: list, batch: int) -> np.ndarray:
+    """Per point, whether ``predicate`` fails at every corner of the box of operands within
+    ``offsets`` of them, at some element (an exact operand, offset 0, stays as it is: a signed
+    zero), where every offset is finite."""
+    surely = True
+    with np.errstate(all="ignore"):
+        for signs in itertools.product((-1, 1), repeat=len(operands)):
+            corner = [np.where(off == 0, a, a + sign * off) for a, off, sign in zip(operands, offsets, signs)]
+            surely = surely & ~np.asarray(predicate(*corner), dtype=bool)
+    finite = np.ones(batch, dtype=bool)
+    for offset in offsets:
+        if np.ndim(offset):
+            finite &= _per_point(np.isfinite(offset), np.all)
+    return np.broadcast_to(_per_point(surely), (batch,)) & finite
 
 
 def _domains(prepared: Plan):
@@ -91,24 +115,18 @@ def _domains(prepared: Plan):
             yield label, node, op, op.differentiable, f"{node.op}'s derivative: {op.domain}"
 
 
-def _pair_of(prepared: Plan, operand, example: Example, values: dict):
-    """An operand's (value, error bound), or None for inputs and constants, which are exact."""
-    labels = {id(node): label for label, node in prepared.nodes.items()}
-    while hasattr(operand, "target"):
-        operand = operand.target
-    label = labels.get(id(operand))
-    if label is None or label in example.inputs or label not in values:
-        return None
-    value, error = values[label]
-    return value.reshape(example.batch, -1), np.broadcast_to(error, value.shape).reshape(example.batch, -1)
-
-
 def unambiguous(keep: np.ndarray, ambiguous: np.ndarray, rejected: Counter) -> np.ndarray:
     """``keep`` less the points where a comparison was too close to call, counted (rule 4)."""
     newly = keep & ambiguous
     if newly.any():
         rejected[AMBIGUOUS] += int(newly.sum())
     return keep & ~ambiguous
+
+
+def unbounded(pair: tuple) -> bool:
+    """Whether the exact pass's model gives a finite value no finite allowance (rule 4, per check)."""
+    value, bound = pair
+    return bool((np.isinf(bound) & np.isfinite(value)).any())
 
 
 def step(label: str, pair: tuple, stable: bool) -> tuple:

@@ -88,17 +88,25 @@ def exactly(ties: int = 0):
 
 
 @contextlib.contextmanager
-def modelled(unit_roundoff: float, tiny: float, largest: float):
+def modelled(unit_roundoff: float, tiny: float, largest: float, linear: bool = True):
     """Run the block in the modelled mode (above) for a dtype of ``unit_roundoff`` whose
     smallest normal number is ``tiny``, on inputs up to ``largest`` in magnitude; yields the
     mode, to read ``scale`` and ``straddled``. The rounding is small enough that it moves
     ``exp`` of the largest input by far less than 1, and the precision wide enough to carry it.
-    A step below ``tiny`` is off by up to ``tiny`` too, absolutely: the dtype underflows there."""
+    A step below ``tiny`` is off by up to ``tiny`` too, absolutely: the dtype underflows there.
+
+    Without ``linear``, the rounding is the dtype's own (``scale`` is 1): the balls then enclose
+    every evaluation that rounds each step by up to ``unit_roundoff``, higher-order terms
+    included. ``sinc(x)**2`` at a large integer x is exactly 0, and a float32 evaluation that
+    rounds ``pi * x`` gets 1.8e-16 there, where the first-order model allows nothing."""
     bits = 64 + max(math.frexp(largest)[1], 0)
     previous = flint.ctx.prec
     flint.ctx.prec = max(previous, 2 * bits + 64)
-    MODE.rounding, MODE.scale, MODE.straddled = arb(2) ** -bits, arb(unit_roundoff) * arb(2) ** bits, False
-    MODE.tiny, MODE.underflow = tiny, arb(tiny) / MODE.scale
+    if linear:
+        MODE.rounding, MODE.scale = arb(2) ** -bits, arb(unit_roundoff) * arb(2) ** bits
+    else:
+        MODE.rounding, MODE.scale = arb(unit_roundoff), arb(1)
+    MODE.straddled, MODE.tiny, MODE.underflow = False, tiny, arb(tiny) / MODE.scale
     try:
         yield MODE
     finally:
@@ -129,7 +137,8 @@ def rounded_sum(total, terms: list):
 def underflowed(values):
     """A step of the spec, widened by the dtype's smallest normal number where it is below it:
     the dtype holds no relative precision there. (A step inside an op's formula is not the
-    kernel's: softmax never forms 1 / sum(exp(x)).)"""
+    kernel's: softmax never forms 1 / sum(exp(x)).) A step that overflows the dtype is not
+    modelled: the exact result is what the code must give, however the spec writes it."""
     if MODE.rounding is None:
         return values
     return np.frompyfunc(_underflowed, 1, 1)(values)
@@ -354,15 +363,29 @@ def settled(arrays) -> bool:
 
 def to_float(values) -> np.ndarray:
     """Balls as float64 midpoints: NaN where undefined, ±inf beyond float64's range, and the
-    sign kept below it (the smallest subnormal, not 0, for a positive ball too small)."""
+    sign kept below it (the smallest subnormal, not 0, for a midpoint too small)."""
     def one(ball):
         if not isinstance(ball, arb):
             return float(ball)
         if ball.is_nan() or not ball.is_finite():
             return math.nan
         middle = float(ball.mid())
-        if middle == 0 and not ball.is_zero():
-            return math.copysign(5e-324, _decided_sign(ball.mid()))
+        if middle == 0 and not ball.mid().is_zero():
+            return 5e-324 if ball.mid() > 0 else -5e-324
         return middle
 
     return np.asarray(np.frompyfunc(one, 1, 1)(values), dtype=np.float64)
+
+
+def gaps(values) -> np.ndarray:
+    """Per ball, how far its exact value may be from its float64 midpoint (``to_float``): 0
+    where the ball is exactly that float, else one float64 spacing there."""
+    def one(ball):
+        if not isinstance(ball, arb):
+            return 0.0
+        middle = float(ball.mid())
+        if ball.is_exact() and math.isfinite(middle) and arb(middle) == ball:
+            return 0.0
+        return float(np.spacing(abs(middle))) if math.isfinite(middle) else math.inf
+
+    return np.asarray(np.frompyfunc(one, 1, 1)(np.asarray(values, dtype=object)), dtype=np.float64)

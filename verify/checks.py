@@ -7,6 +7,7 @@ Which points are judged, and which rejected, is ``verify.acceptance``'s business
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -277,7 +278,7 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
     ctx, values = reference_values(prepared, example, dtype)
     inside, exactly = acceptance.inside_domains(prepared, example, values, rejected)
-    disagreed = np.zeros(example.batch, dtype=bool)
+    sure = {}  # point -> a function giving the Failure float64's bounds are sure of there
     # A comparison within rounding of its boundary is decided exactly: an exact tie is checked.
     exactly |= inside & ctx.ambiguous
     keep, unsure = acceptance.accepted_points(example.batch, dtype, rejected, inside & ~ctx.ambiguous,
@@ -300,14 +301,19 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
         for comparison in _comparisons(prepared, subject, restricted(reference, keep), torch_side, dtype):
             if isinstance(comparison, Failure):
                 return comparison, 0
-            failing, close, _ = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.dtype)
-            disagreed[np.flatnonzero(keep)[failing]] = True
+            failing, close, allowed = acceptance.disagreeing(*comparison.reference, comparison.actual,
+                                                             comparison.dtype)
+            for index in np.flatnonzero(failing & ~unsettled):
+                sure[int(np.flatnonzero(keep)[index])] = functools.partial(
+                    _failure, prepared.spec, subject, comparison, at, index, allowed[index], options)
             unsettled |= failing | close
         checked = int((~unsettled).sum())
         exactly[np.flatnonzero(keep)[unsettled]] = True
     if exactly.any():
         # A disagreement is decided exactly, first: the float64 reference may be what is off.
-        failure, count = _checked_exactly(prepared, subject, example.at(exactly), disagreed[exactly],
+        position = np.cumsum(exactly) - 1
+        failure, count = _checked_exactly(prepared, subject, example.at(exactly),
+                                          {int(position[p]): failing for p, failing in sure.items()},
                                           None if actual is None else actual.at(exactly), options, result, rejected)
         if failure is not None:
             return failure, 0
@@ -315,23 +321,29 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
     return None, checked
 
 
-def _checked_exactly(prepared: Plan, subject, example: Example, disagreed: np.ndarray, actual: TorchSide | None,
+def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actual: TorchSide | None,
                      options: Options, result: Result, rejected: Counter) -> tuple:
     """The checks of ``evaluate`` against the exact reference, point by point, for the points
     float64 could not settle: (the first Failure or None, the number of points checked).
-    Points where torch ``disagreed`` with the float64 reference come first. At most
-    ``EXACT_POINTS`` points of a batch are judged; the others are counted as left.
+
+    ``sure`` maps each point where float64's bounds are sure that torch disagrees to the
+    Failure they report. Every such point is judged exactly, first (the float64 reference may
+    be what is off), and where a result there is beyond arb's range, float64's verdict stands.
+    Of the other points, at most ``EXACT_POINTS`` are judged, and the rest counted as left.
 
     In a user's function, at a point exactly on a kink, a derivative may take either side's
     value (unless ``options.kinks`` is "torch"): the tutorial's ReLU has 1 at 0."""
     dtype = options.dtype
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
     one_sided = isinstance(subject, FunctionSubject) and options.kinks == "any"
-    # The candidates: disagreements first, then, of a few more, those where torch is not finite.
-    candidates = np.argsort(~disagreed, kind="stable")[:EXACT_POINTS * SCREENED]
-    if example.batch > len(candidates):
-        result.exact["left unjudged (the exact pass's budget per example)"] += example.batch - len(candidates)
-    chosen = np.isin(np.arange(example.batch), candidates)
+    disagreed = np.isin(np.arange(example.batch), list(sure))
+    # The candidates: the disagreements, then, of a few more, those where torch is not finite.
+    chosen = disagreed.copy()
+    chosen[np.flatnonzero(~disagreed)[:EXACT_POINTS * SCREENED]] = True
+    unjudged = "left unjudged (the exact pass's budget per example)"
+    if not chosen.all():
+        result.exact[unjudged] += int((~chosen).sum())
+    positions = np.flatnonzero(chosen)
     example, disagreed = example.at(chosen), disagreed[chosen]
     actual = None if actual is None else actual.at(chosen)
     if actual is None:
@@ -339,9 +351,10 @@ def _checked_exactly(prepared: Plan, subject, example: Example, disagreed: np.nd
         if not isinstance(actual, TorchSide) or not actual.complete():
             actual = None  # a call raised, maybe where a point is rejected: torch runs point by point
     suspect = disagreed | (False if actual is None else ~actual.finite())
-    order = np.lexsort((~disagreed, ~suspect))[:EXACT_POINTS]
+    order = np.lexsort((~disagreed, ~suspect))
+    order = [*order[disagreed[order]], *order[~disagreed[order]][:EXACT_POINTS]]
     if example.batch > len(order):
-        result.exact["left unjudged (the exact pass's budget per example)"] += example.batch - len(order)
+        result.exact[unjudged] += example.batch - len(order)
     checked = 0
     for index in order:
         only = np.arange(example.batch) == index
@@ -349,13 +362,18 @@ def _checked_exactly(prepared: Plan, subject, example: Example, disagreed: np.nd
         try:
             exact = exact_point(prepared, point, dtype, options.order, forward, one_sided)
         except balls.Beyond:
+            if disagreed[index]:
+                failure = sure[int(positions[index])]()
+                failure.notes.append("beyond arb's exponent range (exp of 2**60 or more): float64's bounds decide")
+                return failure, 0
             result.exact["left unjudged: beyond arb's exponent range (exp of 2**60 or more)"] += 1
             continue
         if exact is None:
             rejected[f"the exact pass could not decide a comparison at {balls.PRECISIONS[-1]} bits"] += 1
             continue
         reference = exact.side
-        inside, _ = acceptance.inside_domains(prepared, point, reference.values, rejected, how="exact")
+        inside, _ = acceptance.inside_domains(prepared, point, reference.values, rejected, how="exact",
+                                              gaps=exact.gaps)
         keep = acceptance.unambiguous(inside, np.array([exact.ambiguous]), rejected)
         keep, _ = acceptance.accepted_points(1, dtype, rejected, keep,
                                              _value_checks(prepared, subject, reference.values), how="exact")
@@ -367,9 +385,16 @@ def _checked_exactly(prepared: Plan, subject, example: Example, disagreed: np.nd
         if not isinstance(torch_side, TorchSide):
             return torch_side, 0
         sides = [_comparisons(prepared, subject, side, torch_side, dtype) for side in [reference, *exact.one_sided]]
+        judged, unbounded = 0, False
         for comparison, *other_sides in zip(*sides):
             if isinstance(comparison, Failure):
                 return comparison, 0
+            # An HVP differentiates the backward: where a value or gradient has no bound, nor has it.
+            if acceptance.unbounded(comparison.reference) or unbounded and comparison.check == "HVP":
+                rejected[acceptance.UNBOUNDED.format(comparison.subject)] += 1
+                unbounded = True
+                continue
+            judged += 1
             if _agrees_exactly(comparison) or comparison.check in DERIVATIVES and any(map(_agrees_exactly,
                                                                                           other_sides)):
                 continue
@@ -380,6 +405,8 @@ def _checked_exactly(prepared: Plan, subject, example: Example, disagreed: np.nd
             if exact.one_sided:
                 failure.notes.append("the point is exactly on a kink: no one-sided derivative agrees either")
             return failure, 0
+        if not judged:
+            continue
         checked += 1
         result.exact["judged by the exact pass"] += 1
         if disagreed[index]:

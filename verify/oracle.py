@@ -23,7 +23,7 @@ import torch
 
 from . import balls
 from .ir import Apply, Constant, Ref, SizeRef
-from .lower.sympy import COTANGENT, tangent_name
+from .lower.sympy import COTANGENT, adjoint_name, tangent_name
 from .ops import REGISTRY
 from .reference import ERROR_DTYPE, Context, Reference, per_point
 from .strategies import Example
@@ -90,34 +90,44 @@ def reference_values(prepared: Plan, example: Example, dtype: torch.dtype, bound
             error = np.maximum(error, prepared.steps[name](ctx)[1])
         values[name] = ctx.env[name] = value, error  # gradient formulas refer to node values
     if bounded:
-        forward_amplification = _amplification(prepared, example, values, dtype, "forward_condition")
-        values = {name: _amplified(pair, forward_amplification) for name, pair in values.items()}
+        # An op's kernel model (a solve's norm-wise error) widens only what depends on that op.
+        amplifications = _amplifications(prepared, example, values, dtype, "forward_condition")
+        values = {name: _amplified(pair, _local(amplifications, prepared.upstream[name]))
+                  for name, pair in values.items()}
     return ctx, values
 
 
 def reference_derivatives(prepared: Plan, example: Example, ctx: Context, values: dict, order: int,
-                          forward: bool, bounded: bool = True, exact: bool = False) -> tuple:
+                          forward: bool, bounded: bool = True, exact: bool = False,
+                          derivatives: dict | None = None, jvp: tuple | None = None) -> tuple:
     """(VJPs, claims, JVP, Hessian-vector products) in the context of ``reference_values``,
-    or with ``exact`` of the exact pass (balls)."""
-    amplification = _amplification(prepared, example, values, ctx.dtype, "backward_condition") if bounded else None
+    or with ``exact`` of the exact pass (balls); ``derivatives`` (name -> pair) and ``jvp``,
+    where given, are the gradients before any cotangent and the JVP."""
+    amplifications = _amplifications(prepared, example, values, ctx.dtype, "backward_condition") if bounded else {}
 
     def evaluated(reference: Reference) -> tuple:
         if exact:
             return reference.exact(ctx)
         return reference(ctx) if bounded else reference.estimate(ctx)
 
-    def widened(pair: tuple) -> tuple:
-        return pair if amplification is None else _amplified(pair, amplification, of_terms=True)
+    def widened(pair: tuple, name: str | None = None) -> tuple:
+        """``pair`` widened by the kernel models of the ops whose backward it passes through:
+        for ∂o/∂name those that use name; for a JVP or HVP, every one."""
+        through = None if name is None else [op for op in amplifications if op != name
+                                             and name in prepared.upstream[op]]
+        return _amplified(pair, _local(amplifications, through), of_terms=True)
 
-    derivatives = {name: evaluated(reference) for name, reference in prepared.gradients.items()}
+    if derivatives is None:
+        derivatives = {name: evaluated(reference) for name, reference in prepared.gradients.items()}
     # A scalar output's formulas hold no cotangent: its VJP is the gradient times the cotangent.
     seed = None if prepared.spec.nodes[prepared.spec.output].shape else example.cotangent
     if exact and seed is not None:
         seed = balls.to_balls(np.asarray(seed, dtype=np.float64))
-    gradients = {name: widened(_times(pair, seed)) for name, pair in derivatives.items()}
+    gradients = {name: widened(_times(pair, seed), name) for name, pair in derivatives.items()}
     claimed = [(evaluated(claim.reference), derivatives[claim.wrt] if claim.kind == "grad" else evaluated(claim.derivative))
                for claim in prepared.claims]
-    jvp = widened(evaluated(prepared.forward_mode())) if forward else None
+    if forward:
+        jvp = widened(evaluated(prepared.forward_mode()) if jvp is None else jvp)
     hvps = ({name: widened(_times(evaluated(reference), seed)) for name, reference in prepared.second_order().items()}
             if order == 2 else {})
     return gradients, claimed, jvp, hvps
@@ -134,12 +144,12 @@ def _times(pair: tuple, seed) -> tuple:
         return product, error * np.abs(factor) + np.abs(product)
 
 
-def _amplification(prepared: Plan, example: Example, values: dict, dtype: torch.dtype, which: str) -> np.ndarray:
-    """Per point, the largest amplification of rounding by the way torch computes an op,
-    capped at 1/u of float64: ``which`` is the registry's ``backward_condition`` (it widens
-    the bounds of VJPs, JVPs and HVPs) or ``forward_condition`` (values)."""
+def _amplifications(prepared: Plan, example: Example, values: dict, dtype: torch.dtype, which: str) -> dict:
+    """Op node label -> per point, how much the way torch computes that op amplifies rounding
+    (the norm-wise error of a solve), capped at 1/u of float64: ``which`` is the registry's
+    ``backward_condition`` (for VJPs, JVPs and HVPs) or ``forward_condition`` (values)."""
     cap = 1 / UNIT_ROUNDOFF[torch.float64]
-    worst = np.zeros(example.batch, dtype=ERROR_DTYPE)
+    found = {}
     array_of = node_arrays(prepared, example, values)
     for label, node in prepared.nodes.items():
         condition = getattr(REGISTRY[node.op], which) if isinstance(node, Apply) else None
@@ -150,33 +160,48 @@ def _amplification(prepared: Plan, example: Example, values: dict, dtype: torch.
                         for o in node.operands)
             amplification = np.asarray(condition(dtype, values[label][0], *operands), dtype=ERROR_DTYPE)
         amplification = np.nan_to_num(amplification.reshape(example.batch, -1), nan=0.0, posinf=cap)
-        worst = np.maximum(worst, np.minimum(amplification.max(axis=1), cap))
-    return worst
+        found[label] = np.minimum(amplification.max(axis=1), cap)
+    return found
 
 
-def node_arrays(prepared: Plan, example: Example, values: dict):
-    """A function giving a node's reference values, with size-1 dims after the batch dim up to ``rank``."""
+def _local(amplifications: dict, labels) -> np.ndarray | None:
+    """Per point, the largest amplification of the ops among ``labels`` (None: every op)."""
+    chosen = [amplification for label, amplification in amplifications.items() if labels is None or label in labels]
+    return np.maximum.reduce(chosen) if chosen else None
+
+
+def node_arrays(prepared: Plan, example: Example, values: dict, errors: bool = False):
+    """A function giving a node's reference values (or with ``errors``, their error bounds:
+    0 for inputs and constants, which are exact), with size-1 dims after the batch dim up to
+    ``rank``."""
     labels = {id(node): label for label, node in prepared.nodes.items()}
 
     def array_of(operand, rank):
         while isinstance(operand, Ref):
             operand = operand.target
         if isinstance(operand, Constant):
-            return float(operand.value)
+            return 0.0 if errors else float(operand.value)
         if isinstance(operand, SizeRef):
-            return float(example.sizes[operand.symbol.name])
+            return 0.0 if errors else float(example.sizes[operand.symbol.name])
         label = labels[id(operand)]
-        array = example.inputs[label] if label in example.inputs else values[label][0]
+        if label in example.inputs:
+            array = example.inputs[label]
+            array = np.zeros(array.shape) if errors else array
+        else:
+            value, error = values[label]
+            array = np.broadcast_to(error, value.shape) if errors else value
         return array.reshape(array.shape[:1] + (1,) * (rank - operand.rank) + array.shape[1:])
 
     return array_of
 
 
-def _amplified(pair: tuple, amplification: np.ndarray, of_terms: bool = False) -> tuple:
+def _amplified(pair: tuple, amplification: np.ndarray | None, of_terms: bool = False) -> tuple:
     """The error bound widened by the amplification, norm-wise: rounding in a solve spreads
     over every element of the result. ``of_terms`` scales it by the magnitude of the terms
     (a derivative's bound has its a priori floor) rather than of the result, which may cancel:
     sigmoid's JVP terms at -28 and 59 nearly cancel, and the one at 59 is lost to 1 - y."""
+    if amplification is None:
+        return pair
     value, error = pair
     with np.errstate(all="ignore"):
         scale = np.maximum(np.abs(value), error) if of_terms else np.abs(value)
@@ -215,6 +240,8 @@ class ExactPoint:
     bits: int
     # At an exact kink, the derivatives approached from either side (for one_sided), else none.
     one_sided: list = field(default_factory=list)
+    # Node label -> how far each exact value may be from its float64 midpoint (``balls.gaps``).
+    gaps: dict = field(default_factory=dict)
 
 
 def exact_point(prepared: Plan, point: Example, dtype: torch.dtype, order: int, forward: bool,
@@ -230,6 +257,8 @@ def exact_point(prepared: Plan, point: Example, dtype: torch.dtype, order: int, 
     bounds what a backward-stable computation may be off by: the condition of the formula
     at the point, as the float64 pass's bounds carry it. Comparisons there are decided by
     the midpoints, and one that a rounding of the inputs could flip makes the point ambiguous.
+    Where the same formulas with each step rounded by the dtype's u reach farther (a
+    second-order term, at a zero of the first), the bound reaches that far too.
     """
     u = UNIT_ROUNDOFF[dtype]
     for bits in balls.PRECISIONS:
@@ -245,19 +274,56 @@ def exact_point(prepared: Plan, point: Example, dtype: torch.dtype, order: int, 
                         with balls.exactly(ties):
                             sides.append(_evaluated(prepared, point, dtype, order, forward, balls.to_balls))
                 largest = max((float(np.max(np.abs(a), initial=0.0)) for a in point.inputs.values()), default=0.0)
-                with balls.modelled(u, float(torch.finfo(dtype).tiny), largest) as mode:
+                tiny = float(torch.finfo(dtype).tiny)
+                with balls.modelled(u, tiny, largest) as mode:
                     modelled = _evaluated(prepared, point, dtype, order, forward, balls.widened)
                     per_u = mode.scale / u  # a radius here, in units of the dtype's rounding
-                bounded = functools.partial(_bounded, per_u=per_u)
-                side = exact.combined(modelled, bounded)
-                # Where the model has no finite bound, a rounding reaches a singularity (sqrt of an
-                # underflowed x**2): as near a kink, torch may land anywhere there.
-                unbounded = any((np.isinf(error) & np.isfinite(value)).any() for value, error in side.pairs())
-                return ExactPoint(side, mode.straddled or unbounded, bits,
-                                  [other.combined(modelled, bounded) for other in sides])
+                    straddled = mode.straddled
+                bounded = functools.partial(_with_bounds, prepared, point, dtype, order, forward, modelled, per_u,
+                                            largest)
+                return ExactPoint(bounded(exact), straddled, bits,
+                                  [bounded(other, ties) for other, ties in zip(sides, (1, -1))],
+                                  {label: balls.gaps(value) for label, (value, _) in exact.values.items()})
         except balls.Undecided:
             continue
     return None
+
+
+def _with_bounds(prepared: Plan, point: Example, dtype: torch.dtype, order: int, forward: bool,
+                 modelled: ReferenceSide, per_u, largest: float, side: ReferenceSide, ties: int = 0) -> ReferenceSide:
+    """``side`` (exact balls) as float64 midpoints beside their bounds, in units of u: the
+    first-order model's (``modelled``, whose radii times ``per_u`` are in units of u), reaching
+    as far as the same formulas rounded by the dtype's own u (``_reach``) do."""
+    side = side.combined(modelled, functools.partial(_bounded, per_u=per_u))
+    try:
+        reach = _reach(prepared, point, dtype, order, forward, float(torch.finfo(dtype).tiny), largest, ties)
+    except balls.Undecided:  # a rounding makes a compared value undefined: no bound
+        return side.combined(side, lambda pair, _: (pair[0], np.where(np.isnan(pair[0]), 0.0, np.inf)))
+    return side if reach is None else side.combined(reach, functools.partial(_reaching, u=UNIT_ROUNDOFF[dtype]))
+
+
+def _reach(prepared: Plan, point: Example, dtype: torch.dtype, order: int, forward: bool, tiny: float,
+           largest: float, ties: int) -> ReferenceSide | None:
+    """The formulas in balls that round each step by the dtype's own u, higher-order terms
+    included, exact ties taken as ``ties`` says; None where such a ball leaves arb's range
+    (the first-order model then stands alone). Raises ``balls.Undecided`` where a rounding
+    reaches a comparison of an undefined value."""
+    try:
+        with balls.exactly(ties), balls.modelled(UNIT_ROUNDOFF[dtype], tiny, largest, linear=False):
+            return _evaluated(prepared, point, dtype, order, forward, balls.widened)
+    except balls.Beyond:
+        return None
+
+
+def _reaching(pair: tuple, rounded: tuple, u: float) -> tuple:
+    """(midpoint, bound in units of u), the bound widened to reach every value of the ball
+    ``rounded``: the second-order terms of the dtype's rounding. Where that ball is not finite
+    (a rounding reaches a singularity: acosh' at 1 + exp(-40), which rounds to 1), neither is
+    the bound."""
+    value, bound = pair
+    with np.errstate(all="ignore"):
+        reach = (np.abs(balls.to_float(rounded[0]) - value) + balls.radius(rounded[0], 1)) / u
+        return value, np.maximum(bound, np.where(np.isnan(value), 0.0, np.nan_to_num(reach, nan=np.inf)))
 
 
 def _bounded(pair: tuple, modelled: tuple, per_u) -> tuple:
@@ -297,8 +363,24 @@ def _evaluated(prepared: Plan, point: Example, dtype: torch.dtype, order: int, f
         value = balls.underflowed(value)
         values[name] = value, magnitude
         ctx.env[name] = value, np.zeros(value.shape)  # gradient formulas refer to node values
+    derivatives = jvp = None
+    if balls.MODE.rounding is not None:
+        # The model of a gradient follows a backward's steps: the chain rule, op by op, from the output.
+        chained, adjoints = prepared.chained(), {}
+        for label in reversed(prepared.nodes):
+            if label in chained:
+                adjoints[label] = chained[label].exact(ctx)
+                ctx.env[adjoint_name(label)] = adjoints[label][0], np.zeros(np.shape(adjoints[label][0]))
+        derivatives = {name: adjoints[name] for name in prepared.gradients}
+        if forward:
+            chained = prepared.chained_forward()
+            for label in prepared.nodes:
+                if label in chained:
+                    jvp = chained[label].exact(ctx)
+                    ctx.env[tangent_name(label)] = jvp[0], np.zeros(np.shape(jvp[0]))
+            jvp = ctx.env[tangent_name(prepared.spec.output)]
     side = ReferenceSide(values, *reference_derivatives(prepared, point, ctx, values, order, forward, bounded=False,
-                                                        exact=True))
+                                                        exact=True, derivatives=derivatives, jvp=jvp))
     if scalar:  # the gradient before the cotangent scales it: torch's backward computes it
-        side.jacobian = {name: reference.exact(ctx) for name, reference in prepared.gradients.items()}
+        side.jacobian = derivatives or {name: reference.exact(ctx) for name, reference in prepared.gradients.items()}
     return side
