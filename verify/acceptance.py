@@ -164,16 +164,14 @@ def accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.
                 # What the float64 value may be off by: its first-order bound, twice.
                 off = np.where(lost, 0.0, 2 * UNIT_ROUNDOFF[torch.float64] * error)
                 room = np.where(lost, 0.0, allowed_error(magnitude, error, dtype))
-            else:
+            else:  # exact values, or (floor) values whose room is only the floor's
                 lost = np.zeros(value.shape, dtype=bool)
-                off = np.zeros(value.shape) if how == "exact" else np.full(value.shape, np.inf)
+                off = 0.0
                 room = allowed_error(magnitude, 0.0, dtype) if how == "floor" else 0.0
             undefined = np.isnan(value) & ~lost
             # A step that overflowed float64 too, or whose value is beyond the dtype's range.
             overflow = (~lost | (kind == "step")) & (magnitude + room > limit)
             underflow = ~lost & (magnitude < tiny) & (value != 0)
-            surely_over = lost | (magnitude - off > limit)
-            surely_under = magnitude + off < tiny
         if how == "floor":  # without bounds only a step that overflowed float64 itself is decided
             if kind == "step":
                 over = keep & _per_point(np.isinf(value))
@@ -182,6 +180,9 @@ def accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.
                     keep &= ~over
             doubtful |= keep & _per_point(undefined | overflow | (underflow if kind != "quantity" else False))
             continue
+        with np.errstate(all="ignore"):
+            surely_over = lost | (magnitude - off > limit)
+            surely_under = magnitude + off < tiny
         reasons = [(f"{label} is undefined", undefined),
                    (f"{label} overflows {dtype_name}", overflow & surely_over)]
         if kind != "quantity":
