@@ -326,3 +326,26 @@ def test_a_disagreement_beyond_arbs_range_is_decided_by_float64s_sure_bounds():
                       lambda x, g: g * -2 * x * torch.exp(-x**2))
     failure = _caught(wrong, spec, torch.float64).failure
     assert any("float64's bounds decide" in note for note in failure.notes)
+
+
+class _DetPlusSquaresWrongWhereIllConditioned(torch.autograd.Function):
+    """det(A) + sum(w**2), whose w-gradient is 1e-11 off where A is ill-conditioned."""
+
+    @staticmethod
+    def forward(ctx, a, w):
+        ctx.save_for_backward(a, w)
+        return torch.det(a) + (w**2).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        a, w = ctx.saved_tensors
+        off = 1e-11 * (torch.linalg.cond(a) > 1e5).to(w.dtype)
+        return g * torch.det(a) * torch.linalg.inv(a).mT, g * 2 * w * (1 + off)
+
+
+def test_a_solves_kernel_model_widens_only_what_depends_on_it():
+    # det's norm-wise error grows with A's condition number (4e5 here); it used to widen every
+    # gradient at the point, and excused this w-gradient, which det never touches.
+    spec = "A: Real[2, 2] = [[1.0, 1.0], [1.0, 1.00001]]\nw: Real[n] = [3.0]\no = det(A) + sum(w**2)"
+    failure = _caught(_DetPlusSquaresWrongWhereIllConditioned.apply, spec, torch.float64, max_examples=20).failure
+    assert failure.subject == "∂o/∂w"
