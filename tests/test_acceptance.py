@@ -349,3 +349,23 @@ def test_a_solves_kernel_model_widens_only_what_depends_on_it():
     spec = "A: Real[2, 2] = [[1.0, 1.0], [1.0, 1.00001]]\nw: Real[n] = [3.0]\no = det(A) + sum(w**2)"
     failure = _caught(_DetPlusSquaresWrongWhereIllConditioned.apply, spec, torch.float64, max_examples=20).failure
     assert failure.subject == "∂o/∂w"
+
+
+# -- an explicit extra allowance, for code that knowingly trades accuracy ---------------------
+
+def _tanh_off_by(relative):
+    return _function(lambda x: torch.tanh(x) * (1 + relative), lambda x, g: g * (1 - torch.tanh(x)**2))
+
+
+def test_an_explicit_rtol_admits_code_that_trades_accuracy_and_no_more():
+    spec = "x: Real[n]\ny = tanh(x)"
+    assert _caught(_tanh_off_by(1e-6), spec, torch.float64).failure.check == "value"
+    assert verify.check_function(_tanh_off_by(1e-6), spec, modes=("rev",), seed=0, max_examples=30,
+                                 rtol=1e-5).points > 0
+    mismatch = _caught(_tanh_off_by(1e-4), spec, torch.float64, rtol=1e-5)
+    assert mismatch.failure.check == "value" and "rtol=1e-05" in str(mismatch)
+
+
+def test_an_extra_allowance_must_be_a_finite_non_negative_number():
+    with pytest.raises(ValueError, match="atol must be a finite number"):
+        verify.check_function(torch.tanh, "x: Real[n]\ny = tanh(x)", atol=-1.0)

@@ -37,7 +37,7 @@ from .ir import Apply
 from .ops import REGISTRY
 from .oracle import node_arrays
 from .strategies import Example
-from .tolerance import UNIT_ROUNDOFF, allowed_error, representable_limit, underflow_limit
+from .tolerance import UNIT_ROUNDOFF, allowed_error, extra_allowance, representable_limit, underflow_limit
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -208,13 +208,13 @@ def _per_point(array, reduce=np.any) -> np.ndarray:
     return reduce(array.reshape(array.shape[0], -1), axis=1)
 
 
-def agreeing(reference, floor, actual, dtype) -> np.ndarray:
+def agreeing(reference, floor, actual, dtype, slack: tuple = (0.0, 0.0)) -> np.ndarray:
     """Per point, whether every element of ``actual`` is within the tolerance of the error
     bound's floor, a tolerance that fits the dtype: where the floor is huge, the bounds decide
     whether the point counts at all."""
     with np.errstate(all="ignore"):  # inf and NaN are not within any tolerance
         magnitude = np.abs(reference)
-        allowed = allowed_error(magnitude, floor, dtype)
+        allowed = allowed_error(magnitude, floor, dtype) + extra_allowance(magnitude, slack)
         ok = np.abs(actual - reference) <= allowed
         limit = representable_limit(dtype)
         if not np.max(magnitude, initial=0.0) + np.max(allowed, initial=0.0) <= limit:
@@ -222,7 +222,7 @@ def agreeing(reference, floor, actual, dtype) -> np.ndarray:
     return ok.reshape(len(ok), -1).all(axis=1)
 
 
-def disagreeing(reference, error, actual, dtype, exact: bool = False) -> tuple:
+def disagreeing(reference, error, actual, dtype, exact: bool = False, slack: tuple = (0.0, 0.0)) -> tuple:
     """(points where ``actual`` is certainly off by more than the allowance, points where that
     is within the float64 reference's own error of it, the allowance).
 
@@ -231,7 +231,7 @@ def disagreeing(reference, error, actual, dtype, exact: bool = False) -> tuple:
     reference is off by less than a float64 rounding of its value.
     """
     with np.errstate(all="ignore"):
-        allowed = allowed_error(reference, error, dtype)
+        allowed = allowed_error(reference, error, dtype) + extra_allowance(np.abs(reference), slack)
         distance = np.abs(actual - reference)
         own = 2 * UNIT_ROUNDOFF[torch.float64] * (np.abs(reference) + (0 if exact else np.abs(error)))
         over = ~(distance <= allowed + own)

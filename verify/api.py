@@ -60,7 +60,7 @@ def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
 def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, order: int = 1,
                    modes=("rev", "fwd"), max_examples: int = 100, seed: int | None = None,
                    device: str = "cpu", database: str | Path | None = None, derandomize: bool = False,
-                   sizes: dict | None = None, kinks: str = "any") -> Result:
+                   sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0, atol: float = 0.0) -> Result:
     """Check ``fn`` (a custom ``autograd.Function``'s ``apply``, a fused op, a module) against
     the math of ``spec``.
 
@@ -73,6 +73,8 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
     everything else was checked; pass ``modes=("rev",)`` to check reverse mode only.
     At a point exactly on a kink (relu at 0, a tie of a maximum), a derivative may take
     either side's value, or torch's convention there; ``kinks="torch"`` demands torch's.
+    Code that knowingly trades accuracy states it: ``rtol`` and ``atol`` add
+    ``rtol * |reference| + atol`` to every comparison's allowance, as ``assert_close`` would.
     ``database``, ``derandomize`` and ``sizes`` are as for ``check``.
 
     >>> import torch
@@ -82,4 +84,5 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
     __tracebackhide__ = True
     parsed = parse(spec) if isinstance(spec, str) else spec
     return engine.run(parsed, fn=fn, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
-                      device=device, database=database, derandomize=derandomize, sizes=sizes, kinks=kinks)
+                      device=device, database=database, derandomize=derandomize, sizes=sizes, kinks=kinks,
+                      rtol=rtol, atol=atol)

@@ -43,6 +43,9 @@ class Options:
     modes: tuple = MODES
     device: str = "cpu"
     kinks: str = "any"  # at an exact kink, a user's function may take "any" one-sided derivative, or "torch"'s
+    # An extra allowance, for code that knowingly trades accuracy: rtol * |reference| + atol.
+    rtol: float = 0.0
+    atol: float = 0.0
 
     @property
     def dtype_name(self) -> str:
@@ -136,21 +139,23 @@ class _Comparison:
     dtype: torch.dtype
     tangents: bool = False  # the failing point is shown with its tangents
     details: dict = field(default_factory=dict)
+    slack: tuple = (0.0, 0.0)  # the options' (rtol, atol); claims compare two formulas and get none
 
 
-def _comparisons(prepared: Plan, subject, reference: ReferenceSide, actual: TorchSide, dtype: torch.dtype):
+def _comparisons(prepared: Plan, subject, reference: ReferenceSide, actual: TorchSide, dtype: torch.dtype,
+                 slack: tuple = (0.0, 0.0)):
     """Every check of a batch, in the order a failure is reported; a raised call's Failure where
     its check would be."""
     spec = prepared.spec
     output = spec.output
     for name, array in actual.values.items():
         yield _Comparison("value", f"the value of {name}", reference.values[name], array,
-                          (name, prepared.values[name].tensor), _line(spec, name), dtype)
+                          (name, prepared.values[name].tensor), _line(spec, name), dtype, slack=slack)
     for name in _backward_order(spec, actual.gradients):
         blame = _blame(spec, name) if isinstance(subject, SpecSubject) else ""
         yield _Comparison("gradient", f"∂{output}/∂{name}", reference.gradients[name], actual.gradients[name],
                           (f"∂{output}/∂{name}", prepared.gradients[name].tensor), _line(spec, name), dtype,
-                          details={"blame": blame})
+                          details={"blame": blame}, slack=slack)
     for claim, ((claimed, claimed_error), (derivative, error)) in zip(prepared.claims, reference.claimed):
         label = f"∂{output}/∂{claim.wrt}" if claim.kind == "grad" else f"∂²{output}/∂{claim.wrt}²"
         with np.errstate(over="ignore"):  # two float64 formulas: both carry rounding
@@ -163,7 +168,7 @@ def _comparisons(prepared: Plan, subject, reference: ReferenceSide, actual: Torc
     elif actual.jvp is not None:
         yield _Comparison("JVP", f"the JVP of {output}", reference.jvp, actual.jvp,
                           (f"JVP of {output}", prepared.forward_mode().tensor), _line(spec, output), dtype,
-                          tangents=True)
+                          tangents=True, slack=slack)
     for way, products in actual.hvps.items():
         if isinstance(products, Failure):
             yield products
@@ -171,7 +176,7 @@ def _comparisons(prepared: Plan, subject, reference: ReferenceSide, actual: Torc
         for name, array in products.items():
             yield _Comparison("HVP", f"the Hessian-vector product of {name} ({way})", reference.hvps[name], array,
                               (f"HVP of {name}", prepared.second_order()[name].tensor), _line(spec, name), dtype,
-                              tangents=True)
+                              tangents=True, slack=slack)
 
 
 def evaluate(prepared: Plan, subject, example: Example, options: Options, result: Result, rejected: Counter):
@@ -215,8 +220,10 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
             estimate = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order,
                                                                     forward, bounded=False))
             confirmed = np.ones(at.batch, dtype=bool)
-            for comparison in _comparisons(prepared, subject, restricted(estimate, keep), actual, dtype):
-                confirmed &= acceptance.agreeing(*comparison.reference, comparison.actual, comparison.dtype)
+            for comparison in _comparisons(prepared, subject, restricted(estimate, keep), actual, dtype,
+                                           (options.rtol, options.atol)):
+                confirmed &= acceptance.agreeing(*comparison.reference, comparison.actual, comparison.dtype,
+                                                 comparison.slack)
             checked = int(confirmed.sum())
             if not confirmed.all():
                 closely.append((at.at(~confirmed), actual.at(~confirmed)))
@@ -298,11 +305,12 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
         if not isinstance(torch_side, TorchSide):
             return torch_side, 0
         unsettled = np.zeros(at.batch, dtype=bool)
-        for comparison in _comparisons(prepared, subject, restricted(reference, keep), torch_side, dtype):
+        for comparison in _comparisons(prepared, subject, restricted(reference, keep), torch_side, dtype,
+                                       (options.rtol, options.atol)):
             if isinstance(comparison, Failure):
                 return comparison, 0
             failing, close, allowed = acceptance.disagreeing(*comparison.reference, comparison.actual,
-                                                             comparison.dtype)
+                                                             comparison.dtype, slack=comparison.slack)
             for index in np.flatnonzero(failing & ~unsettled):
                 sure[int(np.flatnonzero(keep)[index])] = functools.partial(
                     _failure, prepared.spec, subject, comparison, at, index, allowed[index], options)
@@ -384,7 +392,8 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
         torch_side = _torch_side(prepared, subject, point, options, result) if actual is None else actual.at(only)
         if not isinstance(torch_side, TorchSide):
             return torch_side, 0
-        sides = [_comparisons(prepared, subject, side, torch_side, dtype) for side in [reference, *exact.one_sided]]
+        sides = [_comparisons(prepared, subject, side, torch_side, dtype, (options.rtol, options.atol))
+                 for side in [reference, *exact.one_sided]]
         judged, unbounded = 0, False
         for comparison, *other_sides in zip(*sides):
             if isinstance(comparison, Failure):
@@ -399,7 +408,7 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
                                                                                           other_sides)):
                 continue
             _, _, allowed = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.dtype,
-                                                   exact=True)
+                                                   exact=True, slack=comparison.slack)
             failure = _failure(prepared.spec, subject, comparison, point, 0, allowed[0], options)
             failure.notes.append(f"decided by the exact pass (arb balls at {exact.bits} bits)")
             if exact.one_sided:
@@ -420,7 +429,8 @@ KINKS = ("any", "torch")
 
 
 def _agrees_exactly(comparison) -> bool:
-    failing, _, _ = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.dtype, exact=True)
+    failing, _, _ = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.dtype, exact=True,
+                                           slack=comparison.slack)
     return not failing.any()
 
 

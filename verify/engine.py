@@ -8,6 +8,7 @@ counterexample into a ``Mismatch``.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import time
 from collections import Counter
@@ -30,7 +31,7 @@ from .subject import FunctionSubject, function_name
 from .tolerance import UNIT_ROUNDOFF
 
 
-def _validated(dtype, order, modes, device, kinks="any") -> Options:
+def _validated(dtype, order, modes, device, kinks="any", rtol=0.0, atol=0.0) -> Options:
     if dtype not in UNIT_ROUNDOFF:
         raise ValueError("dtype must be one of torch.float64, torch.float32, torch.bfloat16, torch.float16; "
                          f"got {dtype}")
@@ -41,7 +42,10 @@ def _validated(dtype, order, modes, device, kinks="any") -> Options:
         raise ValueError(f"modes must be a non-empty subset of {MODES}; got {modes!r}")
     if kinks not in KINKS:
         raise ValueError(f"kinks must be one of {KINKS}; got {kinks!r}")
-    return Options(dtype, order, modes, str(torch.device(device)), kinks)
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number, at least 0; got {value!r}")
+    return Options(dtype, order, modes, str(torch.device(device)), kinks, float(rtol), float(atol))
 
 
 class _Counterexample(Exception):
@@ -55,7 +59,8 @@ class _Counterexample(Exception):
 
 def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None, dtype: torch.dtype = torch.float64,
         order: int = 1, modes=MODES, device: str = "cpu", database: str | Path | None = None,
-        derandomize: bool = False, sizes: dict | None = None, kinks: str = "any") -> Result:
+        derandomize: bool = False, sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0,
+        atol: float = 0.0) -> Result:
     """Check ``spec``'s torch lowering, or ``fn``, on Hypothesis-drawn batches of points and
     on the spec's example point.
 
@@ -65,7 +70,7 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     others are drawn.
     """
     __tracebackhide__ = True
-    options = _validated(dtype, order, modes, device, kinks)
+    options = _validated(dtype, order, modes, device, kinks, rtol, atol)
     sizes = _validated_sizes(spec, sizes)
     if seed is None:
         seed = stable_seed(spec.source, options.dtype_name) if derandomize else random.SystemRandom().randrange(2**31)
@@ -164,6 +169,8 @@ def _reproduce_line(spec: Spec, fn, seed: int, options: Options, sizes: dict) ->
     if options.modes != MODES:
         extras.append(f"modes={options.modes!r}")
     if fn is not None:
+        extras += [f"kinks={options.kinks!r}"] if options.kinks != "any" else []
+        extras += [f"{name}={value!r}" for name, value in (("rtol", options.rtol), ("atol", options.atol)) if value]
         return f"verify.check_function({function_name(fn)}, spec, seed={seed}" + "".join(
             f", {e}" for e in extras) + ")"
     if spec.path:

@@ -49,6 +49,11 @@ certifies itself.) A backward that returns 1 there is 1 away, and fails; the gra
 another input, through other ops, gets none of tanh's room.
 
 Claims compare two formulas of the reference, so they use the float64 row.
+
+Code that knowingly trades accuracy (a fast approximation, a fused kernel that computes in a
+narrower dtype) states it per call: ``check_function(..., rtol=1e-3, atol=1e-6)`` adds
+``rtol * |reference| + atol`` to every value and derivative comparison, as
+``torch.testing.assert_close`` would, and the report shows the allowance with it.
 """
 
 from __future__ import annotations
@@ -64,6 +69,13 @@ def allowed_error(reference: np.ndarray, error_bound: np.ndarray, dtype: torch.d
     """The largest |torch - reference| accepted at each element, by the rule above."""
     u = UNIT_ROUNDOFF[dtype]
     return SAFETY * u * (np.abs(reference) + error_bound) + SAFETY * torch.finfo(dtype).tiny
+
+
+def extra_allowance(magnitude: np.ndarray, slack: tuple) -> np.ndarray:
+    """The caller's explicit extra allowance, ``rtol * |reference| + atol`` (``slack`` is
+    (rtol, atol)), for code that knowingly trades accuracy: on top of the rule, never in it."""
+    rtol, atol = slack
+    return rtol * magnitude + atol
 
 
 # Values within this factor of the dtype's overflow or underflow threshold are too close to
