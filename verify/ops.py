@@ -140,6 +140,12 @@ def _sinc(a):
     return sympy.Piecewise((sympy.sin(z) / z, sympy.Ne(a, 0)), (1 - z**2 / 6 + z**4 / 120 - z**6 / 5040, True))
 
 
+def _detached(x):
+    """``x.detach()``, still a leaf that collects its gradient: ∂o/∂y of a named ``y =
+    stop_gradient(x)`` is compared like any node's, while nothing flows on into x."""
+    return x.detach().requires_grad_(x.requires_grad)
+
+
 def _elementwise(name, arity, sympy_form, torch_form, domain="all reals", kink="", defined=None, stable=False,
                  differentiable=None):
     return Op(name, "elementwise", arity, sympy_form, torch_form, _elementwise_shape, domain, kink, defined=defined,
@@ -174,6 +180,8 @@ ELEMENTWISE = [
     _elementwise("pos", 1, lambda a: a, lambda a: a.view_as(a)),
     _elementwise("abs", 1, sympy.Abs, torch.abs, kink="abs'(0) = 0"),
     _elementwise("sign", 1, sympy.sign, torch.sign, kink="sign' = 0 everywhere, 0 included"),
+    _elementwise("stop_gradient", 1, functions.stop_gradient, _detached,
+                 kink="the value of x; derivative 0 everywhere (torch's detach)"),
     _elementwise("reciprocal", 1, lambda a: 1 / a, torch.reciprocal, domain="x != 0", defined=lambda a: a != 0),
     _elementwise("square", 1, lambda a: a**2, torch.square),
     _elementwise("sqrt", 1, sympy.sqrt, torch.sqrt, domain="x >= 0 (derivative: x > 0)", defined=lambda a: a >= 0,

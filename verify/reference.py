@@ -525,6 +525,8 @@ class _Compiler:
         return lambda ctx: (np.mod(left(ctx)[0], right(ctx)[0]), 0.0)
 
     def _Function(self, expr, axes, depth):
+        if isinstance(expr, functions.stop_gradient):  # its argument, value and error bound alike
+            return self._args(expr, axes, depth)[0]
         numeric = (balls.FUNCTIONS if self.exact else NUMPY_FUNCTIONS).get(type(expr))
         if numeric is None:
             raise UnsupportedFormula(f"no numeric rule for the function {type(expr).__name__}")

@@ -107,7 +107,29 @@ class power(sympy.Function):
         return True if a.is_positive and b.is_real else None
 
 
-STABLE_FUNCTIONS = (sigmoid, logsigmoid, softplus, expm1, power)
+class stop_gradient(sympy.Function):
+    """The value of its argument, with derivative 0: torch's ``detach``. Numerically it is
+    its argument, error bound included (``verify.reference``)."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:  # a constant: nothing to stop
+            return x
+        return None
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return x
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
+STABLE_FUNCTIONS = (sigmoid, logsigmoid, softplus, expm1, power, stop_gradient)
 
 
 def elementary(expr):
