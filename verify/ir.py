@@ -87,6 +87,7 @@ class Input(Node):
     name: str = ""
     domain: Domain = DOMAINS["Real"]
     example: object = None  # nested lists of numbers, or None
+    data: bool = False  # drawn in its domain, never differentiated (a label, a mask, a target)
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,10 +170,12 @@ class Spec:
 
 
 def depends_on_inputs(node: Node, _memo=None) -> bool:
-    """True when the node's value varies with some input, so it has a gradient to check."""
+    """True when the node's value varies with some differentiated input (not a data input),
+    so it has a gradient to check."""
     memo = {} if _memo is None else _memo
     if id(node) not in memo:
-        memo[id(node)] = isinstance(node, Input) or any(depends_on_inputs(a, memo) for a in node.args)
+        memo[id(node)] = isinstance(node, Input) and not node.data or any(depends_on_inputs(a, memo)
+                                                                          for a in node.args)
     return memo[id(node)]
 
 

@@ -214,4 +214,5 @@ def example_point(spec: Spec, dtype: torch.dtype, tangents: bool = False) -> Exa
 def unit_directions(spec: Spec, sizes: dict, inputs: dict, tangents: bool) -> tuple:
     """A cotangent of ones and (when asked) tangents of ones, for a batch of one point."""
     cotangent = np.ones((1, *concrete_shape(spec.nodes[spec.output].shape, sizes)))
-    return cotangent, ({name: np.ones_like(array) for name, array in inputs.items()} if tangents else None)
+    return cotangent, ({name: np.zeros_like(array) if spec.inputs[name].data else np.ones_like(array)
+                        for name, array in inputs.items()} if tangents else None)

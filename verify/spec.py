@@ -41,7 +41,7 @@ from .ops import CALLABLE, COMPARISON_OPERATORS, NORM_ORDERS, REGISTRY, slice_re
 
 CONSTANTS = {"pi": sympy.pi, "e": sympy.E}
 CLAIM_KINDS = ("grad", "hessian")
-RESERVED = set(REGISTRY) | set(CONSTANTS) | set(DOMAINS) | {"Interval", "inf", *CLAIM_KINDS}
+RESERVED = set(REGISTRY) | set(CONSTANTS) | set(DOMAINS) | {"Interval", "Data", "inf", *CLAIM_KINDS}
 
 BINARY_OPERATORS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.Pow: "pow",
                     ast.MatMult: "matmul"}
@@ -203,11 +203,19 @@ class _Parser:
         if not isinstance(target, ast.Name):
             raise self.error("an input declaration names one input, as in x: Real[n]", target)
         self.check_new_name(target.id, target)
-        domain, shape = self.annotation(statement.annotation)
+        annotation, data = statement.annotation, False
+        holder = annotation.value if isinstance(annotation, ast.Subscript) else annotation
+        if isinstance(holder, ast.Call) and isinstance(holder.func, ast.Name) and holder.func.id == "Data":
+            if len(holder.args) != 1 or holder.keywords:
+                raise self.error("Data takes one domain, as in Data(Interval(0, 1))[n]", holder)
+            data, inner = True, holder.args[0]
+            annotation = ast.Subscript(inner, annotation.slice) if annotation is not holder else inner
+        domain, shape = self.annotation(annotation)
         example = None
         if statement.value is not None:
             example = self.example(statement.value, target.id, domain, shape)
-        self.inputs[target.id] = Input(shape, self.loc(target), name=target.id, domain=domain, example=example)
+        self.inputs[target.id] = Input(shape, self.loc(target), name=target.id, domain=domain, example=example,
+                                       data=data)
         self.locs[target.id] = self.loc(statement)
 
     def annotation(self, node: ast.AST) -> tuple[Domain, tuple]:
@@ -221,7 +229,7 @@ class _Parser:
         return domain, tuple(self.dim(d) for d in elements)
 
     def domain(self, node: ast.AST) -> Domain:
-        hint = f"domains: {', '.join(DOMAINS)}, Interval(a, b)"
+        hint = f"domains: {', '.join(DOMAINS)}, Interval(a, b), each inside Data(...) for a data input"
         if isinstance(node, ast.Name) and node.id in DOMAINS:
             return DOMAINS[node.id]
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Interval":
@@ -305,6 +313,9 @@ class _Parser:
         for name, where in ((of, call.args[0]), (wrt, call.args[1])):
             if name not in self.inputs and name not in self.nodes:
                 raise self.error(f"unknown name {name!r} in the claim", where, hint=self.known_names())
+        if wrt in self.inputs and self.inputs[wrt].data:
+            raise self.error(f"{wrt} is a data input: it has no gradient to claim", call.args[1],
+                             hint="declare it without Data(...) to differentiate it")
         if kind == "hessian" and wrt not in self.inputs:
             raise self.error(f"hessian(o, x) is taken with respect to an input; {wrt} is not one", call.args[1],
                              hint=self.known_names())

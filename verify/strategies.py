@@ -212,6 +212,7 @@ def _draw_points(draw, spec: Spec, dtype: torch.dtype, sizes: dict, batch: int, 
     drawn = None
     if tangents:
         drawn = {name: _draw_directions(draw, array.shape, f"tangent of {name}", materialize)
+                 if not spec.inputs[name].data else np.zeros(array.shape)  # data moves with no tangent
                  for name, array in inputs.items()}
     return Example(sizes, inputs, cotangent, drawn)
 

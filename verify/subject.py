@@ -82,7 +82,7 @@ class SpecSubject:
     def reverse(self, at, value_shapes: dict, gradient_shapes: dict, dtype) -> tuple:
         """(values, gradients, grad_fn names) for a backward seeded with the cotangent; no
         backward runs where ``gradient_shapes`` is empty."""
-        leaves = {name: self._tensor(array, dtype, True) for name, array in at.inputs.items()}
+        leaves = {name: self._tensor(array, dtype, differentiated(self.spec, name)) for name, array in at.inputs.items()}
         outputs = self._run(leaves, at.sizes, dtype)
         if gradient_shapes:
             outputs[self.spec.output].backward(self._tensor(at.cotangent, dtype))
@@ -99,7 +99,7 @@ class SpecSubject:
     def forward(self, at, dtype) -> np.ndarray:
         """The output's tangent (JVP) for the input tangents, by forward-mode AD."""
         with forward_ad.dual_level():
-            duals = {name: forward_ad.make_dual(self._tensor(array, dtype), self._tensor(at.tangents[name], dtype))
+            duals = {name: _dual(self.spec, name, self._tensor(array, dtype), self._tensor(at.tangents[name], dtype))
                      for name, array in at.inputs.items()}
             output = _as_tensor(self._run(duals, at.sizes, dtype)[self.spec.output], dtype)
             tangent = forward_ad.unpack_dual(output).tangent
@@ -111,22 +111,38 @@ class SpecSubject:
         seed = self._tensor(at.cotangent, dtype)
         if over_forward:
             with forward_ad.dual_level():
-                leaves = {name: forward_ad.make_dual(self._tensor(array, dtype, True),
-                                                     self._tensor(at.tangents[name], dtype))
+                leaves = {name: _dual(self.spec, name, self._tensor(array, dtype, differentiated(self.spec, name)),
+                                      self._tensor(at.tangents[name], dtype))
                           for name, array in at.inputs.items()}
                 output = self._run(leaves, at.sizes, dtype)[self.spec.output]
+                wrt = _differentiated_leaves(self.spec, leaves)
                 try:
-                    grads = torch.autograd.grad(output, list(leaves.values()), seed, allow_unused=True)
+                    grads = torch.autograd.grad(output, list(wrt.values()), seed, allow_unused=True)
                 except (NotImplementedError, RuntimeError) as exc:
                     raise ModeUnsupported(f"forward over reverse: {exc}") from None
                 return {name: _array(None if g is None else forward_ad.unpack_dual(g).tangent, shapes[name])
-                        for name, g in zip(leaves, grads)}
-        leaves = {name: self._tensor(array, dtype, True) for name, array in at.inputs.items()}
+                        for name, g in zip(wrt, grads)}
+        leaves = {name: self._tensor(array, dtype, differentiated(self.spec, name)) for name, array in at.inputs.items()}
         output = self._run(leaves, at.sizes, dtype)[self.spec.output]
         tangents = {name: self._tensor(t, dtype) for name, t in at.tangents.items()}
-        grads = torch.autograd.grad(output, list(leaves.values()), seed, create_graph=True, allow_unused=True)
-        products = _products(dict(zip(leaves, grads)), leaves, tangents, torch.autograd.grad)
+        wrt = _differentiated_leaves(self.spec, leaves)
+        grads = torch.autograd.grad(output, list(wrt.values()), seed, create_graph=True, allow_unused=True)
+        products = _products(dict(zip(wrt, grads)), wrt, tangents, torch.autograd.grad)
         return {name: _array(p, shapes[name]) for name, p in products.items()}
+
+
+def differentiated(spec: Spec, name: str) -> bool:
+    """Whether an input is differentiated: a data input (a label, a mask) gets no gradient."""
+    return not spec.inputs[name].data
+
+
+def _differentiated_leaves(spec: Spec, leaves: dict) -> dict:
+    return {name: leaf for name, leaf in leaves.items() if differentiated(spec, name)}
+
+
+def _dual(spec: Spec, name: str, tensor, tangent):
+    """A forward-mode input: the tensor with its tangent, or a data input as it is."""
+    return forward_ad.make_dual(tensor, tangent) if differentiated(spec, name) else tensor
 
 
 def _products(grads: dict, leaves: dict, tangents: dict, grad) -> dict:
@@ -193,14 +209,16 @@ class FunctionSubject:
     def reverse(self, at, value_shapes: dict, gradient_shapes: dict, dtype) -> tuple:
         output_name = self.spec.output
         output_shape = value_shapes[output_name]
-        values, gradients = [], {name: [] for name in self.spec.inputs}
+        values, gradients = [], {name: [] for name in self.spec.inputs if differentiated(self.spec, name)}
         for point in range(at.batch):
-            leaves = {name: self._tensor(array[point], dtype, True) for name, array in at.inputs.items()}
+            leaves = {name: self._tensor(array[point], dtype, differentiated(self.spec, name))
+                      for name, array in at.inputs.items()}
             output = self._call("value", point, list(leaves.values()), output_shape)
             values.append(_array(output, output_shape))
             if not gradient_shapes:
                 continue
-            grads = self._gradients("gradient", point, output, leaves, self._tensor(at.cotangent[point], dtype))
+            grads = self._gradients("gradient", point, output, _differentiated_leaves(self.spec, leaves),
+                                    self._tensor(at.cotangent[point], dtype))
             for name, grad in grads.items():
                 gradients[name].append(_array(grad, leaves[name].shape))
         grad_fns = dict.fromkeys(gradients, self.name)
@@ -211,8 +229,8 @@ class FunctionSubject:
         results = []
         for point in range(at.batch):
             with forward_ad.dual_level():
-                duals = [forward_ad.make_dual(self._tensor(array[point], dtype),
-                                              self._tensor(at.tangents[name][point], dtype))
+                duals = [_dual(self.spec, name, self._tensor(array[point], dtype),
+                               self._tensor(at.tangents[name][point], dtype))
                          for name, array in at.inputs.items()]
                 output = self._call("JVP", point, duals, output_shape)
                 results.append(_array(forward_ad.unpack_dual(output).tangent, output_shape))
@@ -220,23 +238,27 @@ class FunctionSubject:
 
     def second(self, at, dtype, over_forward: bool) -> dict:
         output_shape = at.cotangent.shape[1:]
-        results = {name: [] for name in at.inputs}
+        results = {name: [] for name in at.inputs if differentiated(self.spec, name)}
         for point in range(at.batch):
             seed = self._tensor(at.cotangent[point], dtype)
             tangents = {name: self._tensor(t[point], dtype) for name, t in at.tangents.items()}
             if over_forward:
                 with forward_ad.dual_level():
-                    leaves = {name: forward_ad.make_dual(self._tensor(array[point], dtype, True), tangents[name])
+                    leaves = {name: _dual(self.spec, name,
+                                          self._tensor(array[point], dtype, differentiated(self.spec, name)),
+                                          tangents[name])
                               for name, array in at.inputs.items()}
                     output = self._call("HVP", point, list(leaves.values()), output_shape)
-                    grads = self._gradients("HVP", point, output, leaves, seed)
+                    grads = self._gradients("HVP", point, output, _differentiated_leaves(self.spec, leaves), seed)
                     products = {name: None if g is None else forward_ad.unpack_dual(g).tangent
                                 for name, g in grads.items()}
             else:
-                leaves = {name: self._tensor(array[point], dtype, True) for name, array in at.inputs.items()}
+                leaves = {name: self._tensor(array[point], dtype, differentiated(self.spec, name))
+                          for name, array in at.inputs.items()}
                 output = self._call("HVP", point, list(leaves.values()), output_shape)
-                grads = self._gradients("HVP", point, output, leaves, seed, create_graph=True)
-                products = _products(grads, leaves, tangents,
+                wrt = _differentiated_leaves(self.spec, leaves)
+                grads = self._gradients("HVP", point, output, wrt, seed, create_graph=True)
+                products = _products(grads, wrt, tangents,
                                      lambda outputs, wrt, seeds, allow_unused, point=point:
                                      self._grad("HVP", point, outputs, wrt, seeds))
             for name, product in products.items():

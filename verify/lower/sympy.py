@@ -521,7 +521,8 @@ def forward_chain(spec: Spec, tracked: dict, sizes: dict | None = None) -> dict:
             continue
         others = {n: m for n, m in operands.items() if n is not node}
         step = SympyLowering(spec, others, sizes).tensor(node)
-        tangents[name] = directional_derivative(step, spec, {m: n for n, m in tracked.items() if n is not node})
+        moving = {m: n for n, m in tracked.items() if n is not node and depends_on_inputs(n)}
+        tangents[name] = directional_derivative(step, spec, moving)
     return tangents
 
 
