@@ -369,3 +369,17 @@ def test_an_explicit_rtol_admits_code_that_trades_accuracy_and_no_more():
 def test_an_extra_allowance_must_be_a_finite_non_negative_number():
     with pytest.raises(ValueError, match="atol must be a finite number"):
         verify.check_function(torch.tanh, "x: Real[n]\ny = tanh(x)", atol=-1.0)
+
+
+def test_a_wrong_gradient_where_the_spec_is_ill_conditioned_but_bounded_is_caught():
+    # Below x = 36.7, acosh(1 + exp(-x))'s steps lose digits (1 + exp(-30) keeps 3 of them in
+    # its difference from 1), and the chain-rule model's allowance grows with that; a gradient
+    # 10% off there is still far outside it.
+    def forward(x):
+        return torch.acosh(1 + torch.exp(-x))
+
+    def backward(x, g):
+        return g * -torch.exp(-x / 2) / torch.sqrt(2 + torch.exp(-x)) * 1.1
+
+    spec = "x: Interval(30, 35)[n]\ny = acosh(1 + exp(-x))"
+    assert _caught(_function(forward, backward), spec, torch.float64).failure.check == "gradient"
