@@ -15,8 +15,9 @@ a planted bug in its regime (``tests/test_acceptance.py``):
 4. **Too close to call.** A comparison, kink or tie is within rounding of its boundary in
    the float64 pass, where torch may go either way. In the exact pass, one check is
    rejected (not its point) where one rounding of the spec's steps reaches a singularity of
-   it, so that no finite allowance exists: ``acosh(1 + exp(-x))`` at x = 40 in float64, whose 1 + exp(-x) rounds to 1, where acosh'
-   is infinite. A Hessian-vector product differentiates the backward, so it goes with them.
+   it, so that no finite allowance exists: ``acosh(1 + exp(-x))`` at x = 40 in float64,
+   whose 1 + exp(-x) rounds to 1, where acosh' is infinite. A Hessian-vector product
+   differentiates the backward, so it goes with them.
 
 Each rule is applied only where the reference can tell. A float64 value with a finite,
 small error bound can tell; a value whose bound was lost (a float64 step overflowed or

@@ -48,6 +48,10 @@ class Options:
     atol: float = 0.0
 
     @property
+    def slack(self) -> tuple:
+        return self.rtol, self.atol
+
+    @property
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
 
@@ -221,7 +225,7 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
                                                                     forward, bounded=False))
             confirmed = np.ones(at.batch, dtype=bool)
             for comparison in _comparisons(prepared, subject, restricted(estimate, keep), actual, dtype,
-                                           (options.rtol, options.atol)):
+                                           options.slack):
                 confirmed &= acceptance.agreeing(*comparison.reference, comparison.actual, comparison.dtype,
                                                  comparison.slack)
             checked = int(confirmed.sum())
@@ -306,7 +310,7 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
             return torch_side, 0
         unsettled = np.zeros(at.batch, dtype=bool)
         for comparison in _comparisons(prepared, subject, restricted(reference, keep), torch_side, dtype,
-                                       (options.rtol, options.atol)):
+                                       options.slack):
             if isinstance(comparison, Failure):
                 return comparison, 0
             failing, close, allowed = acceptance.disagreeing(*comparison.reference, comparison.actual,
@@ -392,7 +396,7 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
         torch_side = _torch_side(prepared, subject, point, options, result) if actual is None else actual.at(only)
         if not isinstance(torch_side, TorchSide):
             return torch_side, 0
-        sides = [_comparisons(prepared, subject, side, torch_side, dtype, (options.rtol, options.atol))
+        sides = [_comparisons(prepared, subject, side, torch_side, dtype, options.slack)
                  for side in [reference, *exact.one_sided]]
         judged, unbounded = 0, False
         for comparison, *other_sides in zip(*sides):

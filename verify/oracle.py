@@ -372,12 +372,12 @@ def _evaluated(prepared: Plan, point: Example, dtype: torch.dtype, order: int, f
                 adjoints[label] = chained[label].exact(ctx)
                 ctx.env[adjoint_name(label)] = adjoints[label][0], np.zeros(np.shape(adjoints[label][0]))
         derivatives = {name: adjoints[name] for name in prepared.gradients}
-        if forward:
+        if forward:  # and a JVP's, forward mode's: op by op from the inputs
             chained = prepared.chained_forward()
             for label in prepared.nodes:
                 if label in chained:
-                    jvp = chained[label].exact(ctx)
-                    ctx.env[tangent_name(label)] = jvp[0], np.zeros(np.shape(jvp[0]))
+                    tangent, _ = chained[label].exact(ctx)
+                    ctx.env[tangent_name(label)] = tangent, np.zeros(np.shape(tangent))
             jvp = ctx.env[tangent_name(prepared.spec.output)]
     side = ReferenceSide(values, *reference_derivatives(prepared, point, ctx, values, order, forward, bounded=False,
                                                         exact=True, derivatives=derivatives, jvp=jvp))
