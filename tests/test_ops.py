@@ -74,6 +74,21 @@ ROWS.update({
     "stack": "x: Real[n]\ny: Real[n]\nS = stack(x, y * x, axis=1)\no = sum(S ** 3)",
     "slice": "x: Real[n]\nA: Real[n, m]\no = sum(x[1:] * x[:-1]) + x[0] * x[-1] + sum(A[:, 0] ** 2)",
     "stop_gradient": "x: Real[n]\nw: Real[n]\ny = x + stop_gradient(x * w - x)\no = sum(y * y)",
+    "round": "x: Real[n]\no = sum(round(x) * x)",
+    "floor": "x: Real[n]\no = sum(floor(x) * x)",
+    "ceil": "x: Real[n]\no = sum(ceil(x) * x)",
+    "trunc": "x: Real[n]\no = sum(trunc(x) * x)",
+    "clamp": "x: Real[n]\nlo: Real\nhi: Real\no = sum(clamp(x, lo, hi) * x) + sum(clamp(x, -1, 1) ** 2)",
+    "logical_and": "x: Real[n]\ny: Real[n]\no = sum(where(x > 0 and y < 1, x * y, y))",
+    "logical_or": "x: Real[n]\no = sum(where(x < -1 or x > 1, x * x, x))",
+    "logical_not": "x: Real[n]\no = sum(where(not x > 0, x * x, x))",
+    "take": "z: Real[b, c]\nt: Integer(0, c)[b]\nk: Integer(0, c)[b, m]\no = sum(take(z, t) ** 2) + sum(take(z, k) * z[:, :1])",
+    "one_hot": "z: Real[b, c]\nt: Integer(0, c)[b]\no = -sum(one_hot(t, c) * log_softmax(z, axis=1))",
+    "index": "E: Real[k, d]\nt: Integer(0, k)[n]\no = sum(E[t] ** 3)",
+    "sort": "x: Real[n]\nw: Real[n]\no = sum(sort(x) * w) + sum(sort(x, descending=True) * x)",
+    "topk": "x: Real[n]\no = sum(topk(x, 2) ** 2)",
+    "argmax": "A: Real[m, n]\no = sum(take(A * A, argmax(A, axis=1)))",
+    "argmin": "A: Real[m, n]\nB: Real[m, n]\no = sum(take(B, argmin(A, axis=1)) * A[:, 0])",
     "det": "A: Real[n, n]\no = det(A)",
     "inv": "A: Real[n, n]\nb: Real[n]\no = sum(inv(A) @ b)",
 })
@@ -81,7 +96,9 @@ ROWS.update({
 # A false claim per row: dropping the inner derivative (2 * y), or a derivative of zero.
 FALSE_CLAIMS = {op: "grad(o, x) == 2 * y" for op in [*UNARY_REAL, *UNARY_DOMAIN]}
 FALSE_CLAIMS.update({"relu": "grad(o, x) == 2 * x", "sign": "grad(o, x) == 1 + 0 * x",
-                     "stop_gradient": "grad(o, x) == 2 * y * w"})  # as if the gradient flowed on
+                     "stop_gradient": "grad(o, x) == 2 * y * w",  # as if the gradient flowed on
+                     # as if rounding passed the gradient straight through
+                     **{op: f"grad(o, x) == {op}(x) + x" for op in ("round", "floor", "ceil", "trunc")}})
 # torch's own inaccuracies found by these rows, kept as findings rather than tolerated, with
 # the check that finds them: digamma's backward (trigamma) is off by 5e-10 relative at x = 1
 # in float64; logcumsumexp's forward-mode derivative is off by 2.9e-7 at x = [1, 46], and

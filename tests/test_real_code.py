@@ -1,6 +1,8 @@
 """Constructs that real gradient code needs (the "real code" issues), each checked against
 torch's own code where it has one, in float64 and float32."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,5 +110,272 @@ def test_a_wrong_gradient_beside_a_data_input_is_caught():
     ("t: Data(Real)[n]\no = sum(t * t)", "does not depend on any input"),
 ])
 def test_data_inputs_misused_are_spec_errors(text, message):
+    with pytest.raises(verify.SpecError, match=message):
+        verify.check(text, max_examples=1)
+
+
+# -- integer inputs: labels and indices ------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CROSS_ENTROPY = (EXAMPLES / "cross_entropy.vspec").read_text()
+NLL_OF_LOG_SOFTMAX = "z: Real[b, c]\nt: Integer(0, c)[b]\no = -mean(take(log_softmax(z, axis=1), t))"
+ONE_HOT_ENTROPY = "z: Real[b, c]\nt: Integer(0, c)[b]\no = -sum(one_hot(t, c) * log_softmax(z, axis=1)) / b"
+
+
+class CrossEntropyWithoutTheMean(torch.autograd.Function):
+    """A fused cross-entropy whose hand-written backward forgets to divide by the batch."""
+
+    @staticmethod
+    def forward(ctx, z, t):
+        ctx.save_for_backward(z, t)
+        return torch.nn.functional.cross_entropy(z, t)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, t = ctx.saved_tensors
+        return g * (torch.softmax(z, 1) - torch.nn.functional.one_hot(t, z.shape[1]).to(z.dtype)), None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [CROSS_ENTROPY, NLL_OF_LOG_SOFTMAX, ONE_HOT_ENTROPY],
+                         ids=["cross_entropy.vspec", "take of log_softmax", "one_hot"])
+def test_cross_entropy_with_integer_targets_matches_torch(spec, dtype):
+    F = torch.nn.functional
+    for fn in (F.cross_entropy, lambda z, t: F.nll_loss(F.log_softmax(z, 1), t),
+               lambda z, t: -(F.one_hot(t, z.shape[1]) * F.log_softmax(z, 1)).sum() / z.shape[0]):
+        assert verify.check_function(fn, spec, dtype=dtype, seed=0, max_examples=15).points > 0
+    assert verify.check(spec, dtype=dtype, seed=0, max_examples=15).points > 0
+
+
+def test_a_cross_entropy_backward_that_forgets_the_mean_is_caught():
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(CrossEntropyWithoutTheMean.apply, CROSS_ENTROPY, seed=0, max_examples=30,
+                              modes=("rev",))
+    assert caught.value.failure.subject == "∂o/∂z"
+    assert "t = torch.tensor([" in caught.value.failure.snippet and "dtype=torch.int64)" in caught.value.failure.snippet
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_picked_by_integers_scatter_their_gradient_back(dtype):
+    spec = "E: Real[k, d]\nt: Integer(0, k)[n]\no = sum(E[t] ** 2)"
+    assert verify.check_function(lambda E, t: (E[t] ** 2).sum(), spec, dtype=dtype, seed=0, max_examples=20).points
+    with pytest.raises(verify.Mismatch) as caught:  # each repeat of a row must add its own gradient
+        verify.check_function(lambda E, t: (E[t.unique()] ** 2).sum() * len(t) / len(t.unique()), spec,
+                              dtype=dtype, seed=0, max_examples=30, modes=("rev",))
+    assert caught.value.failure.check in ("value", "gradient")
+
+
+# -- discrete and piecewise ops ---------------------------------------------------------------
+
+QUANTIZE_STE = "x: Real[n]\ny = x + stop_gradient(round(x) - x)\no = sum(y * y)"
+
+
+class RoundStraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class RoundWithRoundsGradient(RoundStraightThrough):
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g)  # round's own derivative: no gradient reaches x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_round_with_a_straight_through_wrapper_matches_torch(dtype):
+    def quantized(x):
+        return (RoundStraightThrough.apply(x) ** 2).sum()
+    assert verify.check_function(quantized, QUANTIZE_STE, dtype=dtype, seed=0, max_examples=30,
+                                 modes=("rev",)).points > 0
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(lambda x: (RoundWithRoundsGradient.apply(x) ** 2).sum(), QUANTIZE_STE, dtype=dtype,
+                              seed=0, max_examples=30, modes=("rev",))
+    assert caught.value.failure.check == "gradient"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_floor_ceil_trunc_and_clamp_match_torch(dtype):
+    spec = "x: Real[n]\nlo: Real\nhi: Real\no = sum(floor(x) * x + ceil(x) ** 2 + trunc(x) * clamp(x, lo, hi))"
+    def fn(x, lo, hi):
+        return (torch.floor(x) * x + torch.ceil(x) ** 2 + torch.trunc(x) * torch.clamp(x, lo, hi)).sum()
+    assert verify.check_function(fn, spec, dtype=dtype, seed=0, max_examples=30).points > 0
+    with pytest.raises(verify.Mismatch) as caught:  # a clamp that lets the gradient through everywhere
+        verify.check_function(lambda x: x + (torch.clamp(x, -1, 1) - x).detach() + 0 * x,
+                              "x: Real[n]\ny = clamp(x, -1, 1)", dtype=dtype, seed=0, max_examples=30)
+    assert caught.value.failure.check in ("gradient", "JVP")
+
+
+class SortWithoutThePermutation(torch.autograd.Function):
+    """torch.sort whose backward hands the gradient to the sorted positions, not back to where each came from."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.sort(x).values
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sort_and_topk_match_torch(dtype):
+    spec = "x: Real[n]\nw: Real[n]\no = sum(sort(x) * w) + sum(topk(x, 2) ** 2)"
+    def fn(x, w):
+        return (torch.sort(x).values * w).sum() + (torch.topk(x, 2).values ** 2).sum()
+    assert verify.check_function(fn, spec, dtype=dtype, seed=0, max_examples=30).points > 0
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(lambda x, w: (SortWithoutThePermutation.apply(x) * w).sum()
+                              + (torch.topk(x, 2).values ** 2).sum(), spec, dtype=dtype, seed=0, max_examples=30,
+                              modes=("rev",))
+    assert caught.value.failure.subject == "∂o/∂x"
+
+
+SPARSEMAX = """z: Real[n]
+s = sort(z, descending=True)
+k = cumsum(s * 0 + 1)
+support = where(1 + k * s > cumsum(s), 1, 0)
+tau = (sum(support * s) - 1) / sum(support)
+p = relu(z - tau)"""
+
+
+def sparsemax(z):
+    """Sparsemax in plain torch (Martins and Astudillo, 2016), as entmax's reference writes it."""
+    s = torch.sort(z, descending=True).values
+    k = torch.arange(1, len(z) + 1, dtype=z.dtype)
+    support = (1 + k * s > s.cumsum(0)).sum()
+    tau = (s.cumsum(0)[support - 1] - 1) / support
+    return torch.clamp(z - tau, min=0)
+
+
+class SparsemaxWithDenseBackward(torch.autograd.Function):
+    """sparsemax with the softmax-style backward pasted in: the support is ignored."""
+
+    @staticmethod
+    def forward(ctx, z):
+        p = sparsemax(z)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return g - (g * p).sum()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparsemax_for_any_n_matches_plain_torch(dtype):
+    result = verify.check_function(sparsemax, SPARSEMAX, dtype=dtype, seed=0, max_examples=30)
+    assert result.points > 0
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(SparsemaxWithDenseBackward.apply, SPARSEMAX, dtype=dtype, seed=0, max_examples=30,
+                              modes=("rev",))
+    assert caught.value.failure.check == "gradient"
+
+
+NEAREST_CODE = """x: Real[d]
+E: Real[k, d]
+q = E[argmin(sum((E - x) ** 2, axis=1))]
+y = x + stop_gradient(q - x)
+o = sum(y * y) + sum(q * q)"""
+
+
+def test_a_nearest_codebook_quantizer_with_argmin_matches_torch():
+    def quantizer(x, E):
+        q = E[torch.argmin(((E - x) ** 2).sum(1))]
+        y = x + (q - x).detach()
+        return (y * y).sum() + (q * q).sum()
+    assert verify.check_function(quantizer, NEAREST_CODE, seed=0, max_examples=30).points > 0
+    with pytest.raises(verify.Mismatch) as caught:  # the codebook's own gradient forgotten
+        verify.check_function(lambda x, E: quantizer(x, E.detach()), NEAREST_CODE, seed=0, max_examples=30,
+                              modes=("rev",))
+    assert caught.value.failure.subject == "∂o/∂E"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compound_conditions_in_where_match_torch(dtype):
+    spec = "x: Real[n]\ny: Real[n]\no = sum(where(-1 < x < 1 and not y > x or y > 2, x * y, y))"
+    def fn(x, y):
+        return torch.where(((-1 < x) & (x < 1) & ~(y > x)) | (y > 2), x * y, y).sum()
+    assert verify.check_function(fn, spec, dtype=dtype, seed=0, max_examples=30).points > 0
+    with pytest.raises(verify.Mismatch):  # `or` read as `and`
+        verify.check_function(lambda x, y: torch.where(((-1 < x) & (x < 1) & ~(y > x)) & (y > 2), x * y, y).sum(),
+                              spec, dtype=dtype, seed=0, max_examples=30)
+
+
+# -- modules and tuple outputs ----------------------------------------------------------------
+
+# Bounded inputs: x @ W.T overflows float64 from about 1e154 on, in the module as in the spec.
+LAYER = ("x: Interval(-100, 100)[b, n]\nlin_weight: Interval(-100, 100)[m, n]\nlin_bias: Interval(-100, 100)[m]\n"
+         "o = sum(tanh(x @ lin_weight.T + lin_bias) ** 2)")
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, backward_bias_scale=1.0):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+        self.scale = backward_bias_scale
+
+    def forward(self, x):
+        bias = self.lin.bias * self.scale + (self.lin.bias * (1 - self.scale)).detach()
+        return (torch.tanh(x @ self.lin.weight.T + bias) ** 2).sum()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_module_is_checked_with_its_parameters_bound_by_name(dtype):
+    result = verify.check_function(Layer().to(dtype), LAYER, dtype=dtype, seed=0, max_examples=20)
+    assert result.points > 0
+    renamed = LAYER.replace("lin_weight", "W").replace("lin_bias", "c")
+    assert verify.check_function(Layer().to(dtype), renamed, dtype=dtype, seed=0, max_examples=5,
+                                 parameters={"W": "lin.weight", "c": "lin.bias"}).points > 0
+    with pytest.raises(verify.Mismatch) as caught:  # the bias's gradient halved
+        verify.check_function(Layer(0.5).to(dtype), LAYER, dtype=dtype, seed=0, max_examples=20, modes=("rev",))
+    assert caught.value.failure.subject == "∂o/∂lin_bias"
+    assert "verify.check_function(Layer, spec, seed=0" in str(caught.value)  # bound by name: nothing more to pass
+
+
+@pytest.mark.parametrize("text, message", [
+    (LAYER.replace("lin_bias: Interval(-100, 100)[m]\n", "").replace(" + lin_bias", ""),
+     "lin.bias of Layer are not inputs"),
+    (LAYER.replace("[b, n]", "[b, 2]").replace("[m, n]", "[m, 2]"), "lin_weight is declared"),
+])
+def test_a_module_that_does_not_fit_its_spec_is_a_spec_error(text, message):
+    with pytest.raises(verify.SpecError, match=message):
+        verify.check_function(Layer(), text, max_examples=1)
+
+
+MOMENTS = "x: Real[n]\nm = mean(x)\nv = mean((x - m) ** 2)"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_function_returning_a_tuple_is_checked_against_named_outputs(dtype):
+    assert verify.check_function(lambda x: (x.mean(), x.var(unbiased=False)), MOMENTS, dtype=dtype, seed=0,
+                                 max_examples=30, outputs=("m", "v")).points > 0
+    with pytest.raises(verify.Mismatch) as caught:  # the second output's gradient dropped
+        verify.check_function(lambda x: (x.mean(), x.detach().var(unbiased=False)), MOMENTS, dtype=dtype, seed=0,
+                              max_examples=30, outputs=("m", "v"), modes=("rev",))
+    assert caught.value.failure.check == "gradient"
+    assert "outputs=('m', 'v')" in str(caught.value)
+
+
+# -- misuse is a SpecError with its place ------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("z: Real[n]\nt: Integer(0, n)[n]\no = sum(t * z)", "t holds integers .* mul takes real numbers"),
+    ("z: Real[n]\nt: Integer(0, n)[n]\no = sum(z) + sum(stop_gradient(t))", "t holds integers: it has no gradient to stop"),
+    ("z: Real[b, c]\nt: Real[b]\no = sum(take(z, t))", "take takes integers here, and t is not"),
+    ("z: Real[b, 3]\nt: Integer(0, 5)[b]\no = sum(take(z, t))", "reach 5 - 1, past axis 1 of z"),
+    ("z: Real[b, c]\nt: Integer(-1, c)[b]\no = sum(take(z, t))", "may be negative"),
+    ("t: Integer(0, 5)[b]\nz: Real[b, 3]\no = sum(one_hot(t, 3) * z)", "reach 5 - 1, past the classes"),
+    ("x: Real[n]\no = sum(topk(x))", "topk needs k"),
+    ("t: Integer(3, 3)[n]\nx: Real[n]\no = sum(x)", "is empty"),
+    ("t: Integer(0, 2)[n] = [0, 2]\nx: Real[n]\no = sum(x)", "outside its domain"),
+    ("x: Real[n]\no = sum(where(x > 0 and x, x, 0))", "the condition of where is a comparison"),
+])
+def test_integers_misused_are_spec_errors(text, message):
     with pytest.raises(verify.SpecError, match=message):
         verify.check(text, max_examples=1)

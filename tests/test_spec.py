@@ -127,7 +127,7 @@ BAD_SPECS = [
     ("x: Real\no = x\nx += 1", 3, 1, "an augmented assignment is not allowed"),
     ("x: Real\nx", 2, 1, "a bare expression is not allowed"),
     ("x: Real[n]\no = sum(x[::2])", 2, 13, "slices take no step"),
-    ("x: Real[n]\no = where(x, x, 0)", 2, 11, "the condition of where is one comparison"),
+    ("x: Real[n]\no = where(x, x, 0)", 2, 11, "the condition of where is a comparison"),
     ("x: Real[n]\no = where(1 < 2, x, 0)", 2, 11, "compares two constants"),
     ("x: Real[n]\no = norm(x, p=3)", 2, 15, "p is 1, 2 or inf"),
     ("x: Real[n]\no = concat(x)", 2, 5, "concat takes two or more arguments"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import engine
+from . import binding, engine
 from .errors import SpecError
 from .ir import Spec
 from .report import Result
@@ -60,7 +60,8 @@ def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
 def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, order: int = 1,
                    modes=("rev", "fwd"), max_examples: int = 100, seed: int | None = None,
                    device: str = "cpu", database: str | Path | None = None, derandomize: bool = False,
-                   sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0, atol: float = 0.0) -> Result:
+                   sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0, atol: float = 0.0,
+                   outputs: tuple | None = None, parameters: dict | None = None) -> Result:
     """Check ``fn`` (a custom ``autograd.Function``'s ``apply``, a fused op, a module) against
     the math of ``spec``.
 
@@ -77,12 +78,25 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
     ``rtol * |reference| + atol`` to every comparison's allowance, as ``assert_close`` would.
     ``database``, ``derandomize`` and ``sizes`` are as for ``check``.
 
+    An ``nn.Module`` is checked with its parameters as spec inputs: each binds the input
+    named as it is (dots made underscores; ``parameters={"W": "0.weight"}`` binds by hand),
+    their gradients are compared too, and their shapes fix the sizes they use. ``forward``
+    takes the other inputs. A function that returns a tuple names the spec's nodes it
+    returns, in order: ``outputs=("mean", "var")``.
+
     >>> import torch
     >>> check_function(torch.tanh, "x: Real[n]\\ny = tanh(x)", seed=0).points > 0
     True
     """
     __tracebackhide__ = True
     parsed = parse(spec) if isinstance(spec, str) else spec
+    if isinstance(fn, torch.nn.Module):
+        fn, fixed = binding.bind_module(fn, parsed, parameters)
+        sizes = {**fixed, **(sizes or {})}
+    elif parameters is not None:
+        raise TypeError("parameters= binds a module's parameters; fn is no nn.Module")
+    if outputs is not None:
+        fn, parsed = binding.combine_outputs(fn, parsed, tuple(outputs))
     return engine.run(parsed, fn=fn, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
                       device=device, database=database, derandomize=derandomize, sizes=sizes, kinks=kinks,
                       rtol=rtol, atol=atol)

@@ -88,6 +88,18 @@ def exactly(ties: int = 0):
 
 
 @contextlib.contextmanager
+def ties_settled():
+    """Comparisons that order elements (a sort, an argmax): an exact tie is settled by the
+    order's own rule, so it is neither taken from a side nor noted as a kink."""
+    saved = MODE.ties, MODE.tied
+    MODE.ties = 0
+    try:
+        yield
+    finally:
+        MODE.ties, MODE.tied = saved
+
+
+@contextlib.contextmanager
 def modelled(unit_roundoff: float, tiny: float, largest: float, linear: bool = True):
     """Run the block in the modelled mode (above) for a dtype of ``unit_roundoff`` whose
     smallest normal number is ``tiny``, on inputs up to ``largest`` in magnitude; yields the
@@ -184,7 +196,35 @@ def _sign(x):
     return _decided_sign(x)
 
 
+def _step(kind: str):
+    """A rounding to integers on a ball: the side of the jump nearest it is decided like a
+    sign (an exact tie is the value at the jump)."""
+    def step(x):
+        x = _ball(x)
+        if x.is_nan():
+            raise Undecided("an undefined value")
+        middle = x.mid()
+        if kind == "round":  # jumps at half-integers
+            below = int(middle.floor().unique_fmpz())
+            side = _decided_sign(x - below - arb(0.5))
+            if side == 0:
+                return below if below % 2 == 0 else below + 1
+            return below + (side > 0)
+        below = int(middle.floor().unique_fmpz())
+        jump = below + 1 if middle - below >= arb(0.5) else below  # the nearest integer
+        side = _decided_sign(x - jump)
+        if side == 0 or kind == "trunc" and jump == 0:  # trunc has no jump at 0
+            return jump
+        if kind == "floor" or kind == "trunc" and jump > 0:
+            return jump if side > 0 else jump - 1
+        return jump + 1 if side > 0 else jump
+
+    return np.frompyfunc(step, 1, 1)
+
+
 FUNCTIONS = {
+    functions.round_half_even: _step("round"), functions.floor_real: _step("floor"),
+    functions.ceil_real: _step("ceil"), functions.trunc_real: _step("trunc"),
     sympy.exp: _ufunc(_exponential(arb.exp)), sympy.log: _ufunc(arb.log), sympy.sin: _ufunc(arb.sin), sympy.cos: _ufunc(arb.cos),
     sympy.tan: _ufunc(arb.tan), sympy.asin: _ufunc(arb.asin), sympy.acos: _ufunc(arb.acos),
     sympy.atan: _ufunc(arb.atan), sympy.sinh: _ufunc(_exponential(arb.sinh)),
@@ -222,6 +262,17 @@ def to_balls(values):
     if isinstance(values, np.ndarray):
         return np.asarray(np.frompyfunc(_ball, 1, 1)(values.astype(object)), dtype=object)
     return _ball(values)
+
+
+def to_integers(values) -> np.ndarray:
+    """Integers (exact in float64, or balls that hold one integer at their midpoint, as an
+    index computed in the modelled mode) as Python ints in an object array."""
+    def one(value):
+        if isinstance(value, arb):
+            return int((value.mid() + arb(0.5)).floor().unique_fmpz())
+        return int(value)
+
+    return np.asarray(np.frompyfunc(one, 1, 1)(np.asarray(values, dtype=object)), dtype=object)
 
 
 def _ball(value):

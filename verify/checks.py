@@ -438,8 +438,14 @@ def _agrees_exactly(comparison) -> bool:
     return not failing.any()
 
 
+def _point_inputs(spec: Spec, at: Example, point: int) -> dict:
+    """The inputs at one point, as shown: integers (labels, indices) as integers."""
+    return {name: array[point].astype(np.int64) if spec.inputs[name].integer else array[point]
+            for name, array in at.inputs.items()}
+
+
 def _failure(spec: Spec, subject, comparison: _Comparison, at: Example, point: int, allowed, options: Options) -> Failure:
-    inputs = {name: array[point] for name, array in at.inputs.items()}
+    inputs = _point_inputs(spec, at, point)
     if spec.nodes[spec.output].shape or at.cotangent[point] != 1:
         inputs["cotangent"] = at.cotangent[point]  # the gradient seeded into backward
     if comparison.tangents:
@@ -455,17 +461,20 @@ def _only(at: Example, point: int) -> Example:
 
 
 def _code_failure(failed: CodeFailure, subject, at: Example, options: Options) -> Failure:
-    inputs = {name: array[failed.point] for name, array in at.inputs.items()}
+    inputs = _point_inputs(subject.spec, at, failed.point)
     return Failure(failed.check, subject.name, "", inputs, at.sizes, None, None, None, error=failed.message,
                    snippet=_snippet(subject, failed.check, at, failed.point, options))
 
 
 def _snippet(subject, check: str, at: Example, point: int, options: Options) -> str:
-    if not isinstance(subject, FunctionSubject):
-        return ""
+    if not isinstance(subject, FunctionSubject) or getattr(subject.fn, "reproduce_arguments", None):
+        return ""  # a module or a tuple is called through verify's binding, not as the user calls it
+    spec = subject.spec
+    fixed = {name: "int64" if declared.integer else options.dtype_name
+             for name, declared in spec.inputs.items() if declared.data}
     return reproduction_snippet(subject.name, check, {n: a[point] for n, a in at.inputs.items()},
                                 at.cotangent[point], {n: t[point] for n, t in (at.tangents or {}).items()},
-                                options.dtype_name)
+                                options.dtype_name, fixed)
 
 
 def _backward_order(spec: Spec, names) -> list:

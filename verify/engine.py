@@ -171,6 +171,7 @@ def _reproduce_line(spec: Spec, fn, seed: int, options: Options, sizes: dict) ->
     if fn is not None:
         extras += [f"kinks={options.kinks!r}"] if options.kinks != "any" else []
         extras += [f"{name}={value!r}" for name, value in (("rtol", options.rtol), ("atol", options.atol)) if value]
+        extras += getattr(fn, "reproduce_arguments", [])  # a module's bindings, a tuple's outputs
         return f"verify.check_function({function_name(fn)}, spec, seed={seed}" + "".join(
             f", {e}" for e in extras) + ")"
     if spec.path:
@@ -214,7 +215,7 @@ def _simplified(spec: Spec, subject, failure: Failure, options: Options) -> Fail
             for candidate in ((1.0,) if direction else _simpler(current, options.dtype)):
                 if candidate == current or time.monotonic() > deadline:
                     break  # candidates come simplest first: none after the current value is simpler
-                if not direction and not spec.inputs[name].domain.contains(candidate):
+                if not direction and not _inside(spec.inputs[name], candidate, point.sizes):
                     continue  # a failure is shown only at a point its inputs' domains allow
                 trial = {k: a.copy() for k, a in arrays.items()}
                 trial[name][element] = candidate
@@ -225,6 +226,13 @@ def _simplified(spec: Spec, subject, failure: Failure, options: Options) -> Fail
                     arrays, failure = trial, found
                     break
     return failure
+
+
+def _inside(declared, value: float, sizes: dict) -> bool:
+    if declared.integer:
+        low, high = declared.domain.bounds(sizes)
+        return value == int(value) and low <= value < high
+    return declared.domain.contains(value)
 
 
 def _simpler(value: float, dtype: torch.dtype) -> list:

@@ -45,7 +45,8 @@ def fuzzable_ops() -> list:
     """One-argument elementwise ops of the registry that torch names the same way, so that a
     finding's standalone script can call them."""
     return sorted(name for name, op in REGISTRY.items()
-                  if op.kind == "elementwise" and op.arity == 1 and not op.params and _torch_name(name))
+                  if op.kind == "elementwise" and op.arity == 1 and not op.params and op.result == "real"
+                  and _torch_name(name))
 
 
 def _torch_name(name: str) -> str | None:

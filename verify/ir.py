@@ -58,6 +58,34 @@ class Domain:
         return f"Interval({self.low:g}, {self.high:g})"
 
 
+@dataclass(frozen=True)
+class IntegerRange:
+    """Integers ``low <= k < high``, as Python's ``range``; a bound may be a dim expression
+    (class indices in [0, c) for a size symbol c). An input in it is data: an index, a label."""
+
+    low: Dim
+    high: Dim
+    name = "Integer"
+
+    def bounds(self, sizes: dict) -> tuple:
+        """(low, high) at the sizes given by name."""
+        return concrete_dim(self.low, sizes), concrete_dim(self.high, sizes)
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` may lie in the range for some sizes (symbolic bounds are not known yet)."""
+        if value != int(value):
+            return False
+        return all(not isinstance(bound, int) or test for bound, test in
+                   ((self.low, self.low <= value), (self.high, value < self.high)))
+
+    def sympy_assumptions(self) -> dict:
+        nonnegative = self.low >= 0 if isinstance(self.low, int) else self.low.is_nonnegative
+        return {"integer": True, "nonnegative": True} if nonnegative else {"integer": True}
+
+    def __str__(self) -> str:
+        return f"Integer({self.low}, {self.high})"
+
+
 DOMAINS = {
     "Real": Domain("Real"),
     "Positive": Domain("Positive", low=0.0),
@@ -88,6 +116,10 @@ class Input(Node):
     domain: Domain = DOMAINS["Real"]
     example: object = None  # nested lists of numbers, or None
     data: bool = False  # drawn in its domain, never differentiated (a label, a mask, a target)
+
+    @property
+    def integer(self) -> bool:
+        return isinstance(self.domain, IntegerRange)
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,13 +202,48 @@ class Spec:
 
 
 def depends_on_inputs(node: Node, _memo=None) -> bool:
-    """True when the node's value varies with some differentiated input (not a data input),
-    so it has a gradient to check."""
+    """True when the node's value varies smoothly with some differentiated input (not a data
+    input), so it has a gradient to check. An integer (an argmax) or a condition has none,
+    and none flows through an index or a condition into what they are made from."""
+    from .ops import REGISTRY  # the registry knows which operands a derivative flows through
+
     memo = {} if _memo is None else _memo
     if id(node) not in memo:
-        memo[id(node)] = isinstance(node, Input) and not node.data or any(depends_on_inputs(a, memo)
-                                                                          for a in node.args)
+        if isinstance(node, Input):
+            memo[id(node)] = not node.data
+        elif isinstance(node, Apply):
+            op = REGISTRY[node.op]
+            memo[id(node)] = op.result == "real" and not is_integer(node) and any(
+                depends_on_inputs(node.operands[k], memo) for k in op.smooth_positions(len(node.operands)))
+        else:
+            memo[id(node)] = any(depends_on_inputs(a, memo) for a in node.args)
     return memo[id(node)]
+
+
+def integer_range(node: Node) -> tuple:
+    """(low, high) such that an integer node's values k satisfy low <= k < high."""
+    if isinstance(node, Input):
+        return node.domain.low, node.domain.high
+    if isinstance(node, Ref):
+        return integer_range(node.target)
+    if node.op == "pos":
+        return integer_range(node.operands[0])
+    (operand,) = node.operands  # argmax, argmin: a position along their axis
+    axis = dict(node.params).get("axis", -1) % operand.rank
+    return 0, operand.shape[axis]
+
+
+def is_integer(node: Node) -> bool:
+    """Whether a node holds integers (an index, a label): usable for indexing, never differentiated."""
+    from .ops import REGISTRY
+
+    if isinstance(node, Input):
+        return node.integer
+    if isinstance(node, Ref):
+        return is_integer(node.target)
+    if isinstance(node, Apply):
+        return REGISTRY[node.op].result == "integer" or node.op == "pos" and is_integer(node.operands[0])
+    return False
 
 
 def graph_nodes(spec: Spec) -> list:

@@ -75,6 +75,19 @@ class Op:
     # the dtype, the spec's torch lowering does not fail with it: the exact pass decides.
     # Otherwise the kernel computes those steps too, and the point is rejected there.
     stable: bool = False
+    # Operand positions that take integers (an index, a label); every other takes reals.
+    integer_operands: tuple = ()
+    # Parameters that may also follow the operands positionally, as in one_hot(t, c).
+    positional_params: tuple = ()
+    # What the op gives: "real", "integer" (an argmax: it indexes) or "boolean" (a condition).
+    result: str = "real"
+    # Operand positions a derivative flows through (None: all); where's condition is not one.
+    smooth_operands: tuple | None = None
+
+    def smooth_positions(self, count: int) -> tuple:
+        """The operand positions a derivative flows through: all but conditions and indices."""
+        positions = range(count) if self.smooth_operands is None else self.smooth_operands
+        return tuple(k for k in positions if k not in self.integer_operands)
 
 
 # -- shape rules -----------------------------------------------------------------------
@@ -147,9 +160,9 @@ def _detached(x):
 
 
 def _elementwise(name, arity, sympy_form, torch_form, domain="all reals", kink="", defined=None, stable=False,
-                 differentiable=None):
+                 differentiable=None, result="real", smooth_operands=None):
     return Op(name, "elementwise", arity, sympy_form, torch_form, _elementwise_shape, domain, kink, defined=defined,
-              stable=stable, differentiable=differentiable)
+              stable=stable, differentiable=differentiable, result=result, smooth_operands=smooth_operands)
 
 
 def _arithmetic(name, sympy_form, torch_form, domain="all reals", defined=None):
@@ -164,6 +177,13 @@ def _power_defined(a, b):
 
 def _positive(a):
     return a > 0
+
+
+def _clamp(x, low, high):
+    """min(max(x, low), high) with torch's gradients: to x on [low, high], bounds included;
+    to low below it, to high above it or where low > high; to neither where low == high > x."""
+    return sympy.Piecewise((x, (x >= low) & (x <= high)), (low, (x < low) & (low < high)),
+                           (high, (x > high) | (high < low)), (functions.stop_gradient(high), True))
 
 
 SOFTPLUS_THRESHOLD = 20  # torch's default: softplus(x) = x above it
@@ -239,19 +259,33 @@ ELEMENTWISE = [
                  differentiable=lambda a, b: (a != 0) | (b != 0)),
     _elementwise("maximum", 2, sympy.Max, torch.maximum, kink="ties split the gradient 1/2 each"),
     _elementwise("minimum", 2, sympy.Min, torch.minimum, kink="ties split the gradient 1/2 each"),
-    _elementwise("where", 3, lambda c, a, b: sympy.Piecewise((a, c), (b, True)), torch.where,
+    _elementwise("where", 3, functions.select, torch.where, smooth_operands=(1, 2),
                  kink="the gradient flows only into the branch taken; 0 into the other"),
+    _elementwise("round", 1, functions.round_half_even, torch.round,
+                 kink="halves round to even; derivative 0 everywhere, jumps included"),
+    _elementwise("floor", 1, functions.floor_real, torch.floor, kink="derivative 0 everywhere, jumps included"),
+    _elementwise("ceil", 1, functions.ceil_real, torch.ceil, kink="derivative 0 everywhere, jumps included"),
+    _elementwise("trunc", 1, functions.trunc_real, torch.trunc, kink="derivative 0 everywhere, jumps included"),
+    _elementwise("clamp", 3, _clamp, torch.clamp,
+                 kink="∂/∂x is 1 on lo <= x <= hi, bounds included; lo > hi gives hi"),
 ]
 
 COMPARISONS = [
-    _elementwise(name, 2, relation, torch_form)
+    _elementwise(name, 2, relation, torch_form, result="boolean")
     for name, relation, torch_form in [
         ("less", sympy.Lt, torch.lt), ("less_equal", sympy.Le, torch.le), ("greater", sympy.Gt, torch.gt),
         ("greater_equal", sympy.Ge, torch.ge), ("equal", sympy.Eq, torch.eq), ("not_equal", sympy.Ne, torch.ne),
     ]
 ]
+COMPARISONS += [
+    _elementwise("logical_and", 2, sympy.And, torch.logical_and, result="boolean"),
+    _elementwise("logical_or", 2, sympy.Or, torch.logical_or, result="boolean"),
+    _elementwise("logical_not", 1, sympy.Not, torch.logical_not, result="boolean"),
+]
 COMPARISON_OPERATORS = {ast.Lt: "less", ast.LtE: "less_equal", ast.Gt: "greater", ast.GtE: "greater_equal",
                         ast.Eq: "equal", ast.NotEq: "not_equal"}
+BOOLEAN_OPERATORS = {ast.And: "logical_and", ast.Or: "logical_or", ast.Not: "logical_not"}
+CONDITIONS = {op.name for op in COMPARISONS}  # the condition of where, and nothing else
 
 # -- reductions ------------------------------------------------------------------------
 
@@ -585,10 +619,150 @@ def _inv_sympy(element, index, shapes, fresh_index, params):
 
 
 def _structural(name, arity, sympy_form, torch_form, infer_shape, params=(), domain="all reals", max_size=None,
-                defined=None, backward_condition=None, forward_condition=None):
-    return Op(name, "structural", arity, sympy_form, torch_form, infer_shape, domain, params=params,
+                defined=None, backward_condition=None, forward_condition=None, kink="", differentiable=None,
+                integer_operands=(), positional_params=(), result="real"):
+    return Op(name, "structural", arity, sympy_form, torch_form, infer_shape, domain, kink=kink, params=params,
               max_size=max_size, defined=defined, backward_condition=backward_condition,
-              forward_condition=forward_condition)
+              forward_condition=forward_condition, differentiable=differentiable,
+              integer_operands=integer_operands, positional_params=positional_params, result=result)
+
+
+# -- indices: gathers by integer operands, sorting, and the positions of extrema -----------
+
+
+def _take_shape(shapes, params):
+    x, t = shapes
+    if not x:
+        raise ShapeError("take needs an operand of rank 1 or more")
+    axis = normalize_axes(params.get("axis", -1), len(x))[0]
+    others = x[:axis] + x[axis + 1:]
+    if len(t) == len(x) - 1 and tuple(t) == others:
+        return tuple(t)
+    if len(t) == len(x) and all(a == b for k, (a, b) in enumerate(zip(t, x)) if k != axis):
+        return tuple(t)
+    raise ShapeError(f"take's indices have shape {_show(t)}: along axis {axis} of {_show(x)} they need "
+                     f"{_show(others)} (one per row), or {_show(x[:axis] + ('k',) + x[axis + 1:])} (gather)")
+
+
+def _take_sympy(element, index, shapes, fresh_index, params):
+    x, t = shapes
+    axis = normalize_axes(params.get("axis", -1), len(x))[0]
+    position = element(1, tuple(index))
+    rest = index[axis:] if len(t) < len(x) else index[axis + 1:]
+    return element(0, tuple(index[:axis]) + (position,) + tuple(rest))
+
+
+def _take_torch(tensors, params):
+    x, t = tensors
+    axis = normalize_axes(params.get("axis", -1), x.dim() - 1)[0] + 1
+    if t.dim() < x.dim():
+        return torch.gather(x, axis, t.unsqueeze(axis)).squeeze(axis)
+    return torch.gather(x, axis, t)
+
+
+def _one_hot_shape(shapes, params):
+    if "classes" not in params:
+        raise ShapeError("one_hot needs the number of classes: one_hot(t, c)")
+    return tuple(shapes[0]) + (params["classes"],)
+
+
+def _one_hot_sympy(element, index, shapes, fresh_index, params):
+    return sympy.KroneckerDelta(element(0, tuple(index[:-1])), index[-1])
+
+
+def _index_shape(shapes, params):
+    x, t = shapes
+    if not x:
+        raise ShapeError("indexing by integers needs an operand of rank 1 or more")
+    return tuple(t) + tuple(x[1:])
+
+
+def _index_sympy(element, index, shapes, fresh_index, params):
+    rank = len(shapes[1])
+    return element(0, (element(1, tuple(index[:rank])),) + tuple(index[rank:]))
+
+
+def _index_torch(tensors, params):
+    x, t = tensors
+    rows = torch.arange(x.shape[0], device=x.device).reshape((-1,) + (1,) * (t.dim() - 1))
+    return x[rows, t]
+
+
+def _sorted_shape(shapes, params):
+    (shape,) = shapes
+    axis = single_axis(params, len(shape))
+    k = params.get("k")
+    if k is None:
+        return shape
+    if isinstance(k, int) and k < 1:
+        raise ShapeError(f"topk takes k >= 1, got {k}")
+    if isinstance(k, int) and isinstance(shape[axis], int) and k > shape[axis]:
+        raise ShapeError(f"topk takes k <= {shape[axis]}, the size of axis {axis}; got {k}")
+    return shape[:axis] + (k,) + shape[axis + 1:]
+
+
+def _rank(at, j, size, fresh_index, descending: bool):
+    """How many elements a stable sort puts before element j along its axis."""
+    m, limits = fresh_index(size)
+    return sympy.Sum(functions.precedes(at(m), at(j), m, j, sympy.Integer(int(descending))), limits)
+
+
+def _sorted_sympy(element, index, shapes, fresh_index, params):
+    (shape,) = shapes
+    axis = single_axis(params, len(shape))
+    descending = params.get("descending", False) or "k" in params
+
+    def at(position):
+        return element(0, tuple(position if a == axis else i for a, i in enumerate(index)))
+
+    j, limits = fresh_index(shape[axis])
+    # Element k of the sorted axis is the one whose rank is k: the gradient scatters back through it.
+    return sympy.Sum(at(j) * sympy.KroneckerDelta(_rank(at, j, shape[axis], fresh_index, descending), index[axis]),
+                     limits)
+
+
+def _sorted_torch(tensors, params):
+    (t,) = tensors
+    axis = single_axis(params, t.dim() - 1) + 1
+    k = params.get("k")
+    if k is None:
+        return torch.sort(t, dim=axis, descending=params.get("descending", False), stable=True).values
+    return torch.topk(t, k, dim=axis).values
+
+
+def _untied(a):
+    """Per point, whether no two elements are equal: each order of tied elements is a valid
+    one-sided derivative of a sort, and torch.topk and torch.sort (unstable) pick any."""
+    rows = np.sort(np.asarray(a, dtype=np.float64).reshape(len(a), -1), axis=1)
+    return ~np.any(rows[:, 1:] == rows[:, :-1], axis=1)
+
+
+def _arg_shape(shapes, params):
+    (shape,) = shapes
+    axis = single_axis(params, len(shape))
+    return shape[:axis] + shape[axis + 1:]
+
+
+def _arg_extremum(largest: bool):
+    def form(element, index, shapes, fresh_index, params):
+        (shape,) = shapes
+        axis = single_axis(params, len(shape))
+
+        def at(position):
+            return element(0, tuple(index[:axis]) + (position,) + tuple(index[axis:]))
+
+        # The position that a stable sort puts first: the first of tied extrema, as torch documents.
+        k, limits = fresh_index(shape[axis])
+        return sympy.Sum(k * sympy.KroneckerDelta(_rank(at, k, shape[axis], fresh_index, largest), 0), limits)
+    return form
+
+
+def _arg_torch(largest: bool):
+    def form(tensors, params):
+        (t,) = tensors
+        axis = single_axis(params, t.dim() - 1) + 1
+        return torch.argmax(t, dim=axis) if largest else torch.argmin(t, dim=axis)
+    return form
 
 
 MAX_CONDITION = 1e6
@@ -626,6 +800,22 @@ STRUCTURAL = [
                 lambda tensors, params: torch.stack(tensors, dim=join_axis(params, tensors[0].dim() - 1, True) + 1),
                 _join_shape(stack=True), params=("axis",)),
     _structural("slice", 1, _slice_sympy, _slice_torch, _slice_shape),
+    _structural("take", 2, _take_sympy, _take_torch, _take_shape, params=("axis",), integer_operands=(1,),
+                kink="the gradient scatters back to the taken positions (torch.gather)"),
+    _structural("one_hot", 1, _one_hot_sympy, lambda tensors, params: F.one_hot(tensors[0], params["classes"]),
+                _one_hot_shape, params=("classes",), integer_operands=(0,), positional_params=("classes",)),
+    _structural("index", 2, _index_sympy, _index_torch, _index_shape, integer_operands=(1,),
+                kink="the gradient scatters back to the rows taken, summed over repeats"),
+    _structural("sort", 1, _sorted_sympy, _sorted_torch, _sorted_shape, params=("axis", "descending"),
+                domain="no two elements equal (derivative)", differentiable=_untied,
+                kink="the gradient scatters back through the permutation; ties are rejected: torch orders them as it likes"),
+    _structural("topk", 1, _sorted_sympy, _sorted_torch, _sorted_shape, params=("k", "axis"),
+                positional_params=("k",), domain="no two elements equal (derivative)", differentiable=_untied,
+                kink="the k largest, largest first; ties are rejected, as for sort"),
+    _structural("argmax", 1, _arg_extremum(True), _arg_torch(True), _arg_shape, params=("axis",), result="integer",
+                kink="an integer, the first position of the maximum; no gradient"),
+    _structural("argmin", 1, _arg_extremum(False), _arg_torch(False), _arg_shape, params=("axis",), result="integer",
+                kink="an integer, the first position of the minimum; no gradient"),
     # torch's det backward at an exactly singular matrix gives 0, not the adjugate, so both
     # stay away from singular and ill-conditioned matrices.
     _structural("det", 1, _det_sympy, lambda tensors, params: torch.linalg.det(tensors[0]), _square_shape("det"),
@@ -646,10 +836,11 @@ def _trace(element, shapes, fresh_index):
 
 REGISTRY: dict[str, Op] = {op.name: op for op in [*ELEMENTWISE, *COMPARISONS, *REDUCTIONS, *AXISWISE, *STRUCTURAL]}
 # Ops that a spec reaches through syntax only (x + y, -x, A @ B, A.T, x[1:], x > 0).
-SYNTAX_ONLY = {"add", "sub", "mul", "div", "neg", "pos", "matmul", "transpose", "slice",
+SYNTAX_ONLY = {"add", "sub", "mul", "div", "neg", "pos", "matmul", "transpose", "slice", "index",
                *(op.name for op in COMPARISONS)}  # pow is both `**` and pow(a, b)
 CALLABLE = sorted(set(REGISTRY) - SYNTAX_ONLY)
-CONCRETE_ONLY = {"det", "inv"}  # no index-notation form: derived per drawn size
+CONCRETE_ONLY = {"det", "inv"}
+SIZE_PARAMS = {"shape", "k", "classes"}  # parameters that may hold size symbols  # no index-notation form: derived per drawn size
 
 
 def op_table() -> str:
@@ -657,10 +848,14 @@ def op_table() -> str:
     spelled = {"add": "`+`", "sub": "`-`", "mul": "`*`", "div": "`/`", "pow": "`**`, `pow`", "neg": "unary `-`",
                "pos": "unary `+`", "matmul": "`@`", "transpose": "`.T`", "slice": "`x[a:b]`, `A[:, k]`",
                "less": "`<` in where", "less_equal": "`<=` in where", "greater": "`>` in where",
-               "greater_equal": "`>=` in where", "equal": "`==` in where", "not_equal": "`!=` in where"}
+               "greater_equal": "`>=` in where", "equal": "`==` in where", "not_equal": "`!=` in where",
+               "logical_and": "`and` in where", "logical_or": "`or` in where", "logical_not": "`not` in where",
+               "index": "`x[t]`, t integers"}
     rows = ["| op | written | kind | domain | at kinks (torch's convention) |", "|---|---|---|---|---|"]
     for op in REGISTRY.values():
         written = spelled.get(op.name, f"`{op.name}(...)`")
         keywords = f" with {', '.join(f'`{p}=`' for p in op.params)}" if op.params else ""
+        if op.integer_operands:
+            keywords += " (integer " + " and ".join(("first", "second")[k] for k in op.integer_operands) + " operand)"
         rows.append(f"| {op.name} | {written}{keywords} | {op.kind} | {op.domain} | {op.kink or '-'} |")
     return "\n".join(rows)

@@ -76,7 +76,9 @@ def reference_values(prepared: Plan, example: Example, dtype: torch.dtype, bound
     # Inputs carry one rounding each in the error bounds, though they are exact: an algorithm
     # is right when its result is the exact one for inputs perturbed by a rounding (backward
     # stability), so the bounds include the condition number of each formula at the point.
-    ctx = Context({name: (array, np.abs(array).astype(ERROR_DTYPE)) for name, array in example.inputs.items()},
+    # Integers (indices, labels) are exact: no rounding moves an index.
+    ctx = Context({name: (array, np.zeros(array.shape) if prepared.spec.inputs[name].integer
+                          else np.abs(array).astype(ERROR_DTYPE)) for name, array in example.inputs.items()},
                   example.sizes, example.batch, dtype)
     exact = np.zeros((), dtype=ERROR_DTYPE)
     if prepared.spec.nodes[prepared.spec.output].shape:
@@ -345,8 +347,8 @@ def _evaluated(prepared: Plan, point: Example, dtype: torch.dtype, order: int, f
     def exact(array, convert=balls.to_balls):
         return convert(np.asarray(array, dtype=np.float64)), np.zeros(np.shape(array))
 
-    ctx = Context({name: exact(array, as_balls) for name, array in point.inputs.items()}, point.sizes, point.batch,
-                  dtype)
+    ctx = Context({name: exact(array, balls.to_integers if prepared.spec.inputs[name].integer else as_balls)
+                   for name, array in point.inputs.items()}, point.sizes, point.batch, dtype)
     scalar = not prepared.spec.nodes[prepared.spec.output].shape
     if not scalar:
         ctx.env[COTANGENT] = exact(point.cotangent)

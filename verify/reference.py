@@ -58,6 +58,8 @@ NUMPY_FUNCTIONS = {
     functions.sigmoid: scipy.special.expit, functions.logsigmoid: scipy.special.log_expit,
     functions.softplus: lambda x: np.logaddexp(0.0, x),
     functions.power: lambda a, b: np.power(np.asarray(a, dtype=np.float64), b),
+    functions.round_half_even: np.round, functions.floor_real: np.floor, functions.ceil_real: np.ceil,
+    functions.trunc_real: np.trunc,
     # Derivatives of jumps: torch's backward of sign, heaviside and comparisons is 0.
     sympy.DiracDelta: lambda *args: np.zeros_like(np.asarray(args[0], dtype=np.float64)),
 }
@@ -74,8 +76,10 @@ NUMPY_FUNCTIONS.update(SPECIAL_FUNCTIONS)
 # Functions that are never 0: a computed 0 is an underflow, where torch's order of operations
 # (exp(x - max) in logsumexp) may keep precision the formula lost.
 NEVER_ZERO = {sympy.exp, sympy.erfc, sympy.cosh}
-# Functions that jump where their argument crosses 0: a point there is ambiguous.
-JUMPS_AT_ZERO = {sympy.sign, sympy.Heaviside}
+# Functions that jump, each with the jump nearest its argument: a point whose argument,
+# carrying rounding error, is that close to a jump is ambiguous.
+JUMPS = {sympy.sign: lambda a: 0.0, functions.round_half_even: lambda a: np.floor(a) + 0.5,
+         functions.floor_real: np.round, functions.ceil_real: np.round, functions.trunc_real: np.round}
 COMPARISONS = {sympy.Lt: np.less, sympy.Le: np.less_equal, sympy.Gt: np.greater,
                sympy.Ge: np.greater_equal, sympy.Eq: np.equal, sympy.Ne: np.not_equal}
 REDUCTIONS = {sympy.Sum: (np.sum, 0.0), sympy.Product: (np.prod, 1.0),
@@ -412,14 +416,13 @@ class _Compiler:
     def _Symbol(self, expr, axes, depth):
         if expr.name in self.size_names:
             return lambda ctx: (ctx.sizes[expr.name], 0.0)
-        if expr.is_integer:  # an index, bound by the output axes or by an enclosing reduction
-            return lambda ctx: (_pad(ctx.indices[expr], depth), 0.0)
-
         def variable(ctx):
             value, error = ctx.env[expr.name]
             shape = (ctx.batch,) + (1,) * depth
             return self._real(value).reshape(shape), error.reshape(shape)
 
+        if expr.is_integer:  # an index, bound by the output axes or by a reduction; or an integer node
+            return lambda ctx: (_pad(ctx.indices[expr], depth), 0.0) if expr in ctx.indices else variable(ctx)
         return variable
 
     def _Indexed(self, expr, axes, depth):
@@ -437,7 +440,7 @@ class _Compiler:
                 return self._real(_placed(value, own_axes, depth)), _placed(error, own_axes, depth)
             where = (np.arange(ctx.batch).reshape((ctx.batch,) + (1,) * depth),)
             # Clipped: a Piecewise evaluates every branch, also where its own index is out of range.
-            where += tuple(np.clip(np.asarray(p(ctx)[0], dtype=np.int64), 0, value.shape[axis + 1] - 1)
+            where += tuple(np.clip(self._positions(p(ctx)[0]), 0, value.shape[axis + 1] - 1)
                            for axis, p in enumerate(positions))
             return self._real(value[where]), error[where]
 
@@ -531,7 +534,7 @@ class _Compiler:
         if numeric is None:
             raise UnsupportedFormula(f"no numeric rule for the function {type(expr).__name__}")
         arguments = self._args(expr, axes, depth)
-        jumps = type(expr) in JUMPS_AT_ZERO
+        nearest_jump = JUMPS.get(type(expr))
         if self.exact:  # scipy's and torch's special functions are some tens of ulps off
             roundings = SPECIAL_FUNCTION_ULPS if type(expr) in SPECIAL_FUNCTIONS else 1
             return lambda ctx: (balls.rounded(numeric(*(a(ctx)[0] for a in arguments)), roundings), 0.0)
@@ -559,8 +562,8 @@ class _Compiler:
             if special:  # scipy's inaccuracy in float64 ulps, and torch's own in ulps of its dtype
                 error = error * (1 + SPECIAL_FUNCTION_ULPS * (1 + UNIT_ROUNDOFF[torch.float64] / UNIT_ROUNDOFF[ctx.dtype]))
             if any(np.any(e) for e in errors):
-                if jumps:
-                    ctx.mark_ambiguous(_too_close(ctx, values[0], 0.0, errors[0]))
+                if nearest_jump is not None:
+                    ctx.mark_ambiguous(_too_close(ctx, values[0], nearest_jump(values[0]), errors[0]))
                 for partial, e in zip(partials, errors):
                     error = error + _scaled(e, partial(ctx)[0])
                 if curvature is not None:
@@ -568,6 +571,31 @@ class _Compiler:
             return value, ctx.guard(value, error, vanished=never_zero and np.equal(value, 0))
 
         return function
+
+    def _indicator(self, expr, axes, depth):
+        condition = self.compile(expr.args[0], axes, depth)
+        kind = np.int64 if self.exact else np.float64
+        return lambda ctx: (np.asarray(condition(ctx)[0], dtype=bool).astype(kind), 0.0)
+
+    def _precedes(self, expr, axes, depth):
+        a_fn, b_fn, m_fn, j_fn, descending = self._args(expr, axes, depth)
+
+        def precedes(ctx):
+            (a, a_error), (b, b_error) = a_fn(ctx), b_fn(ctx)
+            m, j = self._positions(m_fn(ctx)[0]), self._positions(j_fn(ctx)[0])
+            first = bool(descending(ctx)[0])
+            if self.exact:
+                with balls.ties_settled():  # a tie is settled by position, not a kink
+                    ahead = balls.compare(sympy.Gt if first else sympy.Lt, a, b)
+                    tie = balls.compare(sympy.Eq, a, b)
+            else:
+                ahead = np.greater(a, b) if first else np.less(a, b)
+                tie = np.equal(a, b)
+                self._mark_ambiguous(ctx, _too_close(ctx, a, b, _wide(a_error) + _wide(b_error)) & (m != j))
+            result = (m != j) & (ahead | tie & (m < j))
+            return result.astype(np.int64 if self.exact else np.float64), 0.0
+
+        return precedes
 
     def _Heaviside(self, expr, axes, depth):
         argument = self.compile(expr.args[0], axes, depth)
@@ -613,9 +641,14 @@ class _Compiler:
 
         return extremum
 
+    def _positions(self, values) -> np.ndarray:
+        """Index values as an int64 array: in the exact pass they may be balls (an argmax)."""
+        return np.asarray(balls.to_integers(values) if self.exact else values, dtype=np.int64)
+
     def _KroneckerDelta(self, expr, axes, depth):
         left, right = self._args(expr, axes, depth)
-        return lambda ctx: (np.equal(left(ctx)[0], right(ctx)[0]).astype(np.float64), 0.0)
+        return lambda ctx: (np.equal(self._positions(left(ctx)[0]), self._positions(right(ctx)[0])).astype(
+            np.int64 if self.exact else np.float64), 0.0)
 
     # -- reductions and conditions -------------------------------------------------------
     def _ExprWithLimits(self, expr, axes, depth):
@@ -715,6 +748,19 @@ class _Compiler:
                     np.select(conditions, [np.broadcast_to(e, shape) for e in errors], 0))
 
         return piecewise
+
+    def _select(self, expr, axes, depth):
+        condition, a, b = self._args(expr, axes, depth)
+
+        def selected(ctx):
+            (a_value, a_error), (b_value, b_error) = a(ctx), b(ctx)
+            chosen = np.asarray(condition(ctx)[0], dtype=bool)
+            shape = np.broadcast_shapes(np.shape(chosen), np.shape(a_value), np.shape(b_value))
+            value = np.where(chosen, self._real(a_value), self._real(b_value))
+            error = np.where(chosen, np.asarray(a_error, dtype=ERROR_DTYPE), np.asarray(b_error, dtype=ERROR_DTYPE))
+            return np.broadcast_to(value, shape), np.broadcast_to(error, shape)
+
+        return selected
 
     def _Relational(self, expr, axes, depth):
         compare = COMPARISONS[type(expr)]

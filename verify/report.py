@@ -161,35 +161,44 @@ class Failure:
         return lines
 
 
-def reproduction_snippet(fn_name: str, check: str, inputs: dict, cotangent, tangents: dict, dtype_name: str) -> str:
-    """Python that calls the user's function at the failing point, as the failed check did."""
-    def tensor(array, grad=False):
-        listed = np.asarray(array, dtype=np.float64).tolist()
-        return f"torch.tensor({listed!r}, dtype=torch.{dtype_name}" + (", requires_grad=True)" if grad else ")")
+def reproduction_snippet(fn_name: str, check: str, inputs: dict, cotangent, tangents: dict, dtype_name: str,
+                         fixed: dict | None = None) -> str:
+    """Python that calls the user's function at the failing point, as the failed check did.
+    ``fixed`` names the inputs that are not differentiated (labels, masks), each with its
+    dtype's name (int64 for integers)."""
+    fixed = fixed or {}
+
+    def tensor(array, grad=False, dtype=dtype_name):
+        listed = np.asarray(array, dtype=np.int64 if dtype == "int64" else np.float64).tolist()
+        return f"torch.tensor({listed!r}, dtype=torch.{dtype}" + (", requires_grad=True)" if grad else ")")
 
     names = ", ".join(inputs)
+    moving = [name for name in inputs if name not in fixed]
+    wrt = ", ".join(moving)
     lines = ["import torch"]
     if check == "JVP":
         lines.append("import torch.autograd.forward_ad as fwAD")
         lines.append("with fwAD.dual_level():")
-        duals = ", ".join(f"fwAD.make_dual({tensor(inputs[n])}, {tensor(tangents[n])})" for n in inputs)
+        duals = ", ".join(tensor(inputs[n], dtype=fixed[n]) if n in fixed else
+                          f"fwAD.make_dual({tensor(inputs[n])}, {tensor(tangents[n])})" for n in inputs)
         lines.append(f"    print(fwAD.unpack_dual({fn_name}({duals})).tangent)")
         return "\n".join(lines)
-    lines.extend(f"{name} = {tensor(value, grad=True)}" for name, value in inputs.items())
+    lines.extend(f"{name} = {tensor(value, dtype=fixed[name]) if name in fixed else tensor(value, grad=True)}"
+                 for name, value in inputs.items())
     lines.append(f"out = {fn_name}({names})")
     if check == "value":
         lines.append("print(out)")
     elif check == "HVP":
         # An input the output does not use has no gradient (None): it adds nothing to the HVP.
-        lines.append(f"grads = torch.autograd.grad(out, [{names}], {tensor(cotangent)}, create_graph=True, "
+        lines.append(f"grads = torch.autograd.grad(out, [{wrt}], {tensor(cotangent)}, create_graph=True, "
                      "allow_unused=True)")
-        lines.append(f"tangents = [{', '.join(tensor(tangents[n]) for n in inputs)}]")
+        lines.append(f"tangents = [{', '.join(tensor(tangents[n]) for n in moving)}]")
         lines.append("used = [(g, t) for g, t in zip(grads, tangents) if g is not None]")
-        lines.append(f"print(torch.autograd.grad([g for g, _ in used], [{names}], [t for _, t in used], "
+        lines.append(f"print(torch.autograd.grad([g for g, _ in used], [{wrt}], [t for _, t in used], "
                      "allow_unused=True))")
     else:
         lines.append(f"out.backward({tensor(cotangent)})")
-        lines.append(f"print({', '.join(n + '.grad' for n in inputs)})")
+        lines.append(f"print({', '.join(n + '.grad' for n in moving)})")
     return "\n".join(lines)
 
 
@@ -198,6 +207,8 @@ def _number(value) -> str:
 
 
 def _show(array) -> str:
+    if np.asarray(array).dtype.kind in "iu":  # labels and indices
+        return repr(np.asarray(array).tolist())
     array = np.asarray(array, dtype=np.float64)
     if array.ndim == 0:
         return repr(float(array))

@@ -28,6 +28,7 @@ from .ir import (
     Constant,
     Domain,
     Input,
+    IntegerRange,
     Loc,
     Node,
     Ref,
@@ -36,12 +37,24 @@ from .ir import (
     Spec,
     broadcast_shapes,
     depends_on_inputs,
+    integer_range,
+    is_integer,
 )
-from .ops import CALLABLE, COMPARISON_OPERATORS, NORM_ORDERS, REGISTRY, slice_requirements
+from .ops import (
+    BOOLEAN_OPERATORS,
+    CALLABLE,
+    COMPARISON_OPERATORS,
+    CONDITIONS,
+    NORM_ORDERS,
+    REGISTRY,
+    normalize_axes,
+    single_axis,
+    slice_requirements,
+)
 
 CONSTANTS = {"pi": sympy.pi, "e": sympy.E}
 CLAIM_KINDS = ("grad", "hessian")
-RESERVED = set(REGISTRY) | set(CONSTANTS) | set(DOMAINS) | {"Interval", "Data", "inf", *CLAIM_KINDS}
+RESERVED = set(REGISTRY) | set(CONSTANTS) | set(DOMAINS) | {"Interval", "Integer", "Data", "inf", *CLAIM_KINDS}
 
 BINARY_OPERATORS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.Pow: "pow",
                     ast.MatMult: "matmul"}
@@ -211,6 +224,7 @@ class _Parser:
             data, inner = True, holder.args[0]
             annotation = ast.Subscript(inner, annotation.slice) if annotation is not holder else inner
         domain, shape = self.annotation(annotation)
+        data = data or isinstance(domain, IntegerRange)  # integers are never differentiated
         example = None
         if statement.value is not None:
             example = self.example(statement.value, target.id, domain, shape)
@@ -229,9 +243,20 @@ class _Parser:
         return domain, tuple(self.dim(d) for d in elements)
 
     def domain(self, node: ast.AST) -> Domain:
-        hint = f"domains: {', '.join(DOMAINS)}, Interval(a, b), each inside Data(...) for a data input"
+        hint = (f"domains: {', '.join(DOMAINS)}, Interval(a, b), each inside Data(...) for a data input, "
+                "and Integer(a, b) for indices a <= k < b")
         if isinstance(node, ast.Name) and node.id in DOMAINS:
             return DOMAINS[node.id]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Integer":
+            if len(node.args) != 2 or node.keywords:
+                raise self.error("Integer takes two bounds, as in Integer(0, c) for 0 <= k < c", node)
+            low, high = (self.integer_bound(a) for a in node.args)
+            width = sympy.expand(high - low)
+            if width.is_number and width < 1:
+                raise self.error(f"Integer({low}, {high}) is empty: it holds the integers {low} <= k < {high}", node)
+            if not width.is_number:
+                self.size_requirements.append(width)
+            return IntegerRange(low, high)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Interval":
             if len(node.args) != 2 or node.keywords:
                 raise self.error("Interval takes two bounds, as in Interval(-1, 1)", node)
@@ -240,6 +265,12 @@ class _Parser:
                 raise self.error(f"Interval({low:g}, {high:g}) is empty: the lower bound must be smaller", node)
             return Domain("Interval", low, high, low_open=False, high_open=False)
         raise self.error("unknown domain", node, hint=hint)
+
+    def integer_bound(self, node: ast.AST):
+        """A bound of an integer range: a constant integer or a size symbol (declared here if new)."""
+        if isinstance(node, ast.Name):
+            return self.dim(node)
+        return self.integer(node, "a bound of Integer(a, b)")
 
     def number(self, node: ast.AST) -> float:
         value = self.expression(node)
@@ -407,24 +438,51 @@ class _Parser:
         if any(isinstance(a, ast.Starred) for a in node.args):
             raise self.error("starred arguments are not allowed", node)
         params = {}
+        arguments = list(node.args)
+        extra = arguments[op.arity:] if op.positional_params else []
+        if len(extra) > len(op.positional_params):
+            raise self.error(f"{func.id} takes {op.arity} operand(s) and then {', '.join(op.positional_params)}",
+                             node)
+        for name, value in zip(op.positional_params, extra):
+            params[name] = self.parameter(name, value)
+        arguments = arguments[:len(arguments) - len(extra)]
         for keyword in node.keywords:
             if keyword.arg not in op.params:
                 accepted = ", ".join(op.params) or "none"
                 raise self.error(f"{func.id} takes no keyword {keyword.arg!r}", keyword,
                                  hint=f"keywords accepted by {func.id}: {accepted}")
+            if keyword.arg in params:
+                raise self.error(f"{keyword.arg} is given twice", keyword)
             params[keyword.arg] = self.parameter(keyword.arg, keyword.value)
+        missing = [name for name in op.positional_params if name not in params]
+        if missing:
+            raise self.error(f"{func.id} needs {', '.join(missing)}: {func.id}(x, {', '.join(missing)})", node)
         operands = [self.condition(a) if (func.id, k) == ("where", 0) else self.expression(a)
-                    for k, a in enumerate(node.args)]
+                    for k, a in enumerate(arguments)]
         return self.apply(func.id, operands, params, node)
 
     def condition(self, node: ast.AST) -> Node:
-        """The first argument of where: one comparison of two expressions."""
-        if not (isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in COMPARISON_OPERATORS):
-            raise self.error("the condition of where is one comparison, as in where(x > 0, x, 0)", node)
-        operands = [self.expression(node.left), self.expression(node.comparators[0])]
-        if all(isinstance(o, Constant) for o in operands):
-            raise self.error("the condition compares two constants", node)
-        return self.apply(COMPARISON_OPERATORS[type(node.ops[0])], operands, {}, node)
+        """The first argument of where: comparisons (chained ones too, as in 0 < x < 1),
+        joined by and, or and not."""
+        if isinstance(node, ast.BoolOp):
+            parts = [self.condition(v) for v in node.values]
+            joined = parts[0]
+            for part in parts[1:]:
+                joined = self.apply(BOOLEAN_OPERATORS[type(node.op)], [joined, part], {}, node)
+            return joined
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return self.apply("logical_not", [self.condition(node.operand)], {}, node)
+        if not (isinstance(node, ast.Compare) and all(type(o) in COMPARISON_OPERATORS for o in node.ops)):
+            raise self.error("the condition of where is a comparison, or comparisons joined by and, or, not, "
+                             "as in where(x > 0 and y > 0, x, 0)", node)
+        terms = [self.expression(e) for e in [node.left, *node.comparators]]
+        joined = None
+        for operator, left, right in zip(node.ops, terms, terms[1:]):
+            if isinstance(left, Constant) and isinstance(right, Constant):
+                raise self.error("the condition compares two constants", node)
+            comparison = self.apply(COMPARISON_OPERATORS[type(operator)], [left, right], {}, node)
+            joined = comparison if joined is None else self.apply("logical_and", [joined, comparison], {}, node)
+        return joined
 
     def expr_Compare(self, node: ast.Compare) -> Node:
         raise self.error("a comparison is allowed only as the condition of where(cond, a, b)", node,
@@ -432,6 +490,10 @@ class _Parser:
 
     def expr_Subscript(self, node: ast.Subscript) -> Node:
         operand = self.expression(node.value)
+        if not isinstance(node.slice, (ast.Slice, ast.Tuple, ast.Constant, ast.UnaryOp)):
+            rows = self.expression(node.slice)
+            if is_integer(rows):  # x[t], E[argmin(d)]: the rows of x that the integers name
+                return self.apply("index", [operand, rows], {}, node)
         elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
         items = tuple(self.slice_item(e) for e in elements)
         return self.apply("slice", [operand], {"items": items}, node)
@@ -452,10 +514,14 @@ class _Parser:
         return int(value.value)
 
     def parameter(self, key: str, node: ast.AST):
-        if key == "keepdims":
+        if key in ("keepdims", "descending"):
             if isinstance(node, ast.Constant) and type(node.value) is bool:
                 return node.value
-            raise self.error("keepdims is True or False", node)
+            raise self.error(f"{key} is True or False", node)
+        if key in ("k", "classes"):
+            if isinstance(node, ast.Name) and node.id in self.size_symbols:
+                return self.size_symbols[node.id]
+            return self.integer(node, f"{key} is a size symbol or a constant integer; it")
         if key == "p":
             order = math.inf if isinstance(node, ast.Name) and node.id == "inf" else None
             if order is None and isinstance(node, ast.Constant) and type(node.value) is int:
@@ -479,8 +545,11 @@ class _Parser:
             raise self.error(f"{op_name} takes two or more arguments, got {len(operands)}", node)
         if op.arity is not None and len(operands) != op.arity:
             raise self.error(f"{op_name} takes {op.arity} argument(s), got {len(operands)}", node)
-        if any(o.op in COMPARISON_OPERATORS.values() for o in operands if isinstance(o, Apply)) and op_name != "where":
+        if op_name != "where" and op_name not in CONDITIONS and any(
+                o.op in CONDITIONS for o in operands if isinstance(o, Apply)):
             raise self.error("a comparison is allowed only as the condition of where(cond, a, b)", node)
+        if op_name not in CONDITIONS and op_name != "pos":
+            self.check_integers(op_name, operands, node)
         try:
             shape = op.infer_shape([o.shape for o in operands], params)
         except ShapeError as exc:
@@ -489,12 +558,52 @@ class _Parser:
             params = {"shape": shape}  # the resolved target, -1 filled in
         if op_name == "slice":
             self.size_requirements.extend(slice_requirements(operands[0].shape, params["items"]))
+        if op.integer_operands:
+            self.check_index_range(op_name, operands, params, node)
+        if op_name == "topk":  # k of the axis's elements
+            self.size_requirements.append(operands[0].shape[single_axis(params, operands[0].rank)] - params["k"] + 1)
         self.size_requirements.extend(d for d in shape if not isinstance(d, int))
         if op_name == "div" and isinstance(operands[1], Constant) and operands[1].value.is_zero:
             raise self.error("division by the constant zero", node)
         if op.kind == "elementwise" and all(isinstance(o, Constant) for o in operands):
             return Constant((), loc, value=self.fold(op_name, [o.value for o in operands], node))
         return Apply(shape, loc, op=op_name, operands=tuple(operands), params=tuple(sorted(params.items())))
+
+    def check_integers(self, op_name: str, operands: list, node: ast.AST) -> None:
+        """Integers (indices, labels) go where an op takes them, and reals everywhere else."""
+        for position, operand in enumerate(operands):
+            wanted = position in REGISTRY[op_name].integer_operands
+            what = operand.loc.text or "this operand"
+            if wanted and not is_integer(operand):
+                raise self.error(f"{op_name} takes integers here, and {what} is not: declare an input "
+                                 "Integer(a, b), or use argmax/argmin", node)
+            if not wanted and is_integer(operand):
+                if op_name == "stop_gradient":
+                    raise self.error(f"{what} holds integers: it has no gradient to stop", node)
+                raise self.error(f"{what} holds integers (an index or a label); {op_name} takes real numbers",
+                                 node, hint="integers index (take, x[t]), make one_hot vectors, or are compared in where")
+
+    def check_index_range(self, op_name: str, operands: list, params: dict, node: ast.AST) -> None:
+        """The integers of an index operand must lie in the axis they index."""
+        for position in REGISTRY[op_name].integer_operands:
+            low, high = integer_range(operands[position])
+            if op_name == "one_hot":
+                size, where = params["classes"], "the classes"
+            elif op_name == "take":
+                axis = normalize_axes(params.get("axis", -1), operands[0].rank)[0]
+                size, where = operands[0].shape[axis], f"axis {axis} of {operands[0].loc.text}"
+            else:
+                size, where = operands[0].shape[0], f"the rows of {operands[0].loc.text}"
+            below = low if isinstance(low, int) else None
+            if below is not None and below < 0:
+                raise self.error(f"the indices {operands[position].loc.text} may be negative ({low}); "
+                                 f"{op_name} takes 0 <= k < {size}", node)
+            room = sympy.expand(sympy.Integer(size) - high if isinstance(size, int) else size - high)
+            if room.is_number and room < 0:
+                raise self.error(f"the indices {operands[position].loc.text} reach {high} - 1, past {where} "
+                                 f"(size {size})", node)
+            if not room.is_number:
+                self.size_requirements.append(room + 1)  # drawn sizes keep every index in range
 
     def fold(self, op_name: str, values: list, node: ast.AST) -> sympy.Expr:
         if op_name == "pow":

@@ -160,6 +160,12 @@ def _draw_input(draw, spec: Spec, name: str, dtype: torch.dtype, sizes: dict, ba
                 materialize: bool) -> np.ndarray:
     declared = spec.inputs[name]
     shape = (batch, *concrete_shape(declared.shape, sizes))
+    if declared.integer:  # held as float64, exact: torch gets them as int64
+        low, high = declared.domain.bounds(sizes)
+        if materialize or math.prod(shape) > DRAWN_ELEMENTS:
+            seed = draw(st.integers(0, 2**32 - 1), label=f"seed of {name}")
+            return np.random.default_rng(seed).integers(low, high, size=shape).astype(np.float64)
+        return draw(hnp.arrays(np.float64, shape, elements=st.integers(low, high - 1).map(float)), label=name)
     # Per input and example, so that a whole tensor of ordinary values stays common.
     wide = draw(st.booleans(), label=f"{name} at any magnitude")
     if materialize or math.prod(shape) > DRAWN_ELEMENTS:
@@ -260,5 +266,11 @@ def inputs(draw, spec: str | Spec, dtype: torch.dtype = torch.float64, sizes: di
     if dtype not in FLOAT_WIDTH:
         raise ValueError(f"dtype must be one of {', '.join(map(str, FLOAT_WIDTH))}; got {dtype}")
     chosen = _draw_sizes(draw, parsed, sizes)
-    return {name: torch.tensor(_draw_input(draw, parsed, name, dtype, chosen, 1, materialize=False)[0], dtype=dtype)
+    return {name: torch.tensor(_draw_input(draw, parsed, name, dtype, chosen, 1, materialize=False)[0],
+                               dtype=input_dtype(parsed, name, dtype))
             for name in parsed.inputs}
+
+
+def input_dtype(spec: Spec, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch gets an input in: integers (indices, labels) as int64, reals in ``dtype``."""
+    return torch.int64 if spec.inputs[name].integer else dtype

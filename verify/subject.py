@@ -21,6 +21,7 @@ from torch.autograd import forward_ad
 
 from .ir import Spec
 from .lower.torch import TorchProgram
+from .strategies import input_dtype
 
 
 class CodeFailure(Exception):
@@ -54,7 +55,21 @@ def _array(tensor, shape) -> np.ndarray:
     return np.broadcast_to(tensor.detach().to("cpu", torch.float64).numpy(force=True), shape).copy()
 
 
-class SpecSubject:
+class _Subject:
+    """Tensors for either subject, on its device."""
+
+    spec: Spec
+    device: str
+
+    def _tensor(self, array, dtype, requires_grad=False):
+        return torch.tensor(array, dtype=dtype, device=self.device, requires_grad=requires_grad)
+
+    def _input(self, name, array, dtype, requires_grad=False):
+        """An input's tensor: integers (indices, labels) as int64, never differentiated."""
+        return self._tensor(array, input_dtype(self.spec, name, dtype), requires_grad and differentiated(self.spec, name))
+
+
+class SpecSubject(_Subject):
     """The spec's own torch lowering: every labelled node's value and gradient is checked."""
 
     name = "the spec's torch lowering"
@@ -68,8 +83,6 @@ class SpecSubject:
         """The same lowering, with its tensors on ``device``."""
         return self if device == self.device else SpecSubject(self.spec, self.program.tracked, device)
 
-    def _tensor(self, array, dtype, requires_grad=False):
-        return torch.tensor(array, dtype=dtype, device=self.device, requires_grad=requires_grad)
 
     def _run(self, leaves: dict, sizes: dict, dtype):
         try:
@@ -82,7 +95,7 @@ class SpecSubject:
     def reverse(self, at, value_shapes: dict, gradient_shapes: dict, dtype) -> tuple:
         """(values, gradients, grad_fn names) for a backward seeded with the cotangent; no
         backward runs where ``gradient_shapes`` is empty."""
-        leaves = {name: self._tensor(array, dtype, differentiated(self.spec, name)) for name, array in at.inputs.items()}
+        leaves = {name: self._input(name, array, dtype, True) for name, array in at.inputs.items()}
         outputs = self._run(leaves, at.sizes, dtype)
         if gradient_shapes:
             outputs[self.spec.output].backward(self._tensor(at.cotangent, dtype))
@@ -99,7 +112,7 @@ class SpecSubject:
     def forward(self, at, dtype) -> np.ndarray:
         """The output's tangent (JVP) for the input tangents, by forward-mode AD."""
         with forward_ad.dual_level():
-            duals = {name: _dual(self.spec, name, self._tensor(array, dtype), self._tensor(at.tangents[name], dtype))
+            duals = {name: _dual(self.spec, name, self._input(name, array, dtype), self._tensor(at.tangents[name], dtype))
                      for name, array in at.inputs.items()}
             output = _as_tensor(self._run(duals, at.sizes, dtype)[self.spec.output], dtype)
             tangent = forward_ad.unpack_dual(output).tangent
@@ -111,7 +124,7 @@ class SpecSubject:
         seed = self._tensor(at.cotangent, dtype)
         if over_forward:
             with forward_ad.dual_level():
-                leaves = {name: _dual(self.spec, name, self._tensor(array, dtype, differentiated(self.spec, name)),
+                leaves = {name: _dual(self.spec, name, self._input(name, array, dtype, True),
                                       self._tensor(at.tangents[name], dtype))
                           for name, array in at.inputs.items()}
                 output = self._run(leaves, at.sizes, dtype)[self.spec.output]
@@ -122,7 +135,7 @@ class SpecSubject:
                     raise ModeUnsupported(f"forward over reverse: {exc}") from None
                 return {name: _array(None if g is None else forward_ad.unpack_dual(g).tangent, shapes[name])
                         for name, g in zip(wrt, grads)}
-        leaves = {name: self._tensor(array, dtype, differentiated(self.spec, name)) for name, array in at.inputs.items()}
+        leaves = {name: self._input(name, array, dtype, True) for name, array in at.inputs.items()}
         output = self._run(leaves, at.sizes, dtype)[self.spec.output]
         tangents = {name: self._tensor(t, dtype) for name, t in at.tangents.items()}
         wrt = _differentiated_leaves(self.spec, leaves)
@@ -160,7 +173,7 @@ def _as_tensor(value, dtype):
     return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=dtype)
 
 
-class FunctionSubject:
+class FunctionSubject(_Subject):
     """A user's function of the spec's inputs (positional tensors, in declaration order),
     returning the output; only the output's value and the inputs' derivatives are seen."""
 
@@ -170,8 +183,6 @@ class FunctionSubject:
         self.device = device
         self.name = function_name(fn)
 
-    def _tensor(self, array, dtype, requires_grad=False):
-        return torch.tensor(array, dtype=dtype, device=self.device, requires_grad=requires_grad)
 
     def _call(self, check: str, point: int, tensors: list, output_shape: tuple):
         try:
@@ -211,8 +222,7 @@ class FunctionSubject:
         output_shape = value_shapes[output_name]
         values, gradients = [], {name: [] for name in self.spec.inputs if differentiated(self.spec, name)}
         for point in range(at.batch):
-            leaves = {name: self._tensor(array[point], dtype, differentiated(self.spec, name))
-                      for name, array in at.inputs.items()}
+            leaves = {name: self._input(name, array[point], dtype, True) for name, array in at.inputs.items()}
             output = self._call("value", point, list(leaves.values()), output_shape)
             values.append(_array(output, output_shape))
             if not gradient_shapes:
@@ -229,7 +239,7 @@ class FunctionSubject:
         results = []
         for point in range(at.batch):
             with forward_ad.dual_level():
-                duals = [_dual(self.spec, name, self._tensor(array[point], dtype),
+                duals = [_dual(self.spec, name, self._input(name, array[point], dtype),
                                self._tensor(at.tangents[name][point], dtype))
                          for name, array in at.inputs.items()]
                 output = self._call("JVP", point, duals, output_shape)
@@ -244,17 +254,14 @@ class FunctionSubject:
             tangents = {name: self._tensor(t[point], dtype) for name, t in at.tangents.items()}
             if over_forward:
                 with forward_ad.dual_level():
-                    leaves = {name: _dual(self.spec, name,
-                                          self._tensor(array[point], dtype, differentiated(self.spec, name)),
-                                          tangents[name])
+                    leaves = {name: _dual(self.spec, name, self._input(name, array[point], dtype, True), tangents[name])
                               for name, array in at.inputs.items()}
                     output = self._call("HVP", point, list(leaves.values()), output_shape)
                     grads = self._gradients("HVP", point, output, _differentiated_leaves(self.spec, leaves), seed)
                     products = {name: None if g is None else forward_ad.unpack_dual(g).tangent
                                 for name, g in grads.items()}
             else:
-                leaves = {name: self._tensor(array[point], dtype, differentiated(self.spec, name))
-                          for name, array in at.inputs.items()}
+                leaves = {name: self._input(name, array[point], dtype, True) for name, array in at.inputs.items()}
                 output = self._call("HVP", point, list(leaves.values()), output_shape)
                 wrt = _differentiated_leaves(self.spec, leaves)
                 grads = self._gradients("HVP", point, output, wrt, seed, create_graph=True)

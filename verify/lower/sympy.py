@@ -14,33 +14,35 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import zlib
 from dataclasses import dataclass
 from itertools import count
 
 import sympy
 from sympy.concrete.delta import _expand_delta, _extract_delta, deltasummation
-from sympy.concrete.expr_with_intlimits import ExprWithIntLimits
 from sympy.concrete.expr_with_limits import ExprWithLimits
 
-from ..ir import Apply, Constant, Input, Node, Ref, SizeRef, Spec, concrete_shape, depends_on_inputs
-from ..ops import REGISTRY, normalize_axes, single_axis
-from .functions import elementary
+from ..ir import (
+    Apply,
+    Constant,
+    Input,
+    Node,
+    Ref,
+    SizeRef,
+    Spec,
+    concrete_dim,
+    concrete_shape,
+    depends_on_inputs,
+    is_integer,
+)
+from ..ops import REGISTRY, SIZE_PARAMS, normalize_axes, single_axis
+from .functions import ReducedMax, ReducedMin, elementary, fresh_index_symbol, index_symbol, select
 
 INDEX_NAMES = "ijklpqrstuvw"
 # Names a spec cannot use (spec names never start with "_" or hold a space).
 COTANGENT = "_cotangent"
 TANGENT_PREFIX = "_tangent_"
 ADJOINT_PREFIX = "_adjoint_"
-_SUMMATION_COUNTER = count(1)
-
-
-def _index_symbol(name: str) -> sympy.Symbol:
-    return sympy.Symbol(name, integer=True, nonnegative=True)
-
-
-def _fresh_index_symbol() -> sympy.Symbol:
-    """A summation index used nowhere else in this process, so substitutions never capture it."""
-    return _index_symbol(f"_k{next(_SUMMATION_COUNTER)}")
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,11 @@ class SympyLowering:
         return node.shape if self.sizes is None else concrete_shape(node.shape, self.sizes)
 
     def free_indices(self, rank: int) -> tuple:
-        return tuple(_index_symbol(name) for name in self.free_names[:rank])
+        return tuple(index_symbol(name) for name in self.free_names[:rank])
 
     def fresh_index(self, size, upper=None) -> tuple:
         """A new summation index over 0..size-1 (or 0..upper), with its limits."""
-        index = _fresh_index_symbol()
+        index = fresh_index_symbol()
         return index, (index, 0, size - 1 if upper is None else upper)
 
     def tensor(self, node: Node) -> Tensor:
@@ -93,7 +95,7 @@ class SympyLowering:
     def element(self, node: Node, index: tuple) -> sympy.Expr:
         name = self.keep.get(id(node))
         if name is not None:
-            return variable_symbol(name, node.shape, {"real": True}, index)
+            return variable_symbol(name, node.shape, {"integer": True} if is_integer(node) else {"real": True}, index)
         method = getattr(self, "_" + type(node).__name__, None)
         if method is None:
             raise NotImplementedError(f"the sympy lowering has no rule for {type(node).__name__}")
@@ -123,8 +125,10 @@ class SympyLowering:
             return op.sympy_form(_Over(self, operand, index, params), **extra)
         if op.kind == "axiswise":
             return op.sympy_form(_Along(self, operand, index, single_axis(params, operand.rank)))
-        if self.sizes is not None and "shape" in params:
-            params["shape"] = concrete_shape(params["shape"], self.sizes)
+        if self.sizes is not None:
+            for key in SIZE_PARAMS & params.keys():
+                params[key] = concrete_shape(params[key], self.sizes) if key == "shape" else concrete_dim(
+                    params[key], self.sizes)
         return op.sympy_form(lambda position, sub_index: self.element(node.operands[position], sub_index),
                              index, [self.shape(a) for a in node.operands], self.fresh_index, params)
 
@@ -194,63 +198,6 @@ class _Along:
         return self._each(f, sympy.Product, upto_here)
 
 
-class ReducedMax(ExprWithIntLimits):
-    """The largest value of ``function`` over its limits, like ``Sum`` for the maximum.
-
-    Its derivative follows torch's convention for ``amax`` and ``norm(p=inf)``: tied maxima
-    share the gradient evenly (sympy's own chain rule does the rest).
-    """
-
-    extremum = sympy.Max
-
-    def _eval_derivative(self, symbol):
-        # Fresh indices, so that the sums over ties do not shadow the index bound inside self.
-        fresh = {index: _fresh_index_symbol() for index, _, _ in self.limits}
-        function = self.function.xreplace(fresh)
-        limits = [(fresh[index], low, high) for index, low, high in self.limits]
-        tie = Tie(function, self)
-        return sympy.Sum(tie * sympy.diff(function, symbol), *limits) / sympy.Sum(tie, *limits)
-
-    def _eval_is_real(self):
-        return self.function.is_real
-
-    def doit(self, **hints):
-        """Written out as Max(...) once every bound is a number; kept as it is otherwise."""
-        function = self.function.doit(**hints)
-        if not all(low.is_Integer and high.is_Integer for _, low, high in self.limits):
-            return self.func(function, *self.limits)
-        terms = [function]
-        for index, low, high in self.limits:
-            terms = [t.xreplace({index: sympy.Integer(v)}) for t in terms for v in range(int(low), int(high) + 1)]
-        return self.extremum(*terms)
-
-
-class Tie(sympy.Function):
-    """1 where ``value`` equals ``extremum``, else 0: the share of a tied maximum.
-
-    A function of its own (not a Piecewise), so that ``Sum.doit`` leaves the count of ties
-    alone: sympy 1.14 sums Piecewise((1, Eq(A[k], m)), (0, True)) over k as if the
-    condition did not depend on k.
-    """
-
-    nargs = 2
-
-    @classmethod
-    def eval(cls, value, extremum):
-        if value.is_number and extremum.is_number:
-            return sympy.Integer(1) if value == extremum else sympy.Integer(0)
-        return None
-
-    def fdiff(self, argindex=1):
-        return sympy.Integer(0)
-
-
-class ReducedMin(ReducedMax):
-    """The smallest value of ``function`` over its limits; tied minima share the gradient evenly."""
-
-    extremum = sympy.Min
-
-
 def variable_symbol(name: str, shape: tuple, assumptions: dict, index: tuple) -> sympy.Expr:
     """The symbol of an input or kept node: a plain Symbol for scalars, else IndexedBase[index]."""
     if not shape:
@@ -311,7 +258,7 @@ def _carried_out(expr: sympy.Expr) -> sympy.Expr:
     if isinstance(expr, ExprWithLimits):
         if any(not index.is_integer for index, _, _ in expr.limits):
             # sympy's derivative of a Product sums over a Dummy without integer assumptions.
-            renamed = {index: _fresh_index_symbol() for index, _, _ in expr.limits if not index.is_integer}
+            renamed = {index: fresh_index_symbol() for index, _, _ in expr.limits if not index.is_integer}
             expr = type(expr)(expr.function.xreplace(renamed),
                               *((renamed.get(i, i), low, high) for i, low, high in expr.limits))
         function = _carried_out(expr.function)
@@ -354,8 +301,13 @@ def _same_at_a_sample(raw, settled, spec: Spec, free: dict) -> bool:
         with time_limit(SAMPLE_SECONDS):  # exp(exp(exp(...))) at a point has astronomically many digits
             for form in (raw, settled):
                 concrete = form.xreplace(sizes).xreplace(point).doit()
+                # Integer elements (labels, indices) first: they index the real ones.
+                labels = {a: sympy.Integer(1) for a in concrete.atoms(sympy.Indexed) if a.is_integer}
+                concrete = concrete.xreplace(labels).doit()
                 atoms = sorted(concrete.atoms(sympy.Indexed, sympy.Symbol), key=str)
-                sample = {a: sympy.Rational(hash(str(a)) % 997 + 1, 499) for a in atoms if not a.is_integer}
+                # A fixed hash of the name (str's hash changes per process), so runs repeat.
+                sample = {a: sympy.Rational(zlib.crc32(str(a).encode()) % 997 + 1, 499) for a in atoms
+                          if not a.is_integer}
                 values.append(concrete.xreplace(sample).evalf(30))
             return values[0].is_number and abs(values[0] - values[1]) <= 1e-20 * (1 + abs(values[0]))
     except OutOfTime:
@@ -367,7 +319,7 @@ def _leaks_bound_index(expr) -> bool:
 
 
 def _decide_conditions(expr: sympy.Expr, ranges: dict) -> sympy.Expr:
-    if not ranges or not expr.has(sympy.Piecewise):
+    if not ranges or not expr.has(sympy.Piecewise, select):
         return expr
     at_least = {index: sympy.Dummy("t", integer=True, nonnegative=True) for index in ranges}
     at_most = {index: upper - sympy.Dummy("s", integer=True, nonnegative=True) for index, upper in ranges.items()}
@@ -457,6 +409,8 @@ def chain_rule(spec: Spec, tracked: dict, sizes: dict | None = None) -> dict:
     operands = {node: name for node, name in tracked.items() if not isinstance(node, Input)}
     uses = []  # each node's step, summed against its adjoint over fresh indices
     for node, name in operands.items():
+        if not depends_on_inputs(node):
+            continue  # no adjoint: nothing flows back through it
         lowering = SympyLowering(spec, {n: m for n, m in operands.items() if n is not node}, sizes)
         index, limits = [], []
         for size in lowering.shape(node):
@@ -495,19 +449,38 @@ def directional_derivative(formula: Tensor, spec: Spec, moving: dict | None = No
     formula is the output, a Hessian-vector product when it is a gradient. sympy.diff does it.
     ``moving`` (name -> node) moves those symbols instead of the inputs."""
     epsilon = sympy.Dummy("epsilon", real=True)
-    moved = formula.expr
-    for name, node in (spec.inputs if moving is None else moving).items():
-        if not node.shape:
+    moved_inputs = {name: node for name, node in spec.inputs.items() if not node.data}  # data has no tangent
+    shifts = {}
+    for name, node in (moved_inputs if moving is None else moving).items():
+        if node.shape:
+            shifts[name] = sympy.IndexedBase(tangent_name(name), real=True)
+        else:
             assumptions = node.domain.sympy_assumptions() if isinstance(node, Input) else {"real": True}
-            symbol = sympy.Symbol(name, **assumptions)
-            moved = moved.xreplace({symbol: symbol + epsilon * sympy.Symbol(tangent_name(name), real=True)})
-            continue
-        tangent = sympy.IndexedBase(tangent_name(name), real=True)
-        moved = moved.replace(lambda e, name=name: isinstance(e, sympy.Indexed) and e.base.name == name,
-                              lambda e, tangent=tangent: e + epsilon * tangent[e.indices])
+            shifts[sympy.Symbol(name, **assumptions)] = sympy.Symbol(tangent_name(name), real=True)
+    moved = _moved(formula.expr, shifts, epsilon, {})
     ranges = index_ranges(formula.indices, formula.shape)
     derivative = sympy.diff(moved, epsilon).xreplace({epsilon: 0})
     return Tensor(settle(derivative, ranges), formula.indices, formula.shape)
+
+
+def _moved(expr, shifts: dict, epsilon, memo: dict):
+    """``expr`` with each variable of ``shifts`` (a scalar symbol -> its tangent symbol, or an
+    array's name -> its tangent base) moved by epsilon times its tangent. An index stays put,
+    as an integer does (sympy's derivative of y[argmax(x)] would be nan if it moved)."""
+    if expr in memo:
+        return memo[expr]
+    if isinstance(expr, sympy.Indexed):
+        tangent = shifts.get(expr.base.name)
+        result = expr if tangent is None else expr + epsilon * tangent[expr.indices]
+    elif isinstance(expr, sympy.Symbol):
+        tangent = shifts.get(expr)
+        result = expr if tangent is None else expr + epsilon * tangent
+    elif not expr.args:
+        result = expr
+    else:
+        result = expr.func(*(_moved(a, shifts, epsilon, memo) for a in expr.args))
+    memo[expr] = result
+    return result
 
 
 def forward_chain(spec: Spec, tracked: dict, sizes: dict | None = None) -> dict:
@@ -590,7 +563,7 @@ def time_limit(seconds: float):
 def _canonical_indices(expr, depth: int = 0):
     """Rename summation indices by nesting depth, so that equal sums look equal to simplify."""
     if isinstance(expr, ExprWithLimits):
-        renamed = {index: _index_symbol(f"_c{depth}_{k}") for k, (index, _, _) in enumerate(expr.limits)}
+        renamed = {index: index_symbol(f"_c{depth}_{k}") for k, (index, _, _) in enumerate(expr.limits)}
         limits = [(renamed[index], low, high) for index, low, high in expr.limits]
         return type(expr)(_canonical_indices(expr.function.xreplace(renamed), depth + 1), *limits)
     if not expr.args or isinstance(expr, (sympy.Indexed, sympy.Symbol)):

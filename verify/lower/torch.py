@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ir import Apply, Constant, Input, Node, Ref, SizeRef, Spec, concrete_shape
-from ..ops import REGISTRY, normalize_axes, single_axis
+from ..ir import Apply, Constant, Input, Node, Ref, SizeRef, Spec, concrete_dim, concrete_shape, is_integer
+from ..ops import REGISTRY, SIZE_PARAMS, normalize_axes, single_axis
 
 
 class TorchProgram:
@@ -85,9 +85,13 @@ class _Evaluation:
             return op.torch_form(operand, tuple(a + 1 for a in axes), keepdim, **params)
         if op.kind == "axiswise":
             return op.torch_form(operand, single_axis(params, node.operands[0].rank) + 1)
-        if "shape" in params:
-            params["shape"] = concrete_shape(params["shape"], self.sizes)
-        return op.torch_form(operands, params)
+        for key in SIZE_PARAMS & params.keys():
+            params[key] = concrete_shape(params[key], self.sizes) if key == "shape" else concrete_dim(
+                params[key], self.sizes)
+        result = op.torch_form(operands, params)
+        if not is_integer(node) and not (result.is_floating_point() or result.dtype == torch.bool):
+            result = result.to(self.dtype)  # one_hot's integers are reals to the spec
+        return result
 
 
 def _align(operand, rank: int):
