@@ -64,6 +64,7 @@ ROWS.update({
     "softmax": "A: Real[n, m]\no = sum(softmax(A, axis=1) * A)",
     "log_softmax": "x: Real[n]\nc: Real[n]\no = sum(log_softmax(x) * c)",
     "matmul": "A: Real[n, k]\nB: Real[k, m]\nv: Real[n]\no = sum((A @ B) ** 2) + (v @ A) @ (v @ A) + v @ v",
+    "batched matmul": "A: Real[h, 1, n, k]\nB: Real[g, k, m]\nv: Real[k]\no = sum((A @ B) ** 2) + sum(A @ v)",
     "transpose": "A: Real[n, m]\nB: Real[n, m]\no = sum((A.T @ B) ** 2)",
     "dot": "x: Real[n]\ny: Real[n]\no = dot(x, y) * dot(x, x)",
     "outer": "x: Real[n]\ny: Real[m]\nW: Real[n, m]\no = sum(outer(x, y) * W)",
@@ -89,6 +90,16 @@ ROWS.update({
     "topk": "x: Real[n]\no = sum(topk(x, 2) ** 2)",
     "argmax": "A: Real[m, n]\no = sum(take(A * A, argmax(A, axis=1)))",
     "argmin": "A: Real[m, n]\nB: Real[m, n]\no = sum(take(B, argmin(A, axis=1)) * A[:, 0])",
+    "permute": "A: Real[a, b, c]\nP = permute(A, (2, 0, 1))\no = sum(P ** 3) + sum(P[0] * P[-1])",
+    "swapaxes": "A: Real[a, b, c]\nS = swapaxes(A, 0, 2)\no = sum(S ** 3) + sum(S[0])",
+    "einsum": "A: Real[b, n, k]\nB: Real[b, k, m]\nw: Real[m]\nC = einsum(\"bnk,bkm->bmn\", A, B)\n"
+              "o = sum(einsum(\"bmn,m\", C ** 2, w)) + einsum(\"bnk->\", A)",
+    "conv1d": "x: Real[b, c, l]\nw: Real[f, c, k]\no = sum(conv1d(x, w) ** 2) + sum(conv1d(x, w, stride=2, padding=1, dilation=2))",
+    "conv2d": "x: Real[1, 2, h, v]\nw: Real[2, 2, k, j]\no = sum(conv2d(x, w, padding=(1, 0)) ** 2)",
+    "max_pool1d": "x: Real[c, l]\no = sum(max_pool1d(x, kernel=2) ** 2)",
+    "avg_pool1d": "x: Real[c, l]\no = sum(avg_pool1d(x, kernel=3, stride=1) ** 2)",
+    "max_pool2d": "x: Real[b, c, h, v]\no = sum(max_pool2d(x, kernel=2) ** 3)",
+    "avg_pool2d": "x: Real[b, c, h, v]\no = sum(avg_pool2d(x, kernel=(2, 1)) ** 2)",
     "det": "A: Real[n, n]\no = det(A)",
     "inv": "A: Real[n, n]\nb: Real[n]\no = sum(inv(A) @ b)",
 })
@@ -114,7 +125,7 @@ def first_input(spec_text: str) -> str:
 
 
 def test_every_registry_op_has_a_row():
-    assert set(ROWS) == set(REGISTRY)
+    assert set(ROWS) - {"batched matmul"} == set(REGISTRY)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from sympy.codegen import cfunctions
 
-from .ir import ShapeError, broadcast_shapes
+from .ir import ShapeError, broadcast_shapes, concrete_dim
 from .lower import functions
 
 
@@ -79,6 +79,7 @@ class Op:
     integer_operands: tuple = ()
     # Parameters that may also follow the operands positionally, as in one_hot(t, c).
     positional_params: tuple = ()
+    min_operands: int = 2  # where arity is None
     # What the op gives: "real", "integer" (an argmax: it indexes) or "boolean" (a condition).
     result: str = "real"
     # Operand positions a derivative flows through (None: all); where's condition is not one.
@@ -266,7 +267,9 @@ ELEMENTWISE = [
     _elementwise("floor", 1, functions.floor_real, torch.floor, kink="derivative 0 everywhere, jumps included"),
     _elementwise("ceil", 1, functions.ceil_real, torch.ceil, kink="derivative 0 everywhere, jumps included"),
     _elementwise("trunc", 1, functions.trunc_real, torch.trunc, kink="derivative 0 everywhere, jumps included"),
-    _elementwise("clamp", 3, _clamp, torch.clamp,
+    # At lo == hi torch's forward mode and its backward disagree on where the derivative goes.
+    _elementwise("clamp", 3, _clamp, torch.clamp, domain="all reals (derivative: lo != hi)",
+                 differentiable=lambda x, low, high: low != high,
                  kink="∂/∂x is 1 on lo <= x <= hi, bounds included; lo > hi gives hi"),
 ]
 
@@ -363,29 +366,50 @@ AXISWISE = [
 
 
 def _matmul_shape(shapes, params):
+    """numpy's @: vectors and matrices, and stacks of matrices whose batch dims broadcast."""
     a, b = shapes
-    if not (1 <= len(a) <= 2 and 1 <= len(b) <= 2):
-        raise ShapeError(f"@ takes vectors and matrices, got operands of rank {len(a)} and {len(b)}")
-    if a[-1] != b[0]:
-        raise ShapeError(f"@ needs matching inner sizes, got {_show(a)} @ {_show(b)} ({a[-1]} != {b[0]})")
-    return a[:-1] + b[1:]
+    if not a or not b:
+        raise ShapeError("@ takes operands of rank 1 or more")
+    inner_a, inner_b = a[-1], (b[0] if len(b) == 1 else b[-2])
+    if inner_a != inner_b:
+        raise ShapeError(f"@ needs matching inner sizes, got {_show(a)} @ {_show(b)} ({inner_a} != {inner_b})")
+    batch = broadcast_shapes(a[:-2], b[:-2])
+    return tuple(batch) + tuple(a[-2:-1]) + tuple(b[-1:] if len(b) > 1 else ())
 
 
 def _matmul_sympy(element, index, shapes, fresh_index, params):
-    a, _ = shapes
+    a, b = shapes
+    batch_rank = len(index) - (len(a) > 1) - (len(b) > 1)
+    batch, rest = tuple(index[:batch_rank]), list(index[batch_rank:])
+    row = (rest.pop(0),) if len(a) > 1 else ()
+    column = (rest.pop(0),) if len(b) > 1 else ()
     k, limits = fresh_index(a[-1])
-    left = tuple(index[: len(a) - 1]) + (k,)
-    right = (k,) + tuple(index[len(a) - 1:])
+    left = _batch_index(batch, a[:-2]) + row + (k,)
+    right = _batch_index(batch, b[:-2]) + (k,) + column
     return sympy.Sum(element(0, left) * element(1, right), limits)
+
+
+def _batch_index(batch: tuple, dims: tuple) -> tuple:
+    """An operand's share of the output's batch index: aligned right, 0 where it broadcasts."""
+    own = batch[len(batch) - len(dims):] if dims else ()
+    return tuple(sympy.Integer(0) if d == 1 else i for i, d in zip(own, dims))
 
 
 def _matmul_torch(tensors, params):
     a, b = tensors
-    # Every operand carries a leading batch dim ('z'); contract a's last axis with b's first.
-    left = "z" + "ij"[2 - (a.dim() - 1):]
-    right = "z" + "jk"[: b.dim() - 1]
-    out = "z" + left[1:-1] + right[2:]
-    return torch.einsum(f"{left},{right}->{out}", a, b)
+    # Every operand carries a leading batch dim (the points): make both stacks of matrices of
+    # one rank, so that torch broadcasts the spec's batch dims and never the points' dim.
+    a = a.unsqueeze(-2) if a.dim() == 2 else a
+    b = b.unsqueeze(-1) if b.dim() == 2 else b
+    rank = max(a.dim(), b.dim())
+    a = a.reshape(a.shape[:1] + (1,) * (rank - a.dim()) + a.shape[1:])
+    b = b.reshape(b.shape[:1] + (1,) * (rank - b.dim()) + b.shape[1:])
+    product = torch.matmul(a, b)
+    if tensors[0].dim() == 2:
+        product = product.squeeze(-2)
+    if tensors[1].dim() == 2:
+        product = product.squeeze(-1)
+    return product
 
 
 def _dot_shape(shapes, params):
@@ -414,6 +438,226 @@ def _transpose_shape(shapes, params):
     if len(shape) != 2:
         raise ShapeError(f".T needs a matrix, got an operand of rank {len(shape)}")
     return (shape[1], shape[0])
+
+
+def _permutation(params, rank: int) -> tuple:
+    """The operand axis of each output axis: permute's ``axes``, or swapaxes's two swapped."""
+    if "axes" in params:
+        axes = params["axes"] if isinstance(params["axes"], tuple) else (params["axes"],)
+        order = tuple(normalize_axes(a, rank)[0] for a in axes)
+        if sorted(order) != list(range(rank)):
+            raise ShapeError(f"permute takes an order of all {rank} axes, got {params['axes']}")
+        return order
+    first, second = (normalize_axes(params[key], rank)[0] for key in ("axis1", "axis2"))
+    order = list(range(rank))
+    order[first], order[second] = second, first
+    return tuple(order)
+
+
+def _permute_shape(shapes, params):
+    (shape,) = shapes
+    return tuple(shape[a] for a in _permutation(params, len(shape)))
+
+
+def _permute_sympy(element, index, shapes, fresh_index, params):
+    order = _permutation(params, len(shapes[0]))
+    operand_index = [None] * len(order)
+    for position, axis in enumerate(order):
+        operand_index[axis] = index[position]
+    return element(0, tuple(operand_index))
+
+
+def _permute_torch(tensors, params):
+    (t,) = tensors
+    return t.permute(0, *(a + 1 for a in _permutation(params, t.dim() - 1)))
+
+
+def _einsum_sizes(shapes, params) -> dict:
+    terms, _ = params["subscripts"]
+    if len(terms) != len(shapes):
+        raise ShapeError(f"einsum's subscripts name {len(terms)} operand(s), and {len(shapes)} are given")
+    sizes = {}
+    for term, shape in zip(terms, shapes):
+        if len(term) != len(shape):
+            raise ShapeError(f"einsum's subscript {term!r} has {len(term)} letters for an operand of shape "
+                             f"{_show(shape)}")
+        for letter, dim in zip(term, shape):
+            if sizes.setdefault(letter, dim) != dim:
+                raise ShapeError(f"einsum's {letter} is {sizes[letter]} in one operand and {dim} in another")
+    return sizes
+
+
+def _einsum_shape(shapes, params):
+    sizes = _einsum_sizes(shapes, params)
+    return tuple(sizes[letter] for letter in params["subscripts"][1])
+
+
+def _einsum_sympy(element, index, shapes, fresh_index, params):
+    terms, output = params["subscripts"]
+    sizes = _einsum_sizes(shapes, params)
+    at = dict(zip(output, index))
+    limits = []
+    for letter in sorted(set("".join(terms)) - set(output)):
+        at[letter], limit = fresh_index(sizes[letter])
+        limits.append(limit)
+    product = sympy.Mul(*(element(k, tuple(at[c] for c in term)) for k, term in enumerate(terms)))
+    return sympy.Sum(product, *limits) if limits else product
+
+
+def _einsum_torch(tensors, params):
+    terms, output = params["subscripts"]
+    points = next(c for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in "".join(terms))
+    return torch.einsum(",".join(points + term for term in terms) + "->" + points + output, *tensors)
+
+
+def _per_axis(params, key: str, spatial: int, default: int) -> tuple:
+    value = params.get(key, default)
+    values = value if isinstance(value, tuple) else (value,) * spatial
+    if len(values) != spatial or not all(isinstance(v, int) for v in values):
+        raise ShapeError(f"{key} is an integer or a tuple of {spatial}")
+    if any(v < (0 if key == "padding" else 1) for v in values):
+        raise ShapeError(f"{key} must be {'0 or more' if key == 'padding' else '1 or more'}, got {value}")
+    return values
+
+
+def _conv_geometry(params, spatial: int) -> tuple:
+    return tuple(_per_axis(params, key, spatial, default)
+                 for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)))
+
+
+def _conv_shape(spatial: int):
+    def rule(shapes, params):
+        x, w = shapes
+        if len(x) != spatial + 2 or len(w) != spatial + 2:
+            raise ShapeError(f"conv{spatial}d takes x [batch, channels, {spatial} spatial dim(s)] and w [out, in, "
+                             f"{spatial} kernel dim(s)], got {_show(x)} and {_show(w)}")
+        groups = params.get("groups", 1)
+        if not isinstance(groups, int) or groups < 1:
+            raise ShapeError(f"groups is a positive integer, got {groups}")
+        if sympy.expand(x[1] - w[1] * groups) != 0:
+            raise ShapeError(f"conv{spatial}d needs x's channels ({x[1]}) to be w's input channels ({w[1]}) times "
+                             f"groups ({groups})")
+        if groups > 1 and not (isinstance(w[0], int) and w[0] % groups == 0):
+            raise ShapeError(f"conv{spatial}d with groups={groups} needs w's output channels ({w[0]}) to be a "
+                             "constant multiple of the groups")
+        stride, padding, dilation = _conv_geometry(params, spatial)
+        out = []
+        for size, kernel, s, p, d in zip(x[2:], w[2:], stride, padding, dilation):
+            reach = size + 2 * p - d * (kernel - 1) - 1
+            length = reach + 1 if s == 1 else sympy.floor(sympy.Integer(reach) / s if isinstance(reach, int)
+                                                            else reach / s) + 1
+            length = int(length) if isinstance(length, (int, sympy.Integer)) else length
+            if isinstance(length, int) and length < 1:
+                raise ShapeError(f"conv{spatial}d's kernel ({kernel}) does not fit in {size} (padding {p}, dilation {d})")
+            out.append(length)
+        return (x[0], w[0], *out)
+    return rule
+
+
+def _conv_sympy(spatial: int):
+    def form(element, index, shapes, fresh_index, params):
+        x, w = shapes
+        stride, padding, dilation = _conv_geometry(params, spatial)
+        channel, channel_limit = fresh_index(w[1])
+        groups = params.get("groups", 1)
+        # Output channel o belongs to group o // (out / groups), which reads input channels from there on.
+        first = sympy.floor(index[1] / (w[0] // groups)) * w[1] if groups > 1 else 0
+        limits, offsets, inside = [channel_limit], [], sympy.true
+        for kernel in w[2:]:
+            offset, limit = fresh_index(kernel)
+            offsets.append(offset)
+            limits.append(limit)
+        positions = []
+        for out, offset, size, s, p, d in zip(index[2:], offsets, x[2:], stride, padding, dilation):
+            position = out * s + offset * d - p
+            positions.append(position)
+            if p:
+                inside = inside & (position >= 0) & (position <= size - 1)
+        taken = element(0, (index[0], first + channel, *positions))
+        if inside is not sympy.true:  # zero padding
+            taken = functions.select(inside, taken, sympy.Integer(0))
+        return sympy.Sum(taken * element(1, (index[1], channel, *offsets)), *reversed(limits))
+    return form
+
+
+def _conv_torch(spatial: int):
+    convolve = F.conv1d if spatial == 1 else F.conv2d
+
+    def form(tensors, params):
+        x, w = tensors
+        points = x.shape[0]
+        stride, padding, dilation = _conv_geometry(params, spatial)
+        # Each point has its own weights: the points become groups of one convolution.
+        merged = x.transpose(0, 1).reshape(x.shape[1], points * x.shape[2], *x.shape[3:])
+        out = convolve(merged, w.reshape(points * w.shape[1], *w.shape[2:]), stride=stride, padding=padding,
+                       dilation=dilation, groups=points * params.get("groups", 1))
+        return out.reshape(out.shape[0], points, w.shape[1], *out.shape[2:]).transpose(0, 1)
+    return form
+
+
+def _pool_geometry(params, spatial: int) -> tuple:
+    if "kernel" not in params:
+        raise ShapeError("pooling needs kernel=")
+    kernel = _per_axis(params, "kernel", spatial, 1)
+    return kernel, _per_axis(params, "stride", spatial, 1) if "stride" in params else kernel
+
+
+def _pool_shape(spatial: int):
+    def rule(shapes, params):
+        (x,) = shapes
+        if len(x) < spatial + 1:
+            raise ShapeError(f"pooling over {spatial} dim(s) takes [channels, {spatial} spatial dim(s)] or more, "
+                             f"got {_show(x)}")
+        kernel, stride = _pool_geometry(params, spatial)
+        out = []
+        for size, k, s in zip(x[-spatial:], kernel, stride):
+            reach = size - k
+            length = reach // s + 1 if isinstance(reach, int) else (
+                reach + 1 if s == 1 else sympy.floor(reach / s) + 1)
+            if isinstance(length, int) and length < 1:
+                raise ShapeError(f"the pooling window ({k}) does not fit in {size}")
+            out.append(length)
+        return tuple(x[:-spatial]) + tuple(out)
+    return rule
+
+
+def _pool_sympy(spatial: int, largest: bool):
+    def form(element, index, shapes, fresh_index, params):
+        kernel, stride = _pool_geometry(params, spatial)
+        offsets, limits = [], []
+        for k in kernel:
+            offset, limit = fresh_index(k)
+            offsets.append(offset)
+            limits.append(limit)
+        lead = tuple(index[:-spatial])
+
+        def at(window):
+            return element(0, lead + tuple(o * s + w for o, s, w in zip(index[-spatial:], stride, window)))
+
+        taken = at(offsets)
+        if not largest:
+            return sympy.Sum(taken, *limits) / math.prod(kernel)
+        # The first maximum of the window (in row-major order) takes the value and the gradient, as torch's.
+        others = [fresh_index(k) for k in kernel]
+        flat = sum((o * math.prod(kernel[a + 1:]) for a, o in enumerate(offsets)), sympy.Integer(0))
+        other_flat = sum((o * math.prod(kernel[a + 1:]) for a, (o, _) in enumerate(others)), sympy.Integer(0))
+        rank = sympy.Sum(functions.precedes(at([o for o, _ in others]), taken, other_flat, flat, sympy.Integer(1)),
+                         *(limit for _, limit in others))
+        return sympy.Sum(taken * sympy.KroneckerDelta(rank, 0), *limits)
+    return form
+
+
+def _pool_torch(spatial: int, largest: bool):
+    pool = {(1, True): F.max_pool1d, (1, False): F.avg_pool1d, (2, True): F.max_pool2d, (2, False): F.avg_pool2d}[
+        spatial, largest]
+
+    def form(tensors, params):
+        (x,) = tensors
+        kernel, stride = _pool_geometry(params, spatial)
+        flat = x.reshape(-1, 1, *x.shape[-spatial:])  # every leading dim, points included, as channels
+        out = pool(flat, kernel, stride)
+        return out.reshape(*x.shape[:-spatial], *out.shape[-spatial:])
+    return form
 
 
 def _diag_shape(shapes, params):
@@ -537,11 +781,24 @@ def _as_expr(value):
 
 
 def _slice_start_stop(item, dim):
-    """Bounds of a constant slice ``(start, stop)`` (either may be None or negative) of a dim."""
-    start, stop = item
-    start = 0 if start is None else (dim + start if start < 0 else start)
-    stop = dim if stop is None else (dim + stop if stop < 0 else stop)
+    """Bounds of a slice ``(start, stop, step)`` of a dim: each bound None, an int (negative
+    ones count from the end) or an expression in the size symbols (n - 1)."""
+    start, stop = item[:2]
+    start = 0 if start is None else (dim + start if isinstance(start, int) and start < 0 else start)
+    stop = dim if stop is None else (dim + stop if isinstance(stop, int) and stop < 0 else stop)
     return _as_expr(start), _as_expr(stop)
+
+
+def _slice_step(item) -> int:
+    return item[2] if len(item) > 2 else 1
+
+
+def _slice_length(item, dim):
+    start, stop = _slice_start_stop(item, dim)
+    step = _slice_step(item)
+    span = sympy.expand(stop - start)
+    length = span if step == 1 else sympy.floor((span + step - 1) / step)
+    return int(length) if length.is_number else length
 
 
 def _slice_shape(shapes, params):
@@ -555,11 +812,12 @@ def _slice_shape(shapes, params):
             if isinstance(dim, int) and not -dim <= item < dim:
                 raise ShapeError(f"index {item} is out of range for a dim of size {dim}")
             continue
-        start, stop = _slice_start_stop(item, dim)
-        size = sympy.expand(stop - start)
-        if size.is_number and size < 1:
+        if _slice_step(item) < 1:
+            raise ShapeError("a slice's step is a positive integer")
+        length = _slice_length(item, dim)
+        if isinstance(length, int) and length < 1:
             raise ShapeError(f"the slice is empty for a dim of size {dim}")
-        out.append(int(size) if size.is_number else size)
+        out.append(length)
     return tuple(out) + tuple(shape[len(items):])
 
 
@@ -575,6 +833,13 @@ def slice_requirements(shape, items) -> list:
     return needs
 
 
+def concrete_items(items, sizes: dict) -> tuple:
+    """A slice's items with every size symbol given its value (name -> int)."""
+    def concrete(bound):
+        return bound if bound is None or isinstance(bound, int) else concrete_dim(bound, sizes)
+    return tuple(item if isinstance(item, int) else tuple(concrete(b) for b in item) for item in items)
+
+
 def _slice_sympy(element, index, shapes, fresh_index, params):
     (shape,) = shapes
     positions = iter(index)
@@ -583,7 +848,7 @@ def _slice_sympy(element, index, shapes, fresh_index, params):
         if isinstance(item, int):
             operand_index.append(_as_expr(item) if item >= 0 else _as_expr(dim) + item)
         else:
-            operand_index.append(next(positions) + _slice_start_stop(item, dim)[0])
+            operand_index.append(next(positions) * _slice_step(item) + _slice_start_stop(item, dim)[0])
     operand_index.extend(positions)
     return element(0, tuple(operand_index))
 
@@ -620,8 +885,9 @@ def _inv_sympy(element, index, shapes, fresh_index, params):
 
 def _structural(name, arity, sympy_form, torch_form, infer_shape, params=(), domain="all reals", max_size=None,
                 defined=None, backward_condition=None, forward_condition=None, kink="", differentiable=None,
-                integer_operands=(), positional_params=(), result="real"):
+                integer_operands=(), positional_params=(), result="real", min_operands=2):
     return Op(name, "structural", arity, sympy_form, torch_form, infer_shape, domain, kink=kink, params=params,
+              min_operands=min_operands,
               max_size=max_size, defined=defined, backward_condition=backward_condition,
               forward_condition=forward_condition, differentiable=differentiable,
               integer_operands=integer_operands, positional_params=positional_params, result=result)
@@ -785,6 +1051,19 @@ STRUCTURAL = [
     _structural("matmul", 2, _matmul_sympy, _matmul_torch, _matmul_shape),
     _structural("transpose", 1, lambda element, index, shapes, fresh, params: element(0, (index[1], index[0])),
                 lambda tensors, params: tensors[0].transpose(-1, -2), _transpose_shape),
+    _structural("permute", 1, _permute_sympy, _permute_torch, _permute_shape, params=("axes",),
+                positional_params=("axes",)),
+    _structural("swapaxes", 1, _permute_sympy, _permute_torch, _permute_shape, params=("axis1", "axis2"),
+                positional_params=("axis1", "axis2")),
+    _structural("einsum", None, _einsum_sympy, _einsum_torch, _einsum_shape, min_operands=1),
+    _structural("conv1d", 2, _conv_sympy(1), _conv_torch(1), _conv_shape(1),
+                params=("stride", "padding", "dilation", "groups")),
+    _structural("conv2d", 2, _conv_sympy(2), _conv_torch(2), _conv_shape(2),
+                params=("stride", "padding", "dilation", "groups")),
+    *(_structural(f"{kind}_pool{spatial}d", 1, _pool_sympy(spatial, kind == "max"), _pool_torch(spatial, kind == "max"),
+                  _pool_shape(spatial), params=("kernel", "stride"),
+                  kink="the first maximum of a window takes its gradient, as torch's" if kind == "max" else "")
+      for kind in ("max", "avg") for spatial in (1, 2)),
     _structural("dot", 2, _matmul_sympy, lambda tensors, params: (tensors[0] * tensors[1]).sum(-1), _dot_shape),
     _structural("outer", 2, lambda element, index, shapes, fresh, params: element(0, index[:1]) * element(1, index[1:]),
                 lambda tensors, params: tensors[0].unsqueeze(-1) * tensors[1].unsqueeze(-2), _outer_shape),

@@ -69,7 +69,7 @@ MAX_SYNTAX_NODES = 50_000
 MAX_NESTING = 100
 
 EXPRESSION_HINT = ("expected an expression of numbers, declared names, size symbols, pi, e, "
-                   "+ - * / ** @, unary minus, .T, slices with constant bounds (x[1:], A[:, 0]) and calls of: "
+                   "+ - * / ** @, unary minus, .T, slices (x[1:], A[:, 0], x[1:n-1], x[::2]) and calls of: "
                    + ", ".join(sorted(CALLABLE)))
 STATEMENT_HINT = ("a spec holds only input declarations (x: Real[n]), assignments (y = x**2) "
                   "and claims (assert grad(o, x) == expr)")
@@ -439,6 +439,10 @@ class _Parser:
             raise self.error("starred arguments are not allowed", node)
         params = {}
         arguments = list(node.args)
+        if func.id == "einsum":  # the subscripts are data, read by their own grammar
+            if not arguments or not (isinstance(arguments[0], ast.Constant) and isinstance(arguments[0].value, str)):
+                raise self.error("einsum takes a subscript string first, as in einsum(\"ij,jk->ik\", A, B)", node)
+            params["subscripts"] = self.subscripts(arguments.pop(0))
         extra = arguments[op.arity:] if op.positional_params else []
         if len(extra) > len(op.positional_params):
             raise self.error(f"{func.id} takes {op.arity} operand(s) and then {', '.join(op.positional_params)}",
@@ -499,13 +503,58 @@ class _Parser:
         return self.apply("slice", [operand], {"items": items}, node)
 
     def slice_item(self, node: ast.AST):
-        """An integer index, or a slice (start, stop) with constant integer bounds and no step."""
+        """An integer index, or a slice (start, stop, step): bounds are integers or expressions
+        in the size symbols (x[1:n-1]), the step a positive integer (x[::2])."""
         if isinstance(node, ast.Slice):
-            if node.step is not None:
-                raise self.error("slices take no step", node.step)
-            return tuple(None if bound is None else self.integer(bound, "a slice bound")
-                         for bound in (node.lower, node.upper))
+            bounds = tuple(None if bound is None else self.size_expression(bound) for bound in (node.lower, node.upper))
+            if node.step is None:
+                return bounds
+            step = self.integer(node.step, "a slice's step")
+            if step < 1:
+                raise self.error("a slice's step is a positive integer", node.step)
+            return (*bounds, step)
         return self.integer(node, "an index")
+
+    def size_expression(self, node: ast.AST):
+        """An integer, or +, - and * of integers and size symbols: a slice bound such as n - 1."""
+        value = self.expression(node)
+
+        def exact(part):
+            if isinstance(part, Constant) and part.value.is_Integer:
+                return part.value
+            if isinstance(part, SizeRef):
+                return part.symbol
+            if isinstance(part, Apply) and part.op in ("add", "sub", "mul", "neg"):
+                values = [exact(o) for o in part.operands]
+                if None not in values:
+                    return {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+                            "neg": lambda a: -a}[part.op](*values)
+            return None
+
+        bound = exact(value)
+        if bound is None:
+            raise self.error("a slice bound is an integer or an expression in the size symbols, as in n - 1", node)
+        return int(bound) if bound.is_Integer else bound
+
+    def subscripts(self, node: ast.Constant) -> tuple:
+        """einsum's string as (operand subscripts, output subscripts): letters, commas, one ->."""
+        text = node.value.replace(" ", "")
+        inputs, arrow, output = text.partition("->")
+        terms = inputs.split(",")
+        letters = [*terms, output] if arrow else terms
+        if len(text) > 200 or not all(term.isascii() and (term.isalpha() or term == "") for term in letters) \
+                or "" in terms:
+            raise self.error("einsum's subscripts are letters per operand, joined by commas, with an optional "
+                             "-> and the output's letters, as in \"bij,bjk->bik\"", node)
+        for term in letters:
+            if len(set(term)) != len(term):
+                raise self.error(f"einsum's subscript {term!r} repeats a letter (diagonals are not supported)", node)
+        if not arrow:  # numpy's implicit output: the letters used once, in alphabetical order
+            output = "".join(sorted(c for c in set(inputs) - {","} if inputs.count(c) == 1))
+        missing = set(output) - set("".join(terms))
+        if missing:
+            raise self.error(f"einsum's output uses {''.join(sorted(missing))}, which no operand has", node)
+        return tuple(terms), output
 
     def integer(self, node: ast.AST, what: str) -> int:
         value = self.expression(node)
@@ -541,8 +590,8 @@ class _Parser:
     def apply(self, op_name: str, operands: list, params: dict, node: ast.AST) -> Node:
         op = REGISTRY[op_name]
         loc = self.loc(node)
-        if op.arity is None and len(operands) < 2:
-            raise self.error(f"{op_name} takes two or more arguments, got {len(operands)}", node)
+        if op.arity is None and len(operands) < op.min_operands:
+            raise self.error(f"{op_name} takes {op.min_operands} or more operands, got {len(operands)}", node)
         if op.arity is not None and len(operands) != op.arity:
             raise self.error(f"{op_name} takes {op.arity} argument(s), got {len(operands)}", node)
         if op_name != "where" and op_name not in CONDITIONS and any(

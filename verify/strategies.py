@@ -25,6 +25,7 @@ from .ops import REGISTRY
 from .tolerance import representable_limit, underflow_limit
 
 DEFAULT_SIZES = (1, 8)
+LARGE_SIZE = 64  # the largest size a slice's requirement may ask for
 MAX_BATCH = 8
 
 
@@ -129,17 +130,29 @@ def values(domain: Domain, dtype: torch.dtype, wide: bool) -> st.SearchStrategy:
 
 
 def size_bounds(spec: Spec) -> dict:
-    """The range drawn for each size symbol: from the smallest size every single-symbol
-    requirement (x[1:] needs n >= 2) allows, to the default cap or an op's smaller one."""
+    """The usual range drawn for each size symbol: from the smallest size every single-symbol
+    requirement (x[1:] needs n >= 2) allows, to the default cap or an op's smaller one.
+
+    Raises ``SpecError`` for a requirement no size up to ``LARGE_SIZE`` meets."""
+    return {name: (smallest, max(smallest, usual)) for name, (smallest, usual) in _size_ranges(spec).items()}
+
+
+def _size_ranges(spec: Spec) -> dict:
+    """name -> (smallest, usual largest)."""
     caps = [REGISTRY[n.op].max_size for n in graph_nodes(spec) if isinstance(n, Apply) and REGISTRY[n.op].max_size]
-    largest = min([DEFAULT_SIZES[1], *caps])
-    bounds = {}
+    usual = min([DEFAULT_SIZES[1], *caps])
+    largest = min([LARGE_SIZE, *caps])
+    ranges = {}
     for name, symbol in spec.size_symbols.items():
         own = [r for r in spec.size_requirements if r.free_symbols == {symbol}]
         smallest = next((v for v in range(DEFAULT_SIZES[0], largest + 1)
-                         if all(r.xreplace({symbol: v}) >= 1 for r in own)), largest)
-        bounds[name] = (smallest, max(smallest, largest))
-    return bounds
+                         if all(r.xreplace({symbol: v}) >= 1 for r in own)), None)
+        if smallest is None:
+            needs = " and ".join(f"{r} >= 1" for r in own if not all(r.xreplace({symbol: v}) >= 1
+                                                                      for v in range(1, largest + 1)))
+            raise SpecError(f"no size {name} up to {largest} meets what the spec needs: {needs}")
+        ranges[name] = (smallest, usual)
+    return ranges
 
 
 def _meets_requirements(spec: Spec, sizes: dict) -> bool:

@@ -35,7 +35,7 @@ from ..ir import (
     depends_on_inputs,
     is_integer,
 )
-from ..ops import REGISTRY, SIZE_PARAMS, normalize_axes, single_axis
+from ..ops import REGISTRY, SIZE_PARAMS, concrete_items, normalize_axes, single_axis
 from .functions import ReducedMax, ReducedMin, elementary, fresh_index_symbol, index_symbol, select
 
 INDEX_NAMES = "ijklpqrstuvw"
@@ -126,6 +126,8 @@ class SympyLowering:
         if op.kind == "axiswise":
             return op.sympy_form(_Along(self, operand, index, single_axis(params, operand.rank)))
         if self.sizes is not None:
+            if "items" in params:
+                params["items"] = concrete_items(params["items"], self.sizes)
             for key in SIZE_PARAMS & params.keys():
                 params[key] = concrete_shape(params[key], self.sizes) if key == "shape" else concrete_dim(
                     params[key], self.sizes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import Apply, Constant, Input, Node, Ref, SizeRef, Spec, concrete_dim, concrete_shape, is_integer
-from ..ops import REGISTRY, SIZE_PARAMS, normalize_axes, single_axis
+from ..ops import REGISTRY, SIZE_PARAMS, concrete_items, normalize_axes, single_axis
 
 
 class TorchProgram:
@@ -85,6 +85,8 @@ class _Evaluation:
             return op.torch_form(operand, tuple(a + 1 for a in axes), keepdim, **params)
         if op.kind == "axiswise":
             return op.torch_form(operand, single_axis(params, node.operands[0].rank) + 1)
+        if "items" in params:
+            params["items"] = concrete_items(params["items"], self.sizes)
         for key in SIZE_PARAMS & params.keys():
             params[key] = concrete_shape(params[key], self.sizes) if key == "shape" else concrete_dim(
                 params[key], self.sizes)

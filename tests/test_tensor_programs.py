@@ -1,0 +1,59 @@
+"""Tensor programs (the second "real code" issue): batched matmul, axes, einsum, convolution,
+pooling, slices in the size symbols and larger sizes, against torch's own functions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import verify
+
+DTYPES = [torch.float64, torch.float32]
+
+PROGRAMS = {
+    "batched matmul and swapaxes": (
+        "A: Real[b, n, k]\nB: Real[b, n, k]\no = sum((A @ swapaxes(B, 1, 2)) ** 2)",
+        lambda A, B: ((A @ B.transpose(1, 2)) ** 2).sum()),
+    "einsum": ("A: Real[b, n, k]\nw: Real[k]\no = einsum(\"bnk,k->bn\", A, w) ** 2",
+               lambda A, w: torch.einsum("bnk,k->bn", A, w) ** 2),
+    "conv2d with padding": ("x: Real[1, 2, h, v]\nw: Real[3, 2, k, j]\no = conv2d(x, w, padding=1)",
+                            lambda x, w: F.conv2d(x, w, padding=1)),
+    "grouped conv1d": ("x: Real[b, 4, l]\nw: Real[6, 2, k]\no = conv1d(x, w, groups=2, padding=1, stride=2)",
+                       lambda x, w: F.conv1d(x, w, groups=2, padding=1, stride=2)),
+    "max_pool1d": ("x: Real[c, l]\no = max_pool1d(x, kernel=3, stride=2)",
+                   lambda x: F.max_pool1d(x.unsqueeze(0), 3, 2).squeeze(0)),
+    "slices in the sizes": ("x: Real[n]\no = sum(x[1:n-1] ** 2) + sum(x[::2] * x[::2])",
+                            lambda x: (x[1:-1] ** 2).sum() + (x[::2] * x[::2]).sum()),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_tensor_program_matches_torch(name, dtype):
+    spec, fn = PROGRAMS[name]
+    assert verify.check_function(fn, spec, dtype=dtype, seed=0, max_examples=10, modes=("rev",)).points > 0
+
+
+def test_a_slice_off_by_one_is_caught():
+    spec, _ = PROGRAMS["slices in the sizes"]
+    with pytest.raises(verify.Mismatch):
+        verify.check_function(lambda x: (x[1:] ** 2).sum() + (x[::2] * x[::2]).sum(), spec, seed=0, max_examples=20)
+
+
+def test_a_slice_that_needs_a_large_size_is_drawn_and_one_no_size_fits_is_a_spec_error():
+    assert verify.check("x: Real[n]\no = sum(x[8:] ** 2)", seed=0, max_examples=10).points > 0
+    with pytest.raises(verify.SpecError, match="no size n up to 64"):
+        verify.check("x: Real[n]\no = sum(x[70:] ** 2)", max_examples=1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("A: Real[n, k]\no = sum(einsum(\"ij,\", A))", "einsum's subscripts"),
+    ("A: Real[n, k]\no = sum(einsum(\"ijk\", A))", "has 3 letters"),
+    ("A: Real[n, k]\nB: Real[m, k]\no = sum(einsum(\"ij,ij->i\", A, B))", "einsum's i is n in one operand and m"),
+    ("A: Real[n, k, m]\no = sum(permute(A, (0, 1)))", "permute takes an order of all 3 axes"),
+    ("x: Real[1, 2, l]\nw: Real[3, 4, k]\no = sum(conv1d(x, w))", "x's channels"),
+    ("x: Real[n]\no = sum(x[::0])", "step is a positive integer"),
+    ("x: Real[n]\no = sum(x[:x])", "a slice bound is an integer or an expression in the size symbols"),
+])
+def test_tensor_programs_misused_are_spec_errors(text, message):
+    with pytest.raises(verify.SpecError, match=message):
+        verify.check(text, max_examples=1)
