@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import verify
+from tests.test_examples import sparsemax
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -235,21 +236,7 @@ def test_sort_and_topk_match_torch(dtype):
     assert caught.value.failure.subject == "∂o/∂x"
 
 
-SPARSEMAX = """z: Real[n]
-s = sort(z, descending=True)
-k = cumsum(s * 0 + 1)
-support = where(1 + k * s > cumsum(s), 1, 0)
-tau = (sum(support * s) - 1) / sum(support)
-p = relu(z - tau)"""
-
-
-def sparsemax(z):
-    """Sparsemax in plain torch (Martins and Astudillo, 2016), as entmax's reference writes it."""
-    s = torch.sort(z, descending=True).values
-    k = torch.arange(1, len(z) + 1, dtype=z.dtype)
-    support = (1 + k * s > s.cumsum(0)).sum()
-    tau = (s.cumsum(0)[support - 1] - 1) / support
-    return torch.clamp(z - tau, min=0)
+SPARSEMAX = (EXAMPLES / "sparsemax.vspec").read_text()
 
 
 class SparsemaxWithDenseBackward(torch.autograd.Function):
