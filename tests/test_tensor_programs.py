@@ -45,6 +45,15 @@ def test_a_slice_that_needs_a_large_size_is_drawn_and_one_no_size_fits_is_a_spec
         verify.check("x: Real[n]\no = sum(x[70:] ** 2)", max_examples=1)
 
 
+def test_large_sizes_are_drawn_and_a_bug_past_the_usual_sizes_shrinks_to_its_smallest_size():
+    def wrong_past_twenty(x):  # a kernel whose path for longer rows scales the result
+        return torch.tanh(x) * (1.5 if x.shape[-1] >= 20 else 1.0)
+
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(wrong_past_twenty, "x: Real[n]\no = tanh(x)", seed=0, max_examples=100)
+    assert caught.value.failure.sizes == {"n": 20}
+
+
 @pytest.mark.parametrize("text, message", [
     ("A: Real[n, k]\no = sum(einsum(\"ij,\", A))", "einsum's subscripts"),
     ("A: Real[n, k]\no = sum(einsum(\"ijk\", A))", "has 3 letters"),

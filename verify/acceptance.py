@@ -91,18 +91,17 @@ def inside_domains(prepared: Plan, example: Example, values: dict, rejected: Cou
 
 def _surely_outside(predicate, operands: list, offsets: list, batch: int) -> np.ndarray:
     """Per point, whether ``predicate`` fails at every corner of the box of operands within
-    ``offsets`` of them, at some element (an exact operand, offset 0, stays as it is: a signed
-    zero), where every offset is finite."""
+    ``offsets`` of them, at some element whose offsets are all finite (an exact operand,
+    offset 0, stays as it is: a signed zero). An element overflowed elsewhere in the point
+    does not hide one surely outside."""
     surely = True
     with np.errstate(all="ignore"):
         for signs in itertools.product((-1, 1), repeat=len(operands)):
             corner = [np.where(off == 0, a, a + sign * off) for a, off, sign in zip(operands, offsets, signs)]
             surely = surely & ~np.asarray(predicate(*corner), dtype=bool)
-    finite = np.ones(batch, dtype=bool)
-    for offset in offsets:
-        if np.ndim(offset):
-            finite &= _per_point(np.isfinite(offset), np.all)
-    return np.broadcast_to(_per_point(surely), (batch,)) & finite
+        for offset in offsets:
+            surely = surely & np.isfinite(offset)
+    return np.broadcast_to(_per_point(surely), (batch,))
 
 
 def _domains(prepared: Plan):

@@ -25,7 +25,12 @@ from .ops import REGISTRY
 from .tolerance import representable_limit, underflow_limit
 
 DEFAULT_SIZES = (1, 8)
-LARGE_SIZE = 64  # the largest size a slice's requirement may ask for
+# Now and then sizes are drawn up to LARGE_SIZE, so that torch's code paths for larger
+# tensors run too: for symbols that only vectors and matrices use, within an element budget
+# per point. A slice's requirement may ask for up to LARGE_SIZE as well.
+LARGE_SIZE = 64
+LARGE_ODDS = 4  # to 1: examples with the usual sizes, to those with large ones
+LARGE_ELEMENTS = 2**13
 MAX_BATCH = 8
 
 
@@ -137,11 +142,15 @@ def size_bounds(spec: Spec) -> dict:
     return {name: (smallest, max(smallest, usual)) for name, (smallest, usual) in _size_ranges(spec).items()}
 
 
+def _largest_size(spec: Spec) -> int:
+    caps = [REGISTRY[n.op].max_size for n in graph_nodes(spec) if isinstance(n, Apply) and REGISTRY[n.op].max_size]
+    return min([LARGE_SIZE, *caps])
+
+
 def _size_ranges(spec: Spec) -> dict:
     """name -> (smallest, usual largest)."""
-    caps = [REGISTRY[n.op].max_size for n in graph_nodes(spec) if isinstance(n, Apply) and REGISTRY[n.op].max_size]
-    usual = min([DEFAULT_SIZES[1], *caps])
-    largest = min([LARGE_SIZE, *caps])
+    largest = _largest_size(spec)
+    usual = min(DEFAULT_SIZES[1], largest)
     ranges = {}
     for name, symbol in spec.size_symbols.items():
         own = [r for r in spec.size_requirements if r.free_symbols == {symbol}]
@@ -160,11 +169,34 @@ def _meets_requirements(spec: Spec, sizes: dict) -> bool:
     return all(r.xreplace(values) >= 1 for r in spec.size_requirements if r.free_symbols)
 
 
+def _large_candidates(spec: Spec, fixed) -> set:
+    """The size symbols that may be drawn large: those not fixed, used by no input of rank 3 or more."""
+    in_higher_ranks = {s.name for declared in spec.inputs.values() if len(declared.shape) > 2
+                       for size in declared.shape if isinstance(size, sympy.Expr) for s in size.free_symbols}
+    return set(spec.size_symbols) - in_higher_ranks - set(fixed)
+
+
+def _elements_per_point(spec: Spec, sizes: dict) -> int:
+    return sum(math.prod(concrete_shape(declared.shape, sizes)) for declared in spec.inputs.values())
+
+
 def _draw_sizes(draw, spec: Spec, sizes) -> dict:
     chosen = dict(sizes or {})
-    for name, (smallest, largest) in size_bounds(spec).items():
+    bounds = size_bounds(spec)
+    candidates = _large_candidates(spec, chosen)
+    # Shrinks to the usual sizes; drawn only where a symbol may be large, so that other
+    # specs keep their draws.
+    large = bool(candidates) and draw(st.integers(0, LARGE_ODDS), label="large sizes") == LARGE_ODDS
+    largest = _largest_size(spec)
+    for name, (smallest, usual) in bounds.items():
         if name not in chosen:
-            chosen[name] = draw(st.integers(smallest, largest), label=f"size {name}")
+            high = largest if large and name in candidates else usual
+            chosen[name] = draw(st.integers(smallest, high), label=f"size {name}")
+    while large and _elements_per_point(spec, chosen) > LARGE_ELEMENTS:  # halve the largest to fit
+        name = max(candidates, key=chosen.get)
+        if chosen[name] // 2 < bounds[name][0]:
+            break
+        chosen[name] //= 2
     assume(_meets_requirements(spec, chosen))
     return chosen
 
@@ -219,7 +251,7 @@ def _materialized(draw, domain: Domain, dtype: torch.dtype, shape: tuple, wide: 
 
 
 def points_per_example(spec: Spec, sizes: dict, budget: Budget = BATCHED) -> int:
-    per_point = sum(math.prod(concrete_shape(declared.shape, sizes)) for declared in spec.inputs.values())
+    per_point = _elements_per_point(spec, sizes)
     return max(1, min(budget.points, budget.elements // max(per_point, 1)))
 
 

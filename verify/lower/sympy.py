@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-import zlib
 from dataclasses import dataclass
 from itertools import count
 
@@ -37,6 +36,7 @@ from ..ir import (
 )
 from ..ops import REGISTRY, SIZE_PARAMS, concrete_items, normalize_axes, single_axis
 from .functions import ReducedMax, ReducedMin, elementary, fresh_index_symbol, index_symbol, select
+from .sample import Unsupported, sample_value
 
 INDEX_NAMES = "ijklpqrstuvw"
 # Names a spec cannot use (spec names never start with "_" or hold a space).
@@ -295,25 +295,14 @@ SAMPLE_SECONDS = 2.0  # per formula; past it sympy's summed form is not trusted,
 def _same_at_a_sample(raw, settled, spec: Spec, free: dict) -> bool:
     """Whether two forms of a formula agree at one concrete size and pseudo-random point:
     sympy's own check that carrying out its sums changed nothing."""
-    sizes = {symbol: sympy.Integer(SAMPLE_SIZE) for symbol in spec.size_symbols.values()}
-    point = {index: sympy.Integer(1) if not isinstance(size, int) or size > 1 else sympy.Integer(0)
-             for index, size in free.items()}
-    values = []
+    bound = {symbol: SAMPLE_SIZE for symbol in spec.size_symbols.values()}
+    bound.update((index, 1 if not isinstance(size, int) or size > 1 else 0) for index, size in free.items())
     try:
         with time_limit(SAMPLE_SECONDS):  # exp(exp(exp(...))) at a point has astronomically many digits
-            for form in (raw, settled):
-                concrete = form.xreplace(sizes).xreplace(point).doit()
-                # Integer elements (labels, indices) first: they index the real ones.
-                labels = {a: sympy.Integer(1) for a in concrete.atoms(sympy.Indexed) if a.is_integer}
-                concrete = concrete.xreplace(labels).doit()
-                atoms = sorted(concrete.atoms(sympy.Indexed, sympy.Symbol), key=str)
-                # A fixed hash of the name (str's hash changes per process), so runs repeat.
-                sample = {a: sympy.Rational(zlib.crc32(str(a).encode()) % 997 + 1, 499) for a in atoms
-                          if not a.is_integer}
-                values.append(concrete.xreplace(sample).evalf(30))
-            return values[0].is_number and abs(values[0] - values[1]) <= 1e-20 * (1 + abs(values[0]))
-    except OutOfTime:
-        return False
+            left, right = sample_value(raw, bound), sample_value(settled, bound)
+        return abs(left - right) <= 1e-20 * (1 + abs(left))
+    except (OutOfTime, Unsupported, ArithmeticError, TypeError, ValueError):
+        return False  # no evidence that they agree
 
 
 def _leaks_bound_index(expr) -> bool:
