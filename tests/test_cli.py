@@ -1,5 +1,8 @@
-"""The command line as a user meets it: the installed `verify` in a subprocess."""
+"""The command line as a user meets it. Most tests call ``verify.cli.main`` in this process,
+with its streams, working directory and environment as a shell would give them; the installed
+`verify` and `python -m verify` run in a subprocess too."""
 
+import contextlib
 import io
 import json
 import os
@@ -11,14 +14,33 @@ from xml.etree import ElementTree
 
 import pytest
 
+from verify import cli
 from verify.cli import Progress
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "backprop.vspec"
 
 
 def run(*arguments, cwd=None, env=None):
-    return subprocess.run(["verify", *arguments], capture_output=True, text=True, cwd=cwd, timeout=300, check=False,
-                          env=None if env is None else {**os.environ, **env})
+    """``verify *arguments`` in this process: its exit code and what it printed."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_cwd, saved_env = os.getcwd(), dict(os.environ)
+    try:
+        os.chdir(cwd or saved_cwd)
+        os.environ.update(env or {})
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = cli.main(list(arguments))
+            except SystemExit as exit_:  # argparse's usage errors
+                code = exit_.code
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["verify", *arguments], code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_installed(*arguments):
+    return subprocess.run(["verify", *arguments], capture_output=True, text=True, timeout=300, check=False)
 
 
 def write(directory, name, text):
@@ -27,8 +49,8 @@ def write(directory, name, text):
     return path
 
 
-def test_check_the_bundled_example_exits_0_and_reports_the_proof():
-    completed = run("check", str(EXAMPLE), "--seed", "1")
+def test_the_installed_command_checks_the_bundled_example_exits_0_and_reports_the_proof():
+    completed = run_installed("check", str(EXAMPLE), "--seed", "1")
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "ok       " in completed.stdout
     assert "claim `grad(o, x) == x`: proved for all n" in completed.stdout
@@ -157,6 +179,7 @@ def test_junit_xml_and_json_reports_of_a_good_and_a_false_spec(tmp_path):
     runs = {entry["path"]: entry for entry in report["runs"]}
     ok, mismatch = runs[str(good)], runs[str(bad)]
     assert ok["verdict"] == "ok" and ok["points"] > 0 and ok["failure"] is None
+    assert ok["examples"] >= 20 and ok["time_budget_spent"] is False
     assert ok["claims"] == [{"text": "grad(o, x) == x", "line": 4, "status": "proved for all n"}]
     assert mismatch["verdict"] == "mismatch" and mismatch["line"] == 4 and mismatch["claims"][0]["status"] == "false"
     assert mismatch["failure"]["check"] == "claim" and mismatch["failure"]["sizes"] == {"n": 1}
@@ -239,9 +262,21 @@ def test_a_thousand_spec_files_end_with_a_correct_summary_in_bounded_memory(tmp_
         write(tmp_path, f"spec{k:04d}.vspec", f"x: Real[n]\no = sum({functions[k % 10]}(x) * {k % 7 + 1})\n")
     write(tmp_path, "spec0500.vspec", FALSE)
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    completed = run("check", str(tmp_path), "--max-examples", "3", "--modes", "rev", "--database", "none")
+    completed = run_installed("check", str(tmp_path), "--max-examples", "3", "--modes", "rev", "--database", "none")
     assert completed.returncode == 1
     assert completed.stdout.rstrip().endswith("999 passed, 1 failed")
     assert completed.stdout.count("\nok ") + completed.stdout.startswith("ok ") == 999
     # The plan cache keeps the last 64 specs: memory stays that of a few specs, in kilobytes.
     assert max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) < 1_500_000
+
+
+def test_a_time_budget_ends_each_spec_early_and_the_reports_say_so(tmp_path):
+    good = write(tmp_path, "good.vspec", GOOD)
+    completed = run("check", "--time-budget", "0.001", "--max-examples", "100000", "--json",
+                    str(tmp_path / "out.json"), str(good))
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "as many as the time budget of 0.001 s allowed" in completed.stdout
+    (entry,) = json.loads((tmp_path / "out.json").read_text())["runs"]
+    assert entry["time_budget_spent"] is True and 1 <= entry["examples"] < 100000
+    refused = run("check", "--time-budget", "0", str(good))
+    assert refused.returncode == 2 and "--time-budget must be a positive number of seconds" in refused.stderr

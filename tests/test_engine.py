@@ -195,3 +195,24 @@ def test_a_proof_past_its_time_budget_leaves_the_claim_checked_numerically(monke
     monkeypatch.setattr(lowering, "PROOF_SECONDS", 1e-6)
     result = verify.check(spec + "# the same claim, planned again\n", seed=0, max_examples=5)
     assert result.claims[0].status == CHECKED
+
+
+def test_a_time_budget_stops_drawing_examples_and_the_result_says_so():
+    result = verify.check("x: Real[n]\ny = sin(x)", seed=0, max_examples=100000, time_budget=0.5)
+    assert result.budget_spent == 0.5 and 1 <= result.examples < 100000 and result.points > 0
+    assert f"{result.examples} example(s), as many as the time budget of 0.5 s allowed" in str(result)
+    unbounded = verify.check("x: Real[n]\ny = sin(x)", seed=0, max_examples=5)
+    assert unbounded.budget_spent is None and "time budget" not in str(unbounded)
+
+
+def test_a_failure_found_within_the_time_budget_is_still_shrunk():
+    # The budget is spent before the first example ends; the failure it found is shrunk all the same.
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(lambda x: 2 * x, "x: Real[n]\ny = x", seed=0, time_budget=1e-6)
+    assert caught.value.failure.sizes == {"n": 1} and caught.value.failure.inputs["x"].tolist() == [0.0]
+
+
+@pytest.mark.parametrize("budget", [0, -1.0, float("nan"), float("inf"), True, "10"])
+def test_a_time_budget_that_is_no_positive_number_of_seconds_is_refused(budget):
+    with pytest.raises(ValueError, match="time_budget must be a positive number of seconds"):
+        verify.check("x: Real\ny = x", time_budget=budget)

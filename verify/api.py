@@ -27,7 +27,8 @@ def load(path: str | Path) -> Spec:
 
 def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
           dtype: torch.dtype = torch.float64, order: int = 1, modes=("rev", "fwd"), device: str = "cpu",
-          database: str | Path | None = None, derandomize: bool = False, sizes: dict | None = None) -> Result:
+          database: str | Path | None = None, derandomize: bool = False, sizes: dict | None = None,
+          time_budget: float | None = None) -> Result:
     """Check that torch's autograd agrees with sympy on ``spec``, over Hypothesis-drawn points.
 
     ``spec`` is spec text or a parsed ``Spec``. Compared at every point: the value of every
@@ -41,7 +42,9 @@ def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
     ``database`` is a directory where failing examples are kept and replayed first by the
     next call (none by default: a library call writes no files unless asked). ``derandomize``
     derives the seed from the spec text, so that every run draws the same inputs. ``sizes``
-    fixes size symbols, e.g. ``{"n": 1000}``; the others are drawn (1 to 8).
+    fixes size symbols, e.g. ``{"n": 1000}``; the others are drawn (1 to 8, now and then up
+    to 64). With ``time_budget`` (seconds, planning included), no new example is drawn once
+    it is spent; the result says how many ran (``Result.examples``, ``Result.budget_spent``).
 
     Returns a ``Result`` (``.points``, ``.rejected``, ``.claims``). Raises ``Mismatch`` (an
     ``AssertionError``) with the shrunk counterexample, ``Unsupported`` when a mode or the
@@ -54,14 +57,16 @@ def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
     __tracebackhide__ = True
     parsed = parse(spec) if isinstance(spec, str) else spec
     return engine.run(parsed, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
-                      device=device, database=database, derandomize=derandomize, sizes=sizes)
+                      device=device, database=database, derandomize=derandomize, sizes=sizes,
+                      time_budget=time_budget)
 
 
 def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, order: int = 1,
                    modes=("rev", "fwd"), max_examples: int = 100, seed: int | None = None,
                    device: str = "cpu", database: str | Path | None = None, derandomize: bool = False,
                    sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0, atol: float = 0.0,
-                   outputs: tuple | None = None, parameters: dict | None = None) -> Result:
+                   outputs: tuple | None = None, parameters: dict | None = None,
+                   time_budget: float | None = None) -> Result:
     """Check ``fn`` (a custom ``autograd.Function``'s ``apply``, a fused op, a module) against
     the math of ``spec``.
 
@@ -76,7 +81,7 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
     either side's value, or torch's convention there; ``kinks="torch"`` demands torch's.
     Code that knowingly trades accuracy states it: ``rtol`` and ``atol`` add
     ``rtol * |reference| + atol`` to every comparison's allowance, as ``assert_close`` would.
-    ``database``, ``derandomize`` and ``sizes`` are as for ``check``.
+    ``database``, ``derandomize``, ``sizes`` and ``time_budget`` are as for ``check``.
 
     An ``nn.Module`` is checked with its parameters as spec inputs: each binds the input
     named as it is (dots made underscores; ``parameters={"W": "0.weight"}`` binds by hand),
@@ -99,4 +104,4 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
         fn, parsed = binding.combine_outputs(fn, parsed, tuple(outputs))
     return engine.run(parsed, fn=fn, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
                       device=device, database=database, derandomize=derandomize, sizes=sizes, kinks=kinks,
-                      rtol=rtol, atol=atol)
+                      rtol=rtol, atol=atol, time_budget=time_budget)

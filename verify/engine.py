@@ -31,6 +31,15 @@ from .subject import FunctionSubject, function_name
 from .tolerance import UNIT_ROUNDOFF
 
 
+def _validated_budget(time_budget) -> float | None:
+    if time_budget is None:
+        return None
+    if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not (
+            math.isfinite(time_budget) and time_budget > 0):
+        raise ValueError(f"time_budget must be a positive number of seconds; got {time_budget!r}")
+    return float(time_budget)
+
+
 def _validated(dtype, order, modes, device, kinks="any", rtol=0.0, atol=0.0) -> Options:
     if dtype not in UNIT_ROUNDOFF:
         raise ValueError("dtype must be one of torch.float64, torch.float32, torch.bfloat16, torch.float16; "
@@ -48,6 +57,11 @@ def _validated(dtype, order, modes, device, kinks="any", rtol=0.0, atol=0.0) -> 
     return Options(dtype, order, modes, str(torch.device(device)), kinks, float(rtol), float(atol))
 
 
+class _BudgetSpent(BaseException):
+    """Raised inside the Hypothesis test when the time budget is spent: a BaseException, so
+    that Hypothesis stops at once instead of shrinking it as a failure."""
+
+
 class _Counterexample(Exception):
     """Raised inside the Hypothesis test so that Hypothesis shrinks the example."""
 
@@ -60,17 +74,20 @@ class _Counterexample(Exception):
 def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None, dtype: torch.dtype = torch.float64,
         order: int = 1, modes=MODES, device: str = "cpu", database: str | Path | None = None,
         derandomize: bool = False, sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0,
-        atol: float = 0.0) -> Result:
+        atol: float = 0.0, time_budget: float | None = None) -> Result:
     """Check ``spec``'s torch lowering, or ``fn``, on Hypothesis-drawn batches of points and
     on the spec's example point.
 
     With ``database`` (a directory), failing examples are kept there and replayed first by
     the next run of the same spec, function and dtype. ``derandomize`` derives the seed from
     the spec text when none is given. ``sizes`` fixes size symbols (``{"n": 1000}``); the
-    others are drawn.
+    others are drawn. With ``time_budget`` (seconds, planning included), no new example is
+    drawn once it is spent, unless a failure is being shrunk; ``Result.budget_spent`` says so.
     """
     __tracebackhide__ = True
     options = _validated(dtype, order, modes, device, kinks, rtol, atol)
+    time_budget = _validated_budget(time_budget)
+    started = time.perf_counter()
     sizes = _validated_sizes(spec, sizes)
     if seed is None:
         seed = stable_seed(spec.source, options.dtype_name) if derandomize else random.SystemRandom().randrange(2**31)
@@ -91,6 +108,9 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
 
     def agrees(example):
         nonlocal calls, first_failing_call
+        if (time_budget is not None and calls and first_failing_call is None
+                and time.perf_counter() - started > time_budget):
+            raise _BudgetSpent
         calls += 1
         if "dtype" in result.unsupported:
             return
@@ -109,7 +129,10 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
                     verbosity=Verbosity.quiet, phases=[p for p in Phase if p is not Phase.explain],
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(hypothesis_seed(seed)(test))
     try:
-        test()
+        try:
+            test()
+        except _BudgetSpent:
+            result.budget_spent = time_budget
         point = example_point(spec, options.dtype, tangents)
         if point is not None and sizes.items() <= point.sizes.items() and "dtype" not in result.unsupported:
             failure = evaluate(plan(spec, point.sizes), subject, point, options, result, rejected)

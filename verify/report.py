@@ -48,6 +48,7 @@ class Result:
     unsupported: dict = field(default_factory=dict)  # mode or "dtype" -> why it could not be checked
     unavailable: dict = field(default_factory=dict)  # optional ways (fwd-over-rev) torch lacks here
     reproduce: str = ""  # a line that runs the same check again
+    budget_spent: float | None = None  # the time budget (seconds) that ended the drawing of examples
 
     @property
     def checks(self) -> str:
@@ -82,6 +83,8 @@ class Result:
 
     def summary(self) -> str:
         parts = [f"{self.points} points agree ({self.dtype}; {self.checks})"]
+        if self.budget_spent is not None:
+            parts.append(f"{self.examples} example(s), as many as the time budget of {self.budget_spent:g} s allowed")
         if self.rejected:
             parts.append(f"{self.rejected_points} rejected")
         for claim in self.claims:

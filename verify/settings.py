@@ -7,6 +7,7 @@ the command line winning. Values are parsed from text by the same functions in b
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from collections.abc import Callable
@@ -23,6 +24,13 @@ def _positive(text: str) -> int:
     if number < 1:
         raise ValueError(f"must be at least 1; got {number}")
     return number
+
+
+def _seconds(text: str) -> float:
+    seconds = float(text)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"must be a positive number of seconds; got {text!r}")
+    return seconds
 
 
 def words(text: str) -> list:
@@ -95,7 +103,9 @@ OPTIONS = (
                                   f"(default {DEFAULT_DATABASE}; 'none' keeps none)"),
     Option("order", _order, "2 also checks Hessian-vector products: double backward, forward over reverse"),
     Option("modes", _modes, "comma-separated: rev (VJPs), fwd (JVPs); default rev,fwd"),
-    Option("sizes", _sizes, "fix size symbols, as n=1000,m=3; the others are drawn from 1 to 8"),
+    Option("sizes", _sizes, "fix size symbols, as n=1000,m=3; the others are drawn (1 to 8, now and then up to 64)"),
+    Option("time_budget", _seconds, "seconds per spec and dtype, planning included, after which no new example "
+                                    "is drawn (a failure found is still shrunk); the report says how many ran"),
 )
 
 
@@ -109,6 +119,7 @@ class RunSettings:
     order: int = 1
     modes: tuple = MODES
     sizes: dict = field(default_factory=dict)
+    time_budget: float | None = None
 
     def check_arguments(self, dtype: str) -> dict:
         """Keyword arguments of ``verify.check`` for one of the dtypes."""
@@ -116,7 +127,7 @@ class RunSettings:
 
         return {"max_examples": self.max_examples, "seed": self.seed, "derandomize": self.derandomize,
                 "database": self.database, "dtype": getattr(torch, dtype), "order": self.order, "modes": self.modes,
-                "sizes": self.sizes}
+                "sizes": self.sizes, "time_budget": self.time_budget}
 
 
 def stable_seed(text: str, dtype_name: str) -> int:
