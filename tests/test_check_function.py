@@ -12,7 +12,7 @@ from verify import checks
 from verify import plan as planning
 from verify.report import Result
 from verify.strategies import Example
-from verify.subject import FunctionSubject
+from verify.subject import VMAPPED, FunctionSubject
 
 CORRECT = [case for case in CASES if not case.bug]
 BROKEN = [case for case in CASES if case.bug]
@@ -192,3 +192,77 @@ def test_hessian_claims_are_proved_and_refuted():
     with pytest.raises(verify.Mismatch) as caught:
         verify.check("x: Real[n]\no = sum(x**3) / 3\nassert hessian(o, x) == diag(x)", seed=0, max_examples=20)
     assert caught.value.failure.check == "claim"
+
+
+def test_a_torch_function_is_called_once_per_batch_through_vmap():
+    calls = 0
+
+    def tanh(x):
+        nonlocal calls
+        calls += 1
+        return torch.tanh(x)
+
+    result = verify.check_function(tanh, "x: Real[n]\ny = tanh(x)", seed=0, max_examples=20)
+    assert result.calls == {"values and VJPs": VMAPPED, "JVPs": VMAPPED}
+    assert "calls for values and VJPs: batched by torch.func.vmap" in str(result)
+    assert calls < result.points / 10  # a few eager calls per batch, as a spot check
+
+
+def test_a_bug_is_caught_through_vmap_and_reproduced_by_a_call_alone():
+    def gelu_with_a_wrong_tail(x):
+        return torch.where(x > 3, x * 1.001, torch.nn.functional.gelu(x, approximate="none"))
+
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(gelu_with_a_wrong_tail, "x: Real[n]\ny = x * (1 + erf(x / sqrt(2))) / 2", seed=0,
+                              max_examples=30)
+    failure = caught.value.failure
+    assert failure.inputs["x"].max() > 3 and caught.value.result.calls["values and VJPs"] == VMAPPED
+    x = torch.tensor(failure.inputs["x"])
+    assert not torch.allclose(gelu_with_a_wrong_tail(x), torch.nn.functional.gelu(x))  # the eager call shows it
+
+
+def test_a_function_that_vmap_cannot_batch_is_called_point_by_point():
+    result = verify.check_function(Tanh.apply, "x: Real[n]\ny = tanh(x)", seed=0, modes=("rev",), max_examples=10)
+    assert result.calls["values and VJPs"].startswith("point by point (torch.func.vmap raised RuntimeError")
+
+
+class _Tanh(torch.autograd.Function):
+    """tanh in the style torch.func transforms take (forward without ctx, setup_context)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class TanhWithWrongVmapRule(_Tanh):
+    @staticmethod
+    def vmap(info, in_dims, x):
+        y = TanhWithWrongVmapRule.apply(x)
+        return torch.where(x > 1, y * 0.5, y), in_dims[0]
+
+
+class TanhWrongPastTwoRows(_Tanh):
+    @staticmethod
+    def vmap(info, in_dims, x):
+        y = TanhWrongPastTwoRows.apply(x.movedim(in_dims[0], 0))
+        return torch.cat([y[:2], 0.5 * y[2:]]), 0  # right on the spot check's points only
+
+
+@pytest.mark.parametrize("function, why", [
+    (TanhWithWrongVmapRule.apply, "the vmapped results differed from calls one by one"),
+    (TanhWrongPastTwoRows.apply, "its vmapped results disagreed with the spec at a point where a call alone agrees"),
+])
+def test_a_function_whose_vmapped_results_differ_is_checked_point_by_point(function, why):
+    # What is checked is the function called alone, the eager way; a batching rule that
+    # differs only changes how it is called, and the report says so.
+    result = verify.check_function(function, "x: Real[n]\ny = tanh(x)", seed=0, modes=("rev",), max_examples=30)
+    assert result.calls == {"values and VJPs": f"point by point ({why})"}

@@ -115,6 +115,9 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         if "dtype" in result.unsupported:
             return
         failure = evaluate(plan(spec, example.sizes), subject, example, options, result, rejected)
+        if failure is not None and _only_under_vmap(spec, subject, failure, options):
+            subject.call_one_by_one("its vmapped results disagreed with the spec at a point where a call alone agrees")
+            failure = evaluate(plan(spec, example.sizes), subject, example, options, result, rejected)
         if failure is not None:
             first_failing_call = first_failing_call or calls
             raise _Counterexample(failure)
@@ -147,9 +150,9 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
                 claim.status = REFUTED
         if first_failing_call is not None and first_failing_call <= replayable:
             failure.notes.append(f"found first by replaying an example kept in {database}")
-        result.rejected = dict(rejected)
+        _record_calls(result, subject, rejected)
         raise Mismatch(failure.render(name, reproduce), failure, result) from None
-    result.rejected = dict(rejected)
+    _record_calls(result, subject, rejected)
     if result.unsupported:
         reasons = "; ".join(f"{mode}: {reason}" for mode, reason in result.unsupported.items())
         hint = (' (pass modes=("rev",) to check reverse mode only)' if "fwd" in result.unsupported else
@@ -163,6 +166,21 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         claim.status = (proved(symbols) + (" at every size checked" if symbols != spec.size_symbols else "")
                         if claim.proved else CHECKED)
     return result
+
+
+def _only_under_vmap(spec: Spec, subject, failure: Failure, options: Options) -> bool:
+    """Whether a user's function, called by vmap, failed at a point where a call alone (the
+    eager way) agrees: then its batching differs, and it is checked one point at a time."""
+    if subject is None or not subject.vmapped() or failure.point is None:
+        return False
+    scratch = Result("", options.dtype_name, 0, modes=options.modes, order=options.order)
+    return evaluate(plan(spec, failure.point.sizes), subject, failure.point, options, scratch, Counter()) is None
+
+
+def _record_calls(result: Result, subject, rejected: Counter) -> None:
+    result.rejected = dict(rejected)
+    if subject is not None:
+        result.calls = dict(subject.routes)
 
 
 def _validated_sizes(spec: Spec, sizes: dict | None) -> dict:

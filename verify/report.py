@@ -48,6 +48,7 @@ class Result:
     unsupported: dict = field(default_factory=dict)  # mode or "dtype" -> why it could not be checked
     unavailable: dict = field(default_factory=dict)  # optional ways (fwd-over-rev) torch lacks here
     reproduce: str = ""  # a line that runs the same check again
+    calls: dict = field(default_factory=dict)  # for a user's function: what -> how it was called
     budget_spent: float | None = None  # the time budget (seconds) that ended the drawing of examples
 
     @property
@@ -79,6 +80,7 @@ class Result:
         """The lines under a verdict: rejections by reason, the exact pass's work, warnings."""
         lines = [f"rejected {count} point(s): {reason}" for reason, count in sorted(self.rejected.items())]
         lines += [f"{what}: {count} point(s)" for what, count in sorted(self.exact.items())]
+        lines += [f"calls for {what}: {how}" for what, how in self.calls.items()]
         return lines + [f"warning: {warning}" for warning in self.warnings]
 
     def summary(self) -> str:

@@ -6,14 +6,19 @@ double backward, and forward-over-reverse). Arrays go in and come out in float64
 leading batch dimension.
 
 The spec's lowering runs the whole batch at once. A user's function takes one point's
-tensors, so it is called once per point: it may not support batching, and its failures
-(an exception, a wrong shape) belong to the point that caused them.
+tensors. Its values, VJPs and JVPs are computed for the whole batch by ``torch.func.vmap``
+where the function supports it, and its first points are also called one by one, the eager
+way, as a spot check that vmap changed nothing. Where vmap fails or the spot check differs,
+it is called once per point, and its failures (an exception, a wrong shape) belong to the
+point that caused them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import traceback
+import warnings
 
 import numpy as np
 import torch
@@ -22,6 +27,7 @@ from torch.autograd import forward_ad
 from .ir import Spec
 from .lower.torch import TorchProgram
 from .strategies import input_dtype
+from .tolerance import UNIT_ROUNDOFF
 
 
 class CodeFailure(Exception):
@@ -46,6 +52,16 @@ class ModeUnsupported(Exception):
 def _unsupported(exc: Exception) -> bool:
     """torch's way of saying a Function has no jvp, or an op has no kernel for a dtype."""
     return isinstance(exc, NotImplementedError) or "not implemented for" in str(exc)
+
+
+@functools.cache
+def forward_ad_loaded() -> None:
+    """Load torch's forward-mode decompositions, which its first dual tensor does, warning
+    that the ``torch.jit.script`` they use is deprecated: torch's notice, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        with forward_ad.dual_level():
+            forward_ad.make_dual(torch.zeros(1), torch.zeros(1))
 
 
 def _array(tensor, shape) -> np.ndarray:
@@ -110,6 +126,7 @@ class SpecSubject(_Subject):
         return values, gradients, grad_fns
 
     def forward(self, at, dtype) -> np.ndarray:
+        forward_ad_loaded()
         """The output's tangent (JVP) for the input tangents, by forward-mode AD."""
         with forward_ad.dual_level():
             duals = {name: _dual(self.spec, name, self._input(name, array, dtype), self._tensor(at.tangents[name], dtype))
@@ -119,6 +136,7 @@ class SpecSubject(_Subject):
         return _array(tangent, at.cotangent.shape)
 
     def second(self, at, dtype, over_forward: bool) -> dict:
+        forward_ad_loaded()
         """Hessian-vector products per input: by double backward, or by forward over reverse."""
         shapes = {name: array.shape for name, array in at.inputs.items()}
         seed = self._tensor(at.cotangent, dtype)
@@ -182,6 +200,52 @@ class FunctionSubject(_Subject):
         self.fn = fn
         self.device = device
         self.name = function_name(fn)
+        self.routes = {}  # "values and VJPs" or "JVPs" -> how the function was called for them
+
+    def vmapped(self) -> bool:
+        return VMAPPED in self.routes.values()
+
+    def call_one_by_one(self, why: str) -> None:
+        for kind in self.routes:
+            self.routes[kind] = f"point by point ({why})"
+
+    def _routed(self, kind: str, at, dtype, one_by_one, vmapped) -> dict:
+        """``kind``'s arrays on ``at`` (name -> batch-leading array): vmapped with a spot
+        check, or one point at a time where vmap failed or the spot check differed."""
+        if at.batch <= SPOT_POINTS or self.routes.get(kind, VMAPPED) != VMAPPED:
+            return one_by_one(at)
+        try:
+            batched = vmapped(at)
+        except Exception as exc:  # noqa: BLE001 - vmap unsupported, or the code fails at a point: one by one tells
+            arrays = one_by_one(at)
+            self.routes[kind] = f"point by point (torch.func.vmap raised {_first_line(exc)})"
+            return arrays
+        spot = np.arange(at.batch) < SPOT_POINTS
+        single = one_by_one(at.at(spot))
+        if not _same_results(single, batched, dtype):
+            self.routes[kind] = "point by point (the vmapped results differed from calls one by one)"
+            return {name: np.concatenate([array, one_by_one(at.at(~spot))[name]]) for name, array in single.items()}
+        self.routes[kind] = VMAPPED
+        return {name: np.concatenate([array, batched[name][SPOT_POINTS:]]) for name, array in single.items()}
+
+    def _batched_inputs(self, at, dtype) -> tuple:
+        """(the inputs' batched tensors, the positions of the differentiated ones)."""
+        names = list(at.inputs)
+        tensors = [self._input(name, at.inputs[name], dtype) for name in names]
+        return tensors, [k for k, name in enumerate(names) if differentiated(self.spec, name)]
+
+    def _of_differentiated(self, point: tuple, positions: list):
+        """The function of the differentiated inputs, the others held at ``point``'s."""
+        def call(*inputs):
+            arguments = list(point)
+            for position, tensor in zip(positions, inputs):
+                arguments[position] = tensor
+            return self.fn(*arguments)
+        return call
+
+    def _checked_batch_output(self, output, at, output_shape):
+        if not isinstance(output, torch.Tensor) or tuple(output.shape) != (at.batch, *output_shape):
+            raise ValueError("the vmapped output has another shape")  # one by one names the point
 
 
     def _call(self, check: str, point: int, tensors: list, output_shape: tuple):
@@ -220,21 +284,50 @@ class FunctionSubject(_Subject):
     def reverse(self, at, value_shapes: dict, gradient_shapes: dict, dtype) -> tuple:
         output_name = self.spec.output
         output_shape = value_shapes[output_name]
+        with_gradients = bool(gradient_shapes)
+        arrays = self._routed("values and VJPs", at, dtype,
+                              lambda part: self._reverse_one_by_one(part, output_shape, with_gradients, dtype),
+                              lambda part: self._reverse_vmapped(part, output_shape, with_gradients, dtype))
+        values = {output_name: arrays.pop(output_name)}
+        return values, arrays, dict.fromkeys(arrays, self.name)
+
+    def _reverse_one_by_one(self, at, output_shape, with_gradients: bool, dtype) -> dict:
+        output_name = self.spec.output
         values, gradients = [], {name: [] for name in self.spec.inputs if differentiated(self.spec, name)}
         for point in range(at.batch):
             leaves = {name: self._input(name, array[point], dtype, True) for name, array in at.inputs.items()}
             output = self._call("value", point, list(leaves.values()), output_shape)
             values.append(_array(output, output_shape))
-            if not gradient_shapes:
+            if not with_gradients:
                 continue
             grads = self._gradients("gradient", point, output, _differentiated_leaves(self.spec, leaves),
                                     self._tensor(at.cotangent[point], dtype))
             for name, grad in grads.items():
                 gradients[name].append(_array(grad, leaves[name].shape))
-        grad_fns = dict.fromkeys(gradients, self.name)
-        return {output_name: np.stack(values)}, {n: np.stack(g) for n, g in gradients.items() if g}, grad_fns
+        return {output_name: np.stack(values), **{n: np.stack(g) for n, g in gradients.items() if g}}
+
+    def _reverse_vmapped(self, at, output_shape, with_gradients: bool, dtype) -> dict:
+        tensors, positions = self._batched_inputs(at, dtype)
+
+        def at_a_point(cotangent, *point):
+            output, pullback = torch.func.vjp(self._of_differentiated(point, positions),
+                                              *[point[k] for k in positions])
+            return (output, *pullback(cotangent)) if with_gradients else (output,)
+
+        output, *gradients = torch.func.vmap(at_a_point)(self._tensor(at.cotangent, dtype), *tensors)
+        self._checked_batch_output(output, at, output_shape)
+        names = list(at.inputs)
+        arrays = {self.spec.output: _array(output, output.shape)}
+        for position, gradient in zip(positions, gradients):
+            arrays[names[position]] = _array(gradient, at.inputs[names[position]].shape)
+        return arrays
 
     def forward(self, at, dtype) -> np.ndarray:
+        forward_ad_loaded()
+        return self._routed("JVPs", at, dtype, lambda part: self._forward_one_by_one(part, dtype),
+                            lambda part: self._forward_vmapped(part, dtype))["JVP"]
+
+    def _forward_one_by_one(self, at, dtype) -> dict:
         output_shape = at.cotangent.shape[1:]
         results = []
         for point in range(at.batch):
@@ -244,9 +337,24 @@ class FunctionSubject(_Subject):
                          for name, array in at.inputs.items()]
                 output = self._call("JVP", point, duals, output_shape)
                 results.append(_array(forward_ad.unpack_dual(output).tangent, output_shape))
-        return np.stack(results)
+        return {"JVP": np.stack(results)}
+
+    def _forward_vmapped(self, at, dtype) -> dict:
+        tensors, positions = self._batched_inputs(at, dtype)
+        names = list(at.inputs)
+        tangents = [self._tensor(at.tangents[names[k]], dtype) for k in positions]
+
+        def at_a_point(point, tangents):
+            _, tangent = torch.func.jvp(self._of_differentiated(point, positions), tuple(point[k] for k in positions),
+                                        tuple(tangents))
+            return tangent
+
+        tangent = torch.func.vmap(at_a_point)(tuple(tensors), tuple(tangents))
+        self._checked_batch_output(tangent, at, at.cotangent.shape[1:])
+        return {"JVP": _array(tangent, at.cotangent.shape)}
 
     def second(self, at, dtype, over_forward: bool) -> dict:
+        forward_ad_loaded()
         output_shape = at.cotangent.shape[1:]
         results = {name: [] for name in at.inputs if differentiated(self.spec, name)}
         for point in range(at.batch):
@@ -271,6 +379,28 @@ class FunctionSubject(_Subject):
             for name, product in products.items():
                 results[name].append(_array(product, at.inputs[name].shape[1:]))
         return {name: np.stack(r) for name, r in results.items()}
+
+
+# Points of each vmapped batch that are also called one by one, and whose eager results are the ones checked.
+SPOT_POINTS = 2
+VMAPPED = "batched by torch.func.vmap"
+
+
+def _same_results(single: dict, batched: dict, dtype) -> bool:
+    """Whether the eager and the vmapped results agree, within a few roundings of ``dtype``
+    (a batched kernel may sum in another order). Either is judged against the reference all
+    the same: this only decides which way the function is called."""
+    tolerance = 64 * UNIT_ROUNDOFF[dtype]
+    for name, eager in single.items():
+        vmapped = batched[name][:len(eager)]
+        scale = np.max(np.abs(eager[np.isfinite(eager)]), initial=0.0)
+        if not np.allclose(vmapped, eager, rtol=tolerance, atol=tolerance * scale, equal_nan=True):
+            return False
+    return True
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
 def function_name(fn) -> str:
