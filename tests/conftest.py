@@ -6,6 +6,8 @@ import torch
 from hypothesis import settings
 
 import verify.api  # noqa: F401 - before pytester's in-process runs, which forget the modules they import
+from verify import engine
+from verify.strategies import Budget
 from benchmarks.corpus import ExpIgnoringGradOutput, TanhWithWrongBackward  # noqa: F401 - used by tests
 from verify.ops import REGISTRY
 
@@ -21,6 +23,49 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in the CLI's subprocesses
 settings.register_profile("repeatable", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+# The test profile. "quick" (the default) runs every test with few examples of small batches,
+# so that the suite ends in minutes on two cores; "thorough" (VERIFY_TESTS=thorough) runs each
+# with the examples and batches it asks for, as users' checks do. A test whose point needs
+# more examples says so with @pytest.mark.examples(n), honoured by both.
+THOROUGH = os.environ.get("VERIFY_TESTS", "quick") == "thorough"
+QUICK_EXAMPLES = 10
+QUICK_BATCHED = Budget(elements=2**12, points=2**8)
+QUICK_PER_POINT = Budget(elements=2**10, points=2**6)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "examples(n): the test needs n examples per check, even in the quick profile")
+    config.addinivalue_line("markers", "thorough: runs in the thorough profile only (VERIFY_TESTS=thorough)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if THOROUGH:
+        return
+    skip = pytest.mark.skip(reason="the thorough profile's (VERIFY_TESTS=thorough)")
+    for item in items:
+        if item.get_closest_marker("thorough"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def test_profile(request, monkeypatch):
+    """In the quick profile, every check in this process runs at most QUICK_EXAMPLES examples
+    (or the test's examples mark) of QUICK_BATCHED points."""
+    if THOROUGH:
+        return
+    marked = request.node.get_closest_marker("examples")
+    cap = marked.args[0] if marked else QUICK_EXAMPLES
+    run = engine.run
+
+    def capped(spec, *, max_examples=100, **options):
+        __tracebackhide__ = True
+        return run(spec, max_examples=min(max_examples, cap), **options)
+
+    monkeypatch.setattr(engine, "run", capped)
+    monkeypatch.setattr(engine, "BATCHED", QUICK_BATCHED)
+    monkeypatch.setattr(engine, "PER_POINT", QUICK_PER_POINT)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import verify
+from verify import engine
 from verify.report import CHECKED
 
 from .conftest import ExpIgnoringGradOutput, TanhWithWrongBackward
@@ -32,6 +33,8 @@ def test_false_claim_is_refuted_with_a_shrunk_counterexample():
     assert failure.reference[0] == failure.inputs["x"][0]
     assert failure.actual[0] == 2 * failure.inputs["x"][0]
     assert failure.inputs["x"][0] in (1.0, -1.0)
+    # Shrinking took float64's sure verdicts; the shrunk failure is then decided exactly.
+    assert any(note.startswith("decided by the exact pass") for note in failure.notes)
     report = str(caught.value)
     for fragment in ["claim:      grad(o, x) == 2 * x", "symbolic:   ∂o/∂x[i] = x[i]", "input:      x = [",
                      "Mismatched elements: 1 / 1", "reproduce:  verify.check(spec, seed=0)"]:
@@ -216,3 +219,12 @@ def test_a_failure_found_within_the_time_budget_is_still_shrunk():
 def test_a_time_budget_that_is_no_positive_number_of_seconds_is_refused(budget):
     with pytest.raises(ValueError, match="time_budget must be a positive number of seconds"):
         verify.check("x: Real\ny = x", time_budget=budget)
+
+
+def test_shrinking_stops_after_its_time_and_reports_the_smallest_failure_found(monkeypatch):
+    monkeypatch.setattr(engine, "SHRINK_SECONDS", 0.0)
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check(BACKPROP.replace("== x", "== 2 * x"), seed=0)
+    assert caught.value.failure.check == "claim"  # still a real failure, confirmed by the exact pass
+    assert any(note.startswith("decided by the exact pass") for note in caught.value.failure.notes)
+    assert "shrinking stopped after 0 s: this is the smallest failure found by then" in str(caught.value)

@@ -99,9 +99,17 @@ def _surely_outside(predicate, operands: list, offsets: list, batch: int) -> np.
         for signs in itertools.product((-1, 1), repeat=len(operands)):
             corner = [np.where(off == 0, a, a + sign * off) for a, off, sign in zip(operands, offsets, signs)]
             surely = surely & ~np.asarray(predicate(*corner), dtype=bool)
-        for offset in offsets:
-            surely = surely & np.isfinite(offset)
-    return np.broadcast_to(_per_point(surely), (batch,))
+    finite = np.ones((), dtype=bool)
+    for offset in offsets:
+        finite = finite & np.isfinite(offset)
+    surely = np.asarray(surely)
+    try:
+        elementwise = surely.shape == np.broadcast_shapes(surely.shape, finite.shape)
+    except ValueError:
+        elementwise = False
+    if not elementwise:  # a predicate over a whole axis
+        return np.broadcast_to(_per_point(surely) & _per_point(finite, np.all), (batch,))
+    return np.broadcast_to(_per_point(surely & finite), (batch,))
 
 
 def _domains(prepared: Plan):

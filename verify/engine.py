@@ -7,6 +7,7 @@ counterexample into a ``Mismatch``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -62,12 +63,23 @@ class _BudgetSpent(BaseException):
     that Hypothesis stops at once instead of shrinking it as a failure."""
 
 
+class _ShrinkingEnded(BaseException):
+    """Raised inside the Hypothesis test when shrinking has taken SHRINK_SECONDS: the smallest
+    failure found so far is reported."""
+
+
+# Past this, shrinking stops: a value that must stay delicate (a tie in float32) can keep
+# Hypothesis's shrinker busy for minutes, mostly in its own bookkeeping.
+SHRINK_SECONDS = 20.0
+
+
 class _Counterexample(Exception):
     """Raised inside the Hypothesis test so that Hypothesis shrinks the example."""
 
-    def __init__(self, failure: Failure, drawn: bool = True):
+    def __init__(self, failure: Failure, drawn: bool = True, shrinking_ended: bool = False):
         self.failure = failure
         self.drawn = drawn  # by Hypothesis, not the spec's example point
+        self.shrinking_ended = shrinking_ended
         super().__init__(failure.subject)
 
 
@@ -104,22 +116,28 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     kept = None if database is None else DirectoryBasedExampleDatabase(str(database))
     key = _database_key(spec, fn, options, sizes)
     replayable = 0 if kept is None else len(list(kept.fetch(key)))
-    calls, first_failing_call = 0, None
+    calls, first_failing_call, first_failure, latest_failure, found_at = 0, None, None, None, 0.0
+    shrinking = dataclasses.replace(options, provisional=True)
 
     def agrees(example):
-        nonlocal calls, first_failing_call
+        nonlocal calls, first_failing_call, first_failure, latest_failure, found_at
         if (time_budget is not None and calls and first_failing_call is None
                 and time.perf_counter() - started > time_budget):
             raise _BudgetSpent
+        if first_failure is not None and time.perf_counter() - found_at > SHRINK_SECONDS:
+            raise _ShrinkingEnded
         calls += 1
         if "dtype" in result.unsupported:
             return
-        failure = evaluate(plan(spec, example.sizes), subject, example, options, result, rejected)
+        checking = options if first_failure is None else shrinking
+        failure = evaluate(plan(spec, example.sizes), subject, example, checking, result, rejected)
         if failure is not None and _only_under_vmap(spec, subject, failure, options):
             subject.call_one_by_one("its vmapped results disagreed with the spec at a point where a call alone agrees")
-            failure = evaluate(plan(spec, example.sizes), subject, example, options, result, rejected)
+            failure = evaluate(plan(spec, example.sizes), subject, example, checking, result, rejected)
         if failure is not None:
-            first_failing_call = first_failing_call or calls
+            if first_failure is None:
+                first_failing_call, first_failure, found_at = calls, failure, time.perf_counter()
+            latest_failure = failure  # the shrinker tries only candidates simpler than its best
             raise _Counterexample(failure)
 
     budget = BATCHED if subject is None else PER_POINT
@@ -136,6 +154,8 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
             test()
         except _BudgetSpent:
             result.budget_spent = time_budget
+        except _ShrinkingEnded:
+            raise _Counterexample(latest_failure, shrinking_ended=True) from None
         point = example_point(spec, options.dtype, tangents)
         if point is not None and sizes.items() <= point.sizes.items() and "dtype" not in result.unsupported:
             failure = evaluate(plan(spec, point.sizes), subject, point, options, result, rejected)
@@ -143,8 +163,14 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
                 failure.notes.append("at the example point given in the spec")
                 raise _Counterexample(failure, drawn=False)
     except _Counterexample as found:
-        # The example point is kept as the spec gives it; a drawn one is made simpler.
-        failure = _simplified(spec, subject, found.failure, options) if found.drawn else found.failure
+        # The example point is kept as the spec gives it; a drawn one is confirmed (it may have
+        # been judged provisionally while shrinking) and made simpler.
+        failure = found.failure
+        if found.drawn:
+            failure = _simplified(spec, subject, _confirmed(spec, subject, failure, first_failure, options), options)
+        if found.shrinking_ended:
+            failure.notes.append(f"shrinking stopped after {SHRINK_SECONDS:g} s: this is the smallest failure "
+                                 "found by then, maybe not the smallest there is")
         for claim in result.claims:
             if failure.claim == claim.text:
                 claim.status = REFUTED
@@ -166,6 +192,16 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         claim.status = (proved(symbols) + (" at every size checked" if symbols != spec.size_symbols else "")
                         if claim.proved else CHECKED)
     return result
+
+
+def _confirmed(spec: Spec, subject, shrunk: Failure, first: Failure, options: Options) -> Failure:
+    """The shrunk failure as the exact pass judges it at its point; the first failure found
+    (judged in full) in the rare case that the exact pass clears the shrunk one."""
+    if shrunk.point is None or shrunk is first:
+        return shrunk
+    scratch = Result("", options.dtype_name, 0, modes=options.modes, order=options.order)
+    confirmed = evaluate(plan(spec, shrunk.point.sizes), subject, shrunk.point, options, scratch, Counter())
+    return first if confirmed is None else confirmed
 
 
 def _only_under_vmap(spec: Spec, subject, failure: Failure, options: Options) -> bool:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -46,6 +47,7 @@ ERROR_DTYPE = np.float64
 # A subexpression that several formulas share (sin(x[i]) in the value, the gradient and the
 # JVP) is computed once per batch, while the batch's shared results take up to this many bytes.
 SHARED_BYTES = 2**28
+EINSUM_PLANNED = 2**12  # elements of a contraction's grid past which einsum plans its order
 
 # Numeric twins of the sympy functions that formulas and their derivatives contain.
 NUMPY_FUNCTIONS = {
@@ -292,8 +294,45 @@ def _summed_product(arrays: list, lengths: dict, depth: int, inner_depth: int) -
     kept = [axis for axis in range(depth + 1) if axis in spanned]
     if not operands:
         return np.asarray(scale, dtype=np.float64)
-    result = np.einsum(*operands, kept) * scale
+    extents = {}
+    for array, labels in zip(operands[::2], operands[1::2]):
+        extents.update(zip(labels, array.shape))
+    # Planning the contraction (pairwise, by BLAS) costs tens of microseconds: worth it past small grids.
+    result = np.einsum(*operands, kept, optimize=math.prod(extents.values()) > EINSUM_PLANNED) * scale
     return result.reshape([result.shape[kept.index(axis)] if axis in spanned else 1 for axis in range(depth + 1)])
+
+
+def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_depth: int, ctx) -> tuple | None:
+    """(value, error bound) of ``_summed_product`` of the factors' (value, error) pairs, the
+    bound being what ``_Mul`` and the Sum give the formed product, each of its terms a sum of
+    products itself: (k - 1) |product| for the product's roundings, each factor's error times
+    the other factors' magnitudes, the second-order term of each pair of erring factors, then
+    the sum's own rounding. None where a term might overflow or underflow the dtype, which
+    the formed product's guard judges term by term."""
+    values = [np.asarray(value, dtype=np.float64) for value, _ in factors]
+    errors = [np.asarray(error, dtype=ERROR_DTYPE) for _, error in factors]
+    magnitudes = [_wide(value) for value in values]
+    with np.errstate(all="ignore"):
+        largest = math.prod(float(np.max(m, initial=0.0)) for m in magnitudes)
+        smallest = math.prod(float(np.min(m, where=m > 0, initial=np.inf)) for m in magnitudes)
+    if not largest <= ctx.step_limit or smallest < ctx.step_tiny:
+        return None
+
+    def summed(arrays):
+        return _summed_product(arrays, lengths, depth, inner_depth)
+
+    magnitude = summed(magnitudes)
+    error = (len(values) - 1) * magnitude
+    carrying = [k for k, e in enumerate(errors) if np.any(e)]
+    for k in carrying:
+        error = error + summed([errors[k] if j == k else m for j, m in enumerate(magnitudes)])
+    for a, b in itertools.combinations(carrying, 2):
+        error = error + UNIT_ROUNDOFF[ctx.dtype] * summed(
+            [errors[j] if j in (a, b) else m for j, m in enumerate(magnitudes)])
+    # 0 * inf in a term: an exact zero through an overflowed step, or a lost step through a
+    # zero. The formed product tells them apart; here the bound is given up (inf).
+    error = np.where(np.isnan(error), np.inf, error)
+    return summed(values), ctx.guard(magnitude, error + magnitude)
 
 
 def _spans_whole(positions: np.ndarray, size: int) -> bool:
@@ -684,10 +723,11 @@ class _Compiler:
         track_errors = self.track_errors
         body = self.compile(expr.function, inner_axes, inner_depth)
         factors = None
-        if not track_errors and not self.exact and kind is sympy.Sum and expr.function.is_Mul:
+        if not self.exact and kind is sympy.Sum and expr.function.is_Mul:
             # A sum of products whose product spans more indices than any factor (A @ B in
             # index notation) goes to einsum, which never forms that product. It sums in another
-            # order, so the value differs from the formed sum's by rounding, within its bound.
+            # order, so the value differs from the formed sum's by rounding, within its bound;
+            # the bound is the formed one's, in sums of products too.
             spans = [_free_symbols(f) & inner_axes.keys() for f in expr.function.args]
             if all(span < set().union(*spans) for span in spans):
                 factors = self._args(expr.function, inner_axes, inner_depth)
@@ -701,7 +741,11 @@ class _Compiler:
                 inside = inside & (span >= low) & (span <= high)
             if factors is not None and np.all(inside):
                 lengths = {axis: ctx.indices[index].size for index, axis, _, _ in bounds}
-                return _summed_product([f(ctx)[0] for f in factors], lengths, depth, inner_depth), 0.0
+                if not track_errors:
+                    return _summed_product([f(ctx)[0] for f in factors], lengths, depth, inner_depth), 0.0
+                bounded = _summed_product_bounded([f(ctx) for f in factors], lengths, depth, inner_depth, ctx)
+                if bounded is not None:
+                    return bounded
             value, error = body(ctx)
             value = self._real(value)
             shape = np.broadcast_shapes(np.shape(_pad(value, inner_depth)), np.shape(inside))

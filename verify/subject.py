@@ -59,7 +59,7 @@ def forward_ad_loaded() -> None:
     """Load torch's forward-mode decompositions, which its first dual tensor does, warning
     that the ``torch.jit.script`` they use is deprecated: torch's notice, not the user's."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")
         with forward_ad.dual_level():
             forward_ad.make_dual(torch.zeros(1), torch.zeros(1))
 
