@@ -27,8 +27,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 # The test profile. "quick" (the default) runs every test with few examples of small batches,
 # so that the suite ends in minutes on two cores; "thorough" (VERIFY_TESTS=thorough) runs each
-# with the examples and batches it asks for, as users' checks do. A test whose point needs
-# more examples says so with @pytest.mark.examples(n), honoured by both.
+# with the examples and batches it asks for, as users' checks do. A test whose point needs a
+# regime that small samples seldom reach says so with @pytest.mark.examples(n): it runs up to
+# n examples of users' batches in both.
 THOROUGH = os.environ.get("VERIFY_TESTS", "quick") == "thorough"
 QUICK_EXAMPLES = 10
 QUICK_BATCHED = Budget(elements=2**12, points=2**8)
@@ -36,7 +37,8 @@ QUICK_PER_POINT = Budget(elements=2**10, points=2**6)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "examples(n): the test needs n examples per check, even in the quick profile")
+    config.addinivalue_line("markers", "examples(n): the test needs up to n examples of users' batches per check, "
+                                       "even in the quick profile")
     config.addinivalue_line("markers", "thorough: runs in the thorough profile only (VERIFY_TESTS=thorough)")
 
 
@@ -52,7 +54,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def test_profile(request, monkeypatch):
     """In the quick profile, every check in this process runs at most QUICK_EXAMPLES examples
-    (or the test's examples mark) of QUICK_BATCHED points."""
+    of QUICK_BATCHED points, or as the test's examples mark says."""
     if THOROUGH:
         return
     marked = request.node.get_closest_marker("examples")
@@ -64,8 +66,9 @@ def test_profile(request, monkeypatch):
         return run(spec, max_examples=min(max_examples, cap), **options)
 
     monkeypatch.setattr(engine, "run", capped)
-    monkeypatch.setattr(engine, "BATCHED", QUICK_BATCHED)
-    monkeypatch.setattr(engine, "PER_POINT", QUICK_PER_POINT)
+    if not marked:
+        monkeypatch.setattr(engine, "BATCHED", QUICK_BATCHED)
+        monkeypatch.setattr(engine, "PER_POINT", QUICK_PER_POINT)
 
 
 @pytest.fixture

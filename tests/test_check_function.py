@@ -205,7 +205,8 @@ def test_a_torch_function_is_called_once_per_batch_through_vmap():
     result = verify.check_function(tanh, "x: Real[n]\ny = tanh(x)", seed=0, max_examples=20)
     assert result.calls == {"values and VJPs": VMAPPED, "JVPs": VMAPPED}
     assert "calls for values and VJPs: batched by torch.func.vmap" in str(result)
-    assert calls < result.points / 10  # a few eager calls per batch, as a spot check
+    # Per example: one vmapped call and two eager ones (the spot check), for VJPs and for JVPs.
+    assert calls <= 6 * result.examples < result.points
 
 
 def test_a_bug_is_caught_through_vmap_and_reproduced_by_a_call_alone():

@@ -158,6 +158,7 @@ GOOD = "x: Real[n]\ny = x**2\no = 1/2 * sum(y)\nassert grad(o, x) == x\n"
 FALSE = GOOD.replace("== x", "== 2 * x")
 
 
+@pytest.mark.examples(20)
 def test_junit_xml_and_json_reports_of_a_good_and_a_false_spec(tmp_path):
     good, bad = write(tmp_path, "good.vspec", GOOD), write(tmp_path, "bad.vspec", FALSE)
     completed = run("check", "--junit-xml", str(tmp_path / "out.xml"), "--json", str(tmp_path / "out.json"),
@@ -271,6 +272,7 @@ def test_a_thousand_spec_files_end_with_a_correct_summary_in_bounded_memory(tmp_
     assert max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) < 1_500_000
 
 
+@pytest.mark.examples(100000)
 def test_a_time_budget_ends_each_spec_early_and_the_reports_say_so(tmp_path):
     good = write(tmp_path, "good.vspec", GOOD)
     completed = run("check", "--time-budget", "0.001", "--max-examples", "100000", "--json",

@@ -200,6 +200,7 @@ def test_a_proof_past_its_time_budget_leaves_the_claim_checked_numerically(monke
     assert result.claims[0].status == CHECKED
 
 
+@pytest.mark.examples(100000)
 def test_a_time_budget_stops_drawing_examples_and_the_result_says_so():
     result = verify.check("x: Real[n]\ny = sin(x)", seed=0, max_examples=100000, time_budget=0.5)
     assert result.budget_spent == 0.5 and 1 <= result.examples < 100000 and result.points > 0

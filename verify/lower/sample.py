@@ -97,13 +97,22 @@ class _Sampler:
         return base ** exponent
 
     def _terms(self, expr):
-        """The body's value at each combination of the limits, outermost limit last."""
+        """The body's value at each combination of the limits, outermost limit last. An index
+        that a Kronecker delta factor of a sum's body pins to another expression takes only
+        that value: a sum over a million elements of delta(k, i) * f(k) is one term."""
+        pinned = _pinned(expr) if isinstance(expr, sympy.Sum) else {}
+
         def walk(limits):
             if not limits:
                 yield self.value(expr.function)
                 return
             *inner, (index, low, high) = limits
-            for v in range(self._integer(low), self._integer(high) + 1):
+            low, high = self._integer(low), self._integer(high)
+            span = range(low, high + 1)
+            if index in pinned:
+                at = self._integer(pinned[index])
+                span = [at] if low <= at <= high else []
+            for v in span:
                 self.bound[index] = v
                 yield from walk(inner)
             self.bound.pop(index, None)
@@ -174,6 +183,24 @@ class _Sampler:
         if not (result.is_Float and result.is_finite):
             raise Unsupported(f"{expr.func} at {expr.args} is not a real number")
         return mpmath.mpf(result)
+
+
+def _pinned(expr: sympy.Sum) -> dict:
+    """Limit index -> the expression a delta factor of the body pins it to, where that
+    expression uses no index of a limit inside it (bound later)."""
+    factors = expr.function.args if expr.function.is_Mul else (expr.function,)
+    indices = [limit[0] for limit in expr.limits]  # innermost first
+    pinned = {}
+    for factor in factors:
+        if not isinstance(factor, sympy.KroneckerDelta):
+            continue
+        for index, partner in (factor.args, factor.args[::-1]):
+            if index in indices and index not in pinned:
+                later = set(indices[:indices.index(index) + 1])
+                if not partner.free_symbols & later:
+                    pinned[index] = partner
+                    break
+    return pinned
 
 
 def _exact(value) -> sympy.Basic:
