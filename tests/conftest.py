@@ -6,10 +6,10 @@ import torch
 from hypothesis import settings
 
 import verify.api  # noqa: F401 - before pytester's in-process runs, which forget the modules they import
-from verify import engine
-from verify.strategies import Budget
 from benchmarks.corpus import ExpIgnoringGradOutput, TanhWithWrongBackward  # noqa: F401 - used by tests
+from verify import engine
 from verify.ops import REGISTRY
+from verify.strategies import Budget
 
 pytest_plugins = ["pytester"]
 
@@ -31,7 +31,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 # regime that small samples seldom reach says so with @pytest.mark.examples(n): it runs up to
 # n examples of users' batches in both.
 THOROUGH = os.environ.get("VERIFY_TESTS", "quick") == "thorough"
-QUICK_EXAMPLES = 10
+QUICK_EXAMPLES = 5
 QUICK_BATCHED = Budget(elements=2**12, points=2**8)
 QUICK_PER_POINT = Budget(elements=2**10, points=2**6)
 

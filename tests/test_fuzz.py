@@ -12,6 +12,9 @@ import verify
 from verify.fuzz import PATHS, SECOND_ORDER_PATHS, Finding, check_paths, fuzz, fuzzable_ops, save, spec_texts
 from verify.ops import REGISTRY
 
+from .conftest import THOROUGH
+from .test_cli import run
+
 
 def _plant_sin_bug(plant_torch_form):
     # sin's torch form off by 1e-3 * x: the kind of bug the fuzzer hunts in torch.
@@ -66,16 +69,14 @@ def test_fuzzable_ops_are_registry_ops_torch_names_the_same_way():
 
 
 def test_the_fuzz_command_over_correct_ops_finds_nothing_and_exits_0(tmp_path):
-    completed = subprocess.run(["verify", "fuzz", "--ops", "sin,exp", "--max-examples", "3", "--time", "60",
-                                "--out", str(tmp_path / "found"), "--modes", "rev"],
-                               capture_output=True, text=True, timeout=300, check=False)
+    completed = run("fuzz", "--ops", "sin,exp", "--max-examples", "3", "--time", "60" if THOROUGH else "8",
+                    "--out", str(tmp_path / "found"), "--modes", "rev")
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "0 finding(s)" in completed.stdout
 
 
 def test_an_unknown_path_is_a_usage_error(tmp_path):
-    completed = subprocess.run(["verify", "fuzz", "--paths", "eager,func.nope", "--out", str(tmp_path)],
-                               capture_output=True, text=True, timeout=120, check=False)
+    completed = run("fuzz", "--paths", "eager,func.nope", "--out", str(tmp_path))
     assert completed.returncode == 2 and "--paths takes eager" in completed.stdout + completed.stderr
     assert "Traceback" not in completed.stderr
 

@@ -120,6 +120,10 @@ TORCH_FINDINGS = {("digamma", torch.float64): "gradient", ("logcumsumexp", torch
                   ("atan2", torch.float32): "gradient", ("minimum", torch.float32): "JVP"}
 
 
+# Each op's rows run in one xdist worker (--dist loadgroup), so that its dtypes share the plan.
+OPS = [pytest.param(op, marks=pytest.mark.xdist_group(op)) for op in sorted(ROWS)]
+
+
 def first_input(spec_text: str) -> str:
     return spec_text.split(":", 1)[0]
 
@@ -129,7 +133,7 @@ def test_every_registry_op_has_a_row():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("op", sorted(ROWS))
+@pytest.mark.parametrize("op", OPS)
 def test_correct_spec_passes(op, dtype):
     if (op, dtype) in TORCH_FINDINGS:
         with pytest.raises(verify.Mismatch) as caught:
@@ -140,7 +144,7 @@ def test_correct_spec_passes(op, dtype):
     assert result.points > 0
 
 
-@pytest.mark.parametrize("op", sorted(ROWS))
+@pytest.mark.parametrize("op", OPS)
 def test_false_claim_is_refuted(op):
     name = first_input(ROWS[op])
     claim = FALSE_CLAIMS.get(op, f"grad(o, {name}) == 0 * {name}")
