@@ -364,6 +364,11 @@ def _too_close(ctx: Context, left, right, error) -> np.ndarray:
     return (np.abs(np.asarray(left) - np.asarray(right)) <= allowed_error(scale, error, ctx.dtype)) & (error > 0)
 
 
+# (subtree, depth, error arithmetic, exact, size names, its free indices' axes) -> its compiled function
+_COMPILED = {}
+COMPILED_ENTRIES = 2**16
+
+
 class _Compiler:
     """One method per sympy class, found along the class's MRO as sympy's printers do."""
 
@@ -378,6 +383,18 @@ class _Compiler:
         return np.asarray(array, dtype=object if self.exact else np.float64)
 
     def compile(self, expr, axes: dict, depth: int):
+        # Formulas hold the same subtree many times over (a softmax of a softmax holds its
+        # input in every term): compiled once, the walk is linear in the distinct subtrees.
+        key = (expr, depth, self.track_errors, self.exact, self.size_names,
+               tuple(sorted((s.name, axes[s]) for s in _free_symbols(expr) if s in axes)))
+        compiled = _COMPILED.get(key)
+        if compiled is None:
+            if len(_COMPILED) > COMPILED_ENTRIES:
+                _COMPILED.clear()
+            compiled = _COMPILED[key] = self._compiled(expr, axes, depth)
+        return compiled
+
+    def _compiled(self, expr, axes: dict, depth: int):
         if self.track_errors and expr.is_integer and not expr.has(sympy.Indexed):
             # Index and size arithmetic (i - n, m + n) is exact.
             exact = _Compiler(self.size_names, track_errors=False)
