@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 # runs on SCREENED times as many first, and those where it is not finite go first.
 EXACT_POINTS = 8
 SCREENED = 4
+# ... and of large points fewer, within this many input elements (one at least): arb's cost grows
+# with the elements, and a 64 x 64 matrix costs as much as a few hundred scalars.
+EXACT_ELEMENTS = 2**10
 
 
 @dataclass(frozen=True)
@@ -346,7 +349,8 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
     ``sure`` maps each point where float64's bounds are sure that torch disagrees to the
     Failure they report. Every such point is judged exactly, first (the float64 reference may
     be what is off), and where a result there is beyond arb's range, float64's verdict stands.
-    Of the other points, at most ``EXACT_POINTS`` are judged, and the rest counted as left.
+    Of the other points, at most ``EXACT_POINTS`` (fewer where points are large, within
+    ``EXACT_ELEMENTS`` input elements) are judged, and the rest counted as left.
 
     In a user's function, at a point exactly on a kink, a derivative may take either side's
     value (unless ``options.kinks`` is "torch"): the tutorial's ReLU has 1 at 0."""
@@ -369,7 +373,9 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
             actual = None  # a call raised, maybe where a point is rejected: torch runs point by point
     suspect = disagreed | (False if actual is None else ~actual.finite())
     order = np.lexsort((~disagreed, ~suspect))
-    order = [*order[disagreed[order]], *order[~disagreed[order]][:EXACT_POINTS]]
+    elements = sum(array[0].size for array in example.inputs.values())
+    others = max(1, min(EXACT_POINTS, EXACT_ELEMENTS // max(elements, 1)))
+    order = [*order[disagreed[order]], *order[~disagreed[order]][:others]]
     if example.batch > len(order):
         result.exact[unjudged] += example.batch - len(order)
     checked = 0
