@@ -67,3 +67,18 @@ def test_large_sizes_are_drawn_and_a_bug_past_the_usual_sizes_shrinks_to_its_sma
 def test_tensor_programs_misused_are_spec_errors(text, message):
     with pytest.raises(verify.SpecError, match=message):
         verify.check(text, max_examples=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_a_matmul_off_by_more_than_its_rounding_is_caught(dtype):
+    # The error bound of a sum of products (A @ B in index notation) comes from einsum, the
+    # product never formed: it stays the formed one's, so a small scaling bug still shows.
+    u = torch.finfo(dtype).eps / 2
+
+    def scaled(A, B):
+        return (A @ B) * (1 + 2**14 * u)
+
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(scaled, "A: Real[n, k]\nB: Real[k, m]\nC = A @ B", dtype=dtype, seed=0,
+                              modes=("rev",))
+    assert caught.value.failure.check in ("value", "gradient")

@@ -182,7 +182,13 @@ def precision(bits: int):
 def _ufunc(fn, arity: int = 1):
     """``fn`` on balls, element by element over arrays; the result is an object array or a ball."""
     elementwise = np.frompyfunc(fn, arity, 1)
-    return lambda *args: elementwise(*(to_balls(a) for a in args))
+
+    def on_balls(*args):
+        # numpy reports the float flags raised inside the loop; on balls they mean nothing.
+        with np.errstate(all="ignore"):
+            return elementwise(*(to_balls(a) for a in args))
+
+    return on_balls
 
 
 def _polygamma(order, x):

@@ -176,9 +176,9 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
                 claim.status = REFUTED
         if first_failing_call is not None and first_failing_call <= replayable:
             failure.notes.append(f"found first by replaying an example kept in {database}")
-        _record_calls(result, subject, rejected)
+        _record_tallies(result, subject, rejected)
         raise Mismatch(failure.render(name, reproduce), failure, result) from None
-    _record_calls(result, subject, rejected)
+    _record_tallies(result, subject, rejected)
     if result.unsupported:
         reasons = "; ".join(f"{mode}: {reason}" for mode, reason in result.unsupported.items())
         hint = (' (pass modes=("rev",) to check reverse mode only)' if "fwd" in result.unsupported else
@@ -213,7 +213,8 @@ def _only_under_vmap(spec: Spec, subject, failure: Failure, options: Options) ->
     return evaluate(plan(spec, failure.point.sizes), subject, failure.point, options, scratch, Counter()) is None
 
 
-def _record_calls(result: Result, subject, rejected: Counter) -> None:
+def _record_tallies(result: Result, subject, rejected: Counter) -> None:
+    """The rejections by reason, and how a user's function was called, into ``result``."""
     result.rejected = dict(rejected)
     if subject is not None:
         result.calls = dict(subject.routes)
