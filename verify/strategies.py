@@ -77,6 +77,14 @@ class Example:
     def batch(self) -> int:
         return len(next(iter(self.inputs.values())))
 
+    def __repr__(self) -> str:
+        # Hypothesis prints a failing example's repr; verify's own report shows the point, and
+        # the repr of a bulk of points would run to megabytes.
+        return f"Example(sizes={self.sizes}, points={self.batch})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # Hypothesis's printer would spell out each field
+        printer.text(repr(self))
+
     def joined(self, other: Example) -> Example:
         """The points of both examples, which have the same sizes."""
         tangents = None if self.tangents is None else {n: np.concatenate([t, other.tangents[n]])
