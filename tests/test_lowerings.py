@@ -5,6 +5,9 @@ element, with sympy's own evaluation and differentiation of the spec written out
 concrete size. (tests/test_ops.py checks the torch lowering against the sympy one.)
 """
 
+import signal
+import time
+
 import numpy as np
 import pytest
 import sympy
@@ -15,6 +18,7 @@ from hypothesis import strategies as st
 import verify
 from verify import oracle
 from verify import plan as planning
+from verify.lower.sympy import OutOfTime, time_limit
 from verify.reference import Context
 from verify.strategies import Example, size_bounds
 
@@ -72,3 +76,46 @@ def test_reference_context_evaluates_a_whole_batch_at_once():
     value, error = prepared.values["o"](ctx)
     np.testing.assert_allclose(value, np.exp(batch).sum(axis=1), rtol=1e-15)
     assert error.shape == (4,) and np.all(error > 0)
+
+
+def _busy(seconds: float) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        pass
+
+
+def test_an_outer_alarm_fires_on_time_inside_a_time_limit_and_is_not_cancelled():
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(time.monotonic()))
+    try:
+        started = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with time_limit(5.0):
+            _busy(0.8)
+        assert len(fired) == 1 and 0.25 <= fired[0] - started < 0.8  # the outer's moment, the outer's handler
+        with pytest.raises(OutOfTime):  # and the inner limit still holds after the outer fired
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            with time_limit(0.3):
+                _busy(2.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_time_limit_gives_an_outer_alarm_back_its_remaining_time():
+    fired = []
+
+    def outer(signum, frame):
+        fired.append(True)
+
+    previous = signal.signal(signal.SIGALRM, outer)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 3.0)
+        with pytest.raises(OutOfTime), time_limit(0.1):
+            _busy(1.0)
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 2.0 < remaining <= 3.0 and not fired
+        assert signal.getsignal(signal.SIGALRM) is outer
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

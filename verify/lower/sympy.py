@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from itertools import count
 
@@ -533,22 +534,40 @@ class OutOfTime(Exception):
 
 @contextlib.contextmanager
 def time_limit(seconds: float):
-    """Raise ``OutOfTime`` in the block after ``seconds``, by SIGALRM. Signals reach only the
-    main thread, so elsewhere the block runs unlimited (MAX_PROOF_OPS still bounds it)."""
+    """Raise ``OutOfTime`` in the block after ``seconds``, by SIGALRM. An outer alarm (one of
+    pytest-timeout, say) keeps its time: it fires at its own moment, by its own handler, and is
+    set again on the way out. Signals reach only the main thread, so elsewhere the block runs
+    unlimited (MAX_PROOF_OPS still bounds it)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
+    outer_delay, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+    started = time.monotonic()
+    outer_deadline = started + outer_delay if outer_delay else None
+    outer_fired = False
 
     def expire(signum, frame):
+        nonlocal outer_fired
+        if (not outer_fired and outer_deadline is not None and time.monotonic() >= outer_deadline
+                and callable(previous)):
+            outer_fired = True
+            if time.monotonic() < started + seconds:  # ours is still to come
+                signal.setitimer(signal.ITIMER_REAL, started + seconds - time.monotonic())
+            return previous(signum, frame)
         raise OutOfTime(f"over {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer_delay) if outer_delay else seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_deadline is not None:
+            if not outer_fired:
+                signal.setitimer(signal.ITIMER_REAL, max(outer_deadline - time.monotonic(), 1e-6), outer_interval)
+            elif outer_interval:
+                signal.setitimer(signal.ITIMER_REAL, outer_interval, outer_interval)
 
 
 def _canonical_indices(expr, depth: int = 0):
