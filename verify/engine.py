@@ -199,8 +199,7 @@ def _confirmed(spec: Spec, subject, shrunk: Failure, first: Failure, options: Op
     (judged in full) in the rare case that the exact pass clears the shrunk one."""
     if shrunk.point is None or shrunk is first:
         return shrunk
-    scratch = Result("", options.dtype_name, 0, modes=options.modes, order=options.order)
-    confirmed = evaluate(plan(spec, shrunk.point.sizes), subject, shrunk.point, options, scratch, Counter())
+    confirmed = _failure_alone(spec, subject, shrunk.point, options)
     return first if confirmed is None else confirmed
 
 
@@ -209,8 +208,13 @@ def _only_under_vmap(spec: Spec, subject, failure: Failure, options: Options) ->
     eager way) agrees: then its batching differs, and it is checked one point at a time."""
     if subject is None or not subject.vmapped() or failure.point is None:
         return False
+    return _failure_alone(spec, subject, failure.point, options) is None
+
+
+def _failure_alone(spec: Spec, subject, point: Example, options: Options) -> Failure | None:
+    """The Failure at ``point`` judged on its own (its counts kept out of the run's result)."""
     scratch = Result("", options.dtype_name, 0, modes=options.modes, order=options.order)
-    return evaluate(plan(spec, failure.point.sizes), subject, failure.point, options, scratch, Counter()) is None
+    return evaluate(plan(spec, point.sizes), subject, point, options, scratch, Counter())
 
 
 def _record_tallies(result: Result, subject, rejected: Counter) -> None:
@@ -280,10 +284,9 @@ def _simplified(spec: Spec, subject, failure: Failure, options: Options) -> Fail
     if sum(a.size for a in arrays.values()) > SIMPLIFIED_ELEMENTS:
         return failure
     deadline = time.monotonic() + SIMPLIFY_SECONDS
-    scratch = Result(failure.subject, options.dtype_name, 0)
 
     def still_fails(candidate: Example) -> Failure | None:
-        found = evaluate(plan(spec, candidate.sizes), subject, candidate, options, scratch, Counter())
+        found = _failure_alone(spec, subject, candidate, options)
         return found if found is not None and (found.check, found.subject) == (failure.check, failure.subject) else None
 
     for name, array in arrays.items():
