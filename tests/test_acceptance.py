@@ -387,3 +387,29 @@ def test_a_wrong_gradient_where_the_spec_is_ill_conditioned_but_bounded_is_caugh
 
     spec = "x: Interval(30, 35)[n]\ny = acosh(1 + exp(-x))"
     assert _caught(_function(forward, backward), spec, torch.float64).failure.check == "gradient"
+
+
+# -- rejection by domain, with an element that overflows elsewhere in the point -----------------
+
+def test_a_bug_where_an_element_overflows_and_none_leaves_the_domain_is_caught():
+    # A point is rejected when one element is surely outside a domain, judged element by element
+    # (an overflowed neighbour no longer hides it); a point with no such element is judged.
+    def wrong_when_huge(x):
+        return torch.where(x.abs() > 1e150, 2 * x.abs(), x.abs())
+
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(wrong_when_huge, "x: Real[n] = [2.0, 1e155]\ny = sqrt(x**2)", seed=0,
+                              modes=("rev",), max_examples=1)
+    assert caught.value.failure.inputs["x"].tolist() == [2.0, 1e155]
+
+
+# -- the exact pass's budget for large points ---------------------------------------------------
+
+@pytest.mark.examples(50)
+def test_a_backward_bug_in_large_points_only_the_exact_pass_can_judge_is_caught():
+    # At n = 300 the exact pass judges 3 points an example, not 8; the points where torch is not
+    # finite go first, so the overflowing backward is still judged, where float64's own naive
+    # formula overflows too.
+    mismatch = _caught(_function(lambda x: torch.softmax(x, -1), _softmax_recomputed),
+                       "x: Interval(-80, 1e30)[n]\ny = exp(x) / sum(exp(x))", torch.float64, sizes={"n": 300})
+    assert mismatch.failure.check == "gradient" and not np.isfinite(mismatch.failure.actual).all()
