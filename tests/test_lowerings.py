@@ -6,6 +6,7 @@ concrete size. (tests/test_ops.py checks the torch lowering against the sympy on
 """
 
 import signal
+import threading
 import time
 
 import numpy as np
@@ -18,8 +19,7 @@ from hypothesis import strategies as st
 import verify
 from verify import oracle
 from verify import plan as planning
-from verify.lower.sympy import OutOfTime, time_limit
-from verify.reference import Context
+from verify.lower.sympy import OutOfTime, in_inputs, time_limit
 from verify.strategies import Example, size_bounds
 
 from .test_ops import ROWS
@@ -32,9 +32,8 @@ OP_ROWS = {op: ROWS[op] for op in ["add", "sub", "mul", "div", "pow", "exp", "lo
 def _concrete(spec, sizes):
     """The spec's output as an explicit sympy expression in scalar symbols, at concrete sizes."""
     substitution = {sympy.Symbol(name, integer=True, positive=True): value for name, value in sizes.items()}
-    prepared = planning.plan(spec)
-    output = prepared.values[spec.output].tensor.expr
-    return prepared, output.xreplace(substitution).doit()
+    output = in_inputs(spec, spec.nodes[spec.output]).expr
+    return planning.plan(spec), output.xreplace(substitution).doit()
 
 
 @settings(max_examples=15, deadline=None)
@@ -72,8 +71,8 @@ def test_reference_context_evaluates_a_whole_batch_at_once():
     spec = verify.parse("x: Real[n]\no = sum(exp(x))")
     prepared = planning.plan(spec)
     batch = np.linspace(-1, 1, 12).reshape(4, 3)
-    ctx = Context({"x": (batch, np.zeros_like(batch))}, {"n": 3}, 4)
-    value, error = prepared.values["o"](ctx)
+    _, values = oracle.reference_values(prepared, Example({"n": 3}, {"x": batch}, np.ones(4)), torch.float64)
+    value, error = values["o"]
     np.testing.assert_allclose(value, np.exp(batch).sum(axis=1), rtol=1e-15)
     assert error.shape == (4,) and np.all(error > 0)
 
@@ -100,6 +99,62 @@ def test_an_outer_alarm_fires_on_time_inside_a_time_limit_and_is_not_cancelled()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_time_limit_holds_in_a_thread_other_than_the_main_one():
+    outcome = []
+
+    def work():
+        started = time.monotonic()
+        try:
+            with time_limit(0.2):
+                _busy(3.0)
+            outcome.append("ran to the end")
+        except OutOfTime:
+            outcome.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert len(outcome) == 1 and not isinstance(outcome[0], str) and outcome[0] < 1.0
+
+
+def _outer_expiring_inside_inner() -> tuple:
+    """An outer limit of 0.2 s expiring inside an inner one of 5 s, whose block catches
+    OutOfTime: (whether that handler took it, seconds until the outer block ended)."""
+    started = time.monotonic()
+    caught_inside = []
+    try:
+        with time_limit(0.2):
+            try:
+                with time_limit(5.0):
+                    _busy(0.5)
+            except OutOfTime:
+                caught_inside.append(True)
+            _busy(1.0)
+    except OutOfTime:
+        return bool(caught_inside), time.monotonic() - started
+    return bool(caught_inside), None
+
+
+def test_an_outer_time_limit_that_expires_inside_an_inner_one_ends_its_own_block():
+    caught_inside, ended = _outer_expiring_inside_inner()
+    assert not caught_inside and ended is not None and ended < 0.5
+
+
+def test_nested_time_limits_hold_in_a_thread_too():
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(_outer_expiring_inside_inner()))
+    thread.start()
+    thread.join()
+    (caught_inside, ended), = outcome
+    assert not caught_inside and ended is not None and ended < 0.5
+
+
+def test_a_time_limit_that_is_not_reached_raises_nothing_later():
+    with time_limit(0.05):
+        pass
+    _busy(0.2)  # its timer is gone: nothing is pending for this thread
 
 
 def test_a_time_limit_gives_an_outer_alarm_back_its_remaining_time():

@@ -20,7 +20,7 @@ from .ir import Apply, Ref, Spec, concrete_shape
 from .lower.sympy import Tensor
 from .ops import REGISTRY
 from .oracle import ReferenceSide, exact_point, reference_derivatives, reference_values, restricted
-from .report import Failure, Result, reproduction_snippet
+from .report import Failure, Result, readable, reproduction_snippet
 from .settings import MODES
 from .strategies import Example
 from .subject import CodeFailure, FunctionSubject, ModeUnsupported, SpecSubject
@@ -171,13 +171,13 @@ def _comparisons(prepared: Plan, subject, reference: ReferenceSide, actual: Torc
         with np.errstate(over="ignore"):  # two float64 formulas: both carry rounding
             both_errors = claimed_error + error + np.abs(claimed)
         yield _Comparison("claim", f"{claim.kind}({output}, {claim.wrt})", (derivative, both_errors), claimed,
-                          (label, claim.derivative.tensor), claim.line, torch.float64,
+                          (label, claim.formula), claim.line, torch.float64,
                           details={"reference_label": "derivative", "actual_label": "claimed", "claim": claim.text})
     if isinstance(actual.jvp, Failure):
         yield actual.jvp
     elif actual.jvp is not None:
         yield _Comparison("JVP", f"the JVP of {output}", reference.jvp, actual.jvp,
-                          (f"JVP of {output}", prepared.forward_mode().tensor), _line(spec, output), dtype,
+                          (f"JVP of {output}", prepared.forward_mode()[output].tensor), _line(spec, output), dtype,
                           tangents=True, slack=slack)
     for way, products in actual.hvps.items():
         if isinstance(products, Failure):
@@ -462,7 +462,7 @@ def _failure(spec: Spec, subject, comparison: _Comparison, at: Example, point: i
     if comparison.tangents:
         inputs.update({f"tangent of {name}": t[point] for name, t in at.tangents.items()})
     snippet = "" if comparison.check == "claim" else _snippet(subject, comparison.check, at, point, options)
-    return Failure(comparison.check, comparison.subject, _formula(*comparison.formula), inputs, at.sizes,
+    return Failure(comparison.check, comparison.subject, _formula(*comparison.formula, spec.output), inputs, at.sizes,
                    comparison.reference[0][point], comparison.actual[point], allowed, line=comparison.line,
                    snippet=snippet, point=_only(at, point), **comparison.details)
 
@@ -522,6 +522,6 @@ def _line(spec: Spec, name: str) -> int | None:
     return loc.line if loc else None
 
 
-def _formula(label: str, tensor: Tensor) -> str:
+def _formula(label: str, tensor: Tensor, output: str) -> str:
     index = f"[{', '.join(str(i) for i in tensor.indices)}]" if tensor.indices else ""
-    return f"{label}{index} = {tensor.expr}"
+    return f"{label}{index} = {readable(tensor.expr, output)}"

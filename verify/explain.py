@@ -1,8 +1,9 @@
 """The ``explain`` walkthrough: one point, every node, both sides of the chain rule.
 
 For the spec's example point it lists each node's value and torch's ``grad_fn`` (forward),
-then sympy's ∂o/∂node, that formula's value and autograd's value side by side (backward),
-then the status of each claim. Unnamed subexpressions such as ``sum(y)`` are nodes too,
+then ∂o/∂node by the chain rule (its consumers' adjoints times sympy's derivative of their
+steps), that formula's value and autograd's value side by side (backward), then the status
+of each claim. Unnamed subexpressions such as ``sum(y)`` are nodes too,
 so the walk shows every factor of the chain rule.
 """
 
@@ -16,7 +17,8 @@ import torch
 from . import oracle
 from . import plan as planning
 from .ir import Input, Spec, concrete_shape
-from .report import proved
+from .lower.sympy import adjoint_name
+from .report import proved, readable
 from .strategies import Example, size_bounds
 from .tolerance import allowed_error
 
@@ -28,11 +30,13 @@ def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
     point = planning.example_point(spec, dtype) or _default_point(spec, dtype)
     tracked = planning.labelled_nodes(spec)
     sizes = point.sizes if planning.needs_concrete_sizes(spec) else None
-    prepared = planning.build_plan(spec, tracked, list(tracked), sizes)
-    gradients = oracle.reference_side(prepared, point, dtype).gradients
+    prepared = planning.build_plan(spec, tracked, sizes)
+    ctx, _ = oracle.reference_values(prepared, point, dtype)
+    oracle.backward(prepared, ctx, lambda reference: reference(ctx), exact=False)
+    gradients = {label: ctx.env[adjoint_name(label)] for label in prepared.adjoints}
     shapes = {name: concrete_shape(reference.tensor.shape, point.sizes) for name, reference in prepared.values.items()}
     gradient_shapes = {name: concrete_shape(reference.tensor.shape, point.sizes)
-                       for name, reference in prepared.gradients.items()}
+                       for name, reference in prepared.adjoints.items()}
     actual_values, actual_gradients, grad_fns = prepared.subject.reverse(point, shapes, gradient_shapes, dtype)
 
     sizes = ", ".join(f"{k} = {v}" for k, v in point.sizes.items())
@@ -53,8 +57,8 @@ def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
     output = spec.output
     lines.append(f"backward: ∂{output}/∂node from sympy, its value, and autograd's .grad")
     rows = [("node", f"∂{output}/∂node (sympy)", "value", "autograd", "agree")]
-    for name in reversed(list(prepared.gradients)):
-        formula = prepared.gradients[name].tensor.expr
+    for name in reversed(list(prepared.adjoints)):
+        formula = readable(prepared.adjoints[name].tensor.expr, output)
         reference, error = gradients[name]
         actual = actual_gradients[name]
         agree = bool(np.all(np.abs(actual - reference) <= allowed_error(reference, error, dtype)))

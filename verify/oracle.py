@@ -86,11 +86,8 @@ def reference_values(prepared: Plan, example: Example, dtype: torch.dtype, bound
     for name, tangent in (example.tangents or {}).items():
         ctx.env[tangent_name(name)] = (tangent, np.broadcast_to(exact, tangent.shape))
     values = {}
-    for name, reference in prepared.values.items():
-        value, error = reference(ctx) if bounded else reference.estimate(ctx)
-        if bounded and name in prepared.steps:  # in graph order, so the operands' entries are ready
-            error = np.maximum(error, prepared.steps[name](ctx)[1])
-        values[name] = ctx.env[name] = value, error  # gradient formulas refer to node values
+    for name, reference in prepared.values.items():  # in graph order, so the operands' entries are ready
+        values[name] = ctx.env[name] = reference(ctx) if bounded else reference.estimate(ctx)
     if bounded:
         # An op's kernel model (a solve's norm-wise error) widens only what depends on that op.
         amplifications = _amplifications(prepared, example, values, dtype, "forward_condition")
@@ -120,7 +117,7 @@ def reference_derivatives(prepared: Plan, example: Example, ctx: Context, values
         return _amplified(pair, _local(amplifications, through), of_terms=True)
 
     if derivatives is None:
-        derivatives = {name: evaluated(reference) for name, reference in prepared.gradients.items()}
+        derivatives = backward(prepared, ctx, evaluated, exact)
     # A scalar output's formulas hold no cotangent: its VJP is the gradient times the cotangent.
     seed = None if prepared.spec.nodes[prepared.spec.output].shape else example.cotangent
     if exact and seed is not None:
@@ -129,10 +126,38 @@ def reference_derivatives(prepared: Plan, example: Example, ctx: Context, values
     claimed = [(evaluated(claim.reference), derivatives[claim.wrt] if claim.kind == "grad" else evaluated(claim.derivative))
                for claim in prepared.claims]
     if forward:
-        jvp = widened(evaluated(prepared.forward_mode()) if jvp is None else jvp)
+        jvp = widened(forward_chained(prepared, ctx, evaluated, exact) if jvp is None else jvp)
     hvps = ({name: widened(_times(evaluated(reference), seed)) for name, reference in prepared.second_order().items()}
             if order == 2 else {})
     return gradients, claimed, jvp, hvps
+
+
+def backward(prepared: Plan, ctx: Context, evaluated, exact: bool) -> dict:
+    """∂o/∂name for the inputs and named nodes, one op at a time from the output back, each
+    adjoint entered in ``ctx`` for the formulas of its operands'. ``evaluated`` gives a
+    Reference's pair in ``ctx``."""
+    adjoints = {}
+    for label in reversed(prepared.nodes):
+        if label in prepared.adjoints:
+            adjoints[label] = evaluated(prepared.adjoints[label])
+            _enter(ctx, adjoint_name(label), adjoints[label], exact)
+    return {name: adjoints[name] for name in prepared.gradients}
+
+
+def forward_chained(prepared: Plan, ctx: Context, evaluated, exact: bool) -> tuple:
+    """The JVP: each node's tangent, one op at a time from the inputs (whose tangents ``ctx``
+    holds), entered in ``ctx``; the output's is returned."""
+    tangents, pair = prepared.forward_mode(), None
+    for label in prepared.nodes:
+        if label in tangents:
+            pair = evaluated(tangents[label])
+            _enter(ctx, tangent_name(label), pair, exact)
+    return pair  # the output's: it comes last in graph order
+
+
+def _enter(ctx: Context, name: str, pair: tuple, exact: bool) -> None:
+    """``pair`` under ``name`` in ``ctx``; in the exact pass a ball is its own bound."""
+    ctx.env[name] = (pair[0], np.zeros(np.shape(pair[0]))) if exact else pair
 
 
 def _times(pair: tuple, seed) -> tuple:
@@ -357,32 +382,17 @@ def _evaluated(prepared: Plan, point: Example, dtype: torch.dtype, order: int, f
     values = {}
     for name, reference in prepared.values.items():
         value, magnitude = reference.exact(ctx)
-        if balls.MODE.rounding is not None and name in prepared.steps:
-            # The step as the spec writes it, on its operands' values: sympy may have simplified
-            # sqrt(x**2) to |x|, and the rounding of x**2 is the spec's all the same.
-            step, _ = prepared.steps[name].exact(ctx)
-            value = np.where(balls.radius(step, 1) > balls.radius(value, 1), step, value)
         value = balls.underflowed(value)
         values[name] = value, magnitude
-        ctx.env[name] = value, np.zeros(value.shape)  # gradient formulas refer to node values
-    derivatives = jvp = None
-    if balls.MODE.rounding is not None:
-        # The model of a gradient follows a backward's steps: the chain rule, op by op, from the output.
-        chained, adjoints = prepared.chained(), {}
-        for label in reversed(prepared.nodes):
-            if label in chained:
-                adjoints[label] = chained[label].exact(ctx)
-                ctx.env[adjoint_name(label)] = adjoints[label][0], np.zeros(np.shape(adjoints[label][0]))
-        derivatives = {name: adjoints[name] for name in prepared.gradients}
-        if forward:  # and a JVP's, forward mode's: op by op from the inputs
-            chained = prepared.chained_forward()
-            for label in prepared.nodes:
-                if label in chained:
-                    tangent, _ = chained[label].exact(ctx)
-                    ctx.env[tangent_name(label)] = tangent, np.zeros(np.shape(tangent))
-            jvp = ctx.env[tangent_name(prepared.spec.output)]
+        ctx.env[name] = value, np.zeros(value.shape)  # the steps of its consumers refer to it
+
+    def evaluated(reference: Reference) -> tuple:
+        return reference.exact(ctx)
+
+    derivatives = backward(prepared, ctx, evaluated, exact=True)
+    jvp = forward_chained(prepared, ctx, evaluated, exact=True) if forward else None
     side = ReferenceSide(values, *reference_derivatives(prepared, point, ctx, values, order, forward, bounded=False,
                                                         exact=True, derivatives=derivatives, jvp=jvp))
     if scalar:  # the gradient before the cotangent scales it: torch's backward computes it
-        side.jacobian = derivatives or {name: reference.exact(ctx) for name, reference in prepared.gradients.items()}
+        side.jacobian = derivatives
     return side

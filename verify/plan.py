@@ -14,17 +14,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import SpecError
 from .ir import Apply, Constant, SizeRef, Spec, concrete_shape, graph_nodes
 from .lower.sympy import (
+    Clock,
+    OutOfTime,
     SympyLowering,
     Tensor,
     _broadcast_index,
-    chain_rule,
     derive,
     directional_derivative,
     forward_chain,
+    gradient_in_inputs,
     prove_equal,
     second_derivative,
+    time_limit,
 )
 from .ops import COMPARISONS, CONCRETE_ONLY, REGISTRY
 from .reference import Reference
@@ -42,33 +46,31 @@ class ClaimPlan:
     proved: bool
     reference: Reference  # the claimed closed form
     derivative: Reference  # sympy's derivative it is claimed to equal
+    formula: Tensor  # that derivative in the inputs alone, as proved and shown
 
 
 @dataclass
 class Plan:
-    """Everything a spec needs at run time; built once, reused for every example and dtype."""
+    """Everything a spec needs at run time; built once, reused for every example and dtype.
+
+    Values and derivatives are evaluated one op at a time, as torch runs them: ``values`` in
+    graph order, ``adjoints`` from the output back, tangents from the inputs on."""
 
     spec: Spec
-    values: dict  # label -> Reference of each node's value
-    steps: dict  # label -> Reference of the node's op on its operands' values (see derive)
-    gradients: dict  # name -> Reference of ∂o/∂name (against the cotangent, for a non-scalar o)
+    values: dict  # label -> Reference of each node's step (its op on its operands' values)
+    adjoints: dict  # label -> Reference of ∂o/∂label from its consumers' (against the cotangent, for a non-scalar o)
     claims: list
     subject: SpecSubject
     nodes: dict  # label -> node
-    jvp: Reference | None = None  # derived when forward mode is first checked
-    hvps: dict | None = None  # input name -> Reference, derived when order 2 is first checked
     sizes: dict | None = None  # the sizes it was derived for, where it needs concrete ones
-    adjoints: dict | None = None  # label -> Reference, derived when the exact pass first models an allowance
-    tangents: dict | None = None  # the same, forward
+    tangents: dict | None = None  # label -> Reference, derived when forward mode is first checked
+    hvps: dict | None = None  # input name -> Reference, derived when order 2 is first checked
 
-    def chained_forward(self) -> dict:
-        """The tangent of each node, one op at a time (``forward_chain``): what forward mode
-        computes, step by step, for the exact pass's model of a JVP's rounding."""
-        if self.tangents is None:
-            self.tangents = {name: Reference(t, frozenset(self.spec.size_symbols), a_priori=True)
-                             for name, t in forward_chain(self.spec, {v: k for k, v in self.nodes.items()},
-                                                          self.sizes).items()}
-        return self.tangents
+    @functools.cached_property
+    def gradients(self) -> dict:
+        """∂o/∂name for the inputs and named nodes: the gradients torch's backward reports."""
+        return {name: adjoint for name, adjoint in self.adjoints.items()
+                if name in self.spec.inputs or name in self.spec.nodes}
 
     @functools.cached_property
     def upstream(self) -> dict:
@@ -86,27 +88,25 @@ class Plan:
 
         return {label: visit(node) for label, node in self.nodes.items()}
 
-    def chained(self) -> dict:
-        """∂o/∂label for each node, by the chain rule one op at a time (``chain_rule``): what a
-        backward computes, step by step, for the exact pass's model of a gradient's rounding."""
-        if self.adjoints is None:
-            self.adjoints = {name: Reference(t, frozenset(self.spec.size_symbols), a_priori=True)
-                             for name, t in chain_rule(self.spec, {v: k for k, v in self.nodes.items()},
-                                                       self.sizes).items()}
-        return self.adjoints
-
-    def forward_mode(self) -> Reference:
-        if self.jvp is None:
-            output = self.values[self.spec.output].tensor
-            self.jvp = Reference(directional_derivative(output, self.spec), frozenset(self.spec.size_symbols),
-                                 a_priori=True)
-        return self.jvp
+    def forward_mode(self) -> dict:
+        """The tangent of each node, one op at a time (``forward_chain``), as forward mode
+        computes it: the JVP is the output's."""
+        if self.tangents is None:
+            self.tangents = {label: Reference(t, frozenset(self.spec.size_symbols), a_priori=True)
+                             for label, t in forward_chain(self.spec, {v: k for k, v in self.nodes.items()},
+                                                           self.sizes).items()}
+        return self.tangents
 
     def second_order(self) -> dict:
+        """Hessian-vector products: the directional derivative of each input's gradient in the
+        inputs alone (``gradient_in_inputs``)."""
         if self.hvps is None:
-            self.hvps = {name: Reference(directional_derivative(self.gradients[name].tensor, self.spec),
-                                         frozenset(self.spec.size_symbols), a_priori=True)
-                         for name in self.spec.inputs if name in self.gradients}
+            self.hvps = {}
+            for name, node in self.spec.inputs.items():
+                if name in self.gradients:
+                    gradient = gradient_in_inputs(self.spec, node, name, self.sizes)
+                    self.hvps[name] = Reference(directional_derivative(gradient, self.spec),
+                                                frozenset(self.spec.size_symbols), a_priori=True)
         return self.hvps
 
 
@@ -114,6 +114,7 @@ class Plan:
 # keeps only the recent ones.
 _PLANS: OrderedDict = OrderedDict()
 PLAN_CACHE_SIZE = 64
+PLAN_SECONDS = 60.0  # the sympy work of one spec: realistic ones take well under a second
 
 
 def plan(spec: Spec, sizes: dict | None = None) -> Plan:
@@ -126,13 +127,26 @@ def plan(spec: Spec, sizes: dict | None = None) -> Plan:
     # Specs built in Python have no text of their own: they are cached by identity.
     key = (spec.source or id(spec), spec.path, tuple(sorted(sizes.items())) if concrete else None)
     if key not in _PLANS:
-        tracked = labelled_nodes(spec)
-        differentiate = [*spec.inputs.values(), *spec.nodes.values()]
-        _PLANS[key] = build_plan(spec, tracked, differentiate, sizes if concrete else None)
+        _PLANS[key] = _within_budget(spec, sizes if concrete else None)
         if len(_PLANS) > PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     _PLANS.move_to_end(key)
     return _PLANS[key]
+
+
+def _within_budget(spec: Spec, sizes: dict | None) -> Plan:
+    """``build_plan``, refused with a ``SpecError`` at the statement where the time went once
+    it runs past ``PLAN_SECONDS``."""
+    clock = Clock()
+    try:
+        with time_limit(PLAN_SECONDS):
+            return build_plan(spec, labelled_nodes(spec), sizes, clock)
+    except OutOfTime:
+        loc, spent = clock.slowest()
+        raise SpecError(f"the sympy work on this spec ran past its budget of {PLAN_SECONDS:g} s; {spent:.1f} s of it "
+                        f"went to {loc.text if loc else 'the spec'}", source=spec.source, path=spec.path,
+                        line=loc.line if loc else None, column=loc.column if loc else None,
+                        hint="name intermediate steps, or split the spec") from None
 
 
 def needs_concrete_sizes(spec: Spec) -> bool:
@@ -162,32 +176,45 @@ def labelled_nodes(spec: Spec) -> dict:
     return labels
 
 
-def build_plan(spec: Spec, tracked: dict, differentiate, sizes: dict | None = None) -> Plan:
-    """Derive, prove and compile the values of ``tracked`` (node -> name) and the gradients
-    with respect to the nodes in ``differentiate``."""
-    derivation = derive(spec, tracked, differentiate, sizes)
+def build_plan(spec: Spec, tracked: dict, sizes: dict | None = None, clock: Clock | None = None) -> Plan:
+    """Derive, prove and compile the steps and adjoints of ``tracked`` (node -> label),
+    charging ``clock`` with the time spent on each node and claim."""
+    clock = clock or Clock()
+    derivation = derive(spec, tracked, sizes, clock)
     size_names = frozenset(spec.size_symbols)
-    values = {name: Reference(t, size_names) for name, t in derivation.values.items()}
-    # Torch's derivative formulas are equal to sympy's, not the same: their bounds get a floor.
-    gradients = {name: Reference(t, size_names, a_priori=True) for name, t in derivation.gradients.items()}
-    steps = {name: Reference(t, size_names) for name, t in derivation.steps.items()}
+    nodes = {label: node for node, label in tracked.items()}
+    values, adjoints = {}, {}
+    for label, step in derivation.values.items():
+        with clock.on(nodes[label].loc):
+            values[label] = Reference(step, size_names)
+    for label, adjoint in derivation.adjoints.items():
+        with clock.on(nodes[label].loc):
+            # Torch's derivative formulas are equal to sympy's, not the same: their bounds get a floor.
+            adjoints[label] = Reference(adjoint, size_names, a_priori=True)
     claims = []
     for claim in spec.claims:
-        lowering = SympyLowering(spec, sizes=sizes)
-        derivative = derivation.gradients[claim.wrt].inline(derivation.values)
-        if claim.kind == "hessian":
-            derivative = second_derivative(derivative, spec, claim.wrt, lowering)
-            derivative_reference = Reference(derivative, size_names)
-        else:
-            derivative_reference = gradients[claim.wrt]
-        shape = derivative.shape
-        claimed_expr = lowering.element(claim.expr, _broadcast_index(derivative.indices, shape, claim.expr.shape))
-        claimed = Tensor(claimed_expr, derivative.indices, shape)
-        claims.append(ClaimPlan(claim_text(claim), claim.loc.line, claim.kind, claim.wrt, claimed,
-                                prove_equal(derivative, claimed_expr), Reference(claimed, size_names),
-                                derivative_reference))
-    return Plan(spec, values, steps, gradients, claims, SpecSubject(spec, tracked),
-                {v: k for k, v in tracked.items()}, sizes=sizes)
+        with clock.on(claim.loc):
+            claims.append(_claim_plan(spec, claim, adjoints, sizes))
+    return Plan(spec, values, adjoints, claims, SpecSubject(spec, tracked), nodes, sizes=sizes)
+
+
+def _claim_plan(spec: Spec, claim, adjoints: dict, sizes: dict | None) -> ClaimPlan:
+    """A claim, proved (or not) against sympy's derivative of the whole formula."""
+    size_names = frozenset(spec.size_symbols)
+    lowering = SympyLowering(spec, sizes=sizes)
+    node = spec.inputs.get(claim.wrt) or spec.nodes[claim.wrt]
+    derivative = gradient_in_inputs(spec, node, claim.wrt, sizes)
+    if claim.kind == "hessian":
+        derivative = second_derivative(derivative, spec, claim.wrt, lowering)
+        derivative_reference = Reference(derivative, size_names)
+    else:
+        derivative_reference = adjoints[claim.wrt]
+    shape = derivative.shape
+    claimed_expr = lowering.element(claim.expr, _broadcast_index(derivative.indices, shape, claim.expr.shape))
+    claimed = Tensor(claimed_expr, derivative.indices, shape)
+    return ClaimPlan(claim_text(claim), claim.loc.line, claim.kind, claim.wrt, claimed,
+                     prove_equal(derivative, claimed_expr), Reference(claimed, size_names), derivative_reference,
+                     derivative)
 
 
 def claim_text(claim) -> str:

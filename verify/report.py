@@ -12,6 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import sympy
+
+from .lower.sympy import ADJOINT_PREFIX, TANGENT_PREFIX
 
 CHECKED = "checked numerically, not proved"
 REFUTED = "false"
@@ -219,3 +222,23 @@ def _show(array) -> str:
         return repr(float(array))
     return np.array2string(array, precision=17, separator=", ", max_line_width=200,
                            formatter={"float_kind": lambda v: repr(float(v))})
+
+
+def readable(expr, output: str) -> str:
+    """A formula as text, the chain rule's symbols named as a reader would: (∂o/∂y) for y's
+    adjoint, (dy) for its tangent."""
+    def shown(name: str) -> str | None:
+        if name.startswith(ADJOINT_PREFIX):
+            return f"(∂{output}/∂{name.removeprefix(ADJOINT_PREFIX)})"
+        if name.startswith(TANGENT_PREFIX):
+            return f"(d{name.removeprefix(TANGENT_PREFIX)})"
+        return None
+
+    renamed = {}
+    for base in expr.atoms(sympy.IndexedBase):
+        if shown(base.name):
+            renamed[base] = sympy.IndexedBase(shown(base.name))
+    for symbol in expr.free_symbols:
+        if isinstance(symbol, sympy.Symbol) and shown(symbol.name):
+            renamed[symbol] = sympy.Symbol(shown(symbol.name))
+    return str(expr.xreplace(renamed))

@@ -23,9 +23,9 @@ user's code must be as accurate as the spec's own steps. A comparison at one ele
   backward, ``exp(x - y)``, is off by |y| roundings).
 * A derivative's bound is at least the formula over the magnitudes of its terms: torch's
   backward sums the same terms in another order.
-* In the exact pass, a gradient's model follows a backward's steps (the chain rule one op
-  at a time, ``verify.lower.sympy.chain_rule``) and a JVP's the forward chain, and the bound
-  reaches every value of the same formulas with each step rounded by the dtype's own u, so
+* A gradient's model follows a backward's steps (the chain rule one op at a time,
+  ``verify.lower.sympy.chain_rule``) and a JVP's the forward chain. In the exact pass the
+  bound reaches every value of the same formulas with each step rounded by the dtype's own u, so
   second-order terms count where the first-order one vanishes. Where that has no finite
   bound (a rounding reaches a singularity), the check is rejected, never passed.
 * ``SAFETY`` covers that torch's kernels round in a different order and take a few more

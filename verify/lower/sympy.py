@@ -4,14 +4,17 @@ A node of shape ``(n, m)`` lowers to its element at symbolic indices ``(i, j)``;
 ``IndexedBase`` objects, reductions are ``Sum`` over fresh indices with symbolic bounds.
 So one derivation holds for every size, and its cost does not grow with the sizes.
 
-Derivatives come from ``sympy.diff`` alone: ∂o/∂v for a named intermediate ``v`` is the
-derivative of ``o`` written with ``v`` kept as a symbol of its own, exactly what autograd's
-``v.grad`` holds. Nothing here applies the chain rule by hand.
+Derivatives come from ``sympy.diff``, one op at a time: ∂o/∂v is the chain rule over the
+spec's graph (``chain_rule``), each term sympy's derivative of one consumer's step with
+respect to v, kept as a symbol of its own. So the sympy work grows with the graph, where the
+derivative of the whole formula grows with its depth (a softmax of a softmax holds its input
+four times). Claims are proved against the whole formula's derivative (``gradient_in_inputs``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 import threading
 import time
@@ -266,12 +269,24 @@ def _carried_out(expr: sympy.Expr) -> sympy.Expr:
                               *((renamed.get(i, i), low, high) for i, low, high in expr.limits))
         function = _carried_out(expr.function)
         if isinstance(expr, sympy.Sum):
-            for limit in expr.limits:  # the first limit is the innermost
+            for limit in _deltas_first(expr.limits, function):
                 function = sympy.Add(*(_summed(term, limit) for term in sympy.Add.make_args(function)))
             return function
         reduced = type(expr)(function, *expr.limits)
         return reduced.doit(deep=False) if isinstance(expr, ReducedMax) else reduced
     return expr.func(*(_carried_out(a) for a in expr.args))
+
+
+def _deltas_first(limits: tuple, function: sympy.Expr) -> tuple:
+    """The limits of a sum (the first is the innermost), those whose index a Kronecker delta
+    pins first, where no bound depends on another limit's index: summed in sympy's order, a
+    delta of an outer index sits in an inner Sum by then, out of reach (the VJP of A @ B)."""
+    indices = {index for index, _, _ in limits}
+    if len(limits) < 2 or any((low.free_symbols | high.free_symbols) & indices
+                              for _, low, high in limits):
+        return limits
+    pinned = {s for delta in function.atoms(sympy.KroneckerDelta) for s in delta.free_symbols}
+    return tuple(sorted(limits, key=lambda limit: limit[0] not in pinned))
 
 
 def _summed(term: sympy.Expr, limit: tuple) -> sympy.Expr:
@@ -332,58 +347,81 @@ def _decide_conditions(expr: sympy.Expr, ranges: dict) -> sympy.Expr:
 
 @dataclass
 class Derivation:
-    """All sympy results for one spec, derived once for every size.
+    """All sympy results for one spec, derived once for every size, one op at a time.
 
-    ``values[name]``: the formula of each named node in the inputs.
-    ``gradients[name]``: ∂o/∂name for each input and intermediate that depends on an input;
-    it may refer to named nodes (by their symbols), whose values the reference supplies.
-    For a non-scalar output, o is reduced against a random cotangent first.
-    ``steps[name]``: the node's own op applied to its operands' symbols, where that differs
-    from its formula in the inputs. Evaluated along the graph, as torch does, steps show the
-    rounding of an order that sympy's automatic simplification hides: ``(x + 2**60) - 2**60``
-    is ``x`` to sympy but 0 in float64.
+    ``values[label]``: each node's step: its op on its operands' symbols. Evaluated along the
+    graph, as torch runs it, the steps round where torch does: ``(x + 2**60) - 2**60`` is 0
+    in float64, though sympy would simplify the formula in the inputs to ``x``.
+    ``adjoints[label]``: ∂o/∂label for each node that depends on an input, from ``chain_rule``:
+    the adjoints of its consumers (symbols named by ``adjoint_name``) times sympy's derivative
+    of their steps. For a non-scalar output, o is reduced against a random cotangent first.
     """
 
     values: dict
-    gradients: dict
-    steps: dict
+    adjoints: dict
 
 
-def derive(spec: Spec, tracked: dict, differentiate, sizes: dict | None = None) -> Derivation:
-    """Formulas for the nodes in ``tracked`` (node -> name), and ∂o/∂ those in ``differentiate``.
+def derive(spec: Spec, tracked: dict, sizes: dict | None = None, clock=None) -> Derivation:
+    """The steps and adjoints of the nodes in ``tracked`` (node -> label). The sympy work of
+    each is local to its op, so it grows with the graph, not with its depth. ``sizes`` makes
+    every dim concrete; ``clock`` (a ``Clock``) is charged with the time spent on each node."""
+    clock = clock or Clock()
+    operands = {node: label for node, label in tracked.items() if not isinstance(node, Input)}
+    values = {}
+    for node, label in operands.items():
+        with clock.on(node.loc):
+            values[label] = SympyLowering(spec, {n: m for n, m in operands.items() if n is not node}, sizes).tensor(node)
+    return Derivation(values, chain_rule(spec, tracked, sizes, clock))
 
-    Every tracked node but the inputs gets a value formula; every node of ``differentiate``
-    that depends on an input gets a gradient. ``sizes`` makes every dim concrete.
-    """
-    plain = SympyLowering(spec, sizes=sizes)
-    values = {name: plain.tensor(node) for node, name in tracked.items() if not isinstance(node, Input)}
-    operands = {node: name for node, name in tracked.items() if not isinstance(node, Input)}
-    steps = {}
-    for node, name in operands.items():
-        step = SympyLowering(spec, {n: m for n, m in operands.items() if n is not node}, sizes).tensor(node)
-        if step.expr != values[name].expr:
-            steps[name] = step
-    output_node = spec.nodes[spec.output]
-    gradients = {}
-    for node, name in tracked.items():
-        if node not in differentiate or not depends_on_inputs(node):
-            continue
-        keep = {} if isinstance(node, Input) else {node: name}
-        lowering = SympyLowering(spec, keep, sizes)
-        scalar = _scalar_output(lowering, output_node)
-        indices = lowering.free_indices(node.rank)
-        variable = variable_symbol(name, node.shape, node.domain.sympy_assumptions()
-                                   if isinstance(node, Input) else {"real": True}, indices)
-        shape = lowering.shape(node)
-        ranges = index_ranges(indices, shape)
-        raw = sympy.diff(scalar, variable)
-        gradient = settle(raw, ranges)
-        if gradient != raw and not _same_at_a_sample(raw, gradient, spec, dict(zip(indices, shape))):
-            gradient = raw  # sympy's summation went wrong (it can, with deltas in nested sums)
-        if gradient.has(sympy.Derivative):
-            raise NotImplementedError(f"sympy left an unevaluated derivative in ∂o/∂{name}: {gradient}")
-        gradients[name] = Tensor(gradient, indices, shape)
-    return Derivation(values, gradients, steps)
+
+class Clock:
+    """The time spent per place in the spec (a Loc), to name the statement where it went."""
+
+    def __init__(self):
+        self.spent = {}
+
+    @contextlib.contextmanager
+    def on(self, loc):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[loc] = self.spent.get(loc, 0.0) + time.perf_counter() - started
+
+    def slowest(self) -> tuple:
+        """(loc, seconds) of the place that took the longest; (None, 0) before any."""
+        return max(self.spent.items(), key=lambda item: item[1], default=(None, 0.0))
+
+
+def in_inputs(spec: Spec, node: Node, sizes: dict | None = None) -> Tensor:
+    """The formula of ``node`` in the inputs alone: every step inlined."""
+    return SympyLowering(spec, sizes=sizes).tensor(node)
+
+
+def gradient_in_inputs(spec: Spec, node: Node, label: str, sizes: dict | None = None) -> Tensor:
+    """∂o/∂label in the inputs alone, from ``sympy.diff`` of the whole spec: what a claim
+    about it is proved against, and what a Hessian differentiates again. Its size grows with
+    the spec's depth, so only claims and second order ask for it."""
+    keep = {} if isinstance(node, Input) else {node: label}
+    lowering = SympyLowering(spec, keep, sizes)
+    scalar = _scalar_output(lowering, spec.nodes[spec.output])
+    indices = lowering.free_indices(node.rank)
+    variable = variable_symbol(label, node.shape, node.domain.sympy_assumptions()
+                               if isinstance(node, Input) else {"real": True}, indices)
+    shape = lowering.shape(node)
+    gradient = Tensor(_settled(sympy.diff(scalar, variable), spec, indices, shape), indices, shape)
+    if gradient.expr.has(sympy.Derivative):
+        raise NotImplementedError(f"sympy left an unevaluated derivative in ∂o/∂{label}: {gradient.expr}")
+    return gradient if isinstance(node, Input) else gradient.inline({label: in_inputs(spec, node, sizes)})
+
+
+def _settled(raw: sympy.Expr, spec: Spec, indices: tuple, shape: tuple) -> sympy.Expr:
+    """``settle`` of a derivative, where a sample shows that it changed nothing: sympy's
+    summation can go wrong with deltas in nested sums; then the raw form stays."""
+    settled = settle(raw, index_ranges(indices, shape))
+    if settled != raw and not _same_at_a_sample(raw, settled, spec, dict(zip(indices, shape))):
+        return raw
+    return settled
 
 
 def adjoint_name(label: str) -> str:
@@ -391,13 +429,14 @@ def adjoint_name(label: str) -> str:
     return ADJOINT_PREFIX + label
 
 
-def chain_rule(spec: Spec, tracked: dict, sizes: dict | None = None) -> dict:
-    """∂o/∂name for each node of ``tracked`` (node -> name) that depends on an input, one op at
-    a time, as torch's backward runs: the sum, over the nodes that use it, of each one's
-    adjoint (a symbol named by ``adjoint_name``) times the derivative of its step (its op on
-    its operands' symbols). Evaluated from the output back, it rounds where a backward does:
-    ``acosh(1 + exp(-x))`` gets acosh' at the rounded 1 + exp(-x), which ``derive``'s
-    derivative of the whole formula simplifies away."""
+def chain_rule(spec: Spec, tracked: dict, sizes: dict | None = None, clock=None) -> dict:
+    """∂o/∂label for each node of ``tracked`` (node -> label) that depends on an input, one op
+    at a time, as torch's backward runs: the sum, over the nodes that use it, of each one's
+    adjoint (a symbol named by ``adjoint_name``) times sympy's derivative of its step (its op
+    on its operands' symbols). Evaluated from the output back, it rounds where a backward
+    does: ``acosh(1 + exp(-x))`` gets acosh' at the rounded 1 + exp(-x), which the
+    derivative of the whole formula would simplify away. ``clock`` is charged as in ``derive``."""
+    clock = clock or Clock()
     operands = {node: name for node, name in tracked.items() if not isinstance(node, Input)}
     uses = []  # each node's step, summed against its adjoint over fresh indices
     for node, name in operands.items():
@@ -423,10 +462,11 @@ def chain_rule(spec: Spec, tracked: dict, sizes: dict | None = None) -> dict:
                                    if isinstance(node, Input) else {"real": True}, indices)
         base = variable.base if node.shape else variable
         shape = symbols.shape(node)
-        raw = sympy.diff(sympy.Add(*(use for use in uses if use.has(base))), variable)
-        adjoint = settle(raw, index_ranges(indices, shape))
-        if adjoint != raw and not _same_at_a_sample(raw, adjoint, spec, dict(zip(indices, shape))):
-            adjoint = raw
+        with clock.on(node.loc):
+            raw = sympy.diff(sympy.Add(*(use for use in uses if use.has(base))), variable)
+            adjoint = _settled(raw, spec, indices, shape)
+        if adjoint.has(sympy.Derivative):
+            raise NotImplementedError(f"sympy left an unevaluated derivative in ∂o/∂{name}: {adjoint}")
         adjoints[name] = Tensor(adjoint, indices, shape)
     return adjoints
 
@@ -532,15 +572,32 @@ class OutOfTime(Exception):
     """The sympy work ran past its time budget."""
 
 
+class _Expired(BaseException):
+    """A time limit's expiry on its way to the end of its block: a BaseException, so that a
+    handler inside the block (one catching OutOfTime for an inner limit) lets it pass."""
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float):
-    """Raise ``OutOfTime`` in the block after ``seconds``, by SIGALRM. An outer alarm (one of
-    pytest-timeout, say) keeps its time: it fires at its own moment, by its own handler, and is
-    set again on the way out. Signals reach only the main thread, so elsewhere the block runs
-    unlimited (MAX_PROOF_OPS still bounds it)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
+    """Raise ``OutOfTime`` in the block after ``seconds``. Limits nest: an outer one that
+    expires inside an inner one ends its own block, whatever the inner block catches.
+
+    In the main thread the limit is SIGALRM, which also stops long integer arithmetic in C
+    (CPython checks for signals there). An outer alarm (pytest-timeout's, say) keeps its time:
+    it fires at its own moment, by its own handler, and is set again on the way out. Other
+    threads get no signals: there a timer thread raises the expiry in the block's thread,
+    at its next bytecode."""
+    expired = type("_Expired", (_Expired,), {})  # this limit's own
+    by_alarm = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+    try:
+        with (_alarm if by_alarm else _timer)(seconds, expired):
+            yield
+    except expired:
+        raise OutOfTime(f"over {seconds} s") from None
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float, expired: type):
     outer_delay, outer_interval = signal.getitimer(signal.ITIMER_REAL)
     started = time.monotonic()
     outer_deadline = started + outer_delay if outer_delay else None
@@ -554,7 +611,7 @@ def time_limit(seconds: float):
             if time.monotonic() < started + seconds:  # ours is still to come
                 signal.setitimer(signal.ITIMER_REAL, started + seconds - time.monotonic())
             return previous(signum, frame)
-        raise OutOfTime(f"over {seconds} s")
+        raise expired
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, min(seconds, outer_delay) if outer_delay else seconds)
@@ -568,6 +625,37 @@ def time_limit(seconds: float):
                 signal.setitimer(signal.ITIMER_REAL, max(outer_deadline - time.monotonic(), 1e-6), outer_interval)
             elif outer_interval:
                 signal.setitimer(signal.ITIMER_REAL, outer_interval, outer_interval)
+
+
+@contextlib.contextmanager
+def _timer(seconds: float, expired: type):
+    target = threading.get_ident()
+    lock = threading.Lock()
+    armed, fired = [True], [False]
+
+    def fire():
+        with lock:
+            if armed[0]:
+                fired[0] = True
+                _raise_in(target, expired)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            armed[0] = False
+            timer.cancel()
+            if fired[0]:
+                _raise_in(target, None)  # withdraw it where it is still pending: the block is over
+
+
+def _raise_in(thread_id: int, exception) -> None:
+    """Raise ``exception`` (a class) in the thread at its next bytecode; None withdraws one pending."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                               None if exception is None else ctypes.py_object(exception))
 
 
 def _canonical_indices(expr, depth: int = 0):
