@@ -15,6 +15,7 @@ from xml.etree import ElementTree
 import pytest
 
 from verify import cli
+from verify import plan as planning
 from verify.cli import Progress
 
 from .conftest import THOROUGH
@@ -41,8 +42,8 @@ def run(*arguments, cwd=None, env=None):
     return subprocess.CompletedProcess(["verify", *arguments], code, stdout.getvalue(), stderr.getvalue())
 
 
-def run_installed(*arguments):
-    return subprocess.run(["verify", *arguments], capture_output=True, text=True, timeout=300, check=False)
+def run_installed(*arguments, **options):
+    return subprocess.run(["verify", *arguments], capture_output=True, text=True, timeout=300, check=False, **options)
 
 
 def write(directory, name, text):
@@ -70,9 +71,10 @@ def test_explain_walks_through_the_backprop_example():
     assert "10" in forward.split("\n  o ")[1] and "MulBackward0" in forward
     backward_rows = {line.split()[0]: line.split()[1:] for line in backward.splitlines()[2:] if line.strip()
                      and not line.startswith("claims") and line.startswith("  ") and not line.startswith("  assert")}
-    assert backward_rows["sum(y)"][:3] == ["1/2", "0.5", "0.5"]
-    assert backward_rows["y"][0] == "1/2"
-    assert backward_rows["x"] == ["x[i]", "[2,", "4]", "[2,", "4]", "yes"]
+    # The chain rule one op at a time: each node's adjoint from its consumers'.
+    assert backward_rows["sum(y)"][:3] == ["(∂o/∂o)/2", "0.5", "0.5"]
+    assert backward_rows["y"][:3] == ["(∂o/∂sum(y))", "[0.5,", "0.5]"]
+    assert backward_rows["x"] == ["2*(∂o/∂y)[i]*x[i]", "[2,", "4]", "[2,", "4]", "yes"]
     assert "assert grad(o, x) == x: proved for all n" in out
 
 
@@ -109,6 +111,22 @@ def test_a_directory_is_searched_for_specs_and_the_worst_verdict_wins(tmp_path):
     completed = run("check", str(tmp_path), "--max-examples", "10")
     assert completed.returncode == 2
     assert "1 passed, 1 failed" in completed.stdout
+
+
+# Its claim's proof takes simplify's whole 10 s before it gives up.
+SLOW_TO_PLAN = ("x: Real[n]\nm = sum(x) / n\nd = x - m\nv = sum(d**2) / n\no = sum(d / sqrt(v + 1))\n"
+                "assert grad(o, x) == d\n")
+
+
+def test_a_spec_past_the_planning_budget_exits_2_at_its_statement_and_the_others_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(planning, "PLAN_SECONDS", 1.0)
+    write(tmp_path, "good.vspec", "x: Real[n]\no = sum(sin(x))\n")
+    slow = write(tmp_path, "slow.vspec", SLOW_TO_PLAN)
+    completed = run("check", str(tmp_path), "--max-examples", "5")
+    assert completed.returncode == 2
+    assert f"{slow}:6:1: the sympy work on this spec ran past its budget of 1 s" in completed.stdout
+    assert "went to assert grad(o, x) == d" in completed.stdout
+    assert "1 passed, 1 failed" in completed.stdout and "Traceback" not in completed.stdout + completed.stderr
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -274,6 +292,20 @@ def test_many_spec_files_end_with_a_correct_summary_in_bounded_memory(tmp_path):
     assert completed.stdout.count("\nok ") + completed.stdout.startswith("ok ") == count - 1
     # The plan cache keeps the last 64 specs: memory stays that of a few specs, in kilobytes.
     assert max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) < 1_500_000
+
+
+def test_a_batch_that_runs_out_of_memory_is_a_spec_error_and_the_other_specs_run(tmp_path):
+    # 1.5 GB of address space holds torch, sympy and a small spec, not this one's batch.
+    write(tmp_path, "small.vspec", "x: Real[n]\no = sum(sin(x))\n")
+    big = write(tmp_path, "big.vspec", "x: Real[1024, 2048]\ny = exp(x)\nz = y * y\no = sum(z)\n")
+
+    def capped():
+        resource.setrlimit(resource.RLIMIT_AS, (1_500_000_000, 1_500_000_000))
+
+    completed = run_installed("check", str(tmp_path), "--max-examples", "3", preexec_fn=capped)
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert f"{big}: a batch of 1 point(s) ran out of memory" in completed.stdout
+    assert "1 passed, 1 failed" in completed.stdout and "Traceback" not in completed.stdout + completed.stderr
 
 
 @pytest.mark.examples(100000)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import verify
-from verify import engine
+from verify import engine, strategies
 from verify.report import CHECKED
 
 from .conftest import ExpIgnoringGradOutput, TanhWithWrongBackward
@@ -231,3 +231,13 @@ def test_shrinking_stops_after_its_time_and_reports_the_smallest_failure_found(m
     assert caught.value.failure.check == "claim"  # still a real failure, confirmed by the exact pass
     assert any(note.startswith("decided by the exact pass") for note in caught.value.failure.notes)
     assert "shrinking stopped after 0 s: this is the smallest failure found by then" in str(caught.value)
+
+
+def test_sizes_given_past_the_memory_bound_are_a_spec_error_and_drawn_ones_are_halved_to_fit():
+    with pytest.raises(verify.SpecError, match=r"at n = 10000, the spec's tensors hold 100010001 elements per point"):
+        verify.check("x: Real[n]\no = sum(outer(x, x))", sizes={"n": 10000}, max_examples=1)
+    spec = verify.parse("x: Real[n, 1024, 1024]\ny = 2 * x\no = sum(y)")  # 2^21 elements per n
+    assert strategies._within_memory(spec, {"n": 8}, fixed={}) == {"n": 2}
+    result = verify.check(spec, max_examples=2, seed=0)
+    assert result.points > 0
+

@@ -70,6 +70,27 @@ def test_constant_arithmetic_is_folded_exactly():
     assert isinstance(folded, Constant) and folded.value == sympy.Rational(3071, 3)
 
 
+@pytest.mark.parametrize("constant", ["lgamma(10**300)", "lgamma(10**7)"])
+def test_a_constant_sympy_cannot_compute_is_refused_by_name(constant):
+    # sympy's lgamma of an integer is the log of a factorial: at 10**300 it recurses too
+    # deeply, at 10**7 it would take minutes.
+    with pytest.raises(verify.SpecError, match=r"too large to compute exactly") as caught:
+        verify.parse(f"x: Real\ny = {constant} * x")
+    assert caught.value.line == 2 and constant in str(caught.value)
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("x: Real[30000, 30000]\no = sum(x)", 1, "the input x holds 900000000 elements per point; at most 4194304"),
+    ("x: Real[n, n, n, n, n, n, n, n, n, n]\no = sum(x)", 1, "the input x has rank 10; at most 6 dims"),
+    ("x: Real[3000]\no = sum(outer(x, x))", 2, "the result of outer holds 9000000 elements per point"),
+    ("x: Real[2000]\ny = outer(x, x)\nz = 2 * y\no = sum(z + 1)", 4, "the spec's tensors hold 12002000 elements"),
+])
+def test_tensors_past_the_rank_and_element_bounds_are_refused_by_name(text, line, message):
+    with pytest.raises(verify.SpecError, match=message) as caught:
+        verify.parse(text)
+    assert caught.value.line == line
+
+
 def test_domains_and_examples():
     spec = verify.parse("a: Positive = 2\nb: Interval(-1, 1)[2] = [0.5, -1]\nc: NonNegative[2, 2] = [[0, 1], [2, 3]]\n"
                         "o = a * sum(b) + sum(c)")

@@ -22,12 +22,12 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from .checks import KINKS, Options, evaluate
-from .errors import Mismatch, Unchecked, Unsupported
+from .errors import Mismatch, SpecError, Unchecked, Unsupported
 from .ir import Spec
 from .plan import claim_text, example_point, needs_concrete_sizes, plan
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved
 from .settings import MODES, stable_seed
-from .strategies import BATCHED, PER_POINT, Example, examples
+from .strategies import BATCHED, PER_POINT, Example, check_given_sizes, examples
 from .subject import FunctionSubject, function_name
 from .tolerance import UNIT_ROUNDOFF
 
@@ -71,6 +71,14 @@ class _ShrinkingEnded(BaseException):
 # Past this, shrinking stops: a value that must stay delicate (a tie in float32) can keep
 # Hypothesis's shrinker busy for minutes, mostly in its own bookkeeping.
 SHRINK_SECONDS = 20.0
+
+
+class _OutOfMemory(BaseException):
+    """Raised inside the Hypothesis test where a batch ran out of memory, a BaseException for
+    the same reason; it carries the batch's sizes and points."""
+
+    def __init__(self, example: Example):
+        self.sizes, self.points = example.sizes, example.batch
 
 
 class _Counterexample(Exception):
@@ -130,7 +138,10 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         if "dtype" in result.unsupported:
             return
         checking = options if first_failure is None else shrinking
-        failure = evaluate(plan(spec, example.sizes), subject, example, checking, result, rejected)
+        try:
+            failure = evaluate(plan(spec, example.sizes), subject, example, checking, result, rejected)
+        except MemoryError:
+            raise _OutOfMemory(example) from None
         if failure is not None and _only_under_vmap(spec, subject, failure, options):
             subject.call_one_by_one("its vmapped results disagreed with the spec at a point where a call alone agrees")
             failure = evaluate(plan(spec, example.sizes), subject, example, checking, result, rejected)
@@ -156,6 +167,10 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
             result.budget_spent = time_budget
         except _ShrinkingEnded:
             raise _Counterexample(latest_failure, shrinking_ended=True) from None
+        except _OutOfMemory as out:
+            at = f" at {', '.join(f'{k} = {v}' for k, v in out.sizes.items())}" if out.sizes else ""
+            raise SpecError(f"a batch of {out.points} point(s){at} ran out of memory: declare smaller tensors, or "
+                            "give the check more memory", path=spec.path) from None
         point = example_point(spec, options.dtype, tangents)
         if point is not None and sizes.items() <= point.sizes.items() and "dtype" not in result.unsupported:
             failure = evaluate(plan(spec, point.sizes), subject, point, options, result, rejected)
@@ -232,6 +247,7 @@ def _validated_sizes(spec: Spec, sizes: dict | None) -> dict:
             raise ValueError(f"sizes: {name!r} is not a size symbol of the spec (its size symbols: {known})")
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"sizes: {name} must be a positive int; got {value!r}")
+    check_given_sizes(spec, sizes)
     return sizes
 
 

@@ -40,6 +40,7 @@ from .ir import (
     integer_range,
     is_integer,
 )
+from .lower.sympy import OutOfTime, time_limit
 from .ops import (
     BOOLEAN_OPERATORS,
     CALLABLE,
@@ -60,7 +61,14 @@ BINARY_OPERATORS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "d
                     ast.MatMult: "matmul"}
 # Folding a constant power costs about |exponent| * log2|base| bits; past this it is refused.
 MAX_CONSTANT_BITS = 4096
+FOLD_SECONDS = 2.0  # per constant op: sympy's exact value of lgamma(10**6) takes 6 s
 MAX_DIM = 10**7
+# What one point may hold, at the smallest sizes the spec allows: a tensor's rank and
+# elements, and the elements of all its tensors together (each costs a few arrays of the
+# batch's length in the reference and in torch, so 2^23 of them are a few GB).
+MAX_RANK = 6
+MAX_TENSOR_ELEMENTS = 2**22
+MAX_POINT_ELEMENTS = 2**23
 # Bounds on the text, so that neither Python's parser nor sympy's recursive algorithms can
 # be driven into exhaustion by a spec.
 MAX_SPEC_CHARACTERS = 1_000_000
@@ -114,6 +122,7 @@ class _Parser:
         self.sizes_from_examples: dict[str, int] = {}
         self.locs: dict[str, Loc] = {}
         self.size_requirements: list = []  # expressions in the size symbols that must be >= 1
+        self.point_elements = 0  # of every tensor so far, each size symbol taken as 1
 
     # -- errors and locations ------------------------------------------------------------
     def error(self, message: str, where=None, hint: str | None = None) -> SpecError:
@@ -228,6 +237,7 @@ class _Parser:
         example = None
         if statement.value is not None:
             example = self.example(statement.value, target.id, domain, shape)
+        self.check_extent(f"the input {target.id}", shape, statement)
         self.inputs[target.id] = Input(shape, self.loc(target), name=target.id, domain=domain, example=example,
                                        data=data)
         self.locs[target.id] = self.loc(statement)
@@ -612,11 +622,27 @@ class _Parser:
         if op_name == "topk":  # k of the axis's elements
             self.size_requirements.append(operands[0].shape[single_axis(params, operands[0].rank)] - params["k"] + 1)
         self.size_requirements.extend(d for d in shape if not isinstance(d, int))
+        self.check_extent(f"the result of {op_name}", shape, node)
         if op_name == "div" and isinstance(operands[1], Constant) and operands[1].value.is_zero:
             raise self.error("division by the constant zero", node)
         if op.kind == "elementwise" and all(isinstance(o, Constant) for o in operands):
             return Constant((), loc, value=self.fold(op_name, [o.value for o in operands], node))
         return Apply(shape, loc, op=op_name, operands=tuple(operands), params=tuple(sorted(params.items())))
+
+    def check_extent(self, what: str, shape: tuple, node: ast.AST) -> None:
+        """Refuse a tensor past the rank or element bounds at the smallest sizes (each size
+        symbol 1), where no draw could check it, naming it."""
+        if len(shape) > MAX_RANK:
+            raise self.error(f"{what} has rank {len(shape)}; at most {MAX_RANK} dims are checked", node)
+        elements = math.prod(d if isinstance(d, int) else 1 for d in shape)
+        self.point_elements += elements
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise self.error(f"{what} holds {elements} elements per point; at most {MAX_TENSOR_ELEMENTS} (2^22) "
+                             "are checked", node, hint="declare the large dims with a size symbol, as in Real[n, m]")
+        if self.point_elements > MAX_POINT_ELEMENTS:
+            raise self.error(f"by {what}, the spec's tensors hold {self.point_elements} elements per point; at most "
+                             f"{MAX_POINT_ELEMENTS} (2^23) are checked", node,
+                             hint="declare the large dims with a size symbol, as in Real[n, m]")
 
     def check_integers(self, op_name: str, operands: list, node: ast.AST) -> None:
         """Integers (indices, labels) go where an op takes them, and reals everywhere else."""
@@ -661,8 +687,15 @@ class _Parser:
                 bits = float(abs(exponent)) * max(1.0, abs(float(sympy.log(abs(base), 2))))
                 if bits > MAX_CONSTANT_BITS:
                     raise self.error(f"the constant power is too large to compute (about {bits:.3g} bits)", node)
-        folded = REGISTRY[op_name].sympy_form(*values)
-        if not (folded.is_extended_real and folded.is_finite):
+        try:
+            # lgamma(10**300) is log((10**300 - 1)!) to sympy, which no machine computes.
+            with time_limit(FOLD_SECONDS):
+                folded = REGISTRY[op_name].sympy_form(*values)
+                real = folded.is_extended_real and folded.is_finite
+        except (RecursionError, OutOfTime):
+            raise self.error(f"the constant {self.loc(node).text} is too large to compute exactly (sympy gave up within "
+                             f"{FOLD_SECONDS} s)", node, hint="pass it as an input, or take a smaller argument") from None
+        if not real:
             raise self.error(f"the constant {op_name}(...) is {folded}, not a finite real number", node)
         return folded
 

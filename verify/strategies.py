@@ -22,6 +22,7 @@ from hypothesis.extra import numpy as hnp
 from .errors import SpecError
 from .ir import Apply, Domain, Spec, concrete_shape, graph_nodes
 from .ops import REGISTRY
+from .spec import MAX_POINT_ELEMENTS
 from .tolerance import representable_limit, underflow_limit
 
 DEFAULT_SIZES = (1, 8)
@@ -32,6 +33,10 @@ LARGE_SIZE = 64
 LARGE_ODDS = 4  # to 1: examples with the usual sizes, to those with large ones
 LARGE_ELEMENTS = 2**13
 MAX_BATCH = 8
+# A point holds at most MAX_POINT_ELEMENTS (the parser's bound at the smallest sizes; larger
+# drawn sizes are halved to fit), and a batch of several points at most BATCH_ELEMENTS: each
+# element costs the reference and torch a few float64 arrays, so a batch stays within a few GB.
+BATCH_ELEMENTS = 2**23
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,34 @@ def _elements_per_point(spec: Spec, sizes: dict) -> int:
     return sum(math.prod(concrete_shape(declared.shape, sizes)) for declared in spec.inputs.values())
 
 
+def held_per_point(spec: Spec, sizes: dict) -> int:
+    """The elements of all the spec's tensors at one point: what the reference and torch hold."""
+    return sum(math.prod(concrete_shape(node.shape, sizes)) for node in graph_nodes(spec))
+
+
+def _within_memory(spec: Spec, chosen: dict, fixed) -> dict:
+    """``chosen`` with the largest drawn sizes halved until a point holds at most
+    ``MAX_POINT_ELEMENTS``, or none can be (``check_given_sizes`` makes sure the smallest fit)."""
+    bounds = size_bounds(spec)
+    while held_per_point(spec, chosen) > MAX_POINT_ELEMENTS:
+        drawn = [name for name in chosen if name not in fixed and chosen[name] // 2 >= bounds[name][0]]
+        if not drawn:
+            break
+        chosen[max(drawn, key=chosen.get)] //= 2
+    return chosen
+
+
+def check_given_sizes(spec: Spec, fixed: dict) -> None:
+    """A ``SpecError`` where the sizes a caller fixed, with the others at their smallest, make a
+    point hold more than ``MAX_POINT_ELEMENTS``."""
+    smallest = {name: low for name, (low, _) in size_bounds(spec).items()}
+    held = held_per_point(spec, {**smallest, **fixed})
+    if held > MAX_POINT_ELEMENTS:
+        shown = ", ".join(f"{name} = {value}" for name, value in fixed.items())
+        raise SpecError(f"at {shown}, the spec's tensors hold {held} elements per point; at most "
+                        f"{MAX_POINT_ELEMENTS} (2^23) are checked", path=spec.path)
+
+
 def _draw_sizes(draw, spec: Spec, sizes) -> dict:
     chosen = dict(sizes or {})
     bounds = size_bounds(spec)
@@ -206,7 +239,7 @@ def _draw_sizes(draw, spec: Spec, sizes) -> dict:
             break
         chosen[name] //= 2
     assume(_meets_requirements(spec, chosen))
-    return chosen
+    return _within_memory(spec, chosen, sizes or {})
 
 
 def _draw_input(draw, spec: Spec, name: str, dtype: torch.dtype, sizes: dict, batch: int,
@@ -259,8 +292,11 @@ def _materialized(draw, domain: Domain, dtype: torch.dtype, shape: tuple, wide: 
 
 
 def points_per_example(spec: Spec, sizes: dict, budget: Budget = BATCHED) -> int:
+    """As many points as the budget's input elements allow, and as fit in ``BATCH_ELEMENTS``
+    of all the spec's tensors (an outer product holds far more than its inputs)."""
     per_point = _elements_per_point(spec, sizes)
-    return max(1, min(budget.points, budget.elements // max(per_point, 1)))
+    held = held_per_point(spec, sizes)
+    return max(1, min(budget.points, budget.elements // max(per_point, 1), BATCH_ELEMENTS // max(held, 1)))
 
 
 def _draw_points(draw, spec: Spec, dtype: torch.dtype, sizes: dict, batch: int, tangents: bool,
