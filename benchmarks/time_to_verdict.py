@@ -101,7 +101,7 @@ def _row(name: str) -> dict:
         result = verify.check_function(fn, text, seed=0)
     verdict = time.perf_counter() - started
     return {"planning": planned, "verdict": verdict, "memory": _peak_mb() - before, "points": result.points,
-            "gradcheck": _gradcheck_seconds(fn, shapes), "calls": "; ".join(result.calls.values())}
+            "gradcheck": _gradcheck_seconds(fn, shapes), "calls": "; ".join(f"{what}: {how}" for what, how in result.calls.items())}
 
 
 def _first_failure(index: int) -> tuple:

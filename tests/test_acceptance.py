@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import verify
+from verify import oracle
+from verify import plan as planning
+from verify.strategies import Example
+from verify.tolerance import allowed_error
 
 DTYPES = [torch.float64, torch.float32]
 ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -413,3 +417,19 @@ def test_a_backward_bug_in_large_points_only_the_exact_pass_can_judge_is_caught(
     mismatch = _caught(_function(lambda x: torch.softmax(x, -1), _softmax_recomputed),
                        "x: Interval(-80, 1e30)[n]\ny = exp(x) / sum(exp(x))", torch.float64, sizes={"n": 300})
     assert mismatch.failure.check == "gradient" and not np.isfinite(mismatch.failure.actual).all()
+
+
+def test_an_adjoint_that_underflows_in_the_specs_own_backward_is_allowed_and_a_bug_there_caught():
+    # At x = [-555, 115] with cotangent [1, 0], the spec's backward forms the adjoint of
+    # sum(exp(x)), -e^-555 / e^230, below float64's subnormals: torch gets 0 for it, and 0 for
+    # ∂y/∂x[1], where the math is -1.05e-291. That underflow times exp(115) is the exact
+    # pass's allowance there; a backward 1e-240 off is far past it.
+    spec = verify.parse("x: Real[n]\ny = exp(x) / sum(exp(x))")
+    prepared = planning.plan(spec)
+    x = torch.tensor([-555.0, 115.0], dtype=torch.float64, requires_grad=True)
+    cotangent = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    (torch.exp(x) / torch.exp(x).sum()).backward(cotangent)
+    point = Example({"n": 2}, {"x": x.detach().numpy()[None]}, cotangent.numpy()[None])
+    reference, bound = oracle.exact_point(prepared, point, torch.float64, 1, False).side.gradients["x"]
+    allowed = allowed_error(reference, bound, torch.float64)[0]
+    assert x.grad[1] == 0 and abs(x.grad[1].item() - reference[0, 1]) <= allowed[1] < 1e-250

@@ -139,8 +139,7 @@ def backward(prepared: Plan, ctx: Context, evaluated, exact: bool) -> dict:
     adjoints = {}
     for label in reversed(prepared.nodes):
         if label in prepared.adjoints:
-            adjoints[label] = evaluated(prepared.adjoints[label])
-            _enter(ctx, adjoint_name(label), adjoints[label], exact)
+            adjoints[label] = _enter(ctx, adjoint_name(label), evaluated(prepared.adjoints[label]), exact)
     return {name: adjoints[name] for name in prepared.gradients}
 
 
@@ -150,14 +149,20 @@ def forward_chained(prepared: Plan, ctx: Context, evaluated, exact: bool) -> tup
     tangents, pair = prepared.forward_mode(), None
     for label in prepared.nodes:
         if label in tangents:
-            pair = evaluated(tangents[label])
-            _enter(ctx, tangent_name(label), pair, exact)
+            pair = _enter(ctx, tangent_name(label), evaluated(tangents[label]), exact)
     return pair  # the output's: it comes last in graph order
 
 
-def _enter(ctx: Context, name: str, pair: tuple, exact: bool) -> None:
-    """``pair`` under ``name`` in ``ctx``; in the exact pass a ball is its own bound."""
-    ctx.env[name] = (pair[0], np.zeros(np.shape(pair[0]))) if exact else pair
+def _enter(ctx: Context, name: str, pair: tuple, exact: bool) -> tuple:
+    """``pair`` under ``name`` in ``ctx``, and returned. In the exact pass a ball is its own
+    bound, and an adjoint or tangent is a step of its own (torch holds it in the dtype), so
+    where it underflows the model widens it by the smallest normal number, as a value's step."""
+    if exact:
+        pair = balls.underflowed(pair[0]), pair[1]
+        ctx.env[name] = pair[0], np.zeros(np.shape(pair[0]))
+    else:
+        ctx.env[name] = pair
+    return pair
 
 
 def _times(pair: tuple, seed) -> tuple:
