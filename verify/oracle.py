@@ -87,7 +87,7 @@ def reference_values(prepared: Plan, example: Example, dtype: torch.dtype, bound
         ctx.env[tangent_name(name)] = (tangent, np.broadcast_to(exact, tangent.shape))
     values = {}
     for name, reference in prepared.values.items():  # in graph order, so the operands' entries are ready
-        values[name] = ctx.env[name] = reference(ctx) if bounded else reference.estimate(ctx)
+        values[name] = _enter(ctx, name, reference(ctx) if bounded else reference.estimate(ctx), exact=False)
     if bounded:
         # An op's kernel model (a solve's norm-wise error) widens only what depends on that op.
         amplifications = _amplifications(prepared, example, values, dtype, "forward_condition")
@@ -154,9 +154,10 @@ def forward_chained(prepared: Plan, ctx: Context, evaluated, exact: bool) -> tup
 
 
 def _enter(ctx: Context, name: str, pair: tuple, exact: bool) -> tuple:
-    """``pair`` under ``name`` in ``ctx``, and returned. In the exact pass a ball is its own
-    bound, and an adjoint or tangent is a step of its own (torch holds it in the dtype), so
-    where it underflows the model widens it by the smallest normal number, as a value's step."""
+    """A step's ``pair`` (a node's value, adjoint or tangent) under ``name`` in ``ctx``, for
+    the formulas of the steps that use it, and returned. In the exact pass a ball is its own
+    bound, and torch holds every step in the dtype: where one underflows, the model widens it
+    by the smallest normal number."""
     if exact:
         pair = balls.underflowed(pair[0]), pair[1]
         ctx.env[name] = pair[0], np.zeros(np.shape(pair[0]))
@@ -384,16 +385,10 @@ def _evaluated(prepared: Plan, point: Example, dtype: torch.dtype, order: int, f
         ctx.env[COTANGENT] = exact(point.cotangent)
     for name, tangent in (point.tangents or {}).items():
         ctx.env[tangent_name(name)] = exact(tangent)
-    values = {}
-    for name, reference in prepared.values.items():
-        value, magnitude = reference.exact(ctx)
-        value = balls.underflowed(value)
-        values[name] = value, magnitude
-        ctx.env[name] = value, np.zeros(value.shape)  # the steps of its consumers refer to it
-
     def evaluated(reference: Reference) -> tuple:
         return reference.exact(ctx)
 
+    values = {name: _enter(ctx, name, evaluated(reference), exact=True) for name, reference in prepared.values.items()}
     derivatives = backward(prepared, ctx, evaluated, exact=True)
     jvp = forward_chained(prepared, ctx, evaluated, exact=True) if forward else None
     side = ReferenceSide(values, *reference_derivatives(prepared, point, ctx, values, order, forward, bounded=False,
