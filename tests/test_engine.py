@@ -1,5 +1,8 @@
 """The engine end to end: agreement, rejections, shrunk counterexamples and blame."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -241,3 +244,17 @@ def test_sizes_given_past_the_memory_bound_are_a_spec_error_and_drawn_ones_are_h
     result = verify.check(spec, max_examples=2, seed=0)
     assert result.points > 0
 
+
+
+def test_the_same_seed_draws_the_same_whatever_local_modules_are_loaded(tmp_path):
+    # Hypothesis would mix literal constants of loaded local modules into its draws.
+    (tmp_path / "magic.py").write_text("THRESHOLDS = [20.0, 123.456, -7.5, 0.001, 4096, 777]\n")
+    script = ("import sys\nsys.path.insert(0, {folder!r})\n{imports}\nimport verify\n"
+              "result = verify.check('x: Real[n]\\no = sum(softplus(x) * x)', seed=0, max_examples=30)\n"
+              "print(result.points, sorted(result.rejected.items()))\n")
+    outputs = []
+    for imports in ("", "import magic"):
+        completed = subprocess.run([sys.executable, "-c", script.format(folder=str(tmp_path), imports=imports)],
+                                   capture_output=True, text=True, timeout=300, check=True)
+        outputs.append(completed.stdout)
+    assert outputs[0] == outputs[1] and outputs[0].split()[0].isdigit()

@@ -27,7 +27,7 @@ from .ir import Spec
 from .plan import claim_text, example_point, needs_concrete_sizes, plan
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved
 from .settings import MODES, stable_seed
-from .strategies import BATCHED, PER_POINT, Example, check_given_sizes, examples
+from .strategies import BATCHED, PER_POINT, Example, check_given_sizes, draws_by_seed_alone, examples
 from .subject import FunctionSubject, function_name
 from .tolerance import UNIT_ROUNDOFF
 
@@ -162,7 +162,8 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(hypothesis_seed(seed)(test))
     try:
         try:
-            test()
+            with draws_by_seed_alone():
+                test()
         except _BudgetSpent:
             result.budget_spent = time_budget
         except _ShrinkingEnded:

@@ -8,6 +8,7 @@ overflows, because gradient bugs live at thresholds and near overflow too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -37,6 +38,27 @@ MAX_BATCH = 8
 # drawn sizes are halved to fit), and a batch of several points at most BATCH_ELEMENTS: each
 # element costs the reference and torch a few float64 arrays, so a batch stays within a few GB.
 BATCH_ELEMENTS = 2**23
+
+
+@contextlib.contextmanager
+def draws_by_seed_alone():
+    """Hypothesis mixes into its draws, one in twenty, literal constants of whichever local
+    modules are loaded (``hypothesis.internal.conjecture.providers``): the same seed drew
+    differently in a script, under pytest and beside a benchmark, and a reproduction line
+    could miss its failure. Inside this block the pool holds Hypothesis's own constants only."""
+    from hypothesis.internal.conjecture import providers  # private; versions without it draw by seed alone
+
+    loaded = getattr(providers, "_get_local_constants", None)
+    if loaded is None:
+        yield
+        return
+    providers._get_local_constants = providers.Constants
+    providers.CONSTANTS_CACHE.cache.clear()  # pools computed with local constants
+    try:
+        yield
+    finally:
+        providers._get_local_constants = loaded
+        providers.CONSTANTS_CACHE.cache.clear()
 
 
 @dataclass(frozen=True)
