@@ -273,14 +273,14 @@ def _product_except(arrays: list, left_out: tuple):
     return _product(kept) if kept else 1.0
 
 
-def _summed_product(arrays: list, lengths: dict, depth: int, inner_depth: int) -> np.ndarray:
+def _summed_product(arrays: list, lengths: dict, depth: int, inner_depth: int, dtype=np.float64) -> np.ndarray:
     """The sum over axes depth + 1 to inner_depth of the product of ``arrays``, which broadcast
     against each other on inner_depth + 1 axes, by einsum. ``lengths`` gives each summed axis's
-    length: a sum over an axis no factor spans multiplies by it."""
+    length: a sum over an axis no factor spans multiplies by it. ``dtype`` object: balls."""
     scale = 1.0
     operands, spanned = [], set()
     for array in arrays:
-        array = np.asarray(array, dtype=np.float64)
+        array = np.asarray(array, dtype=dtype)
         if array.ndim == 0:
             scale = scale * array
             continue
@@ -293,13 +293,27 @@ def _summed_product(arrays: list, lengths: dict, depth: int, inner_depth: int) -
             scale = scale * length
     kept = [axis for axis in range(depth + 1) if axis in spanned]
     if not operands:
-        return np.asarray(scale, dtype=np.float64)
+        return np.asarray(scale, dtype=dtype)
     extents = {}
     for array, labels in zip(operands[::2], operands[1::2]):
         extents.update(zip(labels, array.shape))
     # Planning the contraction (pairwise, by BLAS) costs tens of microseconds: worth it past small grids.
-    result = np.einsum(*operands, kept, optimize=math.prod(extents.values()) > EINSUM_PLANNED) * scale
+    result = np.asarray(np.einsum(*operands, kept, optimize=math.prod(extents.values()) > EINSUM_PLANNED) * scale,
+                        dtype=dtype)  # einsum of balls to no axis gives a ball, not an array
     return result.reshape([result.shape[kept.index(axis)] if axis in spanned else 1 for axis in range(depth + 1)])
+
+
+def _summed_product_of_balls(factors: list, lengths: dict, depth: int, inner_depth: int):
+    """``_summed_product`` on balls, widened as the formed sum is in the modelled mode: each
+    product by its roundings (``balls.rounded``), then the sum by one rounding of the sum of
+    the products' magnitudes (``balls.rounded_sum``)."""
+    total = _summed_product(factors, lengths, depth, inner_depth, dtype=object)
+    if balls.MODE.rounding is None:
+        return total
+    magnitude = _summed_product([np.abs(np.asarray(f, dtype=object)) for f in factors], lengths, depth, inner_depth,
+                                dtype=object)
+    products = balls.rounded(magnitude, len(factors) - 1)  # the terms' magnitudes, each product rounded
+    return balls.rounded_sum(total + (products - magnitude), [products])
 
 
 def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_depth: int, ctx) -> tuple | None:
@@ -740,11 +754,12 @@ class _Compiler:
         track_errors = self.track_errors
         body = self.compile(expr.function, inner_axes, inner_depth)
         factors = None
-        if not self.exact and kind is sympy.Sum and expr.function.is_Mul:
+        if kind is sympy.Sum and expr.function.is_Mul:
             # A sum of products whose product spans more indices than any factor (A @ B in
             # index notation) goes to einsum, which never forms that product. It sums in another
             # order, so the value differs from the formed sum's by rounding, within its bound;
-            # the bound is the formed one's, in sums of products too.
+            # the bound is the formed one's, in sums of products too. In the exact pass, on
+            # balls, the products' and the sum's modelled roundings are the formed sum's.
             spans = [_free_symbols(f) & inner_axes.keys() for f in expr.function.args]
             if all(span < set().union(*spans) for span in spans):
                 factors = self._args(expr.function, inner_axes, inner_depth)
@@ -758,6 +773,8 @@ class _Compiler:
                 inside = inside & (span >= low) & (span <= high)
             if factors is not None and np.all(inside):
                 lengths = {axis: ctx.indices[index].size for index, axis, _, _ in bounds}
+                if self.exact:
+                    return _summed_product_of_balls([f(ctx)[0] for f in factors], lengths, depth, inner_depth), 0.0
                 if not track_errors:
                     return _summed_product([f(ctx)[0] for f in factors], lengths, depth, inner_depth), 0.0
                 bounded = _summed_product_bounded([f(ctx) for f in factors], lengths, depth, inner_depth, ctx)
