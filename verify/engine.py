@@ -169,6 +169,9 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         except _ShrinkingEnded:
             raise _Counterexample(latest_failure, shrinking_ended=True) from None
         except _OutOfMemory as out:
+            # The SpecError would hold this exception, and through its traceback and context the
+            # failed batch's frames and arrays: a CLI run would carry them into the next spec.
+            out.__traceback__ = out.__context__ = None
             at = f" at {', '.join(f'{k} = {v}' for k, v in out.sizes.items())}" if out.sizes else ""
             raise SpecError(f"a batch of {out.points} point(s){at} ran out of memory: declare smaller tensors, or "
                             "give the check more memory", path=spec.path) from None
