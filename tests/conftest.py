@@ -29,11 +29,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 # so that the suite ends in minutes on two cores; "thorough" (VERIFY_TESTS=thorough) runs each
 # with the examples and batches it asks for, as users' checks do. A test whose point needs a
 # regime that small samples seldom reach says so with @pytest.mark.examples(n): it runs up to
-# n examples of users' batches in both.
+# n examples in both, of users' batches where the spec's own lowering is checked (a function
+# called point by point keeps small batches: Hypothesis draws a regime per example).
 THOROUGH = os.environ.get("VERIFY_TESTS", "quick") == "thorough"
 QUICK_EXAMPLES = 5
 QUICK_BATCHED = Budget(elements=2**12, points=2**8)
 QUICK_PER_POINT = Budget(elements=2**10, points=2**6)
+# Shrinking a failure stops after this long (users' checks: engine.SHRINK_SECONDS); a test
+# that asserts how small the counterexample is shrinks fast, or says so with its own setting.
+QUICK_SHRINK_SECONDS = 5.0
 
 
 def pytest_configure(config):
@@ -66,9 +70,12 @@ def test_profile(request, monkeypatch):
         return run(spec, max_examples=min(max_examples, cap), **options)
 
     monkeypatch.setattr(engine, "run", capped)
+    monkeypatch.setattr(engine, "SHRINK_SECONDS", min(engine.SHRINK_SECONDS, QUICK_SHRINK_SECONDS))
+    # A function called point by point costs per point: its batches stay small even where
+    # the regime needs many examples, which draw it per example.
+    monkeypatch.setattr(engine, "PER_POINT", QUICK_PER_POINT)
     if not marked:
         monkeypatch.setattr(engine, "BATCHED", QUICK_BATCHED)
-        monkeypatch.setattr(engine, "PER_POINT", QUICK_PER_POINT)
 
 
 @pytest.fixture
