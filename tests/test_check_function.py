@@ -12,7 +12,7 @@ from verify import checks
 from verify import plan as planning
 from verify.report import Result
 from verify.strategies import Example
-from verify.subject import VMAPPED, FunctionSubject
+from verify.subject import STACKED, VMAPPED, FunctionSubject
 
 CORRECT = [case for case in CASES if not case.bug]
 BROKEN = [case for case in CASES if case.bug]
@@ -267,3 +267,107 @@ def test_a_function_whose_vmapped_results_differ_is_checked_point_by_point(funct
     # differs only changes how it is called, and the report says so.
     result = verify.check_function(function, "x: Real[n]\ny = tanh(x)", seed=0, modes=("rev",), max_examples=30)
     assert result.calls == {"values and VJPs": f"point by point ({why})"}
+
+
+# -- stacked rows and the compute dtype: how kernels are checked ------------------------------
+
+RMS = "x: Interval(-100, 100)[n]\ny = x / sqrt(mean(x**2) + 1e-6)"  # squares within float16's range
+
+
+def _rms(x):
+    """RMS normalization of each row of ``x``: a row-wise function, as kernels are."""
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)
+
+
+def _rms_in_float32(x):
+    return _rms(x.float()).to(x.dtype)
+
+
+def test_a_row_wise_function_takes_many_points_in_one_call():
+    calls = 0
+
+    def counted(x):
+        nonlocal calls
+        calls += 1
+        return _rms(x)
+
+    result = verify.check_function(counted, RMS, rows=True, seed=0, max_examples=20)
+    assert result.calls == {"values and VJPs": STACKED, "JVPs": STACKED}
+    # Per example: one stacked call and two stacks of one (the spot check), for VJPs and for JVPs.
+    assert calls <= 6 * result.examples < result.points
+
+
+def test_rows_that_are_not_independent_are_a_failure_of_their_own():
+    def normalized_by_the_whole_stack(x):
+        return x / torch.sqrt((x * x).mean() + 1e-6)
+
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(normalized_by_the_whole_stack, RMS, rows=True, seed=0, max_examples=20)
+    assert caught.value.failure.check == "rows"
+    assert "its rows are not independent" in str(caught.value)
+
+
+class _RMSForgettingTheNorm(torch.autograd.Function):
+    """A row-wise RMS normalization whose backward forgets that the norm depends on x."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rstd = torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-6)
+        ctx.save_for_backward(rstd)
+        return x * rstd
+
+    @staticmethod
+    def backward(ctx, g):
+        (rstd,) = ctx.saved_tensors
+        return g * rstd
+
+
+def test_a_row_wise_bug_is_caught_and_reproduced_with_a_stack_of_one():
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(_RMSForgettingTheNorm.apply, RMS, rows=True, seed=0, modes=("rev",), max_examples=20)
+    failure = caught.value.failure
+    assert failure.check == "gradient" and "rows=True" in str(caught.value)
+    assert "x = torch.tensor([[" in failure.snippet  # it calls the function with a stack of one point
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_kernel_computing_in_float32_passes_with_its_compute_dtype_and_one_computing_narrow_is_caught(dtype):
+    # Declared to compute in float32, a function is allowed float32's roundings and one rounding
+    # of each result to the stored dtype: one that computes in the narrow dtype is caught.
+    options = {"rows": True, "dtype": dtype, "seed": 0, "modes": ("rev",), "max_examples": 30}
+    assert verify.check_function(_rms_in_float32, RMS, compute_dtype=torch.float32, **options).points > 0
+    assert verify.check_function(_rms, RMS, **options).points > 0  # narrow steps, where it says nothing
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(_rms, RMS, compute_dtype=torch.float32, **options)
+    assert caught.value.failure.check in ("value", "gradient")
+    assert "compute_dtype=torch.float32" in caught.value.failure.render("<spec>", caught.value.result.reproduce)
+
+
+def _rounded_toward_zero(x: torch.Tensor, ulps: int) -> torch.Tensor:
+    """Positive float32 ``x`` rounded toward zero to bfloat16, less ``ulps`` more of bfloat16's
+    ulps; its gradient passes straight through."""
+    bits = x.detach().view(torch.int32) & ~0xFFFF
+    rounded = (bits - ulps * 0x10000).view(torch.float32)
+    return (x + (rounded - x).detach()).to(torch.bfloat16)  # exact: rounded is x's neighbour in bfloat16
+
+
+@pytest.mark.parametrize("ulps, caught", [(0, False), (4, True)])
+def test_a_result_rounded_toward_zero_to_the_stored_dtype_passes_and_four_ulps_more_are_caught(ulps, caught):
+    def stored_toward_zero(x):
+        return _rounded_toward_zero(torch.exp(x.float()), ulps)
+
+    spec = "x: Interval(-20, 20)[n]\ny = exp(x)"
+    options = {"dtype": torch.bfloat16, "compute_dtype": torch.float32, "rows": True, "seed": 0, "modes": ("rev",),
+               "max_examples": 20}
+    if not caught:
+        assert verify.check_function(stored_toward_zero, spec, **options).points > 0
+        return
+    with pytest.raises(verify.Mismatch) as mismatch:
+        verify.check_function(stored_toward_zero, spec, **options)
+    assert mismatch.value.failure.check == "value"
+
+
+def test_a_compute_dtype_narrower_than_the_dtype_is_refused():
+    with pytest.raises(ValueError, match="compute_dtype must be a dtype at least as precise as dtype"):
+        verify.check_function(torch.tanh, "x: Real[n]\ny = tanh(x)", dtype=torch.float32,
+                              compute_dtype=torch.bfloat16)

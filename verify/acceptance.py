@@ -148,7 +148,7 @@ def quantity(label: str, pair: tuple) -> tuple:
 
 
 def accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.ndarray, checks: list,
-                    how: str = "bounds") -> tuple:
+                    how: str = "bounds", computed: torch.dtype | None = None) -> tuple:
     """(points judged, points left to a closer pass) by rules 2 and 3, for ``checks`` made by
     ``step`` and ``quantity``. The rest are counted by reason.
 
@@ -171,11 +171,11 @@ def accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.
                 lost = ~np.isfinite(error)
                 # What the float64 value may be off by: its first-order bound, twice.
                 off = np.where(lost, 0.0, 2 * UNIT_ROUNDOFF[torch.float64] * error)
-                room = np.where(lost, 0.0, allowed_error(magnitude, error, dtype))
+                room = np.where(lost, 0.0, allowed_error(magnitude, error, dtype, computed))
             else:  # exact values, or (floor) values whose room is only the floor's
                 lost = np.zeros(value.shape, dtype=bool)
                 off = 0.0
-                room = allowed_error(magnitude, 0.0, dtype) if how == "floor" else 0.0
+                room = allowed_error(magnitude, 0.0, dtype, computed) if how == "floor" else 0.0
             undefined = np.isnan(value) & ~lost
             # A step that overflowed float64 too, or whose value is beyond the dtype's range.
             overflow = (~lost | (kind == "step")) & (magnitude + room > limit)
@@ -216,13 +216,13 @@ def _per_point(array, reduce=np.any) -> np.ndarray:
     return reduce(array.reshape(array.shape[0], -1), axis=1)
 
 
-def agreeing(reference, floor, actual, dtype, slack: tuple = (0.0, 0.0)) -> np.ndarray:
+def agreeing(reference, floor, actual, dtype, slack: tuple = (0.0, 0.0), computed=None) -> np.ndarray:
     """Per point, whether every element of ``actual`` is within the tolerance of the error
     bound's floor, a tolerance that fits the dtype: where the floor is huge, the bounds decide
     whether the point counts at all."""
     with np.errstate(all="ignore"):  # inf and NaN are not within any tolerance
         magnitude = np.abs(reference)
-        allowed = allowed_error(magnitude, floor, dtype) + extra_allowance(magnitude, slack)
+        allowed = allowed_error(magnitude, floor, dtype, computed) + extra_allowance(magnitude, slack)
         ok = np.abs(actual - reference) <= allowed
         limit = representable_limit(dtype)
         if not np.max(magnitude, initial=0.0) + np.max(allowed, initial=0.0) <= limit:
@@ -230,7 +230,8 @@ def agreeing(reference, floor, actual, dtype, slack: tuple = (0.0, 0.0)) -> np.n
     return ok.reshape(len(ok), -1).all(axis=1)
 
 
-def disagreeing(reference, error, actual, dtype, exact: bool = False, slack: tuple = (0.0, 0.0)) -> tuple:
+def disagreeing(reference, error, actual, dtype, exact: bool = False, slack: tuple = (0.0, 0.0),
+                computed=None) -> tuple:
     """(points where ``actual`` is certainly off by more than the allowance, points where that
     is within the float64 reference's own error of it, the allowance).
 
@@ -239,7 +240,7 @@ def disagreeing(reference, error, actual, dtype, exact: bool = False, slack: tup
     reference is off by less than a float64 rounding of its value.
     """
     with np.errstate(all="ignore"):
-        allowed = allowed_error(reference, error, dtype) + extra_allowance(np.abs(reference), slack)
+        allowed = allowed_error(reference, error, dtype, computed) + extra_allowance(np.abs(reference), slack)
         distance = np.abs(actual - reference)
         own = 2 * UNIT_ROUNDOFF[torch.float64] * (np.abs(reference) + (0 if exact else np.abs(error)))
         over = ~(distance <= allowed + own)

@@ -66,7 +66,8 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
                    device: str = "cpu", database: str | Path | None = None, derandomize: bool = False,
                    sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0, atol: float = 0.0,
                    outputs: tuple | None = None, parameters: dict | None = None,
-                   time_budget: float | None = None) -> Result:
+                   time_budget: float | None = None, rows: bool = False,
+                   compute_dtype: torch.dtype | None = None) -> Result:
     """Check ``fn`` (a custom ``autograd.Function``'s ``apply``, a fused op, a module) against
     the math of ``spec``.
 
@@ -82,6 +83,15 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
     Code that knowingly trades accuracy states it: ``rtol`` and ``atol`` add
     ``rtol * |reference| + atol`` to every comparison's allowance, as ``assert_close`` would.
     ``database``, ``derandomize``, ``sizes`` and ``time_budget`` are as for ``check``.
+
+    A kernel that launches per call is checked fastest with ``rows=True``: ``fn`` then takes
+    every input with a leading axis of independent points (row k of each is point k) and
+    returns the output with it, and many points go in one call. The first points of each
+    batch are also called alone (a stack of one); a different result there is a failure of
+    its own: the rows are not independent. A kernel that loads ``dtype`` but computes in a
+    wider dtype says so with ``compute_dtype=torch.float32``: its steps are then allowed
+    that dtype's roundings, plus one rounding of each result to ``dtype`` (see
+    ``verify.tolerance``), which catches a kernel that computes in ``dtype`` by mistake.
 
     An ``nn.Module`` is checked with its parameters as spec inputs: each binds the input
     named as it is (dots made underscores; ``parameters={"W": "0.weight"}`` binds by hand),
@@ -104,4 +114,4 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
         fn, parsed = binding.combine_outputs(fn, parsed, tuple(outputs))
     return engine.run(parsed, fn=fn, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
                       device=device, database=database, derandomize=derandomize, sizes=sizes, kinks=kinks,
-                      rtol=rtol, atol=atol, time_budget=time_budget)
+                      rtol=rtol, atol=atol, time_budget=time_budget, rows=rows, compute_dtype=compute_dtype)

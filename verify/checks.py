@@ -49,6 +49,8 @@ class Options:
     # An extra allowance, for code that knowingly trades accuracy: rtol * |reference| + atol.
     rtol: float = 0.0
     atol: float = 0.0
+    # A kernel that stores ``dtype`` but computes in a wider dtype (verify.tolerance's compute-dtype rule).
+    compute_dtype: torch.dtype | None = None
     # While a failure is shrunk: a disagreement float64's bounds are sure of is reported
     # without the exact pass, which then confirms only the shrunk failure.
     provisional: bool = False
@@ -60,6 +62,11 @@ class Options:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
+
+    @property
+    def steps_dtype(self) -> torch.dtype:
+        """The dtype the code's steps round in: the reference's error model is in its units."""
+        return self.compute_dtype or self.dtype
 
 
 @dataclass
@@ -150,22 +157,24 @@ class _Comparison:
     tangents: bool = False  # the failing point is shown with its tangents
     details: dict = field(default_factory=dict)
     slack: tuple = (0.0, 0.0)  # the options' (rtol, atol); claims compare two formulas and get none
+    computed: torch.dtype | None = None  # the options' compute_dtype; claims get none either
 
 
 def _comparisons(prepared: Plan, subject, reference: ReferenceSide, actual: TorchSide, dtype: torch.dtype,
-                 slack: tuple = (0.0, 0.0)):
+                 slack: tuple = (0.0, 0.0), computed: torch.dtype | None = None):
     """Every check of a batch, in the order a failure is reported; a raised call's Failure where
     its check would be."""
     spec = prepared.spec
     output = spec.output
     for name, array in actual.values.items():
         yield _Comparison("value", f"the value of {name}", reference.values[name], array,
-                          (name, prepared.values[name].tensor), _line(spec, name), dtype, slack=slack)
+                          (name, prepared.values[name].tensor), _line(spec, name), dtype, slack=slack,
+                          computed=computed)
     for name in _backward_order(spec, actual.gradients):
         blame = _blame(spec, name) if isinstance(subject, SpecSubject) else ""
         yield _Comparison("gradient", f"∂{output}/∂{name}", reference.gradients[name], actual.gradients[name],
                           (f"∂{output}/∂{name}", prepared.gradients[name].tensor), _line(spec, name), dtype,
-                          details={"blame": blame}, slack=slack)
+                          details={"blame": blame}, slack=slack, computed=computed)
     for claim, ((claimed, claimed_error), (derivative, error)) in zip(prepared.claims, reference.claimed):
         label = f"∂{output}/∂{claim.wrt}" if claim.kind == "grad" else f"∂²{output}/∂{claim.wrt}²"
         with np.errstate(over="ignore"):  # two float64 formulas: both carry rounding
@@ -178,7 +187,7 @@ def _comparisons(prepared: Plan, subject, reference: ReferenceSide, actual: Torc
     elif actual.jvp is not None:
         yield _Comparison("JVP", f"the JVP of {output}", reference.jvp, actual.jvp,
                           (f"JVP of {output}", prepared.forward_mode()[output].tensor), _line(spec, output), dtype,
-                          tangents=True, slack=slack)
+                          tangents=True, slack=slack, computed=computed)
     for way, products in actual.hvps.items():
         if isinstance(products, Failure):
             yield products
@@ -186,7 +195,7 @@ def _comparisons(prepared: Plan, subject, reference: ReferenceSide, actual: Torc
         for name, array in products.items():
             yield _Comparison("HVP", f"the Hessian-vector product of {name} ({way})", reference.hvps[name], array,
                               (f"HVP of {name}", prepared.second_order()[name].tensor), _line(spec, name), dtype,
-                              tangents=True, slack=slack)
+                              tangents=True, slack=slack, computed=computed)
 
 
 def evaluate(prepared: Plan, subject, example: Example, options: Options, result: Result, rejected: Counter):
@@ -208,10 +217,11 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
     for claim, status in zip(prepared.claims, result.claims):
         status.proved = status.proved and claim.proved
     result.examples += 1
-    ctx, values = reference_values(prepared, example, dtype, bounded=False)
+    ctx, values = reference_values(prepared, example, options.steps_dtype, bounded=False)
     inside, doubtful = acceptance.inside_domains(prepared, example, values, rejected, how="floor")
     keep, unsure = acceptance.accepted_points(example.batch, dtype, rejected, inside,
-                                              _value_checks(prepared, subject, values), how="floor")
+                                              _value_checks(prepared, subject, values), how="floor",
+                                              computed=options.compute_dtype)
     # A NaN value is undefined math or a step that overflowed: only the bounds tell which, and
     # torch runs there only where they accept the point.
     undecided = doubtful | unsure | keep & _any_nan(values, example.batch)
@@ -231,9 +241,9 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
                                                                     forward, bounded=False))
             confirmed = np.ones(at.batch, dtype=bool)
             for comparison in _comparisons(prepared, subject, restricted(estimate, keep), actual, dtype,
-                                           options.slack):
+                                           options.slack, options.compute_dtype):
                 confirmed &= acceptance.agreeing(*comparison.reference, comparison.actual, comparison.dtype,
-                                                 comparison.slack)
+                                                 comparison.slack, comparison.computed)
             checked = int(confirmed.sum())
             if not confirmed.all():
                 closely.append((at.at(~confirmed), actual.at(~confirmed)))
@@ -293,13 +303,14 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
     go to the exact pass."""
     dtype = options.dtype
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
-    ctx, values = reference_values(prepared, example, dtype)
+    ctx, values = reference_values(prepared, example, options.steps_dtype)
     inside, exactly = acceptance.inside_domains(prepared, example, values, rejected)
     sure = {}  # point -> a function giving the Failure float64's bounds are sure of there
     # A comparison within rounding of its boundary is decided exactly: an exact tie is checked.
     exactly |= inside & ctx.ambiguous
     keep, unsure = acceptance.accepted_points(example.batch, dtype, rejected, inside & ~ctx.ambiguous,
-                                              _value_checks(prepared, subject, values))
+                                              _value_checks(prepared, subject, values),
+                                              computed=options.compute_dtype)
     exactly |= unsure
     checked = 0
     if keep.any():
@@ -307,7 +318,8 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
                                                                  forward))
         exactly |= keep & ctx.ambiguous
         keep, unsure = acceptance.accepted_points(example.batch, dtype, rejected, keep & ~ctx.ambiguous,
-                                                  _derivative_checks(prepared, reference, options))
+                                                  _derivative_checks(prepared, reference, options),
+                                                  computed=options.compute_dtype)
         exactly |= unsure
     if keep.any():
         at = example.at(keep)
@@ -316,11 +328,12 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
             return torch_side, 0
         unsettled = np.zeros(at.batch, dtype=bool)
         for comparison in _comparisons(prepared, subject, restricted(reference, keep), torch_side, dtype,
-                                       options.slack):
+                                       options.slack, options.compute_dtype):
             if isinstance(comparison, Failure):
                 return comparison, 0
             failing, close, allowed = acceptance.disagreeing(*comparison.reference, comparison.actual,
-                                                             comparison.dtype, slack=comparison.slack)
+                                                             comparison.dtype, slack=comparison.slack,
+                                                             computed=comparison.computed)
             for index in np.flatnonzero(failing & ~unsettled):
                 sure[int(np.flatnonzero(keep)[index])] = functools.partial(
                     _failure, prepared.spec, subject, comparison, at, index, allowed[index], options)
@@ -383,7 +396,7 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
         only = np.arange(example.batch) == index
         point = example.at(only)
         try:
-            exact = exact_point(prepared, point, dtype, options.order, forward, one_sided)
+            exact = exact_point(prepared, point, options.steps_dtype, options.order, forward, one_sided)
         except balls.Beyond:
             if disagreed[index]:
                 failure = sure[int(positions[index])]()
@@ -399,15 +412,16 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
                                               gaps=exact.gaps)
         keep = acceptance.unambiguous(inside, np.array([exact.ambiguous]), rejected)
         keep, _ = acceptance.accepted_points(1, dtype, rejected, keep,
-                                             _value_checks(prepared, subject, reference.values), how="exact")
+                                             _value_checks(prepared, subject, reference.values), how="exact",
+                                             computed=options.compute_dtype)
         keep, _ = acceptance.accepted_points(1, dtype, rejected, keep, _derivative_checks(prepared, reference, options),
-                                             how="exact")
+                                             how="exact", computed=options.compute_dtype)
         if not keep.any():
             continue
         torch_side = _torch_side(prepared, subject, point, options, result) if actual is None else actual.at(only)
         if not isinstance(torch_side, TorchSide):
             return torch_side, 0
-        sides = [_comparisons(prepared, subject, side, torch_side, dtype, options.slack)
+        sides = [_comparisons(prepared, subject, side, torch_side, dtype, options.slack, options.compute_dtype)
                  for side in [reference, *exact.one_sided]]
         judged, unbounded = 0, False
         for comparison, *other_sides in zip(*sides):
@@ -423,7 +437,7 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
                                                                                           other_sides)):
                 continue
             _, _, allowed = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.dtype,
-                                                   exact=True, slack=comparison.slack)
+                                                   exact=True, slack=comparison.slack, computed=comparison.computed)
             failure = _failure(prepared.spec, subject, comparison, point, 0, allowed[0], options)
             failure.notes.append(f"decided by the exact pass (arb balls at {exact.bits} bits)")
             if exact.one_sided:
@@ -445,7 +459,7 @@ KINKS = ("any", "torch")
 
 def _agrees_exactly(comparison) -> bool:
     failing, _, _ = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.dtype, exact=True,
-                                           slack=comparison.slack)
+                                           slack=comparison.slack, computed=comparison.computed)
     return not failing.any()
 
 
@@ -483,8 +497,9 @@ def _snippet(subject, check: str, at: Example, point: int, options: Options) -> 
     spec = subject.spec
     fixed = {name: "int64" if declared.integer else options.dtype_name
              for name, declared in spec.inputs.items() if declared.data}
-    return reproduction_snippet(subject.name, check, {n: a[point] for n, a in at.inputs.items()},
-                                at.cotangent[point], {n: t[point] for n, t in (at.tangents or {}).items()},
+    pick = slice(point, point + 1) if subject.rows else point  # a row-wise function takes a stack of one
+    return reproduction_snippet(subject.name, check, {n: a[pick] for n, a in at.inputs.items()},
+                                at.cotangent[pick], {n: t[pick] for n, t in (at.tangents or {}).items()},
                                 options.dtype_name, fixed)
 
 

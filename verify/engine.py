@@ -27,7 +27,7 @@ from .ir import Spec
 from .plan import claim_text, example_point, needs_concrete_sizes, plan
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved
 from .settings import MODES, stable_seed
-from .strategies import BATCHED, PER_POINT, Example, check_given_sizes, draws_by_seed_alone, examples
+from .strategies import BATCHED, PER_POINT, ROWS, Example, check_given_sizes, draws_by_seed_alone, examples
 from .subject import FunctionSubject, function_name
 from .tolerance import UNIT_ROUNDOFF
 
@@ -41,10 +41,13 @@ def _validated_budget(time_budget) -> float | None:
     return float(time_budget)
 
 
-def _validated(dtype, order, modes, device, kinks="any", rtol=0.0, atol=0.0) -> Options:
+def _validated(dtype, order, modes, device, kinks="any", rtol=0.0, atol=0.0, compute_dtype=None) -> Options:
     if dtype not in UNIT_ROUNDOFF:
         raise ValueError("dtype must be one of torch.float64, torch.float32, torch.bfloat16, torch.float16; "
                          f"got {dtype}")
+    if compute_dtype is not None and (compute_dtype not in UNIT_ROUNDOFF
+                                      or UNIT_ROUNDOFF[compute_dtype] > UNIT_ROUNDOFF[dtype]):
+        raise ValueError(f"compute_dtype must be a dtype at least as precise as dtype ({dtype}); got {compute_dtype}")
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2; got {order!r}")
     modes = (modes,) if isinstance(modes, str) else tuple(modes)
@@ -55,7 +58,8 @@ def _validated(dtype, order, modes, device, kinks="any", rtol=0.0, atol=0.0) -> 
     for name, value in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number, at least 0; got {value!r}")
-    return Options(dtype, order, modes, str(torch.device(device)), kinks, float(rtol), float(atol))
+    return Options(dtype, order, modes, str(torch.device(device)), kinks, float(rtol), float(atol),
+                   None if compute_dtype == dtype else compute_dtype)
 
 
 class _BudgetSpent(BaseException):
@@ -94,7 +98,8 @@ class _Counterexample(Exception):
 def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None, dtype: torch.dtype = torch.float64,
         order: int = 1, modes=MODES, device: str = "cpu", database: str | Path | None = None,
         derandomize: bool = False, sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0,
-        atol: float = 0.0, time_budget: float | None = None) -> Result:
+        atol: float = 0.0, time_budget: float | None = None, compute_dtype: torch.dtype | None = None,
+        rows: bool = False) -> Result:
     """Check ``spec``'s torch lowering, or ``fn``, on Hypothesis-drawn batches of points and
     on the spec's example point.
 
@@ -105,20 +110,20 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     drawn once it is spent, unless a failure is being shrunk; ``Result.budget_spent`` says so.
     """
     __tracebackhide__ = True
-    options = _validated(dtype, order, modes, device, kinks, rtol, atol)
+    options = _validated(dtype, order, modes, device, kinks, rtol, atol, compute_dtype)
     time_budget = _validated_budget(time_budget)
     started = time.perf_counter()
     sizes = _validated_sizes(spec, sizes)
     if seed is None:
         seed = stable_seed(spec.source, options.dtype_name) if derandomize else random.SystemRandom().randrange(2**31)
     name = spec.path or "<spec>"
-    reproduce = _reproduce_line(spec, fn, seed, options, sizes)
+    reproduce = _reproduce_line(spec, fn, seed, options, sizes, rows)
     result = Result(name, options.dtype_name, seed, modes=options.modes, order=options.order, reproduce=reproduce,
                     claims=[ClaimResult(claim_text(c), c.loc.line, True) for c in spec.claims])
     rejected = Counter()
     if not needs_concrete_sizes(spec):
         plan(spec)  # the sympy work happens here, before any example
-    subject = None if fn is None else FunctionSubject(spec, fn, options.device)
+    subject = None if fn is None else FunctionSubject(spec, fn, options.device, rows)
     tangents = "fwd" in options.modes or options.order == 2
 
     kept = None if database is None else DirectoryBasedExampleDatabase(str(database))
@@ -142,7 +147,8 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
             failure = evaluate(plan(spec, example.sizes), subject, example, checking, result, rejected)
         except MemoryError:
             raise _OutOfMemory(example) from None
-        if failure is not None and _only_under_vmap(spec, subject, failure, options):
+        # While shrinking, the first failure is known to be real alone; the shrunk one is confirmed alone at the end.
+        if failure is not None and first_failure is None and _only_under_vmap(spec, subject, failure, options):
             subject.call_one_by_one("its vmapped results disagreed with the spec at a point where a call alone agrees")
             failure = evaluate(plan(spec, example.sizes), subject, example, checking, result, rejected)
         if failure is not None:
@@ -151,7 +157,7 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
             latest_failure = failure  # the shrinker tries only candidates simpler than its best
             raise _Counterexample(failure)
 
-    budget = BATCHED if subject is None else PER_POINT
+    budget = BATCHED if subject is None else ROWS if rows else PER_POINT
     test = given(examples(spec, options.dtype, sizes=sizes, tangents=tangents, budget=budget))(agrees)
     # Hypothesis keys kept examples by the test function's source, the same for every spec.
     test._hypothesis_internal_database_key = key
@@ -262,7 +268,7 @@ def _database_key(spec: Spec, fn, options: Options, sizes: dict) -> bytes:
     return hashlib.sha256(f"{spec.source}\0{subject}\0{options.dtype_name}\0{sorted(sizes.items())}".encode()).digest()
 
 
-def _reproduce_line(spec: Spec, fn, seed: int, options: Options, sizes: dict) -> str:
+def _reproduce_line(spec: Spec, fn, seed: int, options: Options, sizes: dict, rows: bool = False) -> str:
     extras = [] if options.dtype == torch.float64 else [f"dtype=torch.{options.dtype_name}"]
     if sizes:
         extras.append(f"sizes={sizes!r}")
@@ -273,6 +279,8 @@ def _reproduce_line(spec: Spec, fn, seed: int, options: Options, sizes: dict) ->
     if fn is not None:
         extras += [f"kinks={options.kinks!r}"] if options.kinks != "any" else []
         extras += [f"{name}={value!r}" for name, value in (("rtol", options.rtol), ("atol", options.atol)) if value]
+        extras += [f"compute_dtype=torch.{str(options.compute_dtype)[6:]}"] if options.compute_dtype else []
+        extras += ["rows=True"] if rows else []
         extras += getattr(fn, "reproduce_arguments", [])  # a module's bindings, a tuple's outputs
         return f"verify.check_function({function_name(fn)}, spec, seed={seed}" + "".join(
             f", {e}" for e in extras) + ")"

@@ -74,6 +74,9 @@ class Budget:
 # called once per point, where a large batch buys nothing and costs Python calls.
 BATCHED = Budget(elements=2**16, points=2**12)
 PER_POINT = Budget(elements=2**12, points=2**10)
+# A row-wise kernel takes a batch in one call, yet many kernels (Triton's interpreter) cost
+# time per row: stacks of a few dozen points keep a default check within seconds.
+ROWS = Budget(elements=2**12, points=2**6)
 # Arrays up to this many elements are drawn element by element, which shrinks best; larger
 # ones are materialized by numpy from what Hypothesis draws (a seed, a magnitude regime, and
 # special values with their positions), so a 10**6-element input costs a few draws.

@@ -193,12 +193,16 @@ def _as_tensor(value, dtype):
 
 class FunctionSubject(_Subject):
     """A user's function of the spec's inputs (positional tensors, in declaration order),
-    returning the output; only the output's value and the inputs' derivatives are seen."""
+    returning the output; only the output's value and the inputs' derivatives are seen.
 
-    def __init__(self, spec: Spec, fn, device: str = "cpu"):
+    With ``rows``, the function takes every input with a leading axis of independent points
+    (a row-wise kernel) and returns the output with it: many points go in one call."""
+
+    def __init__(self, spec: Spec, fn, device: str = "cpu", rows: bool = False):
         self.spec = spec
         self.fn = fn
         self.device = device
+        self.rows = rows
         self.name = function_name(fn)
         self.routes = {}  # "values and VJPs" or "JVPs" -> how the function was called for them
 
@@ -209,24 +213,42 @@ class FunctionSubject(_Subject):
         for kind in self.routes:
             self.routes[kind] = f"point by point ({why})"
 
-    def _routed(self, kind: str, at, dtype, one_by_one, vmapped) -> dict:
-        """``kind``'s arrays on ``at`` (name -> batch-leading array): vmapped with a spot
-        check, or one point at a time where vmap failed or the spot check differed."""
-        if at.batch <= SPOT_POINTS or self.routes.get(kind, VMAPPED) != VMAPPED:
-            return one_by_one(at)
+    def _singles(self, at) -> list:
+        """One call per point: (the point, what picks its inputs), a stack of one with ``rows``."""
+        return [(point, slice(point, point + 1) if self.rows else point) for point in range(at.batch)]
+
+    def _routed(self, kind: str, at, dtype, calls, vmapped) -> dict:
+        """``kind``'s arrays on ``at`` (name -> batch-leading array) from ``calls(at, picks)``:
+        the whole batch in one call (``vmapped(at)``, or stacked with ``rows``) with a spot
+        check of its first points called one by one, or one point at a time where the batched
+        call failed or, under vmap, the spot check differed."""
+        if self.rows:
+            batched, route = (lambda part: calls(part, [(0, slice(None))])), STACKED
+        else:
+            batched, route = vmapped, VMAPPED
+        if at.batch <= SPOT_POINTS or self.routes.get(kind, route) != route:
+            return calls(at, self._singles(at))
         try:
-            batched = vmapped(at)
-        except Exception as exc:  # noqa: BLE001 - vmap unsupported, or the code fails at a point: one by one tells
-            arrays = one_by_one(at)
-            self.routes[kind] = f"point by point (torch.func.vmap raised {_first_line(exc)})"
+            together = batched(at)
+        except Exception as exc:  # noqa: BLE001 - unsupported, or the code fails at a point: one by one tells
+            arrays = calls(at, self._singles(at))
+            caller = "the stacked call" if self.rows else "torch.func.vmap"
+            self.routes[kind] = f"point by point ({caller} raised {_first_line(exc)})"
             return arrays
         spot = np.arange(at.batch) < SPOT_POINTS
-        single = one_by_one(at.at(spot))
-        if not _same_results(single, batched, dtype):
+        single = calls(at.at(spot), self._singles(at.at(spot)))
+        differing = _first_difference(single, together, dtype)
+        if differing is not None and self.rows:
+            name, point = differing
+            raise CodeFailure("rows", point, f"{self.name} called with the points stacked gave another {name} at this "
+                                             "point than called with it alone (beyond 64 roundings): its rows are "
+                                             "not independent")
+        if differing is not None:
             self.routes[kind] = "point by point (the vmapped results differed from calls one by one)"
-            return {name: np.concatenate([array, one_by_one(at.at(~spot))[name]]) for name, array in single.items()}
-        self.routes[kind] = VMAPPED
-        return {name: np.concatenate([array, batched[name][SPOT_POINTS:]]) for name, array in single.items()}
+            rest = calls(at.at(~spot), self._singles(at.at(~spot)))
+            return {name: np.concatenate([array, rest[name]]) for name, array in single.items()}
+        self.routes[kind] = route
+        return {name: np.concatenate([array, together[name][SPOT_POINTS:]]) for name, array in single.items()}
 
     def _batched_inputs(self, at, dtype) -> tuple:
         """(the inputs' batched tensors, the positions of the differentiated ones)."""
@@ -247,7 +269,6 @@ class FunctionSubject(_Subject):
         if not isinstance(output, torch.Tensor) or tuple(output.shape) != (at.batch, *output_shape):
             raise ValueError("the vmapped output has another shape")  # one by one names the point
 
-
     def _call(self, check: str, point: int, tensors: list, output_shape: tuple):
         try:
             output = self.fn(*tensors)
@@ -258,8 +279,9 @@ class FunctionSubject(_Subject):
         if not isinstance(output, torch.Tensor):
             raise CodeFailure(check, point, f"{self.name} returned {type(output).__name__}, not a tensor")
         if tuple(output.shape) != tuple(output_shape):
-            raise CodeFailure(check, point, f"{self.name} returned shape {tuple(output.shape)}; "
-                                            f"the spec's output has shape {tuple(output_shape)}")
+            stacked = " for the points stacked" if self.rows else ""
+            raise CodeFailure(check, point, f"{self.name} returned shape {tuple(output.shape)}; the spec's output"
+                                            f"{stacked} has shape {tuple(output_shape)}")
         return output
 
     def _grad(self, check, point, outputs, wrt, seeds, create_graph=False):
@@ -271,7 +293,7 @@ class FunctionSubject(_Subject):
             raise CodeFailure(check, point, f"the backward of {self.name} raised {_describe(exc)}") from None
 
     def _gradients(self, check, point, output, leaves: dict, seed, create_graph=False) -> dict:
-        """The inputs' gradients at one point, each checked for its shape."""
+        """The inputs' gradients at one call, each checked for its shape."""
         if not output.requires_grad:
             return dict.fromkeys(leaves)
         grads = dict(zip(leaves, self._grad(check, point, output, list(leaves.values()), seed, create_graph)))
@@ -286,25 +308,28 @@ class FunctionSubject(_Subject):
         output_shape = value_shapes[output_name]
         with_gradients = bool(gradient_shapes)
         arrays = self._routed("values and VJPs", at, dtype,
-                              lambda part: self._reverse_one_by_one(part, output_shape, with_gradients, dtype),
+                              lambda part, picks: self._reverse_calls(part, picks, output_shape, with_gradients, dtype),
                               lambda part: self._reverse_vmapped(part, output_shape, with_gradients, dtype))
         values = {output_name: arrays.pop(output_name)}
         return values, arrays, dict.fromkeys(arrays, self.name)
 
-    def _reverse_one_by_one(self, at, output_shape, with_gradients: bool, dtype) -> dict:
+    def _reverse_calls(self, at, picks: list, output_shape, with_gradients: bool, dtype) -> dict:
+        """Values and VJPs from one call per pick: (the point an error is blamed on, its index
+        into the batch: a point's, or a slice of stacked points)."""
         output_name = self.spec.output
         values, gradients = [], {name: [] for name in self.spec.inputs if differentiated(self.spec, name)}
-        for point in range(at.batch):
-            leaves = {name: self._input(name, array[point], dtype, True) for name, array in at.inputs.items()}
-            output = self._call("value", point, list(leaves.values()), output_shape)
-            values.append(_array(output, output_shape))
+        for point, pick in picks:
+            leaves = {name: self._input(name, array[pick], dtype, True) for name, array in at.inputs.items()}
+            output = self._call("value", point, list(leaves.values()), _leading(at, pick) + output_shape)
+            values.append(_rows(output, at, pick, output_shape))
             if not with_gradients:
                 continue
             grads = self._gradients("gradient", point, output, _differentiated_leaves(self.spec, leaves),
-                                    self._tensor(at.cotangent[point], dtype))
+                                    self._tensor(at.cotangent[pick], dtype))
             for name, grad in grads.items():
-                gradients[name].append(_array(grad, leaves[name].shape))
-        return {output_name: np.stack(values), **{n: np.stack(g) for n, g in gradients.items() if g}}
+                gradients[name].append(_rows(grad, at, pick, at.inputs[name].shape[1:]))
+        return {output_name: np.concatenate(values),
+                **{n: np.concatenate(g) for n, g in gradients.items() if g}}
 
     def _reverse_vmapped(self, at, output_shape, with_gradients: bool, dtype) -> dict:
         tensors, positions = self._batched_inputs(at, dtype)
@@ -324,20 +349,20 @@ class FunctionSubject(_Subject):
 
     def forward(self, at, dtype) -> np.ndarray:
         forward_ad_loaded()
-        return self._routed("JVPs", at, dtype, lambda part: self._forward_one_by_one(part, dtype),
+        return self._routed("JVPs", at, dtype, lambda part, picks: self._forward_calls(part, picks, dtype),
                             lambda part: self._forward_vmapped(part, dtype))["JVP"]
 
-    def _forward_one_by_one(self, at, dtype) -> dict:
+    def _forward_calls(self, at, picks: list, dtype) -> dict:
         output_shape = at.cotangent.shape[1:]
         results = []
-        for point in range(at.batch):
+        for point, pick in picks:
             with forward_ad.dual_level():
-                duals = [_dual(self.spec, name, self._input(name, array[point], dtype),
-                               self._tensor(at.tangents[name][point], dtype))
+                duals = [_dual(self.spec, name, self._input(name, array[pick], dtype),
+                               self._tensor(at.tangents[name][pick], dtype))
                          for name, array in at.inputs.items()]
-                output = self._call("JVP", point, duals, output_shape)
-                results.append(_array(forward_ad.unpack_dual(output).tangent, output_shape))
-        return {"JVP": np.stack(results)}
+                output = self._call("JVP", point, duals, _leading(at, pick) + output_shape)
+                results.append(_rows(forward_ad.unpack_dual(output).tangent, at, pick, output_shape))
+        return {"JVP": np.concatenate(results)}
 
     def _forward_vmapped(self, at, dtype) -> dict:
         tensors, positions = self._batched_inputs(at, dtype)
@@ -354,49 +379,72 @@ class FunctionSubject(_Subject):
         return {"JVP": _array(tangent, at.cotangent.shape)}
 
     def second(self, at, dtype, over_forward: bool) -> dict:
+        """Hessian-vector products, one call per point; with ``rows``, one call on the stack
+        (point by point where it raises, to name the point)."""
         forward_ad_loaded()
+        if self.rows and at.batch > 1:
+            try:
+                return self._second_calls(at, [(0, slice(None))], dtype, over_forward)
+            except CodeFailure:
+                pass
+        return self._second_calls(at, self._singles(at), dtype, over_forward)
+
+    def _second_calls(self, at, picks: list, dtype, over_forward: bool) -> dict:
         output_shape = at.cotangent.shape[1:]
         results = {name: [] for name in at.inputs if differentiated(self.spec, name)}
-        for point in range(at.batch):
-            seed = self._tensor(at.cotangent[point], dtype)
-            tangents = {name: self._tensor(t[point], dtype) for name, t in at.tangents.items()}
+        for point, pick in picks:
+            seed = self._tensor(at.cotangent[pick], dtype)
+            tangents = {name: self._tensor(t[pick], dtype) for name, t in at.tangents.items()}
+            shape = _leading(at, pick) + output_shape
             if over_forward:
                 with forward_ad.dual_level():
-                    leaves = {name: _dual(self.spec, name, self._input(name, array[point], dtype, True), tangents[name])
+                    leaves = {name: _dual(self.spec, name, self._input(name, array[pick], dtype, True), tangents[name])
                               for name, array in at.inputs.items()}
-                    output = self._call("HVP", point, list(leaves.values()), output_shape)
+                    output = self._call("HVP", point, list(leaves.values()), shape)
                     grads = self._gradients("HVP", point, output, _differentiated_leaves(self.spec, leaves), seed)
                     products = {name: None if g is None else forward_ad.unpack_dual(g).tangent
                                 for name, g in grads.items()}
             else:
-                leaves = {name: self._input(name, array[point], dtype, True) for name, array in at.inputs.items()}
-                output = self._call("HVP", point, list(leaves.values()), output_shape)
+                leaves = {name: self._input(name, array[pick], dtype, True) for name, array in at.inputs.items()}
+                output = self._call("HVP", point, list(leaves.values()), shape)
                 wrt = _differentiated_leaves(self.spec, leaves)
                 grads = self._gradients("HVP", point, output, wrt, seed, create_graph=True)
                 products = _products(grads, wrt, tangents,
                                      lambda outputs, wrt, seeds, allow_unused, point=point:
                                      self._grad("HVP", point, outputs, wrt, seeds))
             for name, product in products.items():
-                results[name].append(_array(product, at.inputs[name].shape[1:]))
-        return {name: np.stack(r) for name, r in results.items()}
+                results[name].append(_rows(product, at, pick, at.inputs[name].shape[1:]))
+        return {name: np.concatenate(r) for name, r in results.items()}
 
 
-# Points of each vmapped batch that are also called one by one, and whose eager results are the ones checked.
+def _leading(at, pick) -> tuple:
+    """The leading axis of a call's tensors: none for one point, the stack's for a slice."""
+    return () if isinstance(pick, int) else (len(range(at.batch)[pick]),)
+
+
+def _rows(tensor, at, pick, shape) -> np.ndarray:
+    """A call's result as batch-leading rows."""
+    return _array(tensor, _leading(at, pick) + tuple(shape)).reshape(-1, *shape)
+
+
+# Points of each batched call that are also called one by one, and whose eager results are the ones checked.
 SPOT_POINTS = 2
 VMAPPED = "batched by torch.func.vmap"
+STACKED = "the points stacked in rows, one call per batch"
 
 
-def _same_results(single: dict, batched: dict, dtype) -> bool:
-    """Whether the eager and the vmapped results agree, within a few roundings of ``dtype``
-    (a batched kernel may sum in another order). Either is judged against the reference all
-    the same: this only decides which way the function is called."""
+def _first_difference(single: dict, batched: dict, dtype) -> tuple | None:
+    """(the result, the point) where the calls one by one and the batched call first differ
+    by more than a few roundings of ``dtype`` (a batched kernel may sum in another order), or
+    None. Either is judged against the reference all the same."""
     tolerance = 64 * UNIT_ROUNDOFF[dtype]
     for name, eager in single.items():
-        vmapped = batched[name][:len(eager)]
+        together = batched[name][:len(eager)]
         scale = np.max(np.abs(eager[np.isfinite(eager)]), initial=0.0)
-        if not np.allclose(vmapped, eager, rtol=tolerance, atol=tolerance * scale, equal_nan=True):
-            return False
-    return True
+        close = np.isclose(together, eager, rtol=tolerance, atol=tolerance * scale, equal_nan=True)
+        if not close.all():
+            return name, int(np.flatnonzero(~close.reshape(len(eager), -1).all(axis=1))[0])
+    return None
 
 
 def _first_line(exc: Exception) -> str:

@@ -50,6 +50,19 @@ another input, through other ops, gets none of tanh's room.
 
 Claims compare two formulas of the reference, so they use the float64 row.
 
+Kernels that load a narrow dtype, compute in a wider one and store once (most Triton and
+CUDA kernels in bfloat16 and float16 compute in float32) state it:
+``check_function(..., dtype=torch.bfloat16, compute_dtype=torch.float32)``. The rule above
+then models the steps in the compute dtype (its u, its tiny, the exact pass's roundings),
+and adds one rounding of the result to the stored dtype, in any rounding mode (toward zero
+costs a whole ulp: Triton's interpreter rounds so)::
+
+    allowed = a + 2 u(stored) * (|reference| + a) + tiny(stored),  a = the rule in the compute dtype
+
+That is far tighter than bfloat16 steps throughout (2^-8 per step): a kernel that computes a
+long sum in bfloat16 by mistake is caught. What the stored dtype cannot hold (an overflowing
+result) is still rejected by the stored dtype's range.
+
 Code that knowingly trades accuracy (a fast approximation, a fused kernel that computes in a
 narrower dtype) states it per call: ``check_function(..., rtol=1e-3, atol=1e-6)`` adds
 ``rtol * |reference| + atol`` to every value and derivative comparison, as
@@ -65,10 +78,17 @@ UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat1
 SAFETY = 16.0
 
 
-def allowed_error(reference: np.ndarray, error_bound: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """The largest |torch - reference| accepted at each element, by the rule above."""
-    u = UNIT_ROUNDOFF[dtype]
-    return SAFETY * u * (np.abs(reference) + error_bound) + SAFETY * torch.finfo(dtype).tiny
+def allowed_error(reference: np.ndarray, error_bound: np.ndarray, dtype: torch.dtype,
+                  computed: torch.dtype | None = None) -> np.ndarray:
+    """The largest |torch - reference| accepted at each element, by the rule above; for code
+    that stores ``dtype`` but computes in ``computed``, by the compute-dtype rule."""
+    steps = computed or dtype
+    allowed = SAFETY * UNIT_ROUNDOFF[steps] * (np.abs(reference) + error_bound) + SAFETY * torch.finfo(steps).tiny
+    if steps == dtype:
+        return allowed
+    # One rounding of the result, computed within ``allowed``, to the stored dtype: to nearest,
+    # or toward zero (a whole ulp), as Triton's interpreter and its fp_downcast_rounding="rtz" do.
+    return allowed + 2 * UNIT_ROUNDOFF[dtype] * (np.abs(reference) + allowed) + torch.finfo(dtype).tiny
 
 
 def extra_allowance(magnitude: np.ndarray, slack: tuple) -> np.ndarray:
