@@ -40,11 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", metavar="FILE", help=f"write the verdicts as JSON (schema {SCHEMA})")
     check.add_argument("--junit-xml", metavar="FILE", help="write a JUnit XML report, one test case per spec and dtype")
     fuzz = commands.add_parser("fuzz", help="hunt for gradient bugs in torch with random specs from the op registry")
-    fuzz.add_argument("--ops", help="comma-separated ops to compose (default: every one-argument elementwise op)")
+    fuzz.add_argument("--ops", help="comma-separated one-argument elementwise ops to compose (default: all of them)")
+    fuzz.add_argument("--reach", choices=("registry", "elementwise"), default="registry",
+                      help="registry (default): also reductions, axis-wise ops, where, matmul and the structural "
+                      "and linear-algebra ops; elementwise: the --ops and + - * / only")
     fuzz.add_argument("--max-examples", type=int, default=200, metavar="N", help="specs per search round")
     fuzz.add_argument("--time", type=float, default=600.0, metavar="SECONDS", help="time budget (default 600)")
     fuzz.add_argument("--modes", default="rev,fwd", help="comma-separated: rev, fwd, order2 (default rev,fwd)")
-    fuzz.add_argument("--paths", help="comma-separated AD paths: eager, func.vjp, func.grad, func.jacrev, "
+    fuzz.add_argument("--paths", help="comma-separated AD paths: eager, compile, func.vjp, func.grad, func.jacrev, "
                       "func.jacfwd, func.vmap, func.hessian (default: all; func.hessian needs order2)")
     fuzz.add_argument("--dtype", choices=DTYPES, default="float64")
     fuzz.add_argument("--seed", type=int, default=0)
@@ -188,12 +191,17 @@ def _fuzz(arguments) -> int:
         nonlocal count
         count += 1
         spec_path, script_path = save(finding, out, count, _dtype(arguments.dtype))
-        print(f"finding {count}: {finding.check} along {finding.path}; ops {', '.join(finding.ops)}", flush=True)
+        print(f"finding {count} ({finding.kind}): {finding.check} along {finding.path}; ops {', '.join(finding.ops)}",
+              flush=True)
         print(f"  {spec_path}" + (f"\n  {script_path}" if script_path else ""), flush=True)
 
+    if "compile" in paths:
+        from verify.fuzz import compile_backend
+
+        print(f"compile path: torch.compile with {compile_backend()[1]}", flush=True)
     fuzz(ops=list(ops), max_examples=arguments.max_examples, seconds=arguments.time, paths=paths,
          order=2 if "order2" in kinds else 1, modes=modes, dtype=_dtype(arguments.dtype), seed=arguments.seed,
-         on_finding=report)
+         on_finding=report, reach=arguments.reach)
     print(f"\n{count} finding(s)")
     return ExitCode.MISMATCH if count else ExitCode.OK
 
