@@ -74,9 +74,10 @@ class Budget:
 # called once per point, where a large batch buys nothing and costs Python calls.
 BATCHED = Budget(elements=2**16, points=2**12)
 PER_POINT = Budget(elements=2**12, points=2**10)
-# A row-wise kernel takes a batch in one call, yet many kernels (Triton's interpreter) cost
-# time per row: stacks of a few dozen points keep a default check within seconds.
-ROWS = Budget(elements=2**12, points=2**6)
+# A row-wise kernel takes a batch in one call, yet some kernels cost time per row (Triton's
+# interpreter: about 10 ms a row for a forward and backward): stacks of 32 points keep a
+# default check within seconds there, and cost a GPU nothing.
+ROWS = Budget(elements=2**12, points=2**5)
 # Arrays up to this many elements are drawn element by element, which shrinks best; larger
 # ones are materialized by numpy from what Hypothesis draws (a seed, a magnitude regime, and
 # special values with their positions), so a 10**6-element input costs a few draws.
