@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import zlib
 
 import pytest
 import torch
@@ -44,6 +45,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "examples(n): the test needs up to n examples of users' batches per check, "
                                        "even in the quick profile")
     config.addinivalue_line("markers", "thorough: runs in the thorough profile only (VERIFY_TESTS=thorough)")
+    config.addinivalue_line("markers", "one_dtype: in the quick profile, each case runs in float64 or in float32, "
+                                       "alternately; in the thorough profile, in both")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,8 +54,19 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="the thorough profile's (VERIFY_TESTS=thorough)")
     for item in items:
-        if item.get_closest_marker("thorough"):
+        if item.get_closest_marker("thorough") or item.get_closest_marker("one_dtype") and not _quick_dtype(item):
             item.add_marker(skip)
+
+
+def _quick_dtype(item) -> bool:
+    """Whether ``item`` runs in the quick profile: of a case's float64 and float32 runs, the one
+    a fixed hash of the case (the test and its other parameters) picks; other dtypes always."""
+    params = dict(getattr(item, "callspec", None).params if hasattr(item, "callspec") else {})
+    dtype = params.pop("dtype", None)
+    if dtype not in (torch.float64, torch.float32):
+        return True
+    case = f"{item.originalname}{sorted((k, repr(v)) for k, v in params.items())}"
+    return dtype == (torch.float64, torch.float32)[zlib.crc32(case.encode()) % 2]
 
 
 @pytest.fixture(autouse=True)

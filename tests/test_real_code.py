@@ -10,6 +10,7 @@ import verify
 from tests.test_examples import sparsemax
 
 DTYPES = [torch.float64, torch.float32]
+pytestmark = pytest.mark.one_dtype  # the quick profile runs each case in one of them
 
 
 class GradientReversal(torch.autograd.Function):

@@ -13,6 +13,7 @@ from verify.strategies import Example
 from verify.tolerance import allowed_error
 
 DTYPES = [torch.float64, torch.float32]
+pytestmark = pytest.mark.one_dtype  # the quick profile runs each case in one of them
 
 PROGRAMS = {
     "batched matmul and swapaxes": (
