@@ -73,7 +73,8 @@ def spec_texts(draw, ops: list, max_depth: int = 4, reach: str = "registry") -> 
     one-argument ``ops`` and + - * / only; with "registry", also reductions with axes and
     keepdims, the axis-wise ops (softmax, cumsum, ...), binary elementwise ops, where with
     comparisons, matmul, outer, trace, diag, transposes, reshape, concat, stack, slices, and
-    det and inv of well-conditioned matrices."""
+    det and inv of well-conditioned matrices, and of the real-code ops sort, clamp, einsum,
+    swapaxes and permute."""
     inputs = {"v": "x"}
     declarations = ["x: Real[n]"]
     if reach == "registry" and draw(st.booleans(), label="a matrix input"):
@@ -195,6 +196,9 @@ class _Expressions:
             lambda: f"diag({self.of('m', depth)})",
             lambda: f"{self.of('m', depth)}[{self.pick(['0', ':, 0', '-1'], 'index')}]",
             lambda: f"(inv{WELL_CONDITIONED.format(self.of('m', depth))} @ {self.of('v', depth)})",
+            lambda: f"sort({self.of('v', depth)}{self.pick(['', ', descending=True'], 'order')})",
+            lambda: f"clamp({self.of('v', depth)}, -1, 1)",
+            lambda: f"einsum(\"ij,j->i\", {self.of('m', depth)}, {self.of('v', depth)})",
         ], "vector structure")()
 
     def matrix_structure(self, kind, depth):
@@ -205,6 +209,7 @@ class _Expressions:
             lambda: f"diag({self.of('v', depth)})",
             lambda: f"reshape({self.of('m', depth)}, shape=(n, n))",
             lambda: f"inv{WELL_CONDITIONED.format(self.of('m', depth))}",
+            lambda: f"{self.pick(['swapaxes({}, 0, 1)', 'permute({}, (1, 0))'], 'axes')}".format(self.of('m', depth)),
         ], "matrix structure")()
 
 
