@@ -146,14 +146,15 @@ class _Expressions:
     def distinct(self, left, right, depth, op) -> tuple:
         """(left, op, right), two operand expressions that differ. Sympy folds a step whose
         operands are the same expression (x / x is 1, x - x is 0), so its allowance misses what
-        torch's backward of the two operands rounds (docs/findings.md): not what is hunted."""
+        torch's backward of the two operands rounds (docs/findings.md): not what is hunted; and
+        x > x is a tie at every point, which the engine rejects."""
         first, second = self.of(left, depth), self.of(right, depth)
         if first == second:
             second = f"({second} + 1)"
         return first, op, second
 
     def where(self, kind, depth):
-        condition = f"{self.of(kind, depth)} {self.pick(COMPARISONS, 'comparison')} {self.of(kind, depth)}"
+        condition = "{} {} {}".format(*self.distinct(kind, kind, depth, self.pick(COMPARISONS, "comparison")))
         return f"where({condition}, {self.of(kind, depth)}, {self.of(kind, depth)})"
 
     def reduction(self, kind, depth):
