@@ -205,6 +205,24 @@ def test_a_proof_past_its_time_budget_leaves_the_claim_checked_numerically(monke
     assert result.claims[0].status == CHECKED
 
 
+def test_a_false_claim_is_refuted_at_a_sample_before_sympy_tries_to_prove_it(monkeypatch):
+    import verify.lower.sympy as lowering
+
+    def no_proof(expr, **options):
+        raise AssertionError("the prover ran")
+
+    monkeypatch.setattr(lowering.sympy, "simplify", no_proof)
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check("x: Real[n]\no = sum(sin(x)**2) / 2\nassert grad(o, x) == sin(x)\n", seed=0, max_examples=5)
+    assert caught.value.failure.check == "claim"
+
+
+def test_a_claim_true_on_a_domain_the_sample_lies_outside_is_still_proved():
+    # The sample's values are positive; on x < 0, sqrt(x**2) is -x and the claim holds.
+    spec = "x: Interval(-3, -1)[n]\ny = sqrt(x**2)\no = sum(y)\nassert grad(o, x) == -1 + 0 * x"
+    assert verify.check(spec, seed=0, max_examples=3).claims[0].status == "proved for all n"
+
+
 @pytest.mark.examples(100000)
 def test_a_time_budget_stops_drawing_examples_and_the_result_says_so():
     result = verify.check("x: Real[n]\ny = sin(x)", seed=0, max_examples=100000, time_budget=0.5)

@@ -213,7 +213,7 @@ def _claim_plan(spec: Spec, claim, adjoints: dict, sizes: dict | None) -> ClaimP
     claimed_expr = lowering.element(claim.expr, _broadcast_index(derivative.indices, shape, claim.expr.shape))
     claimed = Tensor(claimed_expr, derivative.indices, shape)
     return ClaimPlan(claim_text(claim), claim.loc.line, claim.kind, claim.wrt, claimed,
-                     prove_equal(derivative, claimed_expr), Reference(claimed, size_names), derivative_reference,
+                     prove_equal(derivative, claimed_expr, spec), Reference(claimed, size_names), derivative_reference,
                      derivative)
 
 
