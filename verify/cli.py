@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from enum import IntEnum
 from pathlib import Path
@@ -199,10 +200,17 @@ def _fuzz(arguments) -> int:
         from verify.fuzz import compile_backend
 
         print(f"compile path: torch.compile with {compile_backend()[1]}", flush=True)
+    specs = 0
+
+    def counted(_):
+        nonlocal specs
+        specs += 1
+
+    started = time.monotonic()
     fuzz(ops=list(ops), max_examples=arguments.max_examples, seconds=arguments.time, paths=paths,
          order=2 if "order2" in kinds else 1, modes=modes, dtype=_dtype(arguments.dtype), seed=arguments.seed,
-         on_finding=report, reach=arguments.reach)
-    print(f"\n{count} finding(s)")
+         on_finding=report, reach=arguments.reach, on_spec=counted)
+    print(f"\n{count} finding(s); {specs} spec(s) checked along {len(paths)} path(s) in {time.monotonic() - started:.0f} s")
     return ExitCode.MISMATCH if count else ExitCode.OK
 
 

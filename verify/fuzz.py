@@ -410,10 +410,11 @@ def _sizes(spec, tensors) -> dict:
 
 def fuzz(*, ops: list | None = None, max_examples: int = 200, seconds: float = 600.0, paths=PATHS,
          order: int = 1, modes=("rev", "fwd"), dtype=torch.float64, seed: int = 0, on_finding=None,
-         max_findings: int | None = None, reach: str = "registry") -> list:
+         max_findings: int | None = None, reach: str = "registry", on_spec=None) -> list:
     """Findings of a fuzz run: Hypothesis search rounds until ``seconds`` pass, ``max_findings``
     are found, or a round of ``max_examples`` specs finds nothing new. Each round ends at one
-    shrunk, new finding. ``reach`` is as for ``spec_texts``."""
+    shrunk, new finding. ``reach`` is as for ``spec_texts``; ``on_spec`` is called with each
+    spec checked (shrinking's included)."""
     ops = ops or fuzzable_ops()
     deadline = time.monotonic() + seconds
     findings: list = []
@@ -433,6 +434,8 @@ def fuzz(*, ops: list | None = None, max_examples: int = 200, seconds: float = 6
             if time.monotonic() > deadline:
                 return
             finding = check_paths(text, paths, order, modes, dtype, seed)
+            if on_spec is not None:
+                on_spec(text)
             if finding is not None and finding.key not in known:
                 found.append(finding)
                 raise _NewFinding
