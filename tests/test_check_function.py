@@ -371,3 +371,23 @@ def test_a_compute_dtype_narrower_than_the_dtype_is_refused():
     with pytest.raises(ValueError, match="compute_dtype must be a dtype at least as precise as dtype"):
         verify.check_function(torch.tanh, "x: Real[n]\ny = tanh(x)", dtype=torch.float32,
                               compute_dtype=torch.bfloat16)
+
+
+@pytest.mark.examples(30)  # x past 88 (exp's float32 overflow) is drawn in some examples only
+def test_a_float32_kernel_whose_steps_overflow_is_caught_under_its_compute_dtype_and_a_stable_one_passes():
+    # Stored in bfloat16, whose range holds softplus(x) = x at x = 100, but computed in float32,
+    # where exp(100) overflows: the naive kernel returns inf there. The compute-dtype rule judges
+    # the result, never excuses a step, so it is caught; torch's stable softplus passes.
+    def naive(x):
+        return torch.log(1 + torch.exp(x.float())).to(x.dtype)
+
+    def stable(x):
+        return torch.nn.functional.softplus(x.float()).to(x.dtype)
+
+    spec = "x: Interval(-200, 200)[n]\ny = log(1 + exp(x))"
+    options = {"dtype": torch.bfloat16, "compute_dtype": torch.float32, "rows": True, "seed": 0, "modes": ("rev",),
+               "max_examples": 30}
+    assert verify.check_function(stable, spec, **options).points > 0
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(naive, spec, **options)
+    assert caught.value.failure.inputs["x"].max() > 88

@@ -156,6 +156,8 @@ def accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.
     to the bounds), "bounds" (float64 with error bounds: a lost bound, or a value too
     uncertain to decide a rule, goes on, to the exact pass) or "exact" (midpoints of the
     exact pass: every rule is decided).
+    ``computed`` is the dtype a kernel computes in where it is not ``dtype`` (the
+    compute-dtype rule of ``verify.tolerance``); ranges are always ``dtype``'s.
     """
     keep = keep.copy()
     doubtful = np.zeros(batch, dtype=bool)
