@@ -37,13 +37,15 @@ QUICK_EXAMPLES = 5
 QUICK_BATCHED = Budget(elements=2**12, points=2**8)
 QUICK_PER_POINT = Budget(elements=2**10, points=2**6)
 # Shrinking a failure stops after this long (users' checks: engine.SHRINK_SECONDS); a test
-# that asserts how small the counterexample is shrinks fast, or says so with its own setting.
-QUICK_SHRINK_SECONDS = 5.0
+# that asserts how small the counterexample is says so with @pytest.mark.shrinks.
+QUICK_SHRINK_SECONDS = 1.0
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "examples(n): the test needs up to n examples of users' batches per check, "
                                        "even in the quick profile")
+    config.addinivalue_line("markers", "shrinks: the test asserts how small the counterexample is: shrinking "
+                                       "runs as long as in users' checks, even in the quick profile")
     config.addinivalue_line("markers", "thorough: runs in the thorough profile only (VERIFY_TESTS=thorough)")
     config.addinivalue_line("markers", "one_dtype: in the quick profile, each case runs in float64 or in float32, "
                                        "alternately; in the thorough profile, in both")
@@ -84,7 +86,8 @@ def test_profile(request, monkeypatch):
         return run(spec, max_examples=min(max_examples, cap), **options)
 
     monkeypatch.setattr(engine, "run", capped)
-    monkeypatch.setattr(engine, "SHRINK_SECONDS", min(engine.SHRINK_SECONDS, QUICK_SHRINK_SECONDS))
+    if not request.node.get_closest_marker("shrinks"):
+        monkeypatch.setattr(engine, "SHRINK_SECONDS", min(engine.SHRINK_SECONDS, QUICK_SHRINK_SECONDS))
     # A function called point by point costs per point: its batches stay small even where
     # the regime needs many examples, which draw it per example.
     monkeypatch.setattr(engine, "PER_POINT", QUICK_PER_POINT)

@@ -78,6 +78,7 @@ def test_explain_walks_through_the_backprop_example():
     assert "assert grad(o, x) == x: proved for all n" in out
 
 
+@pytest.mark.shrinks
 def test_false_claim_exits_1_with_the_shrunk_input_the_formula_and_both_values(tmp_path):
     spec = write(tmp_path, "false.vspec", EXAMPLE.read_text().replace("== x", "== 2 * x"))
     completed = run("check", str(spec), "--seed", "3")
@@ -181,6 +182,7 @@ FALSE = GOOD.replace("== x", "== 2 * x")
 
 
 @pytest.mark.examples(20)
+@pytest.mark.shrinks
 def test_junit_xml_and_json_reports_of_a_good_and_a_false_spec(tmp_path):
     good, bad = write(tmp_path, "good.vspec", GOOD), write(tmp_path, "bad.vspec", FALSE)
     completed = run("check", "--junit-xml", str(tmp_path / "out.xml"), "--json", str(tmp_path / "out.json"),

@@ -26,6 +26,7 @@ def test_backprop_example_agrees_and_its_claim_is_proved_for_all_n(dtype):
     assert claim.status == "proved for all n"
 
 
+@pytest.mark.shrinks
 def test_false_claim_is_refuted_with_a_shrunk_counterexample():
     with pytest.raises(verify.Mismatch) as caught:
         verify.check(BACKPROP.replace("== x", "== 2 * x"), seed=0)
@@ -232,6 +233,7 @@ def test_a_time_budget_stops_drawing_examples_and_the_result_says_so():
     assert unbounded.budget_spent is None and "time budget" not in str(unbounded)
 
 
+@pytest.mark.shrinks
 def test_a_failure_found_within_the_time_budget_is_still_shrunk():
     # The budget is spent before the first example ends; the failure it found is shrunk all the same.
     with pytest.raises(verify.Mismatch) as caught:

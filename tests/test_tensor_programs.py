@@ -52,6 +52,7 @@ def test_a_slice_that_needs_a_large_size_is_drawn_and_one_no_size_fits_is_a_spec
 
 
 @pytest.mark.examples(100)  # large sizes are drawn in one example of five
+@pytest.mark.shrinks
 def test_large_sizes_are_drawn_and_a_bug_past_the_usual_sizes_shrinks_to_its_smallest_size():
     def wrong_past_twenty(x):  # a kernel whose path for longer rows scales the result
         return torch.tanh(x) * (1.5 if x.shape[-1] >= 20 else 1.0)

@@ -12,6 +12,8 @@ import zlib
 import mpmath
 import sympy
 
+from .functions import power
+
 DIGITS = 30
 
 
@@ -31,11 +33,12 @@ def _hashed(name: str) -> mpmath.mpf:
     return mpmath.mpf(zlib.crc32(name.encode()) % 997 + 1) / 499
 
 
-# Functions mpmath evaluates directly; others go through sympy's evalf, which is slower.
+# Functions mpmath evaluates directly; others go through sympy's evalf, which is slower (seconds
+# for a power of large exact rationals).
 MPMATH = {sympy.exp: mpmath.exp, sympy.log: mpmath.log, sympy.sin: mpmath.sin, sympy.cos: mpmath.cos,
           sympy.tan: mpmath.tan, sympy.tanh: mpmath.tanh, sympy.sinh: mpmath.sinh, sympy.cosh: mpmath.cosh,
           sympy.atan: mpmath.atan, sympy.asin: mpmath.asin, sympy.acos: mpmath.acos, sympy.erf: mpmath.erf,
-          sympy.Abs: abs}
+          sympy.Abs: abs, power: mpmath.power}
 
 
 class _Sampler:
