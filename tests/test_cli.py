@@ -18,8 +18,6 @@ from verify import cli
 from verify import plan as planning
 from verify.cli import Progress
 
-from .conftest import THOROUGH
-
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "backprop.vspec"
 
 
@@ -282,18 +280,33 @@ def test_the_status_line_is_drawn_on_a_terminal_only():
     assert log.getvalue() == ""
 
 
-def test_many_spec_files_end_with_a_correct_summary_in_bounded_memory(tmp_path):
-    # A thousand in the thorough profile; in the quick one, 72 still outgrow the plan cache (64).
-    count = 1000 if THOROUGH else 72
+def _many_spec_files(directory, count: int) -> None:
     functions = ["sin", "cos", "exp", "tanh", "sigmoid", "softplus", "log1p", "atan", "sinh", "erf"]
     for k in range(count):
-        write(tmp_path, f"spec{k:04d}.vspec", f"x: Real[n]\no = sum({functions[k % 10]}(x) * {k % 7 + 1})\n")
-    write(tmp_path, f"spec{count // 2:04d}.vspec", FALSE)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    completed = run_installed("check", str(tmp_path), "--max-examples", "3", "--modes", "rev", "--database", "none")
+        write(directory, f"spec{k:04d}.vspec", f"x: Real[n]\no = sum({functions[k % 10]}(x) * {k % 7 + 1})\n")
+    write(directory, f"spec{count // 2:04d}.vspec", FALSE)
+
+
+def _ends_with_a_correct_summary(completed, count: int) -> None:
     assert completed.returncode == 1
     assert completed.stdout.rstrip().endswith(f"{count - 1} passed, 1 failed")
     assert completed.stdout.count("\nok ") + completed.stdout.startswith("ok ") == count - 1
+
+
+def test_many_spec_files_end_with_a_correct_summary_and_the_plan_cache_stays_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(planning, "PLAN_CACHE_SIZE", 4)
+    _many_spec_files(tmp_path, 12)
+    _ends_with_a_correct_summary(run("check", str(tmp_path), "--max-examples", "3", "--modes", "rev",
+                                     "--database", "none"), 12)
+    assert len(planning._PLANS) <= 4 and len(planning._DERIVED) <= 4  # the plans of specs checked before are dropped
+
+
+@pytest.mark.thorough
+def test_a_thousand_spec_files_end_with_a_correct_summary_in_bounded_memory(tmp_path):
+    _many_spec_files(tmp_path, 1000)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    completed = run_installed("check", str(tmp_path), "--max-examples", "3", "--modes", "rev", "--database", "none")
+    _ends_with_a_correct_summary(completed, 1000)
     # The plan cache keeps the last 64 specs: memory stays that of a few specs, in kilobytes.
     assert max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) < 1_500_000
 

@@ -1,6 +1,9 @@
 """Fuzz mode: random specs through several AD paths, findings minimized and saved."""
 
+import contextlib
+import io
 import re
+import runpy
 import subprocess
 import sys
 
@@ -32,9 +35,17 @@ def test_the_fuzzer_finds_a_planted_bug_and_saves_a_spec_and_a_script(plant_torc
     assert findings and all("sin" in f.ops for f in findings)
     spec_path, script_path = save(findings[0], tmp_path, 1)
     assert verify.parse(spec_path.read_text()).example_point() is not None  # the failing point
-    shown = subprocess.run([sys.executable, str(script_path)], capture_output=True, text=True, timeout=120,
-                           check=False)
-    assert shown.returncode == 0 and "exact (sympy):" in shown.stdout
+    assert "exact (sympy):" in shown_by(script_path)
+
+
+def shown_by(script_path) -> str:
+    """What a finding's script prints, run in this process; it imports torch alone. (The
+    script of torch's trigamma finding runs in a process of its own.)"""
+    assert "import verify" not in script_path.read_text()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        runpy.run_path(str(script_path), run_name="__main__")
+    return printed.getvalue()
 
 
 def test_the_fuzzer_is_deterministic_with_a_seed(plant_torch_form):
@@ -109,7 +120,7 @@ def test_registry_specs_reach_reductions_structure_linear_algebra_and_broadcasti
 def test_the_fuzz_command_over_correct_ops_finds_nothing_and_exits_0(tmp_path):
     paths = ",".join(p for p in PATHS if p != "compile")  # compiling takes tens of seconds here
     completed = run("fuzz", "--ops", "sin,exp", "--reach", "elementwise", "--paths", paths, "--max-examples", "3",
-                    "--time", "60" if THOROUGH else "8", "--out", str(tmp_path / "found"), "--modes", "rev")
+                    "--time", "60" if THOROUGH else "3", "--out", str(tmp_path / "found"), "--modes", "rev")
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert re.search(r"0 finding\(s\); [1-9]\d* spec\(s\) checked along 7 path\(s\)", completed.stdout)
 
@@ -157,11 +168,8 @@ def test_a_planted_bug_in_a_structural_op_is_found_classified_and_shown_by_a_tor
     finding = check_paths(text, paths=("eager",), modes=("rev",))
     assert finding is not None and "@" in finding.ops and finding.kind == "torch bug"
     _, script_path = save(finding, tmp_path, 1)
-    script = script_path.read_text()
-    assert "import verify" not in script and "torch.ops.aten" in script
-    shown = subprocess.run([sys.executable, str(script_path)], capture_output=True, text=True, timeout=120,
-                           check=False)
-    assert shown.returncode == 0 and "exact (sympy):" in shown.stdout, shown.stderr
+    assert "torch.ops.aten" in script_path.read_text()
+    assert "exact (sympy):" in shown_by(script_path)
 
 
 def test_findings_are_classified_by_what_raised():

@@ -128,7 +128,7 @@ def plan(spec: Spec, sizes: dict | None = None) -> Plan:
     key = (spec.source or id(spec), spec.path, tuple(sorted(sizes.items())) if concrete else None)
     if key not in _PLANS:
         _PLANS[key] = _within_budget(spec, sizes if concrete else None)
-        if len(_PLANS) > PLAN_CACHE_SIZE:
+        while len(_PLANS) > PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     _PLANS.move_to_end(key)
     return _PLANS[key]
@@ -180,9 +180,33 @@ def build_plan(spec: Spec, tracked: dict, sizes: dict | None = None, clock: Cloc
     """Derive, prove and compile the steps and adjoints of ``tracked`` (node -> label),
     charging ``clock`` with the time spent on each node and claim."""
     clock = clock or Clock()
+    nodes = {label: node for node, label in tracked.items()}
+    values, adjoints = _references(spec, tracked, nodes, sizes, clock)
+    claims = []
+    for claim in spec.claims:
+        with clock.on(claim.loc):
+            claims.append(_claim_plan(spec, claim, adjoints, sizes))
+    return Plan(spec, values, adjoints, claims, SpecSubject(spec, tracked), nodes, sizes=sizes)
+
+
+# Compiled steps and adjoints by the spec's text without its claims, which do not change them:
+# a spec and the same spec with a claim added or changed (a user's next try, the suite's false
+# claims) share them.
+_DERIVED: OrderedDict = OrderedDict()
+
+
+def _references(spec: Spec, tracked: dict, nodes: dict, sizes: dict | None, clock: Clock) -> tuple:
+    """(values, adjoints): label -> Reference of each node's step, and of ∂o/∂label."""
+    lines = spec.source.splitlines()
+    for claim in spec.claims:  # each claim is a statement of its own lines
+        first = claim.loc.line - 1
+        lines[first:first + claim.loc.text.count("\n") + 1] = [""] * (claim.loc.text.count("\n") + 1)
+    key = ("\n".join(line.rstrip() for line in lines if line.strip()), tuple(sorted(sizes.items())) if sizes else None)
+    if spec.source and key in _DERIVED:
+        _DERIVED.move_to_end(key)
+        return _DERIVED[key]
     derivation = derive(spec, tracked, sizes, clock)
     size_names = frozenset(spec.size_symbols)
-    nodes = {label: node for node, label in tracked.items()}
     values, adjoints = {}, {}
     for label, step in derivation.values.items():
         with clock.on(nodes[label].loc):
@@ -191,11 +215,11 @@ def build_plan(spec: Spec, tracked: dict, sizes: dict | None = None, clock: Cloc
         with clock.on(nodes[label].loc):
             # Torch's derivative formulas are equal to sympy's, not the same: their bounds get a floor.
             adjoints[label] = Reference(adjoint, size_names, a_priori=True)
-    claims = []
-    for claim in spec.claims:
-        with clock.on(claim.loc):
-            claims.append(_claim_plan(spec, claim, adjoints, sizes))
-    return Plan(spec, values, adjoints, claims, SpecSubject(spec, tracked), nodes, sizes=sizes)
+    if spec.source:  # specs built in Python have no text to key them by
+        _DERIVED[key] = values, adjoints
+        while len(_DERIVED) > PLAN_CACHE_SIZE:
+            _DERIVED.popitem(last=False)
+    return values, adjoints
 
 
 def _claim_plan(spec: Spec, claim, adjoints: dict, sizes: dict | None) -> ClaimPlan:

@@ -126,8 +126,8 @@ class SpecSubject(_Subject):
         return values, gradients, grad_fns
 
     def forward(self, at, dtype) -> np.ndarray:
-        forward_ad_loaded()
         """The output's tangent (JVP) for the input tangents, by forward-mode AD."""
+        forward_ad_loaded()
         with forward_ad.dual_level():
             duals = {name: _dual(self.spec, name, self._input(name, array, dtype), self._tensor(at.tangents[name], dtype))
                      for name, array in at.inputs.items()}
@@ -136,8 +136,8 @@ class SpecSubject(_Subject):
         return _array(tangent, at.cotangent.shape)
 
     def second(self, at, dtype, over_forward: bool) -> dict:
-        forward_ad_loaded()
         """Hessian-vector products per input: by double backward, or by forward over reverse."""
+        forward_ad_loaded()
         shapes = {name: array.shape for name, array in at.inputs.items()}
         seed = self._tensor(at.cotangent, dtype)
         if over_forward:
