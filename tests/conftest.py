@@ -33,19 +33,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 # n examples in both, of users' batches where the spec's own lowering is checked (a function
 # called point by point keeps small batches: Hypothesis draws a regime per example).
 THOROUGH = os.environ.get("VERIFY_TESTS", "quick") == "thorough"
-QUICK_EXAMPLES = 5
+QUICK_EXAMPLES = 3
 QUICK_BATCHED = Budget(elements=2**12, points=2**8)
 QUICK_PER_POINT = Budget(elements=2**10, points=2**6)
-# Shrinking a failure stops after this long (users' checks: engine.SHRINK_SECONDS); a test
-# that asserts how small the counterexample is says so with @pytest.mark.shrinks.
+# Shrinking a failure, and then simplifying its point, stop after this long (users' checks:
+# engine.SHRINK_SECONDS and SIMPLIFY_SECONDS); a test that asserts how small or simple the
+# counterexample is says so with @pytest.mark.shrinks.
 QUICK_SHRINK_SECONDS = 1.0
+QUICK_SIMPLIFY_SECONDS = 0.25
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "examples(n): the test needs up to n examples of users' batches per check, "
                                        "even in the quick profile")
-    config.addinivalue_line("markers", "shrinks: the test asserts how small the counterexample is: shrinking "
-                                       "runs as long as in users' checks, even in the quick profile")
+    config.addinivalue_line("markers", "shrinks: the test asserts how small or simple the counterexample is: "
+                                       "shrinking runs as long as in users' checks, even in the quick profile")
     config.addinivalue_line("markers", "thorough: runs in the thorough profile only (VERIFY_TESTS=thorough)")
     config.addinivalue_line("markers", "one_dtype: in the quick profile, each case runs in float64 or in float32, "
                                        "alternately; in the thorough profile, in both")
@@ -88,6 +90,7 @@ def test_profile(request, monkeypatch):
     monkeypatch.setattr(engine, "run", capped)
     if not request.node.get_closest_marker("shrinks"):
         monkeypatch.setattr(engine, "SHRINK_SECONDS", min(engine.SHRINK_SECONDS, QUICK_SHRINK_SECONDS))
+        monkeypatch.setattr(engine, "SIMPLIFY_SECONDS", min(engine.SIMPLIFY_SECONDS, QUICK_SIMPLIFY_SECONDS))
     # A function called point by point costs per point: its batches stay small even where
     # the regime needs many examples, which draw it per example.
     monkeypatch.setattr(engine, "PER_POINT", QUICK_PER_POINT)
