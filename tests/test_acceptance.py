@@ -1,14 +1,17 @@
 """Each allowance and rejection rule, with a bug planted in its regime that is still caught,
 and correct code in the same regime that passes."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import verify
-from verify import engine, oracle, strategies
+from verify import acceptance, checks, engine, oracle, strategies
 from verify import plan as planning
+from verify.ops import REGISTRY
 from verify.strategies import Example
 from verify.tolerance import allowed_error
 
@@ -438,3 +441,44 @@ def test_an_adjoint_that_underflows_in_the_specs_own_backward_is_allowed_and_a_b
     reference, bound = oracle.exact_point(prepared, point, dtype, 1, False).side.gradients["x"]
     allowed = allowed_error(reference, bound, dtype)[0]
     assert x.grad[1] == 0 and abs(x.grad[1].item() - reference[0, 1]) <= allowed[1] < bug
+
+
+# -- the exact pass's budget -----------------------------------------------------------------
+
+def test_a_point_its_exact_values_reject_is_rejected_as_the_whole_exact_pass_would_and_a_bug_beside_it_is_caught():
+    # exp(exp(x)) overflows float64 past x = 6.56: float64 cannot tell such points, and their
+    # exact values alone reject them, before any derivative is evaluated in balls.
+    spec = "x: Interval(6, 7)[n]\ny = exp(exp(x))"
+    prepared = planning.plan(verify.parse(spec))
+    options = checks.Options(modes=("rev",))
+    for value, reason in ((6.9, "the value of y overflows float64"), (6.0, None)):
+        point = Example({"n": 1}, {"x": np.array([[value]])}, np.ones((1, 1)))
+        reasons = Counter()
+        assert checks._rejected_by_its_values(prepared, prepared.subject, point, options, reasons) == (reason is not None)
+        full = Counter()
+        exact = oracle.exact_point(prepared, point, torch.float64, 1, False)
+        inside, _ = acceptance.inside_domains(prepared, point, exact.side.values, full, how="exact",
+                                              gaps=exact.gaps)
+        acceptance.accepted_points(1, torch.float64, full, inside, checks._value_checks(
+            prepared, prepared.subject, exact.side.values), how="exact")
+        assert reasons == full == (Counter({reason: 1}) if reason else Counter())
+    # Where the values are accepted, a backward 1e-9 off is caught (float64 holds y up to x = 6.56).
+    off = _function(lambda x: torch.exp(torch.exp(x)), lambda x, g: g * torch.exp(torch.exp(x) + x) * (1 + 1e-9))
+    assert _caught(off, spec, torch.float64, max_examples=20).failure.check == "gradient"
+
+
+@pytest.mark.examples(3)
+def test_float64s_disagreements_past_the_exact_pass_budget_are_left_unjudged_and_a_bug_among_them_is_caught(
+        plant_torch_form):
+    # One key: its softmax weight is 1, whose derivative is 0; float64's first-order bounds miss
+    # that where V is tiny and K large, and disagree with torch's 0 at many points of a batch.
+    # The exact pass clears as many as its budget, and leaves the others, counted.
+    spec = "q: Real[d]\nK: Real[1, d]\nV: Real[1, d]\nO = softmax(K @ q, axis=0) @ V"
+    result = verify.check(spec, seed=0, max_examples=3)
+    assert result.exact["float64 disagreed, and the exact reference agrees"] >= 1
+    assert result.exact["left unjudged: float64 disagreed there, as at the points the exact pass cleared"] > 0
+    matmul = REGISTRY["matmul"].torch_form
+    plant_torch_form("matmul", lambda *operands: matmul(*operands) * (1 + 1e-6))
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check(spec, seed=0, max_examples=3)
+    assert caught.value.failure.check in ("value", "gradient")

@@ -19,7 +19,7 @@ from . import acceptance, balls
 from .ir import Apply, Ref, Spec, concrete_shape
 from .lower.sympy import Tensor
 from .ops import REGISTRY
-from .oracle import ReferenceSide, exact_point, reference_derivatives, reference_values, restricted
+from .oracle import ReferenceSide, exact_point, exact_values, reference_derivatives, reference_values, restricted
 from .report import Failure, Result, readable, reproduction_snippet
 from .settings import MODES
 from .strategies import Example
@@ -360,10 +360,12 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
     float64 could not settle: (the first Failure or None, the number of points checked).
 
     ``sure`` maps each point where float64's bounds are sure that torch disagrees to the
-    Failure they report. Every such point is judged exactly, first (the float64 reference may
-    be what is off), and where a result there is beyond arb's range, float64's verdict stands.
+    Failure they report. Such points are judged exactly, first (the float64 reference may be
+    what is off), and where a result there is beyond arb's range, float64's verdict stands.
     Of the other points, at most ``EXACT_POINTS`` (fewer where points are large, within
-    ``EXACT_ELEMENTS`` input elements) are judged, and the rest counted as left.
+    ``EXACT_ELEMENTS`` input elements) are judged, and the rest counted as left; once as many
+    of float64's disagreements are cleared (its first-order bounds miss what the exact pass
+    models, as in attention at magnitudes past 100), its other ones are left too, counted.
 
     In a user's function, at a point exactly on a kink, a derivative may take either side's
     value (unless ``options.kinks`` is "torch"): the tutorial's ReLU has 1 at 0."""
@@ -391,11 +393,16 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
     order = [*order[disagreed[order]], *order[~disagreed[order]][:others]]
     if example.batch > len(order):
         result.exact[unjudged] += example.batch - len(order)
-    checked = 0
+    checked = cleared = 0
     for index in order:
+        if disagreed[index] and cleared == others:
+            result.exact["left unjudged: float64 disagreed there, as at the points the exact pass cleared"] += 1
+            continue
         only = np.arange(example.batch) == index
         point = example.at(only)
         try:
+            if _rejected_by_its_values(prepared, subject, point, options, rejected):
+                continue
             exact = exact_point(prepared, point, options.steps_dtype, options.order, forward, one_sided)
         except balls.Beyond:
             if disagreed[index]:
@@ -449,7 +456,27 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
         result.exact["judged by the exact pass"] += 1
         if disagreed[index]:
             result.exact["float64 disagreed, and the exact reference agrees"] += 1
+            cleared += 1
     return None, checked
+
+
+def _rejected_by_its_values(prepared: Plan, subject, point: Example, options: Options, rejected: Counter) -> bool:
+    """Whether the exact values at ``point`` reject it by the rules on values (domains, and
+    what the dtype holds), counted in ``rejected`` where they do: the exact pass of every
+    derivative would reject it the same way, at many times the cost (attention's points
+    whose softmax underflows)."""
+    found = exact_values(prepared, point, options.steps_dtype)
+    if found is None:
+        return False
+    values, gaps = found
+    reasons = Counter()
+    inside, _ = acceptance.inside_domains(prepared, point, values, reasons, how="exact", gaps=gaps)
+    keep, _ = acceptance.accepted_points(1, options.dtype, reasons, inside, _value_checks(prepared, subject, values),
+                                         how="exact", computed=options.compute_dtype)
+    if keep.any():
+        return False
+    rejected.update(reasons)
+    return True
 
 
 # Checks where a user's function may take either side's derivative at an exact kink.

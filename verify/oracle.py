@@ -372,19 +372,46 @@ def _bounded(pair: tuple, modelled: tuple, per_u) -> tuple:
         return value, np.maximum(np.where(np.isnan(magnitude), 0.0, magnitude), modelled)
 
 
-def _evaluated(prepared: Plan, point: Example, dtype: torch.dtype, order: int, forward: bool, as_balls) -> ReferenceSide:
-    """Every formula of the plan at ``point`` on balls, its inputs made balls by ``as_balls``
-    (the directions are exact)."""
+def exact_values(prepared: Plan, point: Example, dtype: torch.dtype) -> tuple | None:
+    """(label -> (float64 midpoint, 0), label -> ``balls.gaps``) of every node's exact value at
+    the single point of ``point``, at the first precision that settles them; None where none
+    does. Raises ``balls.Beyond`` as ``exact_point`` does. The values alone decide the rules
+    that reject a point by its values, for a fraction of ``exact_point``'s work."""
+    for bits in balls.PRECISIONS:
+        try:
+            with balls.precision(bits), balls.exactly():
+                ctx = _exact_context(prepared, point, dtype, balls.to_balls)
+                values = [_enter(ctx, name, reference.exact(ctx), exact=True)[0]
+                          for name, reference in prepared.values.items()]
+        except balls.Undecided:
+            continue
+        if balls.settled(values):
+            return ({label: (balls.to_float(value), np.zeros(np.shape(value)))
+                     for label, value in zip(prepared.values, values)},
+                    {label: balls.gaps(value) for label, value in zip(prepared.values, values)})
+    return None
+
+
+def _exact_context(prepared: Plan, point: Example, dtype: torch.dtype, as_balls) -> Context:
+    """A context of the inputs at ``point`` made balls by ``as_balls`` (the directions are exact)."""
     def exact(array, convert=balls.to_balls):
         return convert(np.asarray(array, dtype=np.float64)), np.zeros(np.shape(array))
 
     ctx = Context({name: exact(array, balls.to_integers if prepared.spec.inputs[name].integer else as_balls)
                    for name, array in point.inputs.items()}, point.sizes, point.batch, dtype)
-    scalar = not prepared.spec.nodes[prepared.spec.output].shape
-    if not scalar:
+    if prepared.spec.nodes[prepared.spec.output].shape:
         ctx.env[COTANGENT] = exact(point.cotangent)
     for name, tangent in (point.tangents or {}).items():
         ctx.env[tangent_name(name)] = exact(tangent)
+    return ctx
+
+
+def _evaluated(prepared: Plan, point: Example, dtype: torch.dtype, order: int, forward: bool, as_balls) -> ReferenceSide:
+    """Every formula of the plan at ``point`` on balls, its inputs made balls by ``as_balls``
+    (the directions are exact)."""
+    ctx = _exact_context(prepared, point, dtype, as_balls)
+    scalar = not prepared.spec.nodes[prepared.spec.output].shape
+
     def evaluated(reference: Reference) -> tuple:
         return reference.exact(ctx)
 
