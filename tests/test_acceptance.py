@@ -133,7 +133,7 @@ def test_torch_stable_kernels_pass_against_naive_specs_where_float64_overflows(f
 def test_the_spec_lowering_of_a_stable_op_is_judged_exactly_not_rejected():
     result = verify.check("x: Real[n]\ny = softmax(x)", dtype=torch.float32, seed=0, max_examples=30)
     assert result.exact["judged by the exact pass"] > 0
-    assert not any("step" in reason for reason in result.rejected)
+    assert not any(reason.startswith("a step of") for reason in result.rejected)
 
 
 def test_a_step_of_the_spec_that_overflows_still_rejects_in_check_but_not_in_check_function():
@@ -473,12 +473,13 @@ def test_float64s_disagreements_past_the_exact_pass_budget_are_left_unjudged_and
     # One key: its softmax weight is 1, whose derivative is 0; float64's first-order bounds miss
     # that where V is tiny and K large, and disagree with torch's 0 at many points of a batch.
     # The exact pass clears as many as its budget, and leaves the others, counted.
-    spec = "q: Real[d]\nK: Real[1, d]\nV: Real[1, d]\nO = softmax(K @ q, axis=0) @ V"
-    result = verify.check(spec, seed=0, max_examples=3)
+    spec = ("q: Interval(-1, 1)[d]\nK: Interval(-1000, 1000)[1, d]\nV: Interval(-1e-150, 1e-150)[1, d]\n"
+            "O = softmax(K @ q, axis=0) @ V")
+    result = verify.check(spec, seed=2, max_examples=3)
     assert result.exact["float64 disagreed, and the exact reference agrees"] >= 1
     assert result.exact["left unjudged: float64 disagreed there, as at the points the exact pass cleared"] > 0
     matmul = REGISTRY["matmul"].torch_form
     plant_torch_form("matmul", lambda *operands: matmul(*operands) * (1 + 1e-6))
     with pytest.raises(verify.Mismatch) as caught:
-        verify.check(spec, seed=0, max_examples=3)
+        verify.check(spec, seed=2, max_examples=3)
     assert caught.value.failure.check in ("value", "gradient")
