@@ -134,6 +134,12 @@ def plan(spec: Spec, sizes: dict | None = None) -> Plan:
     return _PLANS[key]
 
 
+def forget_plans() -> None:
+    """Drop every cached plan and derivation: the next ``plan`` of any spec starts from scratch."""
+    _PLANS.clear()
+    _DERIVED.clear()
+
+
 def _within_budget(spec: Spec, sizes: dict | None) -> Plan:
     """``build_plan``, refused with a ``SpecError`` at the statement where the time went once
     it runs past ``PLAN_SECONDS``."""
