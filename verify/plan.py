@@ -203,12 +203,9 @@ _DERIVED: OrderedDict = OrderedDict()
 
 def _references(spec: Spec, tracked: dict, nodes: dict, sizes: dict | None, clock: Clock) -> tuple:
     """(values, adjoints): label -> Reference of each node's step, and of ∂o/∂label."""
-    lines = spec.source.splitlines()
-    for claim in spec.claims:  # each claim is a statement of its own lines
-        first = claim.loc.line - 1
-        lines[first:first + claim.loc.text.count("\n") + 1] = [""] * (claim.loc.text.count("\n") + 1)
-    key = ("\n".join(line.rstrip() for line in lines if line.strip()), tuple(sorted(sizes.items())) if sizes else None)
-    if spec.source and key in _DERIVED:
+    statements = _without_claims(spec)
+    key = (statements, tuple(sorted(sizes.items())) if sizes else None)
+    if statements is not None and key in _DERIVED:
         _DERIVED.move_to_end(key)
         return _DERIVED[key]
     derivation = derive(spec, tracked, sizes, clock)
@@ -221,11 +218,28 @@ def _references(spec: Spec, tracked: dict, nodes: dict, sizes: dict | None, cloc
         with clock.on(nodes[label].loc):
             # Torch's derivative formulas are equal to sympy's, not the same: their bounds get a floor.
             adjoints[label] = Reference(adjoint, size_names, a_priori=True)
-    if spec.source:  # specs built in Python have no text to key them by
+    if statements is not None:
         _DERIVED[key] = values, adjoints
         while len(_DERIVED) > PLAN_CACHE_SIZE:
             _DERIVED.popitem(last=False)
     return values, adjoints
+
+
+def _without_claims(spec: Spec) -> str | None:
+    """The spec's text with each claim cut out where its Loc says, and blank lines and trailing
+    spaces dropped; None for a spec built in Python (no text) or a claim not found there."""
+    if not spec.source:
+        return None
+    starts = [0]
+    for line in spec.source.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    text = spec.source
+    for claim in sorted(spec.claims, key=lambda c: (c.loc.line, c.loc.column), reverse=True):
+        at = starts[claim.loc.line - 1] + claim.loc.column - 1
+        if text[at:at + len(claim.loc.text)] != claim.loc.text:
+            return None
+        text = text[:at] + text[at + len(claim.loc.text):]
+    return "\n".join(line.rstrip() for line in text.splitlines() if line.strip())
 
 
 def _claim_plan(spec: Spec, claim, adjoints: dict, sizes: dict | None) -> ClaimPlan:
