@@ -445,26 +445,43 @@ def test_an_adjoint_that_underflows_in_the_specs_own_backward_is_allowed_and_a_b
 
 # -- the exact pass's budget -----------------------------------------------------------------
 
-def test_a_point_its_exact_values_reject_is_rejected_as_the_whole_exact_pass_would_and_a_bug_beside_it_is_caught():
-    # exp(exp(x)) overflows float64 past x = 6.56: float64 cannot tell such points, and their
-    # exact values alone reject them, before any derivative is evaluated in balls.
-    spec = "x: Interval(6, 7)[n]\ny = exp(exp(x))"
+# Each regime where a point's exact values reject it, before any derivative enters balls: the
+# rejected point, the reason, an accepted point, and a backward off by a little that is caught
+# at the accepted points.
+VALUES_REJECT = {
+    # exp(exp(x)) overflows float64 past x = 6.56
+    "overflow, float64": ("x: Interval(6, 7)[n]\ny = exp(exp(x))", torch.float64, 6.9,
+                          "the value of y overflows float64", 6.0, lambda x: torch.exp(torch.exp(x)),
+                          lambda x, g: g * torch.exp(torch.exp(x) + x) * (1 + 1e-9)),
+    # exp(x) overflows float16 past x = 11.09 (and nears its edge margin well before); at x = 8
+    # the allowance is about 7% (16 u times exp's condition, x), so the planted bug is 25% off
+    "overflow, float16": ("x: Interval(7, 12)[n]\ny = exp(x)", torch.float16, 11.5,
+                          "the value of y overflows float16", 8.0, torch.exp, lambda x, g: g * torch.exp(x) * 1.25),
+    # log's operand x**2 - 1 is negative inside (-1, 1)
+    "domain, float64": ("x: Interval(-3, 3)[n]\ny = log(x * x - 1)", torch.float64, 0.5,
+                        "y is outside the domain of log: x > 0", 2.0, lambda x: torch.log(x * x - 1),
+                        lambda x, g: g * 2 * x / (x * x - 1) * (1 + 1e-9)),
+}
+
+
+@pytest.mark.parametrize("regime", VALUES_REJECT)
+def test_a_point_its_exact_values_reject_is_rejected_as_the_whole_exact_pass_would_and_a_bug_beside_it_is_caught(
+        regime):
+    spec, dtype, rejected_at, reason, accepted_at, forward, backward = VALUES_REJECT[regime]
     prepared = planning.plan(verify.parse(spec))
-    options = checks.Options(modes=("rev",))
-    for value, reason in ((6.9, "the value of y overflows float64"), (6.0, None)):
+    options = checks.Options(dtype=dtype, modes=("rev",))
+    for value, expected in ((rejected_at, Counter({reason: 1})), (accepted_at, Counter())):
         point = Example({"n": 1}, {"x": np.array([[value]])}, np.ones((1, 1)))
         reasons = Counter()
-        assert checks._rejected_by_its_values(prepared, prepared.subject, point, options, reasons) == (reason is not None)
+        assert checks._rejected_by_its_values(prepared, prepared.subject, point, options, reasons) == bool(expected)
         full = Counter()
-        exact = oracle.exact_point(prepared, point, torch.float64, 1, False)
+        exact = oracle.exact_point(prepared, point, dtype, 1, False)
         inside, _ = acceptance.inside_domains(prepared, point, exact.side.values, full, how="exact",
                                               gaps=exact.gaps)
-        acceptance.accepted_points(1, torch.float64, full, inside, checks._value_checks(
+        acceptance.accepted_points(1, dtype, full, inside, checks._value_checks(
             prepared, prepared.subject, exact.side.values), how="exact")
-        assert reasons == full == (Counter({reason: 1}) if reason else Counter())
-    # Where the values are accepted, a backward 1e-9 off is caught (float64 holds y up to x = 6.56).
-    off = _function(lambda x: torch.exp(torch.exp(x)), lambda x, g: g * torch.exp(torch.exp(x) + x) * (1 + 1e-9))
-    assert _caught(off, spec, torch.float64, max_examples=20).failure.check == "gradient"
+        assert reasons == full == expected
+    assert _caught(_function(forward, backward), spec, dtype, max_examples=20).failure.check == "gradient"
 
 
 @pytest.mark.examples(3)
