@@ -36,6 +36,7 @@ from verify import oracle
 from verify import plan as planning
 from verify.ir import concrete_shape
 from verify.strategies import Example, points_per_example
+from verify.tolerance import precision
 
 SPEC = "x: Real[n]\no = 1/2 * sum(sin(x)**2 * exp(x))"
 # Realistic specs, written the way users write them, for the share of the exact pass.
@@ -104,7 +105,7 @@ def shares_of_a_check(spec, n: int) -> tuple:
         prepared.subject.forward(example, torch.float64)
 
     def reference_pass():
-        ctx, values = oracle.reference_values(prepared, example, torch.float64, bounded=False)
+        ctx, values = oracle.reference_values(prepared, example, precision(torch.float64), bounded=False)
         oracle.reference_derivatives(prepared, example, ctx, values, 1, True, bounded=False)
 
     bare = bare_torch_seconds_per_point(spec, n) * batch

@@ -81,7 +81,7 @@ def test_wrong_backward_is_blamed_on_the_node_that_computed_it(plant_torch_form)
     assert failure.check == "gradient"
     assert failure.subject == "∂o/∂a"  # ∂o/∂h still agrees, so tanh's backward is to blame
     assert "the backward of h (line 5: h = tanh(a)) into a is to blame" in failure.blame
-    assert "tanh(a[i])" in failure.formula
+    assert "(1 - h[i]**2)" in failure.formula  # tanh's derivative read from its saved result, as torch's backward does
 
 
 def test_backward_that_ignores_its_incoming_gradient_is_caught_through_a_random_cotangent(plant_torch_form):
@@ -295,7 +295,8 @@ def test_the_same_seed_draws_the_same_whatever_local_modules_are_loaded(tmp_path
 
 def test_the_wide_bulks_of_one_example_in_eight_reach_the_decades_where_exp_overflows():
     # exp overflows past 11, 88 and 709 (half types, float32, float64): half the wide bulks are
-    # scaled to reach there (with scales spread over float64's 600 decades, 5 bulks of 148 did).
+    # scaled to reach there, a fifth of all bulks (with scales spread over float64's 600
+    # decades, 5 bulks of 148 did).
     from hypothesis import given, settings
 
     spec = verify.parse("x: Real[n]\ny = exp(x)")
@@ -309,4 +310,4 @@ def test_the_wide_bulks_of_one_example_in_eight_reach_the_decades_where_exp_over
 
     with strategies.draws_by_seed_alone():  # as the engine draws
         draw()
-    assert sum(100 <= m <= 1e5 for m in largest) >= len(largest) / 8
+    assert sum(100 <= m <= 1e5 for m in largest) >= len(largest) / 10

@@ -21,6 +21,7 @@ from verify import oracle
 from verify import plan as planning
 from verify.lower.sympy import OutOfTime, in_inputs, time_limit
 from verify.strategies import Example, size_bounds
+from verify.tolerance import precision
 
 from .test_ops import ROWS
 
@@ -48,7 +49,7 @@ def test_symbolic_size_gradients_match_sympy_on_the_concrete_expansion(op_name, 
         shape = tuple(d if isinstance(d, int) else sizes[d.name] for d in declared.shape)
         inputs[name] = rng.uniform(0.5, 2.0, size=(1, *shape))
     point = Example(sizes, inputs, *planning.unit_directions(spec, sizes, inputs, tangents=False))
-    reference = oracle.reference_side(prepared, point, torch.float64)
+    reference = oracle.reference_side(prepared, point, precision(torch.float64))
     values, gradients = reference.values, reference.gradients
 
     def element_symbol(name, index):
@@ -71,7 +72,7 @@ def test_reference_context_evaluates_a_whole_batch_at_once():
     spec = verify.parse("x: Real[n]\no = sum(exp(x))")
     prepared = planning.plan(spec)
     batch = np.linspace(-1, 1, 12).reshape(4, 3)
-    _, values = oracle.reference_values(prepared, Example({"n": 3}, {"x": batch}, np.ones(4)), torch.float64)
+    _, values = oracle.reference_values(prepared, Example({"n": 3}, {"x": batch}, np.ones(4)), precision(torch.float64))
     value, error = values["o"]
     np.testing.assert_allclose(value, np.exp(batch).sum(axis=1), rtol=1e-15)
     assert error.shape == (4,) and np.all(error > 0)

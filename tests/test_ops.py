@@ -115,11 +115,40 @@ FALSE_CLAIMS.update({"relu": "grad(o, x) == 2 * x", "sign": "grad(o, x) == 1 + 0
 # the check that finds them: digamma's backward (trigamma) is off by 5e-10 relative at x = 1
 # in float64; logcumsumexp's forward-mode derivative is off by 2.9e-7 at x = [1, 46], and
 # minimum's by 1 at its row's example point (docs/findings.md).
-TORCH_FINDINGS = {("digamma", torch.float64): "gradient", ("logcumsumexp", torch.float64): "JVP",
-                  ("logcumsumexp", torch.float32): "JVP", ("minimum", torch.float64): "JVP",
-                  ("asinh", torch.float32): "gradient", ("atan2", torch.float64): "gradient",
-                  ("atan2", torch.float32): "gradient", ("minimum", torch.float32): "JVP"}
+# Where torch's own kernels are off, the checks that can see it: atan2's backward and forward
+# formulas share their overflowing 1 / (x² + y²), and cumprod's both divide by x, so the first
+# one drawn finds it.
+BOTH = frozenset({"gradient", "JVP"})
+TORCH_FINDINGS = {("digamma", torch.float64): {"gradient"}, ("logcumsumexp", torch.float64): {"JVP"},
+                  ("logcumsumexp", torch.float32): {"JVP"}, ("minimum", torch.float64): {"JVP"},
+                  ("asinh", torch.float32): {"gradient"}, ("atan2", torch.float64): BOTH,
+                  ("atan2", torch.float32): BOTH, ("minimum", torch.float32): {"JVP"},
+                  ("cumprod", torch.float64): BOTH}
 
+# Findings of docs/findings.md that the rows above do not reach in their examples, measured by
+# benchmarks/calibration.py at many points; the benchmarks report them as torch's, not as
+# false alarms.
+HALF_TYPES = (torch.bfloat16, torch.float16)
+FOUND_BY_CALIBRATION = {
+    **{("acosh", dtype): BOTH for dtype in (torch.float32, *HALF_TYPES)},
+    **{("asinh", dtype): BOTH for dtype in (torch.float64, torch.float32, *HALF_TYPES)},
+    **{(op, torch.float32): {"value", "gradient", "JVP"} for op in ("sinh", "cosh")},
+    ("sinc", torch.float16): BOTH,
+    **{("atan2", dtype): BOTH for dtype in HALF_TYPES},
+    **{("cumprod", dtype): BOTH for dtype in HALF_TYPES},
+    **{("logcumsumexp", dtype): {"JVP"} for dtype in HALF_TYPES},
+    **{(op, torch.float32): {"HVP"} for op in ("logsigmoid", "atan2", "acosh")},
+    **{(op, torch.float64): {"HVP"} for op in ("logsigmoid", "atan2")},
+    **{("norm", dtype): {"value", "gradient", "JVP"} for dtype in (torch.float64, torch.float32, torch.bfloat16)},
+    ("std", torch.float64): {"value", "gradient", "JVP"},
+    **{(op, dtype): BOTH | {"HVP"} for op in ("prod", "cumprod") for dtype in (torch.float64, torch.float32)},
+    **{("prod", dtype): BOTH for dtype in HALF_TYPES},
+}
+
+
+def torch_finding(op: str, dtype: torch.dtype, check: str) -> bool:
+    """Whether ``check`` failing on torch's own ``op`` in ``dtype`` is a recorded finding."""
+    return check in TORCH_FINDINGS.get((op, dtype), ()) or check in FOUND_BY_CALIBRATION.get((op, dtype), ())
 
 # Each op's rows run in one xdist worker (--dist loadgroup), so that its dtypes share the plan.
 OPS = [pytest.param(op, marks=pytest.mark.xdist_group(op)) for op in sorted(ROWS)]
@@ -135,7 +164,7 @@ def test_every_registry_op_has_a_row():
 
 # A row where torch's own inaccuracy is found by drawing runs the examples it takes to find it
 # (the others' findings are at their example points).
-FOUND_BY_DRAWING = {"digamma", "asinh", "atan2"}
+FOUND_BY_DRAWING = {"digamma": EXAMPLES, "asinh": EXAMPLES, "atan2": 2 * EXAMPLES, "cumprod": EXAMPLES}
 
 
 def _row_marks(op: str, dtype: torch.dtype) -> list:
@@ -144,7 +173,7 @@ def _row_marks(op: str, dtype: torch.dtype) -> list:
     and float32 through the other tests)."""
     marks = [pytest.mark.xdist_group(op)]
     if (op, dtype) in TORCH_FINDINGS and op in FOUND_BY_DRAWING:
-        marks.append(pytest.mark.examples(EXAMPLES))
+        marks.append(pytest.mark.examples(FOUND_BY_DRAWING[op]))
     if dtype == torch.float32 and (op, dtype) not in TORCH_FINDINGS:
         marks.append(pytest.mark.thorough)
     return marks
@@ -158,8 +187,8 @@ ROWS_BY_DTYPE = [pytest.param(op, dtype, id=f"{op}-{str(dtype)[6:]}", marks=_row
 def test_correct_spec_passes(op, dtype):
     if (op, dtype) in TORCH_FINDINGS:
         with pytest.raises(verify.Mismatch) as caught:
-            verify.check(ROWS[op], seed=1, dtype=dtype, max_examples=EXAMPLES)
-        assert caught.value.failure.check == TORCH_FINDINGS[op, dtype]
+            verify.check(ROWS[op], seed=1, dtype=dtype, max_examples=FOUND_BY_DRAWING.get(op, EXAMPLES))
+        assert caught.value.failure.check in TORCH_FINDINGS[op, dtype]
         return
     result = verify.check(ROWS[op], seed=1, dtype=dtype, max_examples=EXAMPLES)
     assert result.points > 0

@@ -10,7 +10,7 @@ import verify
 from verify import oracle
 from verify import plan as planning
 from verify.strategies import Example
-from verify.tolerance import allowed_error
+from verify.tolerance import allowed_error, precision
 
 DTYPES = [torch.float64, torch.float32]
 pytestmark = pytest.mark.one_dtype  # the quick profile runs each case in one of them
@@ -95,16 +95,16 @@ def test_a_matmul_off_by_more_than_its_rounding_is_caught(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_exact_pass_bounds_a_matmul_as_formed_and_a_scaling_bug_exceeds_it(dtype):
     # The exact pass contracts A @ B by einsum on balls, with each product's rounding and the
-    # sum's added as the formed sum would: torch's own matmul is within the allowance, and one
-    # scaled by 2^8 roundings is not.
+    # sum's added as the formed sum would, in the dtype a matmul kernel computes in: torch's own
+    # matmul is within the allowance, and one scaled by 8 roundings of the dtype is not.
     spec = verify.parse("A: Real[n, k]\nB: Real[k, m]\nC = A @ B")
     rng = np.random.default_rng(0)
     a, b = (torch.tensor(rng.uniform(0.5, 2.0, size=shape), dtype=dtype) for shape in ((3, 2), (2, 4)))
     point = Example({"n": 3, "k": 2, "m": 4}, {"A": a.double().numpy()[None], "B": b.double().numpy()[None]},
                     np.ones((1, 3, 4)))
-    reference, bound = oracle.exact_point(planning.plan(spec), point, dtype, 1, False).side.values["C"]
-    allowed = allowed_error(reference, bound, dtype)[0]
+    reference, bound = oracle.exact_point(planning.plan(spec), point, precision(dtype), 1, False).side.values["C"]
+    allowed = allowed_error(bound, precision(dtype), reference)[0]
     correct = (a @ b).double().numpy()
-    scaled = correct * (1 + 2**8 * torch.finfo(dtype).eps / 2)
+    scaled = correct * (1 + 8 * torch.finfo(dtype).eps / 2)
     assert np.all(np.abs(correct - reference[0]) <= allowed)
     assert np.any(np.abs(scaled - reference[0]) > allowed)

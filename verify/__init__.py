@@ -12,13 +12,14 @@ from importlib import import_module as _import_module
 
 _HOMES = {
     "check": ".api", "check_function": ".api", "load": ".api",
-    "Mismatch": ".errors", "SpecError": ".errors", "Unchecked": ".errors", "Unsupported": ".errors",
+    "Inconclusive": ".errors", "Mismatch": ".errors", "SpecError": ".errors", "Unchecked": ".errors",
+    "Unsupported": ".errors",
     "VerifyError": ".errors",
     "Spec": ".ir", "Result": ".report", "parse": ".spec",
 }
 
-__all__ = ["Mismatch", "Result", "Spec", "SpecError", "Unchecked", "Unsupported", "VerifyError", "check",
-           "check_function", "load", "parse"]
+__all__ = ["Inconclusive", "Mismatch", "Result", "Spec", "SpecError", "Unchecked", "Unsupported", "VerifyError",
+           "check", "check_function", "load", "parse"]
 
 
 def __getattr__(name: str):

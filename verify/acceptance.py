@@ -5,8 +5,8 @@ a planted bug in its regime (``tests/test_acceptance.py``):
 
 1. **Domain.** An op's operand is outside the op's domain (``log`` of a negative number).
 2. **The dtype cannot hold a step.** For the spec's own torch lowering only, a node's value
-   overflows the dtype or is a subnormal number there: torch executes the spec's steps, so
-   ``exp(100)`` being inf in float32 is right. A user's function computes its own way, so
+   overflows the dtype: torch executes the spec's steps, so ``exp(100)`` being inf in float32
+   is right. A user's function computes its own way, so
    there the spec's steps never reject a point. An op whose kernel computes its sympy
    form's steps (``norm`` squares its elements) has them judged as steps of the spec.
 3. **The dtype cannot hold the result.** The quantity checked (a value, VJP, JVP, HVP or
@@ -18,6 +18,21 @@ a planted bug in its regime (``tests/test_acceptance.py``):
    it, so that no finite allowance exists: ``acosh(1 + exp(-x))`` at x = 40 in float64,
    whose 1 + exp(-x) rounds to 1, where acosh' is infinite. A Hessian-vector product
    differentiates the backward, so it goes with them.
+
+5. **Ties of sort and topk.** A tie at topk's boundary changes what it selects: the
+   derivatives through it are not judged at the point. A tie among the elements it orders
+   permutes where their gradients go, and each order is a valid derivative: the spec's own
+   stable ``sort`` orders them as its sympy form does, and is judged; elsewhere (topk, a
+   user's function) the code's order is not known, and the derivatives through the tie are
+   not judged (``tied_orders``). A tie that topk leaves out changes nothing, and is judged.
+
+No rule comes before a non-finite result: where torch gives inf or NaN and the exact value is
+finite and the dtype holds it, the point fails (``verify.checks``), whatever a rule would say.
+A domain verdict stands on the exact value's sign and distance to the edge, never on a rounded
+one. A step of the spec's own torch backward or forward mode (an adjoint, a tangent) that
+overflows leaves out the derivatives along it (rule 2, for those steps); a step that
+underflows to 0 where the exact value is not 0 rejects the spec's own lowering there, as
+torch's steps then divide by 0 rightly.
 
 Each rule is applied only where the reference can tell. A float64 value with a finite,
 small error bound can tell; a value whose bound was lost (a float64 step overflowed or
@@ -35,25 +50,26 @@ import numpy as np
 import torch
 
 from .ir import Apply
-from .ops import REGISTRY
+from .ops import REGISTRY, single_axis
 from .oracle import node_arrays
 from .strategies import Example
-from .tolerance import UNIT_ROUNDOFF, allowed_error, extra_allowance, representable_limit, underflow_limit
+from .tolerance import UNIT_ROUNDOFF, Precision, allowed_error, extra_allowance, overflows
 
 if TYPE_CHECKING:
     from .plan import Plan
 
 AMBIGUOUS = "a comparison, kink or tie is within rounding of its boundary"
+FLOAT64_SMALLEST = 5e-324
 UNBOUNDED = "{}: one rounding of the spec's steps reaches a singularity (no finite allowance)"
 
 
 def inside_domains(prepared: Plan, example: Example, values: dict, rejected: Counter, how: str = "bounds",
-                   gaps: dict | None = None) -> tuple:
+                   gaps: dict | None = None, model: Precision | None = None) -> tuple:
     """(points inside every op's domain, points the values cannot tell) by rule 1. A point
     outside counts with the op's domain as the reason where its values tell; else it is left to
     a closer pass. ``how`` is as for ``accepted_points``. An element is surely outside where
-    the predicate fails at every corner of its operands' boxes: within twice their error
-    bound with "bounds", within ``gaps`` (label -> how far an exact value may be from its
+    the predicate fails at every corner of its operands' boxes: within the float64 values'
+    own error (``own_error`` of their bounds under ``model``) with "bounds", within ``gaps`` (label -> how far an exact value may be from its
     float64 midpoint) with "exact". log1p at -1 + 1e-20, whose float64 value is -1, is not
     surely outside; the exact pass judges it, inside."""
     keep = np.ones(example.batch, dtype=bool)
@@ -65,8 +81,8 @@ def inside_domains(prepared: Plan, example: Example, values: dict, rejected: Cou
     else:
         error_of = node_arrays(prepared, example, values, errors=True)
 
-        def offset_of(operand, rank):
-            return 2 * UNIT_ROUNDOFF[torch.float64] * np.asarray(error_of(operand, rank))
+        def offset_of(operand, rank):  # twice: a corner half a float64 spacing away would round back
+            return 2 * own_error(0.0, np.asarray(error_of(operand, rank)), model)
     for label, node, op, predicate, domain in _domains(prepared):
         rank = max(o.rank for o in node.operands) if op.kind == "elementwise" else 0
         operands = [array_of(o, rank) for o in node.operands]
@@ -123,6 +139,60 @@ def _domains(prepared: Plan):
             yield label, node, op, op.differentiable, f"{node.op}'s derivative: {op.domain}"
 
 
+TIED_SELECTION = "{check}: topk's k-th and (k+1)-th largest are tied in {label} (what it selects depends on the order)"
+TIED_ORDER = "{check}: tied elements of {label} ({op}) may take any order, and the code's is not known"
+
+
+def tied_orders(prepared: Plan, example: Example, values: dict, spec_lowering: bool, rejected: Counter,
+                among: np.ndarray) -> dict:
+    """Rule 5 (ties of sort and topk): check label -> per point, whether it is not judged
+    there, counted at the points ``among``. A tie at topk's boundary changes what it selects: the derivatives through
+    it are not judged. A tie among the elements sorted or selected permutes where their
+    gradients go, and each order is a valid derivative: the spec's own ``sort`` orders them by
+    position, as the sympy form does, and is judged; where the code's order is not known (its
+    topk, a user's function), the derivatives through the tie are not judged. Elsewhere, as
+    beside tied elements left out of a topk, they are."""
+    spec = prepared.spec
+    output = spec.output
+    array_of = node_arrays(prepared, example, values)
+    skipped = {}
+    for label, node in prepared.nodes.items():
+        op = REGISTRY[node.op] if isinstance(node, Apply) else None
+        if op is None or not op.ties:
+            continue
+        (operand,) = node.operands
+        rows = np.asarray(array_of(operand, operand.rank), dtype=np.float64)
+        axis = single_axis(dict(node.params), operand.rank) + 1
+        ordered = -np.sort(-np.moveaxis(rows, axis, -1), axis=-1)
+        k = node.param("k", ordered.shape[-1])
+        boundary = _per_point(ordered[..., k - 1] == ordered[..., k]) if k < ordered.shape[-1] else False
+        inside = _per_point(ordered[..., 1:k] == ordered[..., :k - 1])
+        if op.ties == "stable" and spec_lowering:
+            inside = False
+        reached = _descendants(node) - {id(node)}  # its own gradient, the adjoint of its result, is one
+        checks = [f"∂{output}/∂{name}" for name in [*spec.inputs, *spec.nodes] if id(spec.variable(name)) in reached]
+        checks += [f"the JVP of {output}", *(f"the Hessian-vector product of {name}" for name in spec.inputs)]
+        for reason, points in ((TIED_SELECTION, boundary), (TIED_ORDER, inside)):
+            points = np.broadcast_to(points, (example.batch,))
+            for check in checks:
+                newly = points & among & ~skipped.get(check, False)
+                if newly.any():
+                    rejected[reason.format(check=check, label=label, op=node.op)] += int(newly.sum())
+                    skipped[check] = skipped.get(check, False) | points
+    return skipped
+
+
+def _descendants(node) -> set:
+    """The ids of every node ``node`` is computed from, itself included."""
+    found, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if id(current) not in found:
+            found.add(id(current))
+            stack.extend(current.args)
+    return found
+
+
 def unambiguous(keep: np.ndarray, ambiguous: np.ndarray, rejected: Counter) -> np.ndarray:
     """``keep`` less the points where a comparison was too close to call, counted (rule 4)."""
     newly = keep & ambiguous
@@ -139,74 +209,90 @@ def unbounded(pair: tuple) -> bool:
 
 def step(label: str, pair: tuple, stable: bool) -> tuple:
     """A node's value in the spec's own torch lowering: judged by rules 2 and 3."""
-    return label, pair, "stable step" if stable else "step"
+    return label, pair, "stable step" if stable else "step", {}
 
 
-def quantity(label: str, pair: tuple) -> tuple:
-    """A checked quantity: judged by rule 3."""
-    return label, pair, "quantity"
+def quantity(label: str, pair: tuple, reads: dict | None = None) -> tuple:
+    """A checked quantity: judged by rule 3, as are the values it is computed from (``reads``:
+    node label -> its pair), where its derivative formula reads them as torch's backward does
+    (expm1's backward reads expm1(x): where that overflows, so may the gradient, even of a zero
+    cotangent)."""
+    return label, pair, "quantity", reads or {}
 
 
-def accepted_points(batch: int, dtype: torch.dtype, rejected: Counter, keep: np.ndarray, checks: list,
-                    how: str = "bounds", computed: torch.dtype | None = None) -> tuple:
+def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.ndarray, checks: list,
+                    how: str = "bounds", skipped: dict | None = None) -> tuple:
     """(points judged, points left to a closer pass) by rules 2 and 3, for ``checks`` made by
-    ``step`` and ``quantity``. The rest are counted by reason.
+    ``step`` and ``quantity``. The rest are counted by reason. A quantity the dtype cannot
+    hold drops that check alone, not its point (an overflowing value leaves the gradients
+    judged), where ``skipped`` (label -> per point, whether that check is dropped) is given.
 
     ``how`` says what the values are: "floor" (float64 without bounds: every doubt goes on,
     to the bounds), "bounds" (float64 with error bounds: a lost bound, or a value too
     uncertain to decide a rule, goes on, to the exact pass) or "exact" (midpoints of the
-    exact pass: every rule is decided).
-    ``computed`` is the dtype a kernel computes in where it is not ``dtype`` (the
-    compute-dtype rule of ``verify.tolerance``); ranges are always ``dtype``'s.
+    exact pass: every rule is decided). Ranges are those of ``model``'s stored dtype.
     """
     keep = keep.copy()
     doubtful = np.zeros(batch, dtype=bool)
-    limit = representable_limit(dtype)
-    tiny = underflow_limit(dtype)
-    dtype_name = str(dtype).replace("torch.", "")
-    for label, (value, error), kind in checks:
+    dtype = model.dtype
+    half_smallest = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))) / 2
+    for label, (value, error), kind, reads in checks:
         error = np.broadcast_to(error, np.shape(value)).reshape(batch, -1)
         value = value.reshape(batch, -1)
         magnitude = np.abs(value)
         with np.errstate(all="ignore"):
             if how == "bounds":
+                # A bound lost to an overflowing step of the formula (inf), or to float64's own
+                # underflow (NaN): the float64 value cannot tell.
+                overflowed = np.isinf(error)
                 lost = ~np.isfinite(error)
-                # What the float64 value may be off by: its first-order bound, twice.
-                off = np.where(lost, 0.0, 2 * UNIT_ROUNDOFF[torch.float64] * error)
-                room = np.where(lost, 0.0, allowed_error(magnitude, error, dtype, computed))
-            else:  # exact values, or (floor) values whose room is only the floor's
-                lost = np.zeros(value.shape, dtype=bool)
+                off = np.where(lost, 0.0, own_error(value, error, model))
+                room = np.where(lost, 0.0, allowed_error(error, model))
+            else:  # exact values, or (floor) values whose room is only one rounding's
+                overflowed = lost = np.zeros(value.shape, dtype=bool)
                 off = 0.0
-                room = allowed_error(magnitude, 0.0, dtype, computed) if how == "floor" else 0.0
+                room = allowed_error(magnitude, model) if how == "floor" else 0.0
             undefined = np.isnan(value) & ~lost
-            # A step that overflowed float64 too, or whose value is beyond the dtype's range.
-            overflow = (~lost | (kind == "step")) & (magnitude + room > limit)
-            underflow = ~lost & (magnitude < tiny) & (value != 0)
+            overflow = ~lost & overflows(magnitude, room, dtype)
+            surely_over = overflows(magnitude - off, 0.0, dtype)
+            # Nonzero, yet below half the dtype's smallest number: it rounds to 0 there (an exact
+            # value below float64's range comes as its smallest number, sign kept); a float64 zero
+            # computed with an error may be one.
+            vanishing = ~lost & (value != 0) & ((magnitude + off < half_smallest) | (magnitude <= FLOAT64_SMALLEST))
+            maybe_vanishing = ~lost & (value == 0) & (np.asarray(error) > 0) if how == "bounds" else False
         if how == "floor":  # without bounds only a step that overflowed float64 itself is decided
             if kind == "step":
                 over = keep & _per_point(np.isinf(value))
                 if over.any():
-                    rejected[f"{label} overflows {dtype_name}"] += int(over.sum())
+                    rejected[f"{label} overflows {model.name}"] += int(over.sum())
                     keep &= ~over
-            doubtful |= keep & _per_point(undefined | overflow | (underflow if kind != "quantity" else False))
+            doubtful |= keep & _per_point(undefined | overflow)
             continue
-        with np.errstate(all="ignore"):
-            surely_over = lost | (magnitude - off > limit)
-            surely_under = magnitude + off < tiny
-        reasons = [(f"{label} is undefined", undefined),
-                   (f"{label} overflows {dtype_name}", overflow & surely_over)]
-        if kind != "quantity":
-            reasons.append((f"{label} underflows {dtype_name}", underflow & surely_under))
+        reasons = [(f"{label} is undefined", undefined), (f"{label} overflows {model.name}", overflow & surely_over)]
+        for name, (read, read_error) in reads.items():
+            read, read_error = read.reshape(batch, -1), np.broadcast_to(read_error, np.shape(read)).reshape(batch, -1)
+            with np.errstate(all="ignore"):
+                off = 0.0 if how != "bounds" else np.where(np.isfinite(read_error), own_error(read, read_error, model), 0)
+                beyond = _per_point(overflows(np.abs(read) - off, 0.0, dtype) | np.isinf(read))
+            reasons.append((f"{label} is computed from {name}, which overflows {model.name}",
+                            np.broadcast_to(beyond[:, None], value.shape)))
         if kind == "step":
-            reasons.append((f"a step of {label} overflows {dtype_name}", lost))
+            reasons.append((f"a step of {label} overflows {model.name}", overflowed))
+            reasons.append((f"{label} underflows to 0 in {model.name}", vanishing))
         decided = np.zeros(value.shape, dtype=bool)
+        dropped = np.zeros(batch, dtype=bool)
         for reason, bad in reasons:
-            newly = keep & _per_point(bad)
+            newly = keep & ~dropped & _per_point(bad)
             if newly.any():
                 rejected[reason] += int(newly.sum())
-                keep &= ~newly
+                if kind == "quantity" and skipped is not None:
+                    dropped |= newly
+                else:
+                    keep &= ~newly
             decided |= bad
-        unsure = lost | overflow & ~surely_over | (underflow & ~surely_under if kind != "quantity" else False)
+        if dropped.any():
+            skipped[label] = skipped.get(label, np.zeros(batch, dtype=bool)) | dropped
+        unsure = lost | overflow & ~surely_over | (maybe_vanishing if kind == "step" else False)
         doubtful |= keep & _per_point(unsure & ~decided)
     return keep & ~doubtful, doubtful
 
@@ -218,33 +304,39 @@ def _per_point(array, reduce=np.any) -> np.ndarray:
     return reduce(array.reshape(array.shape[0], -1), axis=1)
 
 
-def agreeing(reference, floor, actual, dtype, slack: tuple = (0.0, 0.0), computed=None) -> np.ndarray:
-    """Per point, whether every element of ``actual`` is within the tolerance of the error
-    bound's floor, a tolerance that fits the dtype: where the floor is huge, the bounds decide
-    whether the point counts at all."""
+def agreeing(reference, floor, actual, model: Precision, slack: tuple = (0.0, 0.0),
+             exact: bool = False) -> tuple:
+    """(per point, whether every element of ``actual`` is within the tolerance of the error
+    bound's floor, less the float64 reference's own error (``exact``: as ``own_error``), that
+    tolerance). Where the floor is huge, the bounds decide whether the point counts at all."""
     with np.errstate(all="ignore"):  # inf and NaN are not within any tolerance
         magnitude = np.abs(reference)
-        allowed = allowed_error(magnitude, floor, dtype, computed) + extra_allowance(magnitude, slack)
-        ok = np.abs(actual - reference) <= allowed
-        limit = representable_limit(dtype)
-        if not np.max(magnitude, initial=0.0) + np.max(allowed, initial=0.0) <= limit:
-            ok &= magnitude + allowed <= limit
-    return ok.reshape(len(ok), -1).all(axis=1)
+        allowed = allowed_error(floor, model, reference) + extra_allowance(magnitude, slack)
+        ok = np.abs(actual - reference) + own_error(reference, floor, model, exact) <= allowed
+        if np.any(overflows(np.max(magnitude, initial=0.0), np.max(allowed, initial=0.0), model.dtype)):
+            ok &= ~overflows(magnitude, allowed, model.dtype)
+    return ok.reshape(len(ok), -1).all(axis=1), allowed
 
 
-def disagreeing(reference, error, actual, dtype, exact: bool = False, slack: tuple = (0.0, 0.0),
-                computed=None) -> tuple:
+def own_error(reference, error, model: Precision, exact: bool = False):
+    """What the float64 reference may be off by: a float64 rounding per step, where the model
+    counts one of the code's (at its ratio: so at most the bound over the smallest ratio,
+    times u of float64), and the numeric functions it calls are as accurate as the model
+    takes torch's to be; an ``exact`` reference (a midpoint of the exact pass) by one float64
+    rounding of its value."""
+    own = np.abs(reference) if exact else np.abs(error) / min(model.kernel_ratio, 1.0)
+    return UNIT_ROUNDOFF[torch.float64] * own
+
+
+def disagreeing(reference, error, actual, model: Precision, exact: bool = False,
+                slack: tuple = (0.0, 0.0)) -> tuple:
     """(points where ``actual`` is certainly off by more than the allowance, points where that
-    is within the float64 reference's own error of it, the allowance).
-
-    The float64 reference is off by at most u · error (twice that, for a first-order bound),
-    so a distance that close to the allowance is left to the exact pass; an ``exact``
-    reference is off by less than a float64 rounding of its value.
-    """
+    is within the float64 reference's own error (``own_error``) of it, the allowance); the
+    latter are left to the exact pass."""
     with np.errstate(all="ignore"):
-        allowed = allowed_error(reference, error, dtype, computed) + extra_allowance(np.abs(reference), slack)
+        allowed = allowed_error(error, model, reference) + extra_allowance(np.abs(reference), slack)
         distance = np.abs(actual - reference)
-        own = 2 * UNIT_ROUNDOFF[torch.float64] * (np.abs(reference) + (0 if exact else np.abs(error)))
+        own = own_error(reference, error, model, exact)
         over = ~(distance <= allowed + own)
         near = ~over & (distance > allowed - own)
     failing = _per_point(over)

@@ -28,7 +28,7 @@ def load(path: str | Path) -> Spec:
 def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
           dtype: torch.dtype = torch.float64, order: int = 1, modes=("rev", "fwd"), device: str = "cpu",
           database: str | Path | None = None, derandomize: bool = False, sizes: dict | None = None,
-          time_budget: float | None = None) -> Result:
+          time_budget: float | None = None, require_power: bool = False) -> Result:
     """Check that torch's autograd agrees with sympy on ``spec``, over Hypothesis-drawn points.
 
     ``spec`` is spec text or a parsed ``Spec``. Compared at every point: the value of every
@@ -45,10 +45,14 @@ def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
     fixes size symbols, e.g. ``{"n": 1000}``; the others are drawn (1 to 8, now and then up
     to 64). With ``time_budget`` (seconds, planning included), no new example is drawn once
     it is spent; the result says how many ran (``Result.examples``, ``Result.budget_spent``).
+    An element is judged weakly where its allowance is at least its exact value (a zero would
+    pass there too); the result counts them (``Result.weak``) and warns where most of a check's
+    elements are weak, rejected or unjudged; ``require_power`` fails the run there instead.
 
-    Returns a ``Result`` (``.points``, ``.rejected``, ``.claims``). Raises ``Mismatch`` (an
-    ``AssertionError``) with the shrunk counterexample, ``Unsupported`` when a mode or the
-    dtype cannot be checked, ``Unchecked`` when no point could be, or ``SpecError``.
+    Returns a ``Result`` (``.points``, ``.rejected``, ``.weak``, ``.claims``). Raises ``Mismatch``
+    (an ``AssertionError``) with the shrunk counterexample, ``Unsupported`` when a mode or the
+    dtype cannot be checked, ``Unchecked`` when no point could be, ``Inconclusive`` when the
+    checks could not decide, or ``SpecError``.
 
     >>> result = check("x: Real[n]\\ny = x**2\\no = 1/2 * sum(y)\\nassert grad(o, x) == x", seed=0)
     >>> result.claims[0].status
@@ -58,7 +62,7 @@ def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
     parsed = parse(spec) if isinstance(spec, str) else spec
     return engine.run(parsed, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
                       device=device, database=database, derandomize=derandomize, sizes=sizes,
-                      time_budget=time_budget)
+                      time_budget=time_budget, require_power=require_power)
 
 
 def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, order: int = 1,
@@ -67,7 +71,7 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
                    sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0, atol: float = 0.0,
                    outputs: tuple | None = None, parameters: dict | None = None,
                    time_budget: float | None = None, rows: bool = False,
-                   compute_dtype: torch.dtype | None = None) -> Result:
+                   compute_dtype: torch.dtype | None = None, require_power: bool = False) -> Result:
     """Check ``fn`` (a custom ``autograd.Function``'s ``apply``, a fused op, a module) against
     the math of ``spec``.
 
@@ -82,7 +86,8 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
     either side's value, or torch's convention there; ``kinks="torch"`` demands torch's.
     Code that knowingly trades accuracy states it: ``rtol`` and ``atol`` add
     ``rtol * |reference| + atol`` to every comparison's allowance, as ``assert_close`` would.
-    ``database``, ``derandomize``, ``sizes`` and ``time_budget`` are as for ``check``.
+    ``database``, ``derandomize``, ``sizes``, ``time_budget`` and ``require_power`` are as for
+    ``check``.
 
     A kernel that launches per call is checked fastest with ``rows=True``: ``fn`` then takes
     every input with a leading axis of independent points (row k of each is point k) and
@@ -114,4 +119,5 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
         fn, parsed = binding.combine_outputs(fn, parsed, tuple(outputs))
     return engine.run(parsed, fn=fn, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
                       device=device, database=database, derandomize=derandomize, sizes=sizes, kinks=kinks,
-                      rtol=rtol, atol=atol, time_budget=time_budget, rows=rows, compute_dtype=compute_dtype)
+                      rtol=rtol, atol=atol, time_budget=time_budget, rows=rows, compute_dtype=compute_dtype,
+                      require_power=require_power)

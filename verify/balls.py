@@ -18,6 +18,7 @@ import math
 import flint
 import numpy as np
 import sympy
+import torch
 from flint import arb
 from sympy.codegen import cfunctions
 
@@ -56,22 +57,34 @@ def _exponential(fn):
 
 class _Mode:
     """How the formulas run on balls. Exactly, by default: a sign that a ball does not tell
-    raises ``Undecided``. In ``modelled``, every step of a formula also widens its ball by
-    ``rounding`` (relative), and the inputs come widened too. That rounding is far below any
-    dtype's, so ball arithmetic follows the first-order (linear) model of a computation's
-    error: ``scale`` times the radius of a result is what a computation in the dtype may be
-    off by. Signs are decided by midpoints, noting in ``straddled`` whether a rounding of
-    the dtype could flip one."""
+    raises ``Undecided``. In ``modelled``, every step of a formula also widens its ball as
+    the allowance's model rounds it (``verify.tolerance``): relatively by ``rounding`` times
+    the step's ratio (inside a kernel or between kernels), and absolutely by its dtype's
+    smallest subnormal number. That rounding is far below any dtype's, so ball arithmetic
+    follows the first-order (linear) model of a computation's error: ``scale`` times the
+    radius of a result is what a computation in the dtype may be off by. Signs are decided
+    by midpoints, noting in ``straddled`` whether a rounding of the dtype could flip one."""
 
-    rounding = None  # a ball's radius: an exact power of 2, below float64's range if need be
-    scale = 1.0
-    tiny = 0.0
-    underflow = None
-    straddled = False
-    # An exact tie (a sign that is exactly 0) is met: at a kink, as the formula says there,
-    # or, with ``ties`` at 1 or -1, as if approached from that side.
-    tied = False
-    ties = 0
+    def __init__(self):
+        self.rounding = None  # a ball's radius: an exact power of 2, below float64's range if need be
+        self.scale = 1.0
+        self.linear = True  # the first-order model (else the dtype's own rounding, higher orders too)
+        self.ratios = {False: 1.0, True: 1.0}  # a step's rounding between kernels and inside one
+        self.stores = False  # whether each kernel's result is rounded once more, to the stored dtype
+        # Inside a kernel or not, and "stored" -> (the smallest normal number of the dtype such a
+        # step rounds in, what a step below it may be off by, as a radius)
+        self.spacings = {}
+        self.limits = {}  # the same keys -> the largest finite number of that dtype
+        # A step of the spec's forward went beyond its dtype's range (the range is then taken as
+        # unbounded); only noted while ``noting``: the derivatives' formulas are sympy's, whose
+        # intermediate steps (1 / y**2 in div's) are not torch's ((x / y) / y).
+        self.overflowed = False
+        self.noting = True
+        self.straddled = False
+        # An exact tie (a sign that is exactly 0) is met: at a kink, as the formula says there,
+        # or, with ``ties`` at 1 or -1, as if approached from that side.
+        self.tied = False
+        self.ties = 0
 
 
 MODE = _Mode()
@@ -100,25 +113,37 @@ def ties_settled():
 
 
 @contextlib.contextmanager
-def modelled(unit_roundoff: float, tiny: float, largest: float, linear: bool = True):
-    """Run the block in the modelled mode (above) for a dtype of ``unit_roundoff`` whose
-    smallest normal number is ``tiny``, on inputs up to ``largest`` in magnitude; yields the
-    mode, to read ``scale`` and ``straddled``. The rounding is small enough that it moves
-    ``exp`` of the largest input by far less than 1, and the precision wide enough to carry it.
-    A step below ``tiny`` is off by up to ``tiny`` too, absolutely: the dtype underflows there.
+def modelled(model, largest: float, linear: bool = True, unbounded: bool = False):
+    """Run the block in the modelled mode (above) for the precision ``model``
+    (``verify.tolerance.Precision``), on inputs up to ``largest`` in magnitude; yields the mode,
+    to read ``scale`` and ``straddled``. The rounding is small enough that it moves ``exp`` of
+    the largest input by far less than 1, and the precision wide enough to carry it.
+    ``unbounded``: a step of the point overflows the dtype, which the model does not follow
+    (the exact result is what the code must give), so no step underflows either.
 
     Without ``linear``, the rounding is the dtype's own (``scale`` is 1): the balls then enclose
-    every evaluation that rounds each step by up to ``unit_roundoff``, higher-order terms
-    included. ``sinc(x)**2`` at a large integer x is exactly 0, and a float32 evaluation that
-    rounds ``pi * x`` gets 1.8e-16 there, where the first-order model allows nothing."""
+    every evaluation that rounds each step by up to its u, higher-order terms included.
+    ``sinc(x)**2`` at a large integer x is exactly 0, and a float32 evaluation that rounds
+    ``pi * x`` gets 1.8e-16 there, where the first-order model allows nothing."""
+    from .tolerance import underflow_error, underflow_threshold
+
     bits = 64 + max(math.frexp(largest)[1], 0)
     previous = flint.ctx.prec
     flint.ctx.prec = max(previous, 2 * bits + 64)
     if linear:
-        MODE.rounding, MODE.scale = arb(2) ** -bits, arb(unit_roundoff) * arb(2) ** bits
+        MODE.rounding, MODE.scale = arb(2) ** -bits, arb(model.u) * arb(2) ** bits
     else:
-        MODE.rounding, MODE.scale = arb(unit_roundoff), arb(1)
-    MODE.straddled, MODE.tiny, MODE.underflow = False, tiny, arb(tiny) / MODE.scale
+        MODE.rounding, MODE.scale = arb(model.u), arb(1)
+    MODE.linear = linear
+    MODE.ratios = {False: arb(model.outer_ratio), True: arb(model.kernel_ratio)}
+    MODE.stores = model.stores_kernels
+    outer = model.compute if model.fused else model.dtype
+    steps = ((False, outer), (True, model.compute), ("stored", model.dtype))
+    MODE.spacings = {key: (underflow_threshold(dtype), None if unbounded else arb(underflow_error(dtype)) / MODE.scale)
+                     for key, dtype in steps}
+    MODE.limits = {key: float(torch.finfo(dtype).max) for key, dtype in steps}
+    MODE.overflowed = False
+    MODE.straddled = False
     try:
         yield MODE
     finally:
@@ -131,42 +156,111 @@ def _integral(values) -> bool:
     return isinstance(values, (int, np.integer)) or isinstance(values, np.ndarray) and values.dtype.kind in "iub"
 
 
-def rounded(values, roundings=1):
-    """``values`` widened by ``roundings`` relative roundings, in the modelled mode."""
-    if MODE.rounding is None or _integral(values):
+def rounded(values, roundings=1, inside: bool = False, ratio: float | None = None):
+    """``values`` widened by ``roundings`` roundings of a step inside a kernel or between
+    kernels (or of ``ratio`` times the rounding), and below the normal range of the dtype the
+    step rounds in, by what underflow costs there, in the modelled mode."""
+    if MODE.rounding is None or _integral(values) or np.all(np.equal(roundings, 0)):
         return values
-    return values * arb(1, MODE.rounding) ** roundings
+    factor = arb(1, MODE.rounding * (MODE.ratios[inside] if ratio is None else arb(ratio)))
+    return np.frompyfunc(lambda value, k: _underflowed(_ball(value) * factor ** int(k), inside), 2, 1)(
+        values, roundings)
 
 
-def rounded_sum(total, terms: list):
-    """A sum of ``terms`` widened by one rounding of the sum of their magnitudes: partial
-    sums may reach it, in any order."""
+def op_rounded(values, roundings, inside: bool):
+    """``values`` as a function of ``roundings`` roundings leaves them: a half type's op
+    outside a kernel computes in float32 and stores its result once."""
+    if MODE.stores and not inside and roundings:
+        return stored(rounded(values, roundings, True))
+    return rounded(values, roundings, inside)
+
+
+def rounded_sum(total, terms: list, inside: bool = False, roundings=1):
+    """A sum of ``terms`` widened by ``roundings`` roundings of the sum of their magnitudes
+    (partial sums may reach it, in any order), and by what underflow costs, in the modelled
+    mode."""
     if MODE.rounding is None or _integral(total):
         return total
-    return total + sum(np.abs(t) for t in terms) * arb(0, MODE.rounding)
+    spread = MODE.rounding * MODE.ratios[inside]
+    widened = total + sum(np.abs(t) for t in terms) * np.frompyfunc(lambda k: arb(0, spread * int(k)), 1, 1)(
+        np.asarray(roundings))
+    return np.frompyfunc(lambda value: _underflowed(_ball(value), inside), 1, 1)(widened)
 
 
-def underflowed(values):
-    """A step of the spec, widened by the dtype's smallest normal number where it is below it:
-    the dtype holds no relative precision there. (A step inside an op's formula is not the
-    kernel's: softmax never forms 1 / sum(exp(x)).) A step that overflows the dtype is not
-    modelled: the exact result is what the code must give, however the spec writes it."""
-    if MODE.rounding is None:
-        return values
-    return np.frompyfunc(_underflowed, 1, 1)(values)
-
-
-def _underflowed(value):
-    value = _ball(value)
-    if value.is_nan() or float(abs(value).mid()) >= MODE.tiny:
+def _underflowed(value, key):
+    """``value`` widened by what a step of the dtype ``key`` names costs below its normal range;
+    a step beyond that dtype's range is noted in ``MODE.overflowed``."""
+    tiny, spread = MODE.spacings[key]
+    if value.is_nan():
         return value
-    return value + MODE.underflow * arb(0, 1)
+    magnitude = float(abs(value).mid())
+    if MODE.noting and magnitude > MODE.limits[key]:
+        MODE.overflowed = True
+    if spread is None or magnitude >= tiny:
+        return value
+    return value + arb(0, spread)
 
 
-def widened(values: np.ndarray) -> np.ndarray:
-    """Exact floats as balls that also hold every value within the modelled mode's rounding of each."""
-    return np.asarray(np.frompyfunc(lambda v: arb(float(v), abs(arb(float(v))) * MODE.rounding), 1, 1)(
-        np.asarray(values, dtype=np.float64).astype(object)), dtype=object)
+def off_by(values, roundings: float, inside: bool, absolute: float, log_roundings: bool = False):
+    """``values`` widened by a kernel's calibrated errors, in the modelled mode: ``roundings``
+    of its result at the step's ratio (and |log|value|| more, with ``log_roundings``), and
+    ``absolute`` (in units of the dtype's u)."""
+    if MODE.rounding is None or _integral(values) or not (roundings or absolute or log_roundings):
+        return values
+    rounding = MODE.rounding * MODE.ratios[inside]
+    spread = MODE.rounding * arb(absolute)  # u of the dtype is MODE.rounding times MODE.scale
+
+    def one(value):
+        value = _ball(value)
+        if value.is_nan():
+            return value
+        count = arb(roundings)
+        if log_roundings:
+            count = count + abs(arb(max(abs(float(value.mid())), 1e-300)).log())
+        return value + abs(value) * arb(0, rounding * count) + arb(0, spread)
+
+    return np.frompyfunc(one, 1, 1)(np.asarray(values, dtype=object))
+
+
+def flushed(values, inside: bool):
+    """``values`` of a step whose kernel returns 0 below the normal range of the dtype it rounds
+    in, widened there by that range's bottom, in the modelled mode."""
+    if MODE.rounding is None or _integral(values):
+        return values
+    tiny = MODE.spacings[inside][0]
+
+    def one(value):
+        value = _ball(value)
+        if value.is_nan() or float(abs(value).mid()) >= tiny:
+            return value
+        return value + arb(0, arb(tiny) / MODE.scale)
+
+    return np.frompyfunc(one, 1, 1)(np.asarray(values, dtype=object))
+
+
+def stored(values):
+    """A kernel's result, rounded once more to the stored dtype where each op stores its own
+    (an exact result, as a max or a copy, stays exact)."""
+    if MODE.rounding is None or not MODE.stores or _integral(values):
+        return values
+    return np.frompyfunc(_stored, 1, 1)(np.asarray(values, dtype=object))
+
+
+def _stored(value):
+    value = _ball(value)
+    if value.is_exact() or value.is_nan():
+        return value
+    return _underflowed(value * arb(1, MODE.rounding), "stored")
+
+
+@contextlib.contextmanager
+def forward_steps_noted(noted: bool):
+    """Note overflowing steps (``MODE.overflowed``) in the block, or not."""
+    saved, MODE.noting = MODE.noting, noted
+    try:
+        yield
+    finally:
+        MODE.noting = saved
 
 
 @contextlib.contextmanager
@@ -249,8 +343,6 @@ FUNCTIONS = {
     functions.logsigmoid: _ufunc(lambda x: _limit(x, 0, x, lambda: -((-x).exp().log1p()))),
     functions.softplus: _ufunc(lambda x: _limit(x, x, 0, lambda: x.exp().log1p())),
     functions.power: lambda a, b: power(a, b),
-    # torch's backward of sign, heaviside and comparisons is 0.
-    sympy.DiracDelta: lambda *args: np.zeros(np.shape(args[0]), dtype=np.int64),
 }
 
 

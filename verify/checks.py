@@ -24,14 +24,15 @@ from .report import Failure, Result, readable, reproduction_snippet
 from .settings import MODES
 from .strategies import Example
 from .subject import CodeFailure, FunctionSubject, ModeUnsupported, SpecSubject
+from .tolerance import Precision, precision
 
 if TYPE_CHECKING:
     from .plan import Plan
 
-# Points of one batch that the exact pass judges: it runs element by element in Python. Torch
-# runs on SCREENED times as many first, and those where it is not finite go first.
+CLAIMS = precision(torch.float64)  # a claim compares two formulas of the float64 reference
+# Points of one batch that the exact pass judges beyond those it must (float64's sure
+# disagreements, torch not finite): it runs element by element in Python.
 EXACT_POINTS = 8
-SCREENED = 4
 # ... and of large points fewer, within this many input elements (one at least): arb's cost grows
 # with the elements, and a 64 x 64 matrix costs as much as a few hundred scalars.
 EXACT_ELEMENTS = 2**10
@@ -64,9 +65,9 @@ class Options:
         return str(self.dtype).replace("torch.", "")
 
     @property
-    def steps_dtype(self) -> torch.dtype:
-        """The dtype the code's steps round in: the reference's error model is in its units."""
-        return self.compute_dtype or self.dtype
+    def model(self) -> Precision:
+        """How the code under test rounds: the allowance's model (``verify.tolerance``)."""
+        return precision(self.dtype, self.compute_dtype)
 
 
 @dataclass
@@ -149,53 +150,58 @@ class _Comparison:
 
     check: str
     subject: str
+    label: str  # its name in the rules of ``verify.acceptance``
     reference: tuple
     actual: np.ndarray
     formula: tuple  # (its label, its Tensor): printed only for a failure, as sympy prints slowly
     line: int | None
-    dtype: torch.dtype
+    model: Precision  # the code's; claims compare two float64 formulas
     tangents: bool = False  # the failing point is shown with its tangents
     details: dict = field(default_factory=dict)
     slack: tuple = (0.0, 0.0)  # the options' (rtol, atol); claims compare two formulas and get none
-    computed: torch.dtype | None = None  # the options' compute_dtype; claims get none either
+    # The bound covers the float64 reference's own error (a claim's two formulas'), so no
+    # distance is left to the exact pass for it.
+    own_included: bool = False
 
 
-def _comparisons(prepared: Plan, subject, reference: ReferenceSide, actual: TorchSide, dtype: torch.dtype,
-                 slack: tuple = (0.0, 0.0), computed: torch.dtype | None = None):
+def _comparisons(prepared: Plan, subject, reference: ReferenceSide, actual: TorchSide, model: Precision,
+                 slack: tuple = (0.0, 0.0)):
     """Every check of a batch, in the order a failure is reported; a raised call's Failure where
     its check would be."""
     spec = prepared.spec
     output = spec.output
     for name, array in actual.values.items():
-        yield _Comparison("value", f"the value of {name}", reference.values[name], array,
-                          (name, prepared.values[name].tensor), _line(spec, name), dtype, slack=slack,
-                          computed=computed)
+        yield _Comparison("value", f"the value of {name}", f"the value of {name}", reference.values[name], array,
+                          (name, prepared.values[name].tensor), _line(spec, name), model, slack=slack)
     for name in _backward_order(spec, actual.gradients):
         blame = _blame(spec, name) if isinstance(subject, SpecSubject) else ""
-        yield _Comparison("gradient", f"∂{output}/∂{name}", reference.gradients[name], actual.gradients[name],
-                          (f"∂{output}/∂{name}", prepared.gradients[name].tensor), _line(spec, name), dtype,
-                          details={"blame": blame}, slack=slack, computed=computed)
+        yield _Comparison("gradient", f"∂{output}/∂{name}", f"∂{output}/∂{name}", reference.gradients[name],
+                          actual.gradients[name],
+                          (f"∂{output}/∂{name}", prepared.gradients[name].tensor), _line(spec, name), model,
+                          details={"blame": blame}, slack=slack)
     for claim, ((claimed, claimed_error), (derivative, error)) in zip(prepared.claims, reference.claimed):
         label = f"∂{output}/∂{claim.wrt}" if claim.kind == "grad" else f"∂²{output}/∂{claim.wrt}²"
-        with np.errstate(over="ignore"):  # two float64 formulas: both carry rounding
-            both_errors = claimed_error + error + np.abs(claimed)
-        yield _Comparison("claim", f"{claim.kind}({output}, {claim.wrt})", (derivative, both_errors), claimed,
-                          (label, claim.formula), claim.line, torch.float64,
+        with np.errstate(over="ignore"):  # two float64 formulas, each off by its own rounding, four times over
+            both = (claimed_error + error) / min(model.kernel_ratio, 1.0) + np.abs(claimed) + np.abs(derivative)
+        yield _Comparison("claim", f"{claim.kind}({output}, {claim.wrt})", f"the claimed {claim.kind} of {claim.wrt}",
+                          (derivative, 4 * both), claimed,
+                          (label, claim.formula), claim.line, CLAIMS, own_included=True,
                           details={"reference_label": "derivative", "actual_label": "claimed", "claim": claim.text})
     if isinstance(actual.jvp, Failure):
         yield actual.jvp
     elif actual.jvp is not None:
-        yield _Comparison("JVP", f"the JVP of {output}", reference.jvp, actual.jvp,
-                          (f"JVP of {output}", prepared.forward_mode()[output].tensor), _line(spec, output), dtype,
-                          tangents=True, slack=slack, computed=computed)
+        yield _Comparison("JVP", f"the JVP of {output}", f"the JVP of {output}", reference.jvp, actual.jvp,
+                          (f"JVP of {output}", prepared.forward_mode()[output].tensor), _line(spec, output), model,
+                          tangents=True, slack=slack)
     for way, products in actual.hvps.items():
         if isinstance(products, Failure):
             yield products
             continue
         for name, array in products.items():
-            yield _Comparison("HVP", f"the Hessian-vector product of {name} ({way})", reference.hvps[name], array,
-                              (f"HVP of {name}", prepared.second_order()[name].tensor), _line(spec, name), dtype,
-                              tangents=True, slack=slack, computed=computed)
+            yield _Comparison("HVP", f"the Hessian-vector product of {name} ({way})",
+                              f"the Hessian-vector product of {name}", reference.hvps[name], array,
+                              (f"HVP of {name}", prepared.second_order()[name].tensor), _line(spec, name), model,
+                              tangents=True, slack=slack)
 
 
 def evaluate(prepared: Plan, subject, example: Example, options: Options, result: Result, rejected: Counter):
@@ -212,16 +218,14 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
     disagreement within the reference's own error of the allowance), the exact pass decides.
     """
     subject = subject or prepared.subject.on(options.device)
-    dtype = options.dtype
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
     for claim, status in zip(prepared.claims, result.claims):
         status.proved = status.proved and claim.proved
     result.examples += 1
-    ctx, values = reference_values(prepared, example, options.steps_dtype, bounded=False)
+    ctx, values = reference_values(prepared, example, options.model, bounded=False)
     inside, doubtful = acceptance.inside_domains(prepared, example, values, rejected, how="floor")
-    keep, unsure = acceptance.accepted_points(example.batch, dtype, rejected, inside,
-                                              _value_checks(prepared, subject, values), how="floor",
-                                              computed=options.compute_dtype)
+    keep, unsure = acceptance.accepted_points(example.batch, options.model, rejected, inside,
+                                              _value_checks(prepared, subject, values), how="floor")
     # A NaN value is undefined math or a step that overflowed: only the bounds tell which, and
     # torch runs there only where they accept the point.
     undecided = doubtful | unsure | keep & _any_nan(values, example.batch)
@@ -240,10 +244,15 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
             estimate = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order,
                                                                     forward, bounded=False))
             confirmed = np.ones(at.batch, dtype=bool)
-            for comparison in _comparisons(prepared, subject, restricted(estimate, keep), actual, dtype,
-                                           options.slack, options.compute_dtype):
-                confirmed &= acceptance.agreeing(*comparison.reference, comparison.actual, comparison.dtype,
-                                                 comparison.slack, comparison.computed)
+            judged = []
+            for comparison in _comparisons(prepared, subject, restricted(estimate, keep), actual, options.model,
+                                           options.slack):
+                agree, allowed = acceptance.agreeing(*comparison.reference, comparison.actual, comparison.model,
+                                                     comparison.slack, comparison.own_included)
+                confirmed &= agree
+                judged.append((comparison, allowed))
+            for comparison, allowed in judged:
+                _count_weak(result, comparison, allowed, confirmed)
             checked = int(confirmed.sum())
             if not confirmed.all():
                 closely.append((at.at(~confirmed), actual.at(~confirmed)))
@@ -256,6 +265,19 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
         checked += count
     result.points += checked
     return None
+
+
+def _count_weak(result: Result, comparison: _Comparison, allowed: np.ndarray, judged: np.ndarray) -> None:
+    """Count, at the points ``judged``, the elements of a check and those of them whose
+    allowance is at least their exact value: there a zero would pass too (weak)."""
+    if comparison.check == "claim" or not judged.any():
+        return
+    reference = np.abs(comparison.reference[0][judged])
+    with np.errstate(invalid="ignore"):
+        weak = (reference > 0) & (np.broadcast_to(allowed, comparison.reference[0].shape)[judged] >= reference)
+    tally = result.weak.setdefault(comparison.label, [0, 0])
+    tally[0] += int(weak.sum())
+    tally[1] += int(reference.size)
 
 
 def _value_checks(prepared: Plan, subject, values: dict) -> list:
@@ -272,18 +294,36 @@ def _stable(prepared: Plan, label: str) -> bool:
     return isinstance(node, Apply) and REGISTRY[node.op].stable
 
 
-def _derivative_checks(prepared: Plan, reference: ReferenceSide, options: Options) -> list:
-    """The derivatives that the rules judge: those the options check."""
+def _derivative_checks(prepared: Plan, subject, reference: ReferenceSide, options: Options,
+                       unit: ReferenceSide | None = None) -> list:
+    """The derivatives that the rules judge: those the options check, of what the subject
+    shows (a user's function shows its inputs' gradients alone), each with the values it is
+    computed from and, from the exact pass, itself at unit directions (``ExactPoint.unit``)."""
     output = prepared.spec.output
     reverse = "rev" in options.modes
+    shown = prepared.spec.inputs if isinstance(subject, FunctionSubject) else reference.gradients
+
+    # The values the code under test holds: a user's function holds its output alone (its
+    # backward may read what it returned), the spec's lowering every node.
+    held = {output} if isinstance(subject, FunctionSubject) else reference.values
+
+    def checked(label: str, pair: tuple, labels, at_unit) -> tuple:
+        reads = {name: reference.values[name] for name in labels if name in reference.values and name in held}
+        if unit is not None:
+            reads[f"{label} at unit directions"] = at_unit
+        return acceptance.quantity(label, pair, reads)
+
+    backward = prepared.backward_reads
     return [
-        *(acceptance.quantity(f"∂{output}/∂{n}", pair) for n, pair in reference.gradients.items() if reverse),
+        *(checked(f"∂{output}/∂{n}", pair, backward[n], unit and unit.gradients[n])
+          for n, pair in reference.gradients.items() if reverse and n in shown),
         *(acceptance.quantity(f"the claimed {c.kind} of {c.wrt}", claimed)
           for c, (claimed, _) in zip(prepared.claims, reference.claimed)),
-        *((acceptance.quantity("the JVP of " + output, reference.jvp),) if reference.jvp is not None else ()),
-        *(acceptance.quantity(f"the Hessian-vector product of {n}", pair) for n, pair in reference.hvps.items()),
-        *(acceptance.quantity(f"∂{output}/∂{n}", pair) for n, pair in reference.jacobian.items()
-          if reverse or reference.jvp is not None),
+        *((checked("the JVP of " + output, reference.jvp, prepared.forward_reads()[output], unit and unit.jvp),)
+          if reference.jvp is not None else ()),
+        # A Hessian-vector product differentiates the backward, which reads any value.
+        *(checked(f"the Hessian-vector product of {n}", pair, reference.values, unit and unit.hvps[n])
+          for n, pair in reference.hvps.items()),
     ]
 
 
@@ -295,49 +335,71 @@ def _any_nan(values: dict, batch: int) -> np.ndarray:
     return found
 
 
+def _finite(array) -> np.ndarray:
+    """Per point, whether every element of ``array`` is finite."""
+    array = np.asarray(array, dtype=np.float64)
+    return np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+
+
+def _live(skipped: dict, label: str, points: np.ndarray) -> np.ndarray:
+    """Per point of ``points`` (a mask over the batch), whether the check ``label`` is judged
+    there: not where its exact value is no number the dtype holds."""
+    mask = skipped.get(label)
+    return np.ones(int(points.sum()), dtype=bool) if mask is None else ~mask[points]
+
+
 def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSide | None, options: Options,
                      result: Result, rejected: Counter) -> tuple:
     """The checks of ``evaluate`` with the reference's error bounds, where the floor did not
     settle them: (the first Failure or None, the number of points checked). Without
     ``actual``, torch runs on the points the bounds accept. Points the bounds cannot settle
     go to the exact pass."""
-    dtype = options.dtype
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
-    ctx, values = reference_values(prepared, example, options.steps_dtype)
-    inside, exactly = acceptance.inside_domains(prepared, example, values, rejected)
+    ctx, values = reference_values(prepared, example, options.model)
+    inside, exactly = acceptance.inside_domains(prepared, example, values, rejected, model=options.model)
     sure = {}  # point -> a function giving the Failure float64's bounds are sure of there
+    skipped = {}  # a check -> the points where it is not judged (its quantity overflows, say)
     # A comparison within rounding of its boundary is decided exactly: an exact tie is checked.
     exactly |= inside & ctx.ambiguous
-    keep, unsure = acceptance.accepted_points(example.batch, dtype, rejected, inside & ~ctx.ambiguous,
-                                              _value_checks(prepared, subject, values),
-                                              computed=options.compute_dtype)
+    keep, unsure = acceptance.accepted_points(example.batch, options.model, rejected, inside & ~ctx.ambiguous,
+                                              _value_checks(prepared, subject, values), skipped=skipped)
     exactly |= unsure
     checked = 0
     if keep.any():
         reference = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order,
                                                                  forward))
         exactly |= keep & ctx.ambiguous
-        keep, unsure = acceptance.accepted_points(example.batch, dtype, rejected, keep & ~ctx.ambiguous,
-                                                  _derivative_checks(prepared, reference, options),
-                                                  computed=options.compute_dtype)
+        keep, unsure = acceptance.accepted_points(example.batch, options.model, rejected, keep & ~ctx.ambiguous,
+                                                  _derivative_checks(prepared, subject, reference, options),
+                                                  skipped=skipped)
         exactly |= unsure
     if keep.any():
         at = example.at(keep)
         torch_side = _torch_side(prepared, subject, at, options, result) if actual is None else actual.at(keep)
         if not isinstance(torch_side, TorchSide):
             return torch_side, 0
+        orders = acceptance.tied_orders(prepared, example, values, isinstance(subject, SpecSubject), rejected, keep)
         unsettled = np.zeros(at.batch, dtype=bool)
-        for comparison in _comparisons(prepared, subject, restricted(reference, keep), torch_side, dtype,
-                                       options.slack, options.compute_dtype):
+        judged = []
+        for comparison in _comparisons(prepared, subject, restricted(reference, keep), torch_side, options.model,
+                                       options.slack):
             if isinstance(comparison, Failure):
                 return comparison, 0
             failing, close, allowed = acceptance.disagreeing(*comparison.reference, comparison.actual,
-                                                             comparison.dtype, slack=comparison.slack,
-                                                             computed=comparison.computed)
+                                                             comparison.model, comparison.own_included,
+                                                             comparison.slack)
+            live = _live(skipped, comparison.label, keep)
+            tied = ~_live(orders, comparison.label, keep)
+            failing, close = failing & live & ~tied, close & live & ~tied
+            # Not finite where a tie leaves the derivative several values: the exact pass judges it.
+            close |= live & tied & ~_finite(comparison.actual)
             for index in np.flatnonzero(failing & ~unsettled):
                 sure[int(np.flatnonzero(keep)[index])] = functools.partial(
                     _failure, prepared.spec, subject, comparison, at, index, allowed[index], options)
             unsettled |= failing | close
+            judged.append((comparison, allowed, live & ~tied))
+        for comparison, allowed, live in judged:
+            _count_weak(result, comparison, allowed, live & ~unsettled)
         checked = int((~unsettled).sum())
         exactly[np.flatnonzero(keep)[unsettled]] = True
     if sure and options.provisional:
@@ -354,6 +416,12 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
     return None, checked
 
 
+UNJUDGED = "left unjudged (the exact pass's budget per example)"
+BEYOND = "left unjudged: beyond arb's exponent range (exp of 2**60 or more)"
+INCONCLUSIVE = ("inconclusive: float64's bounds are sure of a disagreement that the exact pass could not decide "
+                f"at {balls.PRECISIONS[-1]} bits")
+
+
 def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actual: TorchSide | None,
                      options: Options, result: Result, rejected: Counter) -> tuple:
     """The checks of ``evaluate`` against the exact reference, point by point, for the points
@@ -361,90 +429,92 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
 
     ``sure`` maps each point where float64's bounds are sure that torch disagrees to the
     Failure they report. Such points are judged exactly, first (the float64 reference may be
-    what is off), and where a result there is beyond arb's range, float64's verdict stands.
-    Of the other points, at most ``EXACT_POINTS`` (fewer where points are large, within
-    ``EXACT_ELEMENTS`` input elements) are judged, and the rest counted as left; once as many
-    of float64's disagreements are cleared (its first-order bounds miss what the exact pass
-    models, as in attention at magnitudes past 100), its other ones are left too, counted.
+    what is off), and so are the points where torch is not finite, whatever the budget:
+    there a finite exact value the dtype holds is a failure, before any rule could reject the
+    point. Where a result of a sure point is beyond arb's range, float64's verdict stands;
+    where the exact pass cannot decide one, the run is inconclusive (``INCONCLUSIVE``). Of the
+    other points, at most ``EXACT_POINTS`` (fewer where points are large, within
+    ``EXACT_ELEMENTS`` input elements) are judged, and the rest counted as left.
 
     In a user's function, at a point exactly on a kink, a derivative may take either side's
     value (unless ``options.kinks`` is "torch"): the tutorial's ReLU has 1 at 0."""
-    dtype = options.dtype
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
     one_sided = isinstance(subject, FunctionSubject) and options.kinks == "any"
     disagreed = np.isin(np.arange(example.batch), list(sure))
-    # The candidates: the disagreements, then, of a few more, those where torch is not finite.
-    chosen = disagreed.copy()
-    chosen[np.flatnonzero(~disagreed)[:EXACT_POINTS * SCREENED]] = True
-    unjudged = "left unjudged (the exact pass's budget per example)"
-    if not chosen.all():
-        result.exact[unjudged] += int((~chosen).sum())
-    positions = np.flatnonzero(chosen)
-    example, disagreed = example.at(chosen), disagreed[chosen]
-    actual = None if actual is None else actual.at(chosen)
     if actual is None:
         actual = _torch_side(prepared, subject, example, options, result)
         if not isinstance(actual, TorchSide) or not actual.complete():
             actual = None  # a call raised, maybe where a point is rejected: torch runs point by point
-    suspect = disagreed | (False if actual is None else ~actual.finite())
-    order = np.lexsort((~disagreed, ~suspect))
+    must = disagreed | (False if actual is None else ~actual.finite())
     elements = sum(array[0].size for array in example.inputs.values())
     others = max(1, min(EXACT_POINTS, EXACT_ELEMENTS // max(elements, 1)))
-    order = [*order[disagreed[order]], *order[~disagreed[order]][:others]]
-    if example.batch > len(order):
-        result.exact[unjudged] += example.batch - len(order)
-    checked = cleared = 0
+    rest = np.flatnonzero(~must)
+    order = [*np.flatnonzero(disagreed), *np.flatnonzero(must & ~disagreed), *rest[:others]]
+    if len(rest) > others:
+        result.exact[UNJUDGED] += len(rest) - others
+    checked = 0
     for index in order:
-        if disagreed[index] and cleared == others:
-            result.exact["left unjudged: float64 disagreed there, as at the points the exact pass cleared"] += 1
-            continue
         only = np.arange(example.batch) == index
         point = example.at(only)
         try:
             if _rejected_by_its_values(prepared, subject, point, options, rejected):
                 continue
-            exact = exact_point(prepared, point, options.steps_dtype, options.order, forward, one_sided)
+            exact = exact_point(prepared, point, options.model, options.order, forward, one_sided)
         except balls.Beyond:
             if disagreed[index]:
-                failure = sure[int(positions[index])]()
+                failure = sure[index]()
                 failure.notes.append("beyond arb's exponent range (exp of 2**60 or more): float64's bounds decide")
                 return failure, 0
-            result.exact["left unjudged: beyond arb's exponent range (exp of 2**60 or more)"] += 1
+            result.exact[BEYOND] += 1
             continue
         if exact is None:
-            rejected[f"the exact pass could not decide a comparison at {balls.PRECISIONS[-1]} bits"] += 1
+            if disagreed[index]:
+                result.exact[INCONCLUSIVE] += 1
+            else:
+                rejected[f"the exact pass could not decide a comparison at {balls.PRECISIONS[-1]} bits"] += 1
             continue
         reference = exact.side
         inside, _ = acceptance.inside_domains(prepared, point, reference.values, rejected, how="exact",
                                               gaps=exact.gaps)
-        keep = acceptance.unambiguous(inside, np.array([exact.ambiguous]), rejected)
-        keep, _ = acceptance.accepted_points(1, dtype, rejected, keep,
+        skipped = {}
+        keep, _ = acceptance.accepted_points(1, options.model, rejected, inside,
                                              _value_checks(prepared, subject, reference.values), how="exact",
-                                             computed=options.compute_dtype)
-        keep, _ = acceptance.accepted_points(1, dtype, rejected, keep, _derivative_checks(prepared, reference, options),
-                                             how="exact", computed=options.compute_dtype)
+                                             skipped=skipped)
+        keep, _ = acceptance.accepted_points(1, options.model, rejected, keep,
+                                             _derivative_checks(prepared, subject, reference, options, exact.unit),
+                                             how="exact", skipped=skipped)
         if not keep.any():
             continue
+        if isinstance(subject, SpecSubject):
+            _skip_overflowing_chains(prepared, reference, exact.overflowed, skipped, rejected, options)
         torch_side = _torch_side(prepared, subject, point, options, result) if actual is None else actual.at(only)
         if not isinstance(torch_side, TorchSide):
             return torch_side, 0
-        sides = [_comparisons(prepared, subject, side, torch_side, dtype, options.slack, options.compute_dtype)
+        sides = [list(_comparisons(prepared, subject, side, torch_side, options.model, options.slack))
                  for side in [reference, *exact.one_sided]]
-        judged, unbounded = 0, False
+        failure = _not_finite(prepared, subject, sides[0], skipped, point, options, exact.bits)
+        if failure is not None:
+            return failure, 0
+        ties = acceptance.tied_orders(prepared, point, reference.values, isinstance(subject, SpecSubject), rejected,
+                                      keep)
+        skipped = {label: skipped.get(label, False) | ties.get(label, False) for label in {*skipped, *ties}}
+        if exact.ambiguous:
+            rejected[acceptance.AMBIGUOUS] += 1
+            continue
+        judged, unbounded = [], False
         for comparison, *other_sides in zip(*sides):
-            if isinstance(comparison, Failure):
-                return comparison, 0
+            if not _live(skipped, comparison.label, keep)[0]:
+                continue
             # An HVP differentiates the backward: where a value or gradient has no bound, nor has it.
             if acceptance.unbounded(comparison.reference) or unbounded and comparison.check == "HVP":
                 rejected[acceptance.UNBOUNDED.format(comparison.subject)] += 1
                 unbounded = True
                 continue
-            judged += 1
-            if _agrees_exactly(comparison) or comparison.check in DERIVATIVES and any(map(_agrees_exactly,
-                                                                                          other_sides)):
+            failing, _, allowed = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.model,
+                                                         exact=True, slack=comparison.slack)
+            judged.append((comparison, allowed))
+            if not failing.any() or comparison.check in DERIVATIVES and any(map(_agrees_exactly, other_sides)):
                 continue
-            _, _, allowed = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.dtype,
-                                                   exact=True, slack=comparison.slack, computed=comparison.computed)
             failure = _failure(prepared.spec, subject, comparison, point, 0, allowed[0], options)
             failure.notes.append(f"decided by the exact pass (arb balls at {exact.bits} bits)")
             if exact.one_sided:
@@ -452,27 +522,67 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
             return failure, 0
         if not judged:
             continue
+        for comparison, allowed in judged:
+            _count_weak(result, comparison, allowed, np.ones(1, dtype=bool))
         checked += 1
         result.exact["judged by the exact pass"] += 1
         if disagreed[index]:
             result.exact["float64 disagreed, and the exact reference agrees"] += 1
-            cleared += 1
     return None, checked
+
+
+def _skip_overflowing_chains(prepared: Plan, reference: ReferenceSide, overflowed: frozenset, skipped: dict,
+                             rejected: Counter, options: Options) -> None:
+    """In the spec's own lowering, torch runs the backward's and forward mode's steps too: where
+    one of them overflows the dtype (an adjoint, a tangent), the derivatives along that chain
+    are not judged at the point (rule 2 for those steps), counted."""
+    output = prepared.spec.output
+    chains = {"backward": [f"∂{output}/∂{name}" for name in reference.gradients],
+              "forward": [f"the JVP of {output}"] if reference.jvp is not None else []}
+    second = [f"the Hessian-vector product of {name}" for name in reference.hvps]
+    for kind in overflowed & {"backward", "forward"}:
+        for label in chains[kind] + second:
+            if label not in skipped:
+                skipped[label] = np.ones(1, dtype=bool)
+                rejected[f"{label}: a step of torch's {kind} overflows {options.dtype_name}"] += 1
+
+
+def _not_finite(prepared: Plan, subject, comparisons: list, skipped: dict, point: Example, options: Options,
+                bits: int) -> Failure | None:
+    """The first check where torch is not finite while the exact value is finite and the dtype
+    holds it: a failure whatever else would reject the point (a rounding that reaches a
+    singularity of the spec's steps, a tie within rounding)."""
+    for comparison in comparisons:
+        if isinstance(comparison, Failure):
+            return comparison
+        if comparison.check == "claim" or not _live(skipped, comparison.label, np.ones(1, dtype=bool))[0]:
+            continue
+        exact = np.asarray(comparison.reference[0], dtype=np.float64)
+        actual = np.asarray(comparison.actual, dtype=np.float64)
+        wrong = ~np.isfinite(actual) & np.isfinite(exact)
+        if wrong.any():
+            _, _, allowed = acceptance.disagreeing(*comparison.reference, actual, comparison.model, exact=True,
+                                                   slack=comparison.slack)
+            failure = _failure(prepared.spec, subject, comparison, point, 0, allowed[0], options)
+            failure.notes.append(f"torch is not finite where the exact value is finite and {options.dtype_name} "
+                                 f"holds it (decided by the exact pass, arb balls at {bits} bits)")
+            return failure
+    return None
 
 
 def _rejected_by_its_values(prepared: Plan, subject, point: Example, options: Options, rejected: Counter) -> bool:
     """Whether the exact values at ``point`` reject it by the rules on values (domains, and
-    what the dtype holds), counted in ``rejected`` where they do: the exact pass of every
-    derivative would reject it the same way, at many times the cost (attention's points
-    whose softmax underflows)."""
-    found = exact_values(prepared, point, options.steps_dtype)
+    what the dtype holds of the spec's steps), counted in ``rejected`` where they do: the
+    exact pass of every derivative would reject it the same way, at many times the cost
+    (attention's points whose softmax underflows)."""
+    found = exact_values(prepared, point, options.model)
     if found is None:
         return False
     values, gaps = found
     reasons = Counter()
     inside, _ = acceptance.inside_domains(prepared, point, values, reasons, how="exact", gaps=gaps)
-    keep, _ = acceptance.accepted_points(1, options.dtype, reasons, inside, _value_checks(prepared, subject, values),
-                                         how="exact", computed=options.compute_dtype)
+    keep, _ = acceptance.accepted_points(1, options.model, reasons, inside, _value_checks(prepared, subject, values),
+                                         how="exact", skipped={})
     if keep.any():
         return False
     rejected.update(reasons)
@@ -485,8 +595,8 @@ KINKS = ("any", "torch")
 
 
 def _agrees_exactly(comparison) -> bool:
-    failing, _, _ = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.dtype, exact=True,
-                                           slack=comparison.slack, computed=comparison.computed)
+    failing, _, _ = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.model, exact=True,
+                                           slack=comparison.slack)
     return not failing.any()
 
 

@@ -25,7 +25,7 @@ class ExitCode(IntEnum):
 
 
 EXIT_CODES = {"ok": ExitCode.OK, "mismatch": ExitCode.MISMATCH, "unsupported": ExitCode.MISMATCH,
-              "unchecked": ExitCode.MISMATCH, "spec_error": ExitCode.USAGE}
+              "unchecked": ExitCode.MISMATCH, "inconclusive": ExitCode.MISMATCH, "spec_error": ExitCode.USAGE}
 
 
 class UsageError(Exception):
@@ -142,7 +142,8 @@ def _print_verdict(outcome, name_dtype: bool) -> None:
             print(f"         {line}")
         return
     why = {"spec_error": "spec error", "unsupported": "not every check asked for could run",
-           "unchecked": "no point could be checked"}.get(outcome.verdict)
+           "unchecked": "no point could be checked", "inconclusive": "the checks could not decide"}.get(
+        outcome.verdict)
     print(f"{VERDICTS[outcome.verdict]} {where}" + (f": {why}" if why else ""), flush=True)
 
 

@@ -22,7 +22,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from .checks import KINKS, Options, evaluate
-from .errors import Mismatch, SpecError, Unchecked, Unsupported
+from .errors import Inconclusive, Mismatch, SpecError, Unchecked, Unsupported
 from .ir import Spec
 from .plan import claim_text, example_point, needs_concrete_sizes, plan
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved
@@ -99,7 +99,7 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         order: int = 1, modes=MODES, device: str = "cpu", database: str | Path | None = None,
         derandomize: bool = False, sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0,
         atol: float = 0.0, time_budget: float | None = None, compute_dtype: torch.dtype | None = None,
-        rows: bool = False) -> Result:
+        rows: bool = False, require_power: bool = False) -> Result:
     """Check ``spec``'s torch lowering, or ``fn``, on Hypothesis-drawn batches of points and
     on the spec's example point.
 
@@ -108,6 +108,8 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     the spec text when none is given. ``sizes`` fixes size symbols (``{"n": 1000}``); the
     others are drawn. With ``time_budget`` (seconds, planning included), no new example is
     drawn once it is spent, unless a failure is being shrunk; ``Result.budget_spent`` says so.
+    With ``require_power``, a run whose checks are mostly weak, rejected or unjudged
+    (``Result.weakly_covered``) raises ``Inconclusive``.
     """
     __tracebackhide__ = True
     options = _validated(dtype, order, modes, device, kinks, rtol, atol, compute_dtype)
@@ -209,9 +211,14 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         hint = (' (pass modes=("rev",) to check reverse mode only)' if "fwd" in result.unsupported else
                 ' (pass modes=("fwd",) to check forward mode only)' if "rev" in result.unsupported else "")
         raise Unsupported(f"{name}: not everything asked for could be checked: {reasons}{hint}", result)
+    if result.inconclusive:
+        raise Inconclusive(f"{name}: inconclusive at {result.inconclusive} point(s): float64's bounds were sure of a "
+                           "disagreement that the exact pass could not decide (see verify.oracle.exact_point)", result)
     if result.points == 0:
         reasons = "; ".join(f"{count} {reason}" for reason, count in rejected.most_common(3)) or "none drawn"
         raise Unchecked(f"{name}: no point could be checked: every point was rejected ({reasons})", result)
+    if require_power and result.weakly_covered():
+        raise Inconclusive(f"{name}: the checks say little: " + "; ".join(result.weakly_covered()), result)
     for claim in result.claims:
         symbols = [] if needs_concrete_sizes(spec) else spec.size_symbols
         claim.status = (proved(symbols) + (" at every size checked" if symbols != spec.size_symbols else "")

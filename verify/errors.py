@@ -65,6 +65,12 @@ class Unchecked(VerifyError, AssertionError):
         super().__init__(report)
 
 
+class Inconclusive(Unchecked):
+    """The checks could not decide: float64 was sure of a disagreement that the exact pass
+    could not settle, or (with ``require_power``) most of a check's elements were weak,
+    rejected or left unjudged. Not a pass: ``result`` says what was checked."""
+
+
 class Unsupported(Unchecked):
     """A check that was asked for could not run: the code under test does not support forward
     mode (a Function without ``jvp``), or the dtype (an op without a kernel for it).

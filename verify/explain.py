@@ -20,7 +20,7 @@ from .ir import Input, Spec, concrete_shape
 from .lower.sympy import adjoint_name
 from .report import proved, readable
 from .strategies import Example, size_bounds
-from .tolerance import allowed_error
+from .tolerance import allowed_error, precision
 
 DEFAULT_SIZE = 3
 
@@ -31,7 +31,8 @@ def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
     tracked = planning.labelled_nodes(spec)
     sizes = point.sizes if planning.needs_concrete_sizes(spec) else None
     prepared = planning.build_plan(spec, tracked, sizes)
-    ctx, _ = oracle.reference_values(prepared, point, dtype)
+    model = precision(dtype)
+    ctx, _ = oracle.reference_values(prepared, point, model)
     oracle.backward(prepared, ctx, lambda reference: reference(ctx), exact=False)
     gradients = {label: ctx.env[adjoint_name(label)] for label in prepared.adjoints}
     shapes = {name: concrete_shape(reference.tensor.shape, point.sizes) for name, reference in prepared.values.items()}
@@ -61,7 +62,7 @@ def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
         formula = readable(prepared.adjoints[name].tensor.expr, output)
         reference, error = gradients[name]
         actual = actual_gradients[name]
-        agree = bool(np.all(np.abs(actual - reference) <= allowed_error(reference, error, dtype)))
+        agree = bool(np.all(np.abs(actual - reference) <= allowed_error(error, model, reference)))
         rows.append((name, str(formula), _show(reference[0]), _show(actual[0]), "yes" if agree else "NO"))
     lines.extend(_table(rows))
 

@@ -23,11 +23,11 @@ import torch
 
 from . import balls
 from .ir import Apply, Constant, Ref, SizeRef
-from .lower.sympy import COTANGENT, adjoint_name, tangent_name
+from .lower.sympy import ADJOINT_PREFIX, COTANGENT, TANGENT_PREFIX, adjoint_name, tangent_name
 from .ops import REGISTRY
 from .reference import ERROR_DTYPE, Context, Reference, per_point
 from .strategies import Example
-from .tolerance import UNIT_ROUNDOFF
+from .tolerance import SECOND_ORDER, UNIT_ROUNDOFF, Precision
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -43,13 +43,10 @@ class ReferenceSide:
     claimed: list  # per claim: (claimed form, sympy's derivative)
     jvp: tuple | None
     hvps: dict
-    # A scalar output's gradients before the cotangent scales them, where the exact pass
-    # judges whether the dtype can hold them.
-    jacobian: dict = field(default_factory=dict)
 
     def pairs(self) -> list:
         return [*self.values.values(), *self.gradients.values(), *(p for both in self.claimed for p in both),
-                *([self.jvp] if self.jvp is not None else []), *self.hvps.values(), *self.jacobian.values()]
+                *([self.jvp] if self.jvp is not None else []), *self.hvps.values()]
 
     def combined(self, other: ReferenceSide, combine) -> ReferenceSide:
         """A side whose every pair is ``combine(this side's pair, the other's)``."""
@@ -59,38 +56,37 @@ class ReferenceSide:
         return ReferenceSide(each(self.values, other.values), each(self.gradients, other.gradients),
                              [(combine(a, c), combine(b, d)) for (a, b), (c, d) in zip(self.claimed, other.claimed)],
                              None if self.jvp is None else combine(self.jvp, other.jvp),
-                             each(self.hvps, other.hvps), each(self.jacobian, other.jacobian))
+                             each(self.hvps, other.hvps))
 
 
-def reference_side(prepared: Plan, example: Example, dtype: torch.dtype, order: int = 1,
+def reference_side(prepared: Plan, example: Example, model: Precision, order: int = 1,
                    forward: bool = False) -> ReferenceSide:
     """The reference at every point of ``example``: values, VJPs, claims, and (as asked) the
     JVP and Hessian-vector products."""
-    ctx, values = reference_values(prepared, example, dtype)
+    ctx, values = reference_values(prepared, example, model)
     return ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, order, forward))
 
 
-def reference_values(prepared: Plan, example: Example, dtype: torch.dtype, bounded: bool = True) -> tuple:
-    """(context, node label -> (value, error bound)) at every point of ``example``. Without
-    ``bounded``, the error bounds are only floors, and cost no error arithmetic."""
-    # Inputs carry one rounding each in the error bounds, though they are exact: an algorithm
-    # is right when its result is the exact one for inputs perturbed by a rounding (backward
-    # stability), so the bounds include the condition number of each formula at the point.
-    # Integers (indices, labels) are exact: no rounding moves an index.
-    ctx = Context({name: (array, np.zeros(array.shape) if prepared.spec.inputs[name].integer
-                          else np.abs(array).astype(ERROR_DTYPE)) for name, array in example.inputs.items()},
-                  example.sizes, example.batch, dtype)
+def reference_values(prepared: Plan, example: Example, model: Precision, bounded: bool = True) -> tuple:
+    """(context, node label -> (value, error bound)) at every point of ``example``, the bounds
+    by the allowance's model of code of precision ``model``. Without ``bounded``, the error
+    bounds are only floors, and cost no error arithmetic."""
+    # The inputs are exact: drawn in the dtype, as the code under test receives them.
     exact = np.zeros((), dtype=ERROR_DTYPE)
+    ctx = Context({name: (array, np.broadcast_to(exact, array.shape)) for name, array in example.inputs.items()},
+                  example.sizes, example.batch, model)
     if prepared.spec.nodes[prepared.spec.output].shape:
         ctx.env[COTANGENT] = (example.cotangent, np.broadcast_to(exact, example.cotangent.shape))
     for name, tangent in (example.tangents or {}).items():
         ctx.env[tangent_name(name)] = (tangent, np.broadcast_to(exact, tangent.shape))
     values = {}
+    output = prepared.spec.output
     for name, reference in prepared.values.items():  # in graph order, so the operands' entries are ready
-        values[name] = _enter(ctx, name, reference(ctx) if bounded else reference.estimate(ctx), exact=False)
+        pair = reference(ctx) if bounded else reference.estimate(ctx)
+        values[name] = _enter(ctx, name, _returned(pair, model) if name == output else pair, exact=False)
     if bounded:
         # An op's kernel model (a solve's norm-wise error) widens only what depends on that op.
-        amplifications = _amplifications(prepared, example, values, dtype, "forward_condition")
+        amplifications = _amplifications(prepared, example, values, model.dtype, "forward_condition")
         values = {name: _amplified(pair, _local(amplifications, prepared.upstream[name]))
                   for name, pair in values.items()}
     return ctx, values
@@ -102,7 +98,7 @@ def reference_derivatives(prepared: Plan, example: Example, ctx: Context, values
     """(VJPs, claims, JVP, Hessian-vector products) in the context of ``reference_values``,
     or with ``exact`` of the exact pass (balls); ``derivatives`` (name -> pair) and ``jvp``,
     where given, are the gradients before any cotangent and the JVP."""
-    amplifications = _amplifications(prepared, example, values, ctx.dtype, "backward_condition") if bounded else {}
+    amplifications = _amplifications(prepared, example, values, ctx.model.dtype, "backward_condition") if bounded else {}
 
     def evaluated(reference: Reference) -> tuple:
         if exact:
@@ -120,15 +116,18 @@ def reference_derivatives(prepared: Plan, example: Example, ctx: Context, values
         derivatives = backward(prepared, ctx, evaluated, exact)
     # A scalar output's formulas hold no cotangent: its VJP is the gradient times the cotangent.
     seed = None if prepared.spec.nodes[prepared.spec.output].shape else example.cotangent
-    if exact and seed is not None:
-        seed = balls.to_balls(np.asarray(seed, dtype=np.float64))
-    gradients = {name: widened(_times(pair, seed), name) for name, pair in derivatives.items()}
+    model = ctx.model
+
+    def returned(pair):
+        return pair if exact else _returned(pair, model)
+
+    gradients = {name: returned(widened(_times(pair, seed, ctx, exact), name)) for name, pair in derivatives.items()}
     claimed = [(evaluated(claim.reference), derivatives[claim.wrt] if claim.kind == "grad" else evaluated(claim.derivative))
                for claim in prepared.claims]
     if forward:
-        jvp = widened(forward_chained(prepared, ctx, evaluated, exact) if jvp is None else jvp)
-    hvps = ({name: widened(_times(evaluated(reference), seed)) for name, reference in prepared.second_order().items()}
-            if order == 2 else {})
+        jvp = returned(widened(forward_chained(prepared, ctx, evaluated, exact) if jvp is None else jvp))
+    hvps = ({name: returned(widened(_second_order(_times(evaluated(reference), seed, ctx, exact), exact)))
+             for name, reference in prepared.second_order().items()} if order == 2 else {})
     return gradients, claimed, jvp, hvps
 
 
@@ -156,25 +155,51 @@ def forward_chained(prepared: Plan, ctx: Context, evaluated, exact: bool) -> tup
 def _enter(ctx: Context, name: str, pair: tuple, exact: bool) -> tuple:
     """A step's ``pair`` (a node's value, adjoint or tangent) under ``name`` in ``ctx``, for
     the formulas of the steps that use it, and returned. In the exact pass a ball is its own
-    bound, and torch holds every step in the dtype: where one underflows, the model widens it
-    by the smallest normal number."""
-    if exact:
-        pair = balls.underflowed(pair[0]), pair[1]
-        ctx.env[name] = pair[0], np.zeros(np.shape(pair[0]))
-    else:
-        ctx.env[name] = pair
+    bound."""
+    ctx.env[name] = (pair[0], np.zeros(np.shape(pair[0]))) if exact else pair
     return pair
 
 
-def _times(pair: tuple, seed) -> tuple:
-    """(value, error) times a per-point scalar, with one more rounding."""
+def _second_order(pair: tuple, exact: bool) -> tuple:
+    """A Hessian-vector product's (value, bound): torch's double backward composes the backward's
+    own formulas, so its bound is SECOND_ORDER times that of the formula (in the exact pass,
+    ``_with_bounds`` multiplies the whole bound)."""
+    if exact:
+        return pair
+    value, bound = pair
+    return value, bound * SECOND_ORDER
+
+
+# A kernel's store to the dtype may round in any mode, a whole ulp (two units of u): Triton
+# offers fp_downcast_rounding="rtz", and its interpreter truncates (docs/findings.md).
+STORED_ROUNDINGS = 2
+
+
+def _returned(pair: tuple, model: Precision) -> tuple:
+    """What a kernel that computes everything (``compute_dtype``) returns: its result, stored
+    once in the dtype in any rounding mode (where each op stores its own, its kernel did)."""
+    if not model.fused:
+        return pair
+    value, error = pair
+    with np.errstate(all="ignore"):
+        return value, error + np.where(np.asarray(error) > 0, STORED_ROUNDINGS * np.abs(value), 0.0)
+
+
+def _times(pair: tuple, seed, ctx: Context, exact: bool) -> tuple:
+    """(value, error) times a per-point scalar: torch's backward multiplies the cotangent in,
+    a rounding wherever it is not a power of 2 (the seeds are exact in every dtype)."""
     if seed is None:
         return pair
     value, error = pair
-    factor = seed.reshape((len(seed),) + (1,) * (value.ndim - 1))
+    factor = seed.reshape((len(seed),) + (1,) * (np.ndim(value) - 1))
+    power_of_two = np.abs(np.frexp(factor)[0]) == 0.5
+    if exact:
+        factor = balls.to_balls(factor)
+        product = value * factor
+        return np.where(power_of_two, product, balls.rounded(product)), error * np.abs(factor)
     with np.errstate(all="ignore"):  # inf bounds stay inf; the point is rejected later
         product = value * factor
-        return product, error * np.abs(factor) + np.abs(product)
+        return product, error * np.abs(factor) + np.where(power_of_two, 0.0, ctx.ratio(False) * np.abs(product))
 
 
 def _amplifications(prepared: Plan, example: Example, values: dict, dtype: torch.dtype, which: str) -> dict:
@@ -273,77 +298,103 @@ class ExactPoint:
     bits: int
     # At an exact kink, the derivatives approached from either side (for one_sided), else none.
     one_sided: list = field(default_factory=list)
+    # The derivatives with every direction (cotangent, tangent) of magnitude 1, its sign kept:
+    # where one of them overflows the dtype, a zero direction times it is undefined there.
+    unit: ReferenceSide | None = None
+    # The kinds of steps ("value", "backward", "forward") whose exact value overflows the dtype.
+    overflowed: frozenset = frozenset()
     # Node label -> how far each exact value may be from its float64 midpoint (``balls.gaps``).
     gaps: dict = field(default_factory=dict)
 
 
-def exact_point(prepared: Plan, point: Example, dtype: torch.dtype, order: int, forward: bool,
+def exact_point(prepared: Plan, point: Example, model: Precision, order: int, forward: bool,
                 one_sided: bool = False) -> ExactPoint | None:
     """The reference at the single point of ``point``, or None where no precision up to the
     last of ``balls.PRECISIONS`` decides its comparisons. Raises ``balls.Beyond`` where a
     result is beyond arb's exponent range. With ``one_sided``, a point exactly
     at a kink also gets the reference with every tie broken one way, and the other.
 
-    The bound beside each value has two parts. The formula over the magnitudes of its terms
-    bounds what rounding each term may cost. The radius of the same formula on inputs
-    widened by one rounding of the dtype (ball arithmetic encloses every such perturbation)
-    bounds what a backward-stable computation may be off by: the condition of the formula
-    at the point, as the float64 pass's bounds carry it. Comparisons there are decided by
-    the midpoints, and one that a rounding of the inputs could flip makes the point ambiguous.
-    Where the same formulas with each step rounded by the dtype's u reach farther (a
-    second-order term, at a zero of the first), the bound reaches that far too.
+    The bound beside each value is the allowance's model of code of precision ``model``
+    (``verify.tolerance``), as the float64 pass computes it: the radius of the same formulas
+    on exact inputs with each step widened as the model rounds it (ball arithmetic encloses
+    every such computation), and where the formula has one, its a priori floor. Comparisons
+    there are decided by the midpoints, and one that a rounding could flip makes the point
+    ambiguous. Where the same formulas with each step rounded by the dtype's own u reach
+    farther (a second-order term, at a zero of the first), the bound reaches that far too.
+    Where a step overflows the dtype, the model takes its range as unbounded: no step
+    underflows either (the exact result is what the code must give there).
     """
-    u = UNIT_ROUNDOFF[dtype]
     for bits in balls.PRECISIONS:
         try:
             with balls.precision(bits):
                 with balls.exactly() as mode:
-                    exact = _evaluated(prepared, point, dtype, order, forward, balls.to_balls)
+                    exact, steps = _evaluated(prepared, point, model, order, forward)
+                overflowed = "value" in steps  # a step of the spec's forward: its range is then unbounded
                 if not balls.settled([array for pair in exact.pairs() for array in pair]):
                     continue
                 sides = []
                 if one_sided and mode.tied:
                     for ties in (1, -1):
                         with balls.exactly(ties):
-                            sides.append(_evaluated(prepared, point, dtype, order, forward, balls.to_balls))
+                            sides.append(_evaluated(prepared, point, model, order, forward)[0])
                 largest = max((float(np.max(np.abs(a), initial=0.0)) for a in point.inputs.values()), default=0.0)
-                tiny = float(torch.finfo(dtype).tiny)
-                with balls.modelled(u, tiny, largest) as mode:
-                    modelled = _evaluated(prepared, point, dtype, order, forward, balls.widened)
-                    per_u = mode.scale / u  # a radius here, in units of the dtype's rounding
-                    straddled = mode.straddled
-                bounded = functools.partial(_with_bounds, prepared, point, dtype, order, forward, modelled, per_u,
-                                            largest)
+                for unbounded in (overflowed, True):
+                    with balls.modelled(model, largest, unbounded=unbounded) as mode:
+                        modelled, _ = _evaluated(prepared, point, model, order, forward)
+                        per_u = mode.scale / model.u  # a radius here, in units of the dtype's rounding
+                        straddled = mode.straddled
+                    if unbounded or not mode.overflowed:
+                        break
+                    overflowed = True  # a step inside a formula overflowed: again, with no step underflowing
+                bounded = functools.partial(_with_bounds, prepared, point, model, order, forward, modelled, per_u,
+                                            largest, overflowed)
+                with balls.exactly():
+                    unit = _evaluated(prepared, point.with_unit_directions(), model, order, forward)[0]
                 return ExactPoint(bounded(exact), straddled, bits,
-                                  [bounded(other, ties) for other, ties in zip(sides, (1, -1))],
-                                  {label: balls.gaps(value) for label, (value, _) in exact.values.items()})
+                                  one_sided=[bounded(other, ties) for other, ties in zip(sides, (1, -1))],
+                                  gaps={label: balls.gaps(value) for label, (value, _) in exact.values.items()},
+                                  unit=unit.combined(unit, lambda pair, _: (balls.to_float(pair[0]), 0.0)),
+                                  overflowed=frozenset(steps))
         except balls.Undecided:
             continue
     return None
 
 
-def _with_bounds(prepared: Plan, point: Example, dtype: torch.dtype, order: int, forward: bool,
-                 modelled: ReferenceSide, per_u, largest: float, side: ReferenceSide, ties: int = 0) -> ReferenceSide:
+def _with_bounds(prepared: Plan, point: Example, model: Precision, order: int, forward: bool,
+                 modelled: ReferenceSide, per_u, largest: float, overflowed: bool, side: ReferenceSide,
+                 ties: int = 0) -> ReferenceSide:
     """``side`` (exact balls) as float64 midpoints beside their bounds, in units of u: the
     first-order model's (``modelled``, whose radii times ``per_u`` are in units of u), reaching
-    as far as the same formulas rounded by the dtype's own u (``_reach``) do."""
+    as far as the same formulas rounded by the dtype's own u (``_reach``) do, and what a
+    kernel that computes everything returns stored once (``_returned``)."""
     side = side.combined(modelled, functools.partial(_bounded, per_u=per_u))
     try:
-        reach = _reach(prepared, point, dtype, order, forward, float(torch.finfo(dtype).tiny), largest, ties)
+        reach = _reach(prepared, point, model, order, forward, largest, overflowed, ties)
     except balls.Undecided:  # a rounding makes a compared value undefined: no bound
         return side.combined(side, lambda pair, _: (pair[0], np.where(np.isnan(pair[0]), 0.0, np.inf)))
-    return side if reach is None else side.combined(reach, functools.partial(_reaching, u=UNIT_ROUNDOFF[dtype]))
+    if reach is not None:
+        side = side.combined(reach, functools.partial(_reaching, u=model.u))
+    side = ReferenceSide(side.values, side.gradients, side.claimed, side.jvp,
+                         {name: (value, SECOND_ORDER * bound) for name, (value, bound) in side.hvps.items()})
+    if model.fused:
+        output = prepared.spec.output
+        side = ReferenceSide({name: _returned(pair, model) if name == output else pair
+                              for name, pair in side.values.items()},
+                             {name: _returned(pair, model) for name, pair in side.gradients.items()},
+                             side.claimed, None if side.jvp is None else _returned(side.jvp, model),
+                             {name: _returned(pair, model) for name, pair in side.hvps.items()})
+    return side
 
 
-def _reach(prepared: Plan, point: Example, dtype: torch.dtype, order: int, forward: bool, tiny: float,
-           largest: float, ties: int) -> ReferenceSide | None:
+def _reach(prepared: Plan, point: Example, model: Precision, order: int, forward: bool, largest: float,
+           overflowed: bool, ties: int) -> ReferenceSide | None:
     """The formulas in balls that round each step by the dtype's own u, higher-order terms
     included, exact ties taken as ``ties`` says; None where such a ball leaves arb's range
     (the first-order model then stands alone). Raises ``balls.Undecided`` where a rounding
     reaches a comparison of an undefined value."""
     try:
-        with balls.exactly(ties), balls.modelled(UNIT_ROUNDOFF[dtype], tiny, largest, linear=False):
-            return _evaluated(prepared, point, dtype, order, forward, balls.widened)
+        with balls.exactly(ties), balls.modelled(model, largest, linear=False, unbounded=overflowed):
+            return _evaluated(prepared, point, model, order, forward)[0]
     except balls.Beyond:
         return None
 
@@ -372,7 +423,7 @@ def _bounded(pair: tuple, modelled: tuple, per_u) -> tuple:
         return value, np.maximum(np.where(np.isnan(magnitude), 0.0, magnitude), modelled)
 
 
-def exact_values(prepared: Plan, point: Example, dtype: torch.dtype) -> tuple | None:
+def exact_values(prepared: Plan, point: Example, model: Precision) -> tuple | None:
     """(label -> (float64 midpoint, 0), label -> ``balls.gaps``) of every node's exact value at
     the single point of ``point``, at the first precision that settles them; None where none
     does. Raises ``balls.Beyond`` as ``exact_point`` does. The values alone decide the rules
@@ -380,7 +431,7 @@ def exact_values(prepared: Plan, point: Example, dtype: torch.dtype) -> tuple | 
     for bits in balls.PRECISIONS:
         try:
             with balls.precision(bits), balls.exactly():
-                ctx = _exact_context(prepared, point, dtype, balls.to_balls)
+                ctx = _exact_context(prepared, point, model)
                 values = [_enter(ctx, name, reference.exact(ctx), exact=True)[0]
                           for name, reference in prepared.values.items()]
         except balls.Undecided:
@@ -392,13 +443,13 @@ def exact_values(prepared: Plan, point: Example, dtype: torch.dtype) -> tuple | 
     return None
 
 
-def _exact_context(prepared: Plan, point: Example, dtype: torch.dtype, as_balls) -> Context:
-    """A context of the inputs at ``point`` made balls by ``as_balls`` (the directions are exact)."""
+def _exact_context(prepared: Plan, point: Example, model: Precision) -> Context:
+    """A context of the inputs at ``point`` as balls: exact, as are the directions."""
     def exact(array, convert=balls.to_balls):
         return convert(np.asarray(array, dtype=np.float64)), np.zeros(np.shape(array))
 
-    ctx = Context({name: exact(array, balls.to_integers if prepared.spec.inputs[name].integer else as_balls)
-                   for name, array in point.inputs.items()}, point.sizes, point.batch, dtype)
+    ctx = Context({name: exact(array, balls.to_integers if prepared.spec.inputs[name].integer else balls.to_balls)
+                   for name, array in point.inputs.items()}, point.sizes, point.batch, model)
     if prepared.spec.nodes[prepared.spec.output].shape:
         ctx.env[COTANGENT] = exact(point.cotangent)
     for name, tangent in (point.tangents or {}).items():
@@ -406,20 +457,27 @@ def _exact_context(prepared: Plan, point: Example, dtype: torch.dtype, as_balls)
     return ctx
 
 
-def _evaluated(prepared: Plan, point: Example, dtype: torch.dtype, order: int, forward: bool, as_balls) -> ReferenceSide:
-    """Every formula of the plan at ``point`` on balls, its inputs made balls by ``as_balls``
-    (the directions are exact)."""
-    ctx = _exact_context(prepared, point, dtype, as_balls)
-    scalar = not prepared.spec.nodes[prepared.spec.output].shape
+def _evaluated(prepared: Plan, point: Example, model: Precision, order: int, forward: bool) -> tuple:
+    """(every formula of the plan at ``point`` on balls, the kinds of steps that left ``model``'s
+    dtype's range: "value", "backward" (an adjoint), "forward" (a tangent))."""
+    ctx = _exact_context(prepared, point, model)
 
     def evaluated(reference: Reference) -> tuple:
         return reference.exact(ctx)
 
     values = {name: _enter(ctx, name, evaluated(reference), exact=True) for name, reference in prepared.values.items()}
-    derivatives = backward(prepared, ctx, evaluated, exact=True)
-    jvp = forward_chained(prepared, ctx, evaluated, exact=True) if forward else None
-    side = ReferenceSide(values, *reference_derivatives(prepared, point, ctx, values, order, forward, bounded=False,
-                                                        exact=True, derivatives=derivatives, jvp=jvp))
-    if scalar:  # the gradient before the cotangent scales it: torch's backward computes it
-        side.jacobian = derivatives
-    return side
+    with balls.forward_steps_noted(False):
+        derivatives = backward(prepared, ctx, evaluated, exact=True)
+        jvp = forward_chained(prepared, ctx, evaluated, exact=True) if forward else None
+        side = ReferenceSide(values, *reference_derivatives(prepared, point, ctx, values, order, forward,
+                                                            bounded=False, exact=True, derivatives=derivatives,
+                                                            jvp=jvp))
+    largest = float(torch.finfo(model.dtype).max)
+    kinds = set()
+    for name, (value, _) in ctx.env.items():
+        if name in point.inputs or name == COTANGENT:
+            continue
+        kind = "backward" if name.startswith(ADJOINT_PREFIX) else "forward" if name.startswith(TANGENT_PREFIX) else "value"
+        if kind not in kinds and np.any(np.abs(balls.to_float(np.asarray(value, dtype=object))) > largest):
+            kinds.add(kind)
+    return side, kinds

@@ -12,10 +12,11 @@ The JSON schema, ``gradverify.check/1``::
                   "sizes": {}, "time_budget": null},
      "summary": {"runs": 2, "passed": 1, "failed": 1},
      "runs": [{"path": "specs/a.vspec", "dtype": "float64",
-               "verdict": "ok" | "mismatch" | "spec_error" | "unsupported" | "unchecked",
+               "verdict": "ok" | "mismatch" | "spec_error" | "unsupported" | "unchecked" | "inconclusive",
                "seconds": 0.8, "seed": 123, "checks": "values, VJPs, JVPs", "points": 310,
                "examples": 100, "time_budget_spent": false,
-               "rejected": {"<reason>": 12}, "exact": {"judged by the exact pass": 3}, "warnings": [],
+               "rejected": {"<reason>": 12}, "exact": {"judged by the exact pass": 3},
+               "weak": {"∂o/∂x": {"weak": 2, "judged": 310}}, "warnings": [],
                "claims": [{"text": "...", "line": 4, "status": "..."}],
                "line": 4, "column": null, "message": "<the report>", "reproduce": "verify check ...",
                "failure": null | {"check": "gradient", "subject": "∂o/∂x", "formula": "...",
@@ -39,7 +40,7 @@ import numpy as np
 
 SCHEMA = "gradverify.check/1"
 VERDICTS = {"ok": "ok      ", "mismatch": "MISMATCH", "spec_error": "ERROR   ", "unsupported": "UNSUPPORTED",
-            "unchecked": "UNCHECKED"}
+            "unchecked": "UNCHECKED", "inconclusive": "INCONCLUSIVE"}
 
 
 @dataclass
@@ -73,7 +74,8 @@ def outcome_of(path, dtype: str, check_arguments: dict) -> Outcome:
     import verify
 
     kinds = [(verify.SpecError, "spec_error"), (verify.Mismatch, "mismatch"),
-             (verify.Unsupported, "unsupported"), (verify.Unchecked, "unchecked")]
+             (verify.Unsupported, "unsupported"), (verify.Inconclusive, "inconclusive"),
+             (verify.Unchecked, "unchecked")]
     started = time.perf_counter()
     try:
         result = verify.check(verify.load(path), **check_arguments)
@@ -112,6 +114,8 @@ def _run_entry(outcome: Outcome) -> dict:
         "time_budget_spent": bool(result and result.budget_spent is not None),
         "rejected": dict(result.rejected) if result else {},
         "exact": dict(result.exact) if result else {},
+        "weak": {check: {"weak": weak, "judged": judged} for check, (weak, judged) in result.weak.items()}
+        if result else {},
         "warnings": result.warnings if result else [],
         "claims": [{"text": c.text, "line": c.line, "status": c.status} for c in result.claims] if result else [],
         "line": outcome.line,
@@ -148,7 +152,7 @@ def _version() -> str:
 
 # -- JUnit XML ---------------------------------------------------------------------------------
 def junit_xml(outcomes: list) -> str:
-    failures = sum(o.verdict in ("mismatch", "unsupported", "unchecked") for o in outcomes)
+    failures = sum(o.verdict in ("mismatch", "unsupported", "unchecked", "inconclusive") for o in outcomes)
     errors = sum(o.verdict == "spec_error" for o in outcomes)
     total = f"{sum(o.seconds for o in outcomes):.3f}"
     suites = ElementTree.Element("testsuites", name="verify", tests=str(len(outcomes)), failures=str(failures),

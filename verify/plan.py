@@ -12,11 +12,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import sympy
 import torch
 
 from .errors import SpecError
 from .ir import Apply, Constant, SizeRef, Spec, concrete_shape, graph_nodes
 from .lower.sympy import (
+    ADJOINT_PREFIX,
+    TANGENT_PREFIX,
     Clock,
     OutOfTime,
     SympyLowering,
@@ -26,6 +29,7 @@ from .lower.sympy import (
     directional_derivative,
     forward_chain,
     gradient_in_inputs,
+    mark_kernel,
     prove_equal,
     second_derivative,
     time_limit,
@@ -88,6 +92,18 @@ class Plan:
 
         return {label: visit(node) for label, node in self.nodes.items()}
 
+    @functools.cached_property
+    def backward_reads(self) -> dict:
+        """Label -> the node values that ∂o/∂label is computed from, along the chain rule's
+        formulas (each reads its op's operands, or its saved result, and its consumers' adjoints)."""
+        return _reads({label: adjoint.tensor.expr for label, adjoint in self.adjoints.items()}, ADJOINT_PREFIX,
+                      self.values)
+
+    def forward_reads(self) -> dict:
+        """Label -> the node values that its tangent is computed from, along forward mode's formulas."""
+        return _reads({label: tangent.tensor.expr for label, tangent in self.forward_mode().items()},
+                      TANGENT_PREFIX, self.values)
+
     def forward_mode(self) -> dict:
         """The tangent of each node, one op at a time (``forward_chain``), as forward mode
         computes it: the JVP is the output's."""
@@ -108,6 +124,29 @@ class Plan:
                     self.hvps[name] = Reference(directional_derivative(gradient, self.spec),
                                                 frozenset(self.spec.size_symbols), a_priori=True)
         return self.hvps
+
+
+def _reads(formulas: dict, prefix: str, values: dict) -> dict:
+    """Label -> the value labels its formula reads, directly or through the formulas of the
+    labels it reads under ``prefix`` (an adjoint's, a tangent's)."""
+    direct = {}
+    for label, expr in formulas.items():
+        direct[label] = {base.name for base in expr.atoms(sympy.IndexedBase)} | {
+            symbol.name for symbol in expr.free_symbols if isinstance(symbol, sympy.Symbol)}
+    found = {}
+
+    def visit(label: str) -> frozenset:
+        if label not in found:
+            found[label] = frozenset()  # a cycle cannot arise; this guards the recursion all the same
+            names = direct.get(label, set())
+            reads = {name for name in names if name in values}
+            for name in names:
+                if name.startswith(prefix) and name[len(prefix):] != label:
+                    reads |= visit(name[len(prefix):])
+            found[label] = frozenset(reads)
+        return found[label]
+
+    return {label: visit(label) for label in formulas}
 
 
 # Plans by spec, the least recently used dropped first: a run over thousands of spec files
@@ -213,11 +252,13 @@ def _references(spec: Spec, tracked: dict, nodes: dict, sizes: dict | None, cloc
     values, adjoints = {}, {}
     for label, step in derivation.values.items():
         with clock.on(nodes[label].loc):
-            values[label] = Reference(step, size_names)
+            values[label] = Reference(Tensor(mark_kernel(nodes[label], step.expr, "value"), step.indices, step.shape),
+                                      size_names)
     for label, adjoint in derivation.adjoints.items():
         with clock.on(nodes[label].loc):
-            # Torch's derivative formulas are equal to sympy's, not the same: their bounds get a floor.
-            adjoints[label] = Reference(adjoint, size_names, a_priori=True)
+            # Torch's derivative formulas are equal to sympy's, not the same: their bounds get a
+            # floor. The output's adjoint is the cotangent, which torch takes as it is.
+            adjoints[label] = Reference(adjoint, size_names, a_priori=label != spec.output)
     if statements is not None:
         _DERIVED[key] = values, adjoints
         while len(_DERIVED) > PLAN_CACHE_SIZE:

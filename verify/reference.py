@@ -41,7 +41,8 @@ from sympy.codegen import cfunctions
 from . import balls
 from .lower import functions
 from .lower.sympy import ReducedMax, ReducedMin, Tensor
-from .tolerance import UNIT_ROUNDOFF, allowed_error
+from .ops import REGISTRY
+from .tolerance import Precision, allowed_error, precision, underflow_error, underflow_threshold
 
 ERROR_DTYPE = np.float64
 # A subexpression that several formulas share (sin(x[i]) in the value, the gradient and the
@@ -62,17 +63,29 @@ NUMPY_FUNCTIONS = {
     functions.power: lambda a, b: np.power(np.asarray(a, dtype=np.float64), b),
     functions.round_half_even: np.round, functions.floor_real: np.floor, functions.ceil_real: np.ceil,
     functions.trunc_real: np.trunc,
-    # Derivatives of jumps: torch's backward of sign, heaviside and comparisons is 0.
-    sympy.DiracDelta: lambda *args: np.zeros_like(np.asarray(args[0], dtype=np.float64)),
 }
 # Special functions come from scipy, in float64 only, and are accurate to some tens of ulps
-# (scipy's erfc is 40 ulps off at 8.3); torch's own are too (its float32 digamma is 45 ulps
-# off at 1.5625). Their error bounds include both.
+# (scipy's erfc is 40 ulps off at 8.3): the float64 pass's own error, which its bounds (and the
+# exact pass's model, to keep one rule in both) include, in float64's roundings.
 SPECIAL_FUNCTIONS = {
     sympy.erf: scipy.special.erf, sympy.erfc: scipy.special.erfc, sympy.loggamma: scipy.special.gammaln,
     sympy.polygamma: lambda order, x: scipy.special.polygamma(np.asarray(order, dtype=np.int64), x),
 }
-SPECIAL_FUNCTION_ULPS = 64
+SCIPY_ROUNDINGS = 128
+# What a function's kernel may be off by, in roundings of its result (u |result| each): a
+# transcendental function one ulp (SLEEF's u10 kernels, which torch's CPU kernels use), a
+# special function as calibrated (benchmarks/calibration.py: torch's float32 trigamma, lgamma's
+# second derivative, is off by up to 6 roundings; near digamma's zero an absolute term covers
+# more, ops.DIGAMMA; float64's trigamma is 2e6 ulps off, a finding of docs/findings.md).
+# Absolute values, signs and roundings to integers are exact.
+FUNCTION_ROUNDINGS = 2
+SPECIAL_FUNCTION_ROUNDINGS = {sympy.erf: 2, sympy.erfc: 4, sympy.loggamma: 8, sympy.polygamma: 8}
+# Functions whose torch kernels return 0 below the normal range: sigmoid forms exp(-x), which
+# overflows first (float32 sigmoid(-88.73) is 0, not 2.9e-39), and silu and mish use it.
+FLUSHING_FUNCTIONS = {functions.sigmoid}
+# Powers torch computes as one correctly rounded operation: x * x, 1 / x (sqrt is a function:
+# torch's float32 sqrt is 1.5 roundings off).
+POWER_ROUNDINGS = {sympy.Integer(2): 1, sympy.Integer(-1): 1}
 
 NUMPY_FUNCTIONS.update(SPECIAL_FUNCTIONS)
 # Functions that are never 0: a computed 0 is an underflow, where torch's order of operations
@@ -82,6 +95,8 @@ NEVER_ZERO = {sympy.exp, sympy.erfc, sympy.cosh}
 # carrying rounding error, is that close to a jump is ambiguous.
 JUMPS = {sympy.sign: lambda a: 0.0, functions.round_half_even: lambda a: np.floor(a) + 0.5,
          functions.floor_real: np.round, functions.ceil_real: np.round, functions.trunc_real: np.round}
+# Functions whose value is exact given their argument's.
+EXACT_FUNCTIONS = {sympy.Abs, sympy.sign, sympy.DiracDelta, functions.stop_gradient, *functions.STEPS}
 COMPARISONS = {sympy.Lt: np.less, sympy.Le: np.less_equal, sympy.Gt: np.greater,
                sympy.Ge: np.greater_equal, sympy.Eq: np.equal, sympy.Ne: np.not_equal}
 REDUCTIONS = {sympy.Sum: (np.sum, 0.0), sympy.Product: (np.prod, 1.0),
@@ -96,14 +111,15 @@ class UnsupportedFormula(Exception):
 class Context:
     """What one evaluation sees: variable arrays (value, error), sizes and bound indices.
 
-    ``dtype`` is the dtype torch computes in, which decides when a comparison is too close
-    to call; ``ambiguous`` collects the points where one was.
+    ``model`` is how the code under test rounds (``verify.tolerance.Precision``): error
+    bounds are in units of its stored dtype's u, and it decides when a comparison is too
+    close to call; ``ambiguous`` collects the points where one was.
     """
 
     env: dict
     sizes: dict
     batch: int
-    dtype: torch.dtype = torch.float64
+    model: Precision = field(default_factory=lambda: precision(torch.float64))
     indices: dict = field(default_factory=dict)  # index symbol -> integer array
     ambiguous: np.ndarray = None
     shared: dict = field(default_factory=dict)  # subexpression key -> (value, error), see _Compiler
@@ -112,24 +128,65 @@ class Context:
     def __post_init__(self):
         if self.ambiguous is None:
             self.ambiguous = np.zeros(self.batch, dtype=bool)
+        # Inside a kernel, steps round in the compute dtype; between kernels, in the stored
+        # one (or the compute dtype, where one kernel computes it all).
+        model = self.model
+        outer = model.compute if model.fused else model.dtype
+        self.ratios = {False: model.outer_ratio, True: model.kernel_ratio}
+        self._steps = {False: outer, True: model.compute}
         # Narrower dtypes overflow in steps where float64 does not (pi * x in sinc at 1e38 in
         # float32): such a step makes the error bound infinite, and the exact pass decides.
-        self.step_limit = float(torch.finfo(self.dtype).max) if self.dtype != torch.float64 else np.inf
-        self.step_tiny = float(torch.finfo(self.dtype).tiny)
-        # An underflowed step is off by up to the smallest normal number, absolutely: in units of u.
-        self.underflow_error = self.step_tiny / UNIT_ROUNDOFF[self.dtype]
+        self._limits = {inside: float(torch.finfo(dtype).max) if dtype != torch.float64 else np.inf
+                        for inside, dtype in self._steps.items()}
+        # A step below the normal range keeps only absolute precision: the smallest subnormal
+        # number of its dtype, in units of u.
+        self._underflows = {inside: (underflow_threshold(dtype), underflow_error(dtype) / model.u)
+                            for inside, dtype in self._steps.items()}
 
-    def guard(self, value, error, vanished=False):
-        """The error bound, made infinite where a step's value overflows the dtype under test
-        (float64 overflows to inf by itself), and at least the smallest normal number where
-        it underflows (into subnormal numbers, or to zero where ``vanished`` says a product of
-        nonzero factors became 0): there torch keeps only absolute precision."""
+    def ratio(self, inside: bool) -> float:
+        """One rounding of a step, inside a kernel or between kernels, in units of u."""
+        return self.ratios[inside]
+
+    def op_roundings(self, roundings: float, inside: bool) -> float:
+        """What a function of ``roundings`` roundings is off by, in units of u: a half type's
+        op computes in float32 and rounds its result once to the stored dtype."""
+        if inside or not self.model.stores_kernels or not roundings:
+            return roundings * self.ratios[inside]
+        return roundings * self.ratios[True] + 1.0
+
+    def limit(self, inside: bool) -> float:
+        """The largest finite number of the dtype a step rounds in (inf in float64: it tells itself)."""
+        return self._limits[inside]
+
+    def underflows_below(self, inside: bool) -> float:
+        """The magnitude below which a step underflows in the dtype it rounds in."""
+        return self._underflows[inside][0]
+
+    def representable(self, value: float, inside: bool) -> bool:
+        """Whether a number is exact in the dtype a step rounds in (a constant such as 1/2)."""
+        dtype = self._steps[inside]
+        return _representable(value, dtype)
+
+    def guard(self, value, error, vanished=False, inside=False):
+        """The error bound, made infinite where a step's value overflows the dtype it rounds
+        in (float64 overflows to inf by itself), and widened by what underflow costs that dtype
+        where it underflows (below the normal range, or to zero where ``vanished`` says a
+        product of nonzero factors became 0): there only absolute precision is kept. A zero
+        computed with an error may be such an underflow too (exp(-800) times anything, in
+        float64), so its bound is at least that cost: float64's own underflow never makes a
+        bound vanish."""
         magnitude = np.abs(value)
-        underflow = ((magnitude < self.step_tiny) & (magnitude > 0)) | vanished
+        threshold, spacing = self._underflows[inside]
+        underflow = ((magnitude < threshold) & (magnitude > 0)) | vanished
         if np.any(underflow):
-            error = np.where(underflow, np.maximum(error, self.underflow_error), error)
-        if not np.isinf(self.step_limit) and np.any(magnitude > self.step_limit):
-            error = np.where(magnitude > self.step_limit, np.inf, error)
+            error = np.where(underflow, error + spacing, error)
+        with np.errstate(invalid="ignore"):
+            computed_zero = (magnitude == 0) & (np.asarray(error) > 0)
+        if np.any(computed_zero):
+            error = np.where(computed_zero, np.maximum(error, spacing), error)
+        limit = self._limits[inside]
+        if not np.isinf(limit) and np.any(magnitude > limit):
+            error = np.where(magnitude > limit, np.inf, error)
         return error
 
     def mark_ambiguous(self, close):
@@ -141,18 +198,25 @@ class Context:
 class Reference:
     """One compiled formula: ``reference(ctx)`` gives (value, error bound), shape (batch, *dims).
 
-    ``reference.estimate(ctx)`` gives the same value without the error arithmetic, beside a
-    floor of the error bound: the a priori bound where the formula has one, else 0.
+    ``a_priori``: the bound is at least the formula over the magnitudes of its terms
+    (``_magnitude``). ``reference.estimate(ctx)`` gives the same value without the error
+    arithmetic, beside a floor of the error bound.
     """
 
     def __init__(self, tensor: Tensor, size_names: frozenset, a_priori: bool = False):
         self.tensor = tensor
         self.axes = {index: axis + 1 for axis, index in enumerate(tensor.indices)}
         depth = len(tensor.indices)
-        self._compiled = _Compiler(size_names).compile(tensor.expr, self.axes, depth)
+        expr = self._expr = tensor.expr
+        self._compiled = _Compiler(size_names).compile(expr, self.axes, depth)
         values_only = _Compiler(size_names, track_errors=False)
-        self._value = values_only.compile(tensor.expr, self.axes, depth)
-        self._magnitude = values_only.compile(_magnitude(tensor.expr), self.axes, depth) if a_priori else None
+        self._value = values_only.compile(expr, self.axes, depth)
+        # The last step of the formula rounds its result (a floor of any bound of it), inside a
+        # fused kernel or not.
+        self._root = _rounds(expr)
+        floor = _Compiler(size_names, track_errors=False, floor=True)
+        self._magnitude = floor.compile(_magnitude(expr), self.axes, depth) if a_priori else None
+        self._kernel = self._root and _fused(expr)
         self._size_names = size_names
         self._exact = None  # compiled on first use: most formulas never need the exact pass
 
@@ -160,14 +224,19 @@ class Reference:
         """(value, a priori error bound) as object arrays of balls, shape (batch, *dims), in a
         context whose variables are balls (``verify.exact``). The bound is the formula taken
         over the magnitudes of its terms: what computing each term to a relative rounding may
-        be off by."""
+        be off by (0 where the formula has no a priori bound)."""
         if self._exact is None:
-            exact = _Compiler(self._size_names, exact=True)
             depth = len(self.tensor.indices)
-            self._exact = (exact.compile(self.tensor.expr, self.axes, depth),
-                           exact.compile(_magnitude(self.tensor.expr), self.axes, depth))
+            floor = _Compiler(self._size_names, exact=True, floor=True)
+            self._exact = (_Compiler(self._size_names, exact=True).compile(self._expr, self.axes, depth),
+                           floor.compile(_magnitude(self._expr), self.axes, depth) if self._magnitude else None)
         full = self._bind(ctx)
-        value, magnitude = (np.broadcast_to(np.asarray(f(ctx)[0], dtype=object), full) for f in self._exact)
+        value = np.broadcast_to(np.asarray(self._exact[0](ctx)[0], dtype=object), full)
+        if self._exact[1] is None:
+            magnitude = np.zeros(full, dtype=np.int64)
+        else:
+            magnitude = np.broadcast_to(np.asarray(self._exact[1](ctx)[0], dtype=object), full) * balls.constant(
+                sympy.Rational(ctx.ratio(False)))
         return np.array(balls.to_balls(np.array(value)), dtype=object), np.array(balls.to_balls(np.array(magnitude)))
 
     def __call__(self, ctx: Context) -> tuple:
@@ -181,13 +250,18 @@ class Reference:
         return value, error if magnitude is None else np.where(np.isnan(magnitude), error, np.maximum(error, magnitude))
 
     def estimate(self, ctx: Context) -> tuple:
+        """(value, a floor of its error bound): the a priori bound where the formula has one,
+        and the rounding of its last step, where it has one."""
         full = self._bind(ctx)
         with np.errstate(all="ignore"):
             value = np.array(np.broadcast_to(self._value(ctx)[0], full), dtype=np.float64)
+            root = ctx.ratio(self._kernel) * np.abs(value) if self._root else np.zeros(full, dtype=ERROR_DTYPE)
+            if self._kernel and ctx.model.stores_kernels:
+                root = root + np.abs(value)
         magnitude = self._floor(ctx, full)
         # An undefined magnitude gives no floor; an infinite one stays infinite (the point is left to the bounds).
-        return value, np.zeros(full, dtype=ERROR_DTYPE) if magnitude is None else np.nan_to_num(
-            magnitude, nan=0.0, posinf=np.inf)
+        floor = root if magnitude is None else np.maximum(root, np.nan_to_num(magnitude, nan=0.0, posinf=np.inf))
+        return value, np.nan_to_num(floor, nan=0.0, posinf=np.inf)
 
     def _bind(self, ctx: Context) -> tuple:
         """Bind the output indices to their axes; the full shape of a result, (batch, *dims)."""
@@ -200,7 +274,21 @@ class Reference:
         if self._magnitude is None:
             return None
         with np.errstate(all="ignore"):
-            return np.broadcast_to(np.asarray(self._magnitude(ctx)[0], dtype=ERROR_DTYPE), full)
+            return ctx.ratio(False) * np.broadcast_to(np.asarray(self._magnitude(ctx)[0], dtype=ERROR_DTYPE), full)
+
+
+def _fused(expr) -> bool:
+    """Whether ``expr`` is marked as one fused kernel of its op's."""
+    return isinstance(expr, functions.kernel) and expr.computation in REGISTRY[expr.op].fused
+
+
+def _rounds(expr) -> bool:
+    """Whether the formula's last step is arithmetic or a function that rounds its result."""
+    if isinstance(expr, functions.kernel):
+        return _rounds(expr.args[0])
+    if expr.is_Add or expr.is_Mul or expr.is_Pow or isinstance(expr, (sympy.Sum, sympy.Product)):
+        return True
+    return isinstance(expr, sympy.Function) and type(expr) not in EXACT_FUNCTIONS
 
 
 def _magnitude(expr):
@@ -211,8 +299,11 @@ def _magnitude(expr):
     sum((A - mean(A)) * (t - mean(t))) in sympy. At a constant A and t both of sympy's factors
     are exactly 0, so its bound is 0, while torch rounds mean(A) and keeps u * |t| * |A|.
     Evaluated over magnitudes, the a priori bound of any order of the same terms, the
-    formula gives the floor of such a bound.
+    formula gives the floor of such a bound. A kernel's terms round as its steps do, unless
+    it reads its op's saved result, whose rounding in the stored dtype reaches every term.
     """
+    if isinstance(expr, functions.kernel):
+        return type(expr)(_magnitude(expr.args[0]))
     if expr.is_Add or expr.is_Mul:
         return type(expr)(*(_magnitude(a) for a in expr.args))
     if expr.is_Pow and expr.exp.is_Integer and expr.exp > 0:
@@ -220,6 +311,54 @@ def _magnitude(expr):
     if isinstance(expr, sympy.Sum):
         return sympy.Sum(_magnitude(expr.function), *expr.limits)
     return sympy.Abs(expr)
+
+
+@functools.lru_cache(maxsize=2**10)
+def _representable(value: float, dtype: torch.dtype) -> bool:
+    return math.isfinite(value) and float(torch.tensor(value, dtype=dtype).double()) == value
+
+
+def _reciprocal(expr) -> bool:
+    return expr.is_Pow and expr.exp == -1
+
+
+def _power_of_two(expr) -> bool:
+    """Whether ``expr`` is a number ±2**k, whose products are exact."""
+    if not expr.is_Rational or expr == 0:
+        return False
+    p, q = abs(int(expr.p)), int(expr.q)
+    return p & (p - 1) == 0 and q & (q - 1) == 0
+
+
+def _absolute(kernel_error, ctx: Context) -> float:
+    """A kernel's calibrated absolute error in the dtype under test, in units of its u."""
+    return kernel_error.absolute.get(ctx.model.dtype, 0.0) / ctx.model.u
+
+
+def _kernel_error(kernel_error, value, ctx: Context):
+    """What a kernel's calibrated errors add to its result's bound, in units of u: roundings
+    in the dtype it computes in (float32 for a half type, fused or not), and in the stored
+    dtype, and an absolute error."""
+    magnitude = _wide(value)
+    roundings = kernel_error.roundings + (np.log(np.maximum(magnitude, 1e-300)) if kernel_error.log_roundings else 0)
+    rounding = np.abs(roundings) * ctx.ratio(True) + kernel_error.stored_roundings * ctx.ratio(False)
+    return rounding * magnitude + _absolute(kernel_error, ctx)
+
+
+def summation_roundings(terms):
+    """Roundings of the sum of its terms' magnitudes that a sum of ``terms`` terms may be off by
+    (per element where it is an array): torch sums pairwise and in blocks, so about log2 of
+    them, and one more for the order within a block (calibrated: float32 sums of 8 terms are
+    off by 3.1 roundings of their magnitudes)."""
+    terms = np.asarray(terms)
+    return np.where(terms > 1, np.ceil(np.log2(np.maximum(terms, 1))) + 1, 0)
+
+
+def function_roundings(function_class) -> int:
+    """How many roundings of its result a function's kernel may be off by."""
+    if function_class in EXACT_FUNCTIONS:
+        return 0
+    return SPECIAL_FUNCTION_ROUNDINGS.get(function_class, FUNCTION_ROUNDINGS)
 
 
 def per_point(array, like):
@@ -303,7 +442,7 @@ def _summed_product(arrays: list, lengths: dict, depth: int, inner_depth: int, d
     return result.reshape([result.shape[kept.index(axis)] if axis in spanned else 1 for axis in range(depth + 1)])
 
 
-def _summed_product_of_balls(factors: list, lengths: dict, depth: int, inner_depth: int):
+def _summed_product_of_balls(factors: list, lengths: dict, depth: int, inner_depth: int, inside: bool):
     """``_summed_product`` on balls, widened as the formed sum is in the modelled mode: each
     product by its roundings (``balls.rounded``), then the sum by one rounding of the sum of
     the products' magnitudes (``balls.rounded_sum``)."""
@@ -312,11 +451,13 @@ def _summed_product_of_balls(factors: list, lengths: dict, depth: int, inner_dep
         return total
     magnitude = _summed_product([np.abs(np.asarray(f, dtype=object)) for f in factors], lengths, depth, inner_depth,
                                 dtype=object)
-    products = balls.rounded(magnitude, len(factors) - 1)  # the terms' magnitudes, each product rounded
-    return balls.rounded_sum(total + (products - magnitude), [products])
+    products = balls.rounded(magnitude, len(factors) - 1, inside)  # the terms' magnitudes, each product rounded
+    return balls.rounded_sum(total + (products - magnitude), [products], inside,
+                             summation_roundings(math.prod(lengths.values())))
 
 
-def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_depth: int, ctx) -> tuple | None:
+def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_depth: int, ctx,
+                            inside: bool) -> tuple | None:
     """(value, error bound) of ``_summed_product`` of the factors' (value, error) pairs, the
     bound being what ``_Mul`` and the Sum give the formed product, each of its terms a sum of
     products itself: (k - 1) |product| for the product's roundings, each factor's error times
@@ -329,24 +470,74 @@ def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_dept
     with np.errstate(all="ignore"):
         largest = math.prod(float(np.max(m, initial=0.0)) for m in magnitudes)
         smallest = math.prod(float(np.min(m, where=m > 0, initial=np.inf)) for m in magnitudes)
-    if not largest <= ctx.step_limit or smallest < ctx.step_tiny:
+    if not largest <= ctx.limit(inside) or smallest < ctx.underflows_below(inside):
         return None
 
     def summed(arrays):
         return _summed_product(arrays, lengths, depth, inner_depth)
 
     magnitude = summed(magnitudes)
-    error = (len(values) - 1) * magnitude
+    rounding = ctx.ratio(inside)
+    terms = math.prod(lengths.values())
+    error = (len(values) - 1) * rounding * magnitude
     carrying = [k for k, e in enumerate(errors) if np.any(e)]
     for k in carrying:
         error = error + summed([errors[k] if j == k else m for j, m in enumerate(magnitudes)])
     for a, b in itertools.combinations(carrying, 2):
-        error = error + UNIT_ROUNDOFF[ctx.dtype] * summed(
+        error = error + ctx.model.u * summed(
             [errors[j] if j in (a, b) else m for j, m in enumerate(magnitudes)])
     # 0 * inf in a term: an exact zero through an overflowed step, or a lost step through a
     # zero. The formed product tells them apart; here the bound is given up (inf).
     error = np.where(np.isnan(error), np.inf, error)
-    return summed(values), ctx.guard(magnitude, error + magnitude)
+    return summed(values), ctx.guard(magnitude, error + rounding * summation_roundings(terms) * magnitude,
+                                     inside=inside)
+
+
+def _flattened(array, summed: tuple) -> np.ndarray:
+    """``array`` with its summed axes (the trailing ones) as one last axis, in row-major order."""
+    array = np.asarray(array)
+    return array.reshape(array.shape[:summed[0]] + (-1,))
+
+
+def _partial_products_error(value, error, inside, summed: tuple, ctx: Context, within: bool):
+    """The error bound of a product taken in index order, as torch multiplies (cumprod, and
+    prod of a row): each partial product rounds, one below the normal range costs what
+    underflow costs there, which the later factors scale, and one beyond the dtype's range
+    loses the bound (inf), as any step that overflows does."""
+    value, error, inside = _flattened(value, summed), _flattened(error, summed), _flattened(inside, summed)
+    if not value.shape[-1]:  # an empty product is exactly 1
+        return np.zeros(value.shape[:-1])
+    with np.errstate(all="ignore"):
+        partial = np.cumprod(value, axis=-1)
+        magnitude = np.abs(partial)
+        before = np.concatenate([np.ones_like(magnitude[..., :1]), magnitude[..., :-1]], axis=-1)
+        multiplied = inside & (np.arange(value.shape[-1]) > np.argmax(inside, axis=-1)[..., None])
+        step = np.where(multiplied, ctx.ratio(within) * magnitude, 0.0) + _scaled(error, before)
+        threshold, spacing = ctx._underflows[within]
+        vanished = (partial == 0) & np.logical_and.accumulate(value != 0, axis=-1)
+        step = step + np.where(multiplied & (((magnitude < threshold) & (magnitude > 0)) | vanished), spacing, 0.0)
+        # Each step's error is scaled by the factors after it.
+        later = np.flip(np.cumprod(np.flip(np.abs(value), axis=-1), axis=-1), axis=-1)
+        later = np.concatenate([later[..., 1:], np.ones_like(later[..., :1])], axis=-1)
+        total = _scaled(step, later).sum(axis=-1)
+        limit = ctx.limit(within)
+        if not np.isinf(limit):
+            total = np.where(np.any(multiplied & (magnitude > limit), axis=-1), np.inf, total)
+    return total
+
+
+def _partial_products_of_balls(value, inside, summed: tuple, within: bool):
+    """A product of balls taken in index order, each partial product widened as the modelled
+    mode rounds a step (``_partial_products_error`` on balls)."""
+    value, inside = _flattened(value, summed), _flattened(inside, summed)
+    started = np.zeros(value.shape[:-1], dtype=bool)
+    product = np.ones(value.shape[:-1], dtype=object)
+    for k in range(value.shape[-1]):
+        taken = inside[..., k]
+        multiplied = np.asarray(product * value[..., k], dtype=object)
+        product = np.where(taken, np.where(started, balls.rounded(multiplied, 1, within), value[..., k]), product)
+        started |= taken
+    return product
 
 
 def _spans_whole(positions: np.ndarray, size: int) -> bool:
@@ -374,8 +565,7 @@ def _too_close(ctx: Context, left, right, error) -> np.ndarray:
     """Where a comparison of values carrying rounding error is within the dtype's tolerance."""
     if not np.any(error):
         return np.zeros((), dtype=bool)
-    scale = np.maximum(np.abs(left), np.abs(right))
-    return (np.abs(np.asarray(left) - np.asarray(right)) <= allowed_error(scale, error, ctx.dtype)) & (error > 0)
+    return (np.abs(np.asarray(left) - np.asarray(right)) <= allowed_error(error, ctx.model)) & (error > 0)
 
 
 # (subtree, depth, error arithmetic, exact, size names, its free indices' axes) -> its compiled function
@@ -386,11 +576,20 @@ COMPILED_ENTRIES = 2**16
 class _Compiler:
     """One method per sympy class, found along the class's MRO as sympy's printers do."""
 
-    def __init__(self, size_names: frozenset, track_errors: bool = True, exact: bool = False):
+    def __init__(self, size_names: frozenset, track_errors: bool = True, exact: bool = False, floor: bool = False,
+                 inside: bool = False):
         self.size_names = size_names
         self.track_errors = track_errors and not exact
         # On object arrays of arb balls (verify.balls), values only: the exact pass.
         self.exact = exact
+        # A formula over magnitudes (``_magnitude``): a kernel's terms count as its steps round.
+        self.floor = floor
+        # Inside a kernel (``functions.kernel``): its steps round in the compute dtype.
+        self.inside = inside
+
+    def _within(self) -> _Compiler:
+        """The compiler of a kernel's steps."""
+        return _Compiler(self.size_names, self.track_errors, self.exact, self.floor, inside=True)
 
     def _real(self, array):
         """An array of reals: float64, or as it is (balls) in the exact pass."""
@@ -399,7 +598,7 @@ class _Compiler:
     def compile(self, expr, axes: dict, depth: int):
         # Formulas hold the same subtree many times over (a softmax of a softmax holds its
         # input in every term): compiled once, the walk is linear in the distinct subtrees.
-        key = (expr, depth, self.track_errors, self.exact, self.size_names,
+        key = (expr, depth, self.track_errors, self.exact, self.floor, self.inside, self.size_names,
                tuple(sorted((s.name, axes[s]) for s in _free_symbols(expr) if s in axes)))
         compiled = _COMPILED.get(key)
         if compiled is None:
@@ -436,19 +635,25 @@ class _Compiler:
         indices = sorted(placed, key=placed.__getitem__)
         static = (_canonical(expr, tuple((s, placed[s]) for s in indices)), depth)
         track_errors = self.track_errors
+        flavour = (self.exact, self.floor, self.inside)
+        # A value computed with its error bound, inside a kernel or not, serves a value alone too.
+        serving = [(static, track_errors) + flavour]
+        if not track_errors and not self.floor:
+            serving += [(static, True, self.exact, False, inside) for inside in (False, True)]
 
         def shared(ctx):
             spans = tuple((int(ctx.indices[s].flat[0]), ctx.indices[s].size) for s in indices)
-            key = (static, spans, track_errors, self.exact)
-            found = ctx.shared.get(key)
-            if found is None and not track_errors:  # a value with its error bound serves too
-                found = ctx.shared.get((static, spans, True, self.exact))
+            found = None
+            for key in serving:
+                found = ctx.shared.get(key + (spans,))
+                if found is not None:
+                    break
             if found is not None:
                 return found
             result = compiled(ctx)
             size = sum(np.asarray(part).nbytes for part in result)
             if ctx.shared_bytes + size <= SHARED_BYTES:
-                ctx.shared[key] = result
+                ctx.shared[serving[0] + (spans,)] = result
                 ctx.shared_bytes += size
             return result
 
@@ -464,11 +669,15 @@ class _Compiler:
 
     # -- leaves --------------------------------------------------------------------------
     def _Number(self, expr, axes, depth):
-        if self.exact:  # built at evaluation time, in the precision of the moment
-            return lambda ctx: (balls.constant(expr), 0.0)
+        """A constant: exact, or rounded once where the dtype its step rounds in cannot hold it (1/3)."""
         value = float(expr)
-        error = 0.0 if expr.is_Integer and abs(value) < 2**53 else abs(value)
-        return lambda ctx: (value, error)
+        exact = expr.is_Rational and sympy.Rational(value) == expr
+        inside = self.inside
+        if self.exact:  # built at evaluation time, in the precision of the moment
+            return lambda ctx: (balls.constant(expr) if exact and ctx.representable(value, inside) else
+                                balls.rounded(balls.constant(expr), 1, inside), 0.0)
+        return lambda ctx: (value, 0.0 if exact and ctx.representable(value, inside) else
+                            ctx.ratio(inside) * abs(value))
 
     _NumberSymbol = _Number
 
@@ -519,10 +728,11 @@ class _Compiler:
     # -- arithmetic ----------------------------------------------------------------------
     def _Add(self, expr, axes, depth):
         terms = self._args(expr, axes, depth)
+        inside = self.inside
         if self.exact:
             def add_balls(ctx):
                 values = [t(ctx)[0] for t in terms]
-                return balls.rounded_sum(sum(values), values), 0.0
+                return balls.rounded_sum(sum(values), values, inside, len(values) - 1), 0.0
 
             return add_balls
         if not self.track_errors:
@@ -532,14 +742,23 @@ class _Compiler:
             values, errors = zip(*(t(ctx) for t in terms))
             # Summing k terms rounds k - 1 times, each time by at most the sum of magnitudes.
             value = sum(values)
-            return value, ctx.guard(value, sum(errors) + (len(values) - 1) * sum(_wide(v) for v in values))
+            rounding = (len(values) - 1) * ctx.ratio(inside)
+            return value, ctx.guard(value, sum(errors) + rounding * sum(_wide(v) for v in values), inside=inside)
 
         return add
 
     def _Mul(self, expr, axes, depth):
-        factors = self._args(expr, axes, depth)
+        # a * b**-1 is a division, one rounding, as code computes it: the reciprocal is not
+        # rounded of its own (but for one that is all the product has, as in 2 / b).
+        rounded = [f for f in expr.args if not _power_of_two(f)]
+        divisors = [f for f in rounded if _reciprocal(f)]
+        factors = [self._raised(f, axes, depth, roundings=0) if _reciprocal(f) and len(divisors) < len(rounded)
+                   else self.compile(f, axes, depth) for f in expr.args]
+        inside = self.inside
+        # A scaling by a power of 2 (2 * x, -x, x / 2) is exact.
+        roundings = max(len(rounded) - 1, 0)
         if self.exact:
-            return lambda ctx: (balls.rounded(_product([f(ctx)[0] for f in factors]), len(factors) - 1), 0.0)
+            return lambda ctx: (balls.rounded(_product([f(ctx)[0] for f in factors]), roundings, inside), 0.0)
         if not self.track_errors:
             return lambda ctx: (_product([f(ctx)[0] for f in factors]), 0.0)
 
@@ -548,24 +767,29 @@ class _Compiler:
             product = _product(values)
             magnitudes = [_wide(v) for v in values]
             carrying = [k for k, e in enumerate(errors) if np.any(e)]
-            error = (len(values) - 1) * _wide(product)
+            error = roundings * ctx.ratio(inside) * _wide(product)
             for k in carrying:
                 error = _plus(error, _scaled(errors[k], _product_except(magnitudes, (k,))))
             for a, b in itertools.combinations(carrying, 2):
                 # Second order: two factors that both carry error, near zero both (e.g. cancelled).
-                error = _plus(error, _scaled(np.multiply(errors[a], errors[b]) * UNIT_ROUNDOFF[ctx.dtype],
+                error = _plus(error, _scaled(np.multiply(errors[a], errors[b]) * ctx.model.u,
                                              _product_except(magnitudes, (a, b))))
             vanished = np.equal(product, 0)
             for v in values:
                 vanished = vanished & np.not_equal(v, 0)
-            return product, ctx.guard(product, error, vanished)
+            return product, ctx.guard(product, error, vanished, inside)
 
         return mul
 
     def _Pow(self, expr, axes, depth):
+        roundings = POWER_ROUNDINGS.get(expr.exp, FUNCTION_ROUNDINGS) if expr.exp.is_Number else FUNCTION_ROUNDINGS
+        return self._raised(expr, axes, depth, roundings)
+
+    def _raised(self, expr, axes, depth, roundings):
         base, exponent = self._args(expr, axes, depth)
+        inside = self.inside
         if self.exact:
-            return lambda ctx: (balls.rounded(balls.power(base(ctx)[0], exponent(ctx)[0])), 0.0)
+            return lambda ctx: (balls.op_rounded(balls.power(base(ctx)[0], exponent(ctx)[0]), roundings, inside), 0.0)
         if not self.track_errors:
             return lambda ctx: (np.power(np.asarray(base(ctx)[0], dtype=np.float64), exponent(ctx)[0]), 0.0)
 
@@ -574,14 +798,15 @@ class _Compiler:
             b = np.asarray(b, dtype=np.float64)
             value = np.power(b, p)
             wide_base = np.asarray(b, dtype=ERROR_DTYPE)
-            error = _wide(value) + _scaled(b_error, p * np.power(wide_base, np.asarray(p, dtype=ERROR_DTYPE) - 1))
+            error = ctx.op_roundings(roundings, inside) * _wide(value) + _scaled(
+                b_error, p * np.power(wide_base, np.asarray(p, dtype=ERROR_DTYPE) - 1))
             if np.any(b_error) and np.all(np.asarray(p) > 1):
                 # Second order: a base that is a computed zero still has |error|**p of room.
-                u = UNIT_ROUNDOFF[ctx.dtype]
+                u = ctx.model.u
                 error = error + np.power(_wide(b_error) * u, np.asarray(p, dtype=ERROR_DTYPE)) / u
             if np.any(p_error):
                 error = error + _scaled(p_error, value * np.log(np.abs(wide_base)))
-            return value, ctx.guard(value, error, np.equal(value, 0) & np.not_equal(b, 0))
+            return value, ctx.guard(value, error, np.equal(value, 0) & np.not_equal(b, 0), inside)
 
         return power
 
@@ -600,14 +825,34 @@ class _Compiler:
     def _Function(self, expr, axes, depth):
         if isinstance(expr, functions.stop_gradient):  # its argument, value and error bound alike
             return self._args(expr, axes, depth)[0]
+        if isinstance(expr, sympy.DiracDelta):  # torch's derivative of a jump: exactly 0
+            argument = self.compile(expr.args[0], axes, depth)
+            kind = np.int64 if self.exact else np.float64
+            return lambda ctx: (np.zeros(np.shape(argument(ctx)[0]), dtype=kind), 0.0)
         numeric = (balls.FUNCTIONS if self.exact else NUMPY_FUNCTIONS).get(type(expr))
         if numeric is None:
             raise UnsupportedFormula(f"no numeric rule for the function {type(expr).__name__}")
         arguments = self._args(expr, axes, depth)
         nearest_jump = JUMPS.get(type(expr))
-        if self.exact:  # scipy's and torch's special functions are some tens of ulps off
-            roundings = SPECIAL_FUNCTION_ULPS if type(expr) in SPECIAL_FUNCTIONS else 1
-            return lambda ctx: (balls.rounded(numeric(*(a(ctx)[0] for a in arguments)), roundings), 0.0)
+        roundings = function_roundings(type(expr))
+        inside = self.inside
+        special = type(expr) in SPECIAL_FUNCTIONS
+        exponential = type(expr) is sympy.exp
+        flushes = type(expr) in FLUSHING_FUNCTIONS
+        if self.exact:
+            def function_of_balls(ctx):
+                operands = [a(ctx)[0] for a in arguments]
+                if exponential and balls.MODE.linear:  # its argument held to a rounding, as the float64 pass holds it
+                    operands = [balls.rounded(operands[0], 1, inside)]
+                value = balls.op_rounded(numeric(*operands), roundings, inside)
+                if flushes:
+                    value = balls.flushed(value, inside)
+                # scipy's special functions are some tens of float64 ulps off: the float64 pass's own
+                # error, which the exact pass takes into its model too (one rule in both passes).
+                return (balls.rounded(value, SCIPY_ROUNDINGS, ratio=ctx.model.float64_ratio) if special
+                        else value), 0.0
+
+            return function_of_balls
         if not self.track_errors:
             return lambda ctx: (numeric(*(a(ctx)[0] for a in arguments)), 0.0)
         dummies, derivatives = _partials(type(expr), len(arguments))
@@ -622,25 +867,73 @@ class _Compiler:
         curvature = (values_only.compile(_second_partial(type(expr)).xreplace(at_arguments), axes, depth)
                      if len(arguments) == 1 else None)
 
-        special = type(expr) in SPECIAL_FUNCTIONS
         never_zero = type(expr) in NEVER_ZERO
 
         def function(ctx):
             values, errors = zip(*(a(ctx) for a in arguments))
             value = numeric(*values)
-            error = _wide(value)
-            if special:  # scipy's inaccuracy in float64 ulps, and torch's own in ulps of its dtype
-                error = error * (1 + SPECIAL_FUNCTION_ULPS * (1 + UNIT_ROUNDOFF[torch.float64] / UNIT_ROUNDOFF[ctx.dtype]))
+            error = ctx.op_roundings(roundings, inside) * _wide(value)
+            if exponential:  # its argument held to a rounding: a correct kernel may form it as x - max
+                error = error + ctx.ratio(inside) * _wide(values[0]) * _wide(value)
+            if special:  # scipy's own inaccuracy, in float64's ulps
+                error = error + SCIPY_ROUNDINGS * ctx.model.float64_ratio * _wide(value)
+            if flushes:
+                tiny = ctx.underflows_below(inside)
+                error = error + np.where(np.abs(value) < tiny, tiny / ctx.model.u, 0.0)
             if any(np.any(e) for e in errors):
                 if nearest_jump is not None:
                     ctx.mark_ambiguous(_too_close(ctx, values[0], nearest_jump(values[0]), errors[0]))
                 for partial, e in zip(partials, errors):
                     error = error + _scaled(e, partial(ctx)[0])
                 if curvature is not None:
-                    error = error + _scaled(np.square(errors[0]) * (UNIT_ROUNDOFF[ctx.dtype] / 2), curvature(ctx)[0])
-            return value, ctx.guard(value, error, vanished=never_zero and np.equal(value, 0))
+                    error = error + _scaled(np.square(errors[0]) * (ctx.model.u / 2), curvature(ctx)[0])
+            return value, ctx.guard(value, error, never_zero and np.equal(value, 0), inside)
 
         return function
+
+    def _kernel(self, expr, axes, depth):
+        """An op's kernel (``functions.kernel``). Where fused, its steps round in the compute
+        dtype and its result is stored once in the dtype (where each op stores its own); its
+        calibrated errors (``Op.kernel_error``) widen the result. Over magnitudes (``floor``), a
+        fused kernel's terms count at its rounding, or at the stored dtype's where it reads its
+        op's saved result (whose rounding reaches every term)."""
+        op = REGISTRY[expr.op]
+        fused = expr.computation in op.fused
+        inner = (self._within() if fused else self).compile(expr.args[0], axes, depth)
+        if self.floor:
+            if not fused:
+                return inner
+            reads_saved = op.saves_result and expr.computation != "value"
+
+            def scaled(ctx):
+                value, _ = inner(ctx)
+                weight = (1.0 if reads_saved else ctx.ratio(True)) / ctx.ratio(False)
+                return value * (balls.constant(sympy.Rational(weight)) if self.exact else weight), 0.0
+
+            return scaled
+        kernel_error = op.kernel_error.get(expr.computation)
+        if self.exact:
+            def kernel_of_balls(ctx):
+                value = inner(ctx)[0]
+                if kernel_error is not None:
+                    value = balls.off_by(value, kernel_error.roundings, True, _absolute(kernel_error, ctx),
+                                         kernel_error.log_roundings)
+                    value = balls.off_by(value, kernel_error.stored_roundings, False, 0.0)
+                return (balls.stored(value) if fused else value), 0.0
+
+            return kernel_of_balls
+        if not self.track_errors:
+            return inner
+
+        def kernel_step(ctx):
+            value, error = inner(ctx)
+            if kernel_error is not None:
+                error = error + _kernel_error(kernel_error, value, ctx)
+            if fused and ctx.model.stores_kernels:
+                error = error + np.where(np.asarray(error) > 0, _wide(value), 0.0)
+            return value, ctx.guard(value, error)
+
+        return kernel_step
 
     def _indicator(self, expr, axes, depth):
         condition = self.compile(expr.args[0], axes, depth)
@@ -764,6 +1057,8 @@ class _Compiler:
             if all(span < set().union(*spans) for span in spans):
                 factors = self._args(expr.function, inner_axes, inner_depth)
 
+        within_kernel = self.inside
+
         def total(ctx):
             inside = True
             for index, axis, low_fn, high_fn in bounds:
@@ -774,10 +1069,12 @@ class _Compiler:
             if factors is not None and np.all(inside):
                 lengths = {axis: ctx.indices[index].size for index, axis, _, _ in bounds}
                 if self.exact:
-                    return _summed_product_of_balls([f(ctx)[0] for f in factors], lengths, depth, inner_depth), 0.0
+                    return _summed_product_of_balls([f(ctx)[0] for f in factors], lengths, depth, inner_depth,
+                                                    within_kernel), 0.0
                 if not track_errors:
                     return _summed_product([f(ctx)[0] for f in factors], lengths, depth, inner_depth), 0.0
-                bounded = _summed_product_bounded([f(ctx) for f in factors], lengths, depth, inner_depth, ctx)
+                bounded = _summed_product_bounded([f(ctx) for f in factors], lengths, depth, inner_depth, ctx,
+                                                  within_kernel)
                 if bounded is not None:
                     return bounded
             value, error = body(ctx)
@@ -788,21 +1085,23 @@ class _Compiler:
                 value = np.where(inside, value, neutral)
             result = reduce(value, axis=summed)
             if self.exact and kind is sympy.Sum:
-                return balls.rounded_sum(result, [np.abs(value).sum(axis=summed)]), 0.0
+                terms = np.sum(np.broadcast_to(inside, shape), axis=summed)
+                return balls.rounded_sum(result, [np.abs(value).sum(axis=summed)], within_kernel,
+                                         summation_roundings(terms)), 0.0
             if self.exact and kind is sympy.Product:
-                return balls.rounded(result, np.sum(np.broadcast_to(inside, shape), axis=summed)), 0.0
+                return _partial_products_of_balls(value, np.broadcast_to(inside, shape), summed, within_kernel), 0.0
             if not track_errors:
                 return result, 0.0
             error = np.where(inside, np.broadcast_to(_pad(np.asarray(error, dtype=ERROR_DTYPE), inner_depth), shape), 0)
+            rounding = ctx.ratio(within_kernel)
             if kind is sympy.Sum:
                 magnitude = _wide(value).sum(axis=summed)  # partial sums may reach it, in any order
-                return result, ctx.guard(magnitude, error.sum(axis=summed) + magnitude)
+                terms = np.sum(np.broadcast_to(inside, shape), axis=summed)
+                return result, ctx.guard(magnitude, error.sum(axis=summed) + rounding * summation_roundings(terms) *
+                                         magnitude, inside=within_kernel)
             if kind is sympy.Product:
-                magnitudes = _wide(value)
-                exact = magnitudes.prod(axis=summed)
-                count = np.sum(np.broadcast_to(inside, shape), axis=summed)
-                vanished = np.equal(result, 0) & np.all(np.not_equal(value, 0), axis=summed)
-                return result, ctx.guard(result, (magnitudes + error).prod(axis=summed) - exact + count * exact, vanished)
+                return result, _partial_products_error(value, error, np.broadcast_to(inside, shape), summed, ctx,
+                                                       within_kernel)
             chosen = np.broadcast_to(np.expand_dims(result, summed), shape)
             ties = inside & (value == chosen)
             return result, np.where(ties, error, 0).max(axis=summed)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy
 
+from .lower.functions import unmarked
 from .lower.sympy import ADJOINT_PREFIX, TANGENT_PREFIX
 
 CHECKED = "checked numerically, not proved"
@@ -45,6 +46,9 @@ class Result:
     examples: int = 0
     rejected: dict = field(default_factory=dict)  # reason -> number of points
     exact: Counter = field(default_factory=Counter)  # what the exact pass did -> number of points
+    # check -> [its weak elements, its elements judged]: weak where the allowance is at least
+    # the exact value, so that a zero would pass there too
+    weak: dict = field(default_factory=dict)
     claims: list = field(default_factory=list)
     modes: tuple = ("rev", "fwd")
     order: int = 1
@@ -71,18 +75,45 @@ class Result:
         return sum(self.rejected.values())
 
     @property
+    def unjudged_points(self) -> int:
+        """Points the exact pass left unjudged: its budget, arb's range, an undecidable point."""
+        return sum(count for what, count in self.exact.items() if what.startswith(("left unjudged", "inconclusive")))
+
+    @property
+    def inconclusive(self) -> int:
+        """Points where float64 was sure of a disagreement the exact pass could not decide."""
+        return sum(count for what, count in self.exact.items() if what.startswith("inconclusive"))
+
+    def weakly_covered(self) -> list:
+        """The checks most of whose elements were not judged with power, as lines: weak (a zero
+        would pass there too), or at points rejected or left unjudged, counted together (a
+        point's elements are taken as its check's average). A pass there says little."""
+        lost = self.rejected_points + self.unjudged_points
+        drawn = lost + self.points
+        lines = []
+        if lost > self.points and not self.weak:
+            lines.append(f"most drawn points were rejected or left unjudged ({lost} of {drawn})")
+        for check, (weak, judged) in sorted(self.weak.items()):
+            strong = (judged - weak) / judged * self.points / drawn if judged and drawn else 0.0
+            if strong < 0.5:
+                lines.append(f"{check}: {1 - strong:.0%} of its elements were weak, rejected or unjudged ({weak} of "
+                             f"{judged} judged elements weak, where the allowance is at least the exact value; "
+                             f"{lost} of {drawn} points rejected or unjudged)")
+        return lines
+
+    @property
     def warnings(self) -> list:
-        """What a reader of a pass should know: most drawn points were rejected."""
-        if self.rejected_points > self.points:
-            total = self.rejected_points + self.points
-            return [(f"most drawn points were rejected ({self.rejected_points} of {total}): "
-                     "the checks cover less of the input space than the point count suggests")]
-        return []
+        """What a reader of a pass should know: the checks cover less than the counts suggest."""
+        return [f"{line}: the checks cover less of the input space than the point count suggests"
+                for line in self.weakly_covered()]
 
     def details(self) -> list:
-        """The lines under a verdict: rejections by reason, the exact pass's work, warnings."""
+        """The lines under a verdict: rejections by reason, the exact pass's work, weak
+        elements, warnings."""
         lines = [f"rejected {count} point(s): {reason}" for reason, count in sorted(self.rejected.items())]
         lines += [f"{what}: {count} point(s)" for what, count in sorted(self.exact.items())]
+        lines += [f"weak {weak} of {judged} element(s) of {check}: the allowance is at least the exact value"
+                  for check, (weak, judged) in sorted(self.weak.items()) if weak]
         lines += [f"calls for {what}: {how}" for what, how in self.calls.items()]
         return lines + [f"warning: {warning}" for warning in self.warnings]
 
@@ -135,7 +166,8 @@ class Failure:
         reference = np.asarray(self.reference, dtype=np.float64)
         actual = np.asarray(self.actual, dtype=np.float64)
         difference = np.abs(actual - reference)
-        bad = ~(difference <= self.allowed)  # NaN counts as a mismatch
+        # NaN counts as a mismatch, and so does a value that is not finite where the reference is.
+        bad = ~(difference <= self.allowed) | (~np.isfinite(actual) & np.isfinite(reference))
         flat = np.where(bad.ravel(), np.nan_to_num(difference.ravel(), nan=np.inf), -1.0)
         worst = int(np.argmax(flat)) if flat.size else 0
         worst_index = np.unravel_index(worst, reference.shape) if reference.shape else ()
@@ -241,4 +273,4 @@ def readable(expr, output: str) -> str:
     for symbol in expr.free_symbols:
         if isinstance(symbol, sympy.Symbol) and shown(symbol.name):
             renamed[symbol] = sympy.Symbol(shown(symbol.name))
-    return str(expr.xreplace(renamed))
+    return str(unmarked(expr).xreplace(renamed))

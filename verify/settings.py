@@ -106,6 +106,8 @@ OPTIONS = (
     Option("sizes", _sizes, "fix size symbols, as n=1000,m=3; the others are drawn (1 to 8, now and then up to 64)"),
     Option("time_budget", _seconds, "seconds per spec and dtype, planning included, after which no new example "
                                     "is drawn (a failure found is still shrunk); the report says how many ran"),
+    Option("require_power", _switch, "fail a check whose judged elements are mostly weak (the allowance at least "
+                                     "the exact value), rejected or left unjudged, instead of warning", switch=True),
 )
 
 
@@ -120,6 +122,7 @@ class RunSettings:
     modes: tuple = MODES
     sizes: dict = field(default_factory=dict)
     time_budget: float | None = None
+    require_power: bool = False
 
     def check_arguments(self, dtype: str) -> dict:
         """Keyword arguments of ``verify.check`` for one of the dtypes."""
@@ -127,7 +130,7 @@ class RunSettings:
 
         return {"max_examples": self.max_examples, "seed": self.seed, "derandomize": self.derandomize,
                 "database": self.database, "dtype": getattr(torch, dtype), "order": self.order, "modes": self.modes,
-                "sizes": self.sizes, "time_budget": self.time_budget}
+                "sizes": self.sizes, "time_budget": self.time_budget, "require_power": self.require_power}
 
 
 def stable_seed(text: str, dtype_name: str) -> int:

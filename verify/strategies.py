@@ -24,7 +24,6 @@ from .errors import SpecError
 from .ir import Apply, Domain, Spec, concrete_shape, graph_nodes
 from .ops import REGISTRY
 from .spec import MAX_POINT_ELEMENTS
-from .tolerance import representable_limit, underflow_limit
 
 DEFAULT_SIZES = (1, 8)
 # Now and then sizes are drawn up to LARGE_SIZE, so that torch's code paths for larger
@@ -124,6 +123,14 @@ class Example:
         return Example(self.sizes, {n: np.concatenate([a, other.inputs[n]]) for n, a in self.inputs.items()},
                        np.concatenate([self.cotangent, other.cotangent]), tangents)
 
+    def with_unit_directions(self) -> Example:
+        """The same points, every direction (cotangent, tangent) of magnitude 1, its sign kept."""
+        def unit(array):
+            return np.where(array < 0, -1.0, 1.0)
+
+        tangents = None if self.tangents is None else {n: unit(t) for n, t in self.tangents.items()}
+        return Example(self.sizes, self.inputs, unit(self.cotangent), tangents)
+
     def at(self, keep: np.ndarray) -> Example:
         """The points where ``keep`` is true."""
         if keep.all():
@@ -158,6 +165,19 @@ def _floats(domain: Domain, dtype: torch.dtype, magnitude: float) -> st.SearchSt
         lambda v: not ((domain.low_open and v == domain.low) or (domain.high_open and v == domain.high)))
 
 
+# Inputs stay this many times below the largest finite number (float16, with 30 binades in all,
+# 16 times): a kernel's steps may double or square an input on the way to a representable
+# result (torch's square backward forms 2 * x before the cotangent), and the checks are about
+# the math, not about a kernel's headroom at the very edge of the range.
+HEADROOM = {torch.float16: 2.0**4}
+DEFAULT_HEADROOM = 2.0**10
+
+
+def largest_drawn(dtype: torch.dtype) -> float:
+    """The largest magnitude an input of ``dtype`` is drawn at."""
+    return float(torch.finfo(dtype).max) / HEADROOM.get(dtype, DEFAULT_HEADROOM)
+
+
 @functools.lru_cache(maxsize=256)
 def values(domain: Domain, dtype: torch.dtype, wide: bool) -> st.SearchStrategy:
     """Floats inside ``domain``, exactly representable in ``dtype``: of ordinary magnitude, or
@@ -166,9 +186,8 @@ def values(domain: Domain, dtype: torch.dtype, wide: bool) -> st.SearchStrategy:
     Raises ``SpecError`` when no value of the dtype lies inside the domain. Cached: a large
     input draws a few values from it per example, and building it anew costs more.
     """
-    # Up to the edge margin below overflow, and not within it above underflow (see tolerance).
-    anywhere = _floats(domain, dtype, representable_limit(dtype)).filter(
-        lambda v: v == 0 or abs(v) >= underflow_limit(dtype))
+    # Up to a few binades below overflow, and no subnormal number.
+    anywhere = _floats(domain, dtype, largest_drawn(dtype)).filter(lambda v: v == 0 or abs(v) >= torch.finfo(dtype).tiny)
     if wide or domain.low >= ORDINARY_MAGNITUDE or domain.high <= -ORDINARY_MAGNITUDE:
         return anywhere
     return _floats(domain, dtype, ORDINARY_MAGNITUDE)
@@ -299,7 +318,7 @@ def _materialized(draw, domain: Domain, dtype: torch.dtype, shape: tuple, wide: 
     a few special values of its choosing (0, ties, the extremes of the dtype)."""
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1), label=f"seed of {label}"))
     fallback = draw(values(domain, dtype, wide=False), label=f"fallback of {label}")
-    widest = int(math.log10(representable_limit(dtype)) / 2) if wide else 2
+    widest = int(math.log10(largest_drawn(dtype)) / 2) if wide else 2
     # Where exp overflows (past 11, 88 and 709 in the half types, float32 and float64), a naive
     # kernel fails: half the wide scales reach those decades, the others the dtype's whole range.
     near = wide and draw(st.booleans(), label=f"{label} near the overflow thresholds")
@@ -311,7 +330,7 @@ def _materialized(draw, domain: Domain, dtype: torch.dtype, shape: tuple, wide: 
         low, high = (domain.low, domain.low + ORDINARY_MAGNITUDE * scale) if domain.low > 0 else (
             domain.high - ORDINARY_MAGNITUDE * scale, domain.high)
     array = torch.tensor(rng.uniform(low, high, size), dtype=torch.float64).to(dtype).double().numpy()
-    valid = np.isfinite(array) & ((array == 0) | (np.abs(array) >= underflow_limit(dtype)))
+    valid = np.isfinite(array) & ((array == 0) | (np.abs(array) >= torch.finfo(dtype).tiny))
     valid &= (array > domain.low) if domain.low_open else (array >= domain.low)
     valid &= (array < domain.high) if domain.high_open else (array <= domain.high)
     array = np.where(valid, array, fallback)

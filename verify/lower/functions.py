@@ -21,6 +21,7 @@ stay inside the sums that hold them; and the extrema over index ranges (``Reduce
 
 from __future__ import annotations
 
+from functools import cache
 from itertools import count
 
 import sympy
@@ -135,6 +136,45 @@ class stop_gradient(sympy.Function):
 
     def _eval_is_real(self):
         return self.args[0].is_real
+
+
+class kernel(sympy.Function):
+    """Its argument, computed by one of an op's torch kernels (its value, the term of its
+    backward, its tangent): a mark for the allowance's model (``verify.tolerance``),
+    numerically the argument itself. ``kernel_of`` makes one class per op and computation;
+    where the op's computation is one fused kernel (``Op.fused``), its steps round in the dtype
+    kernels compute in and its result is stored once; its kernel errors (``Op.kernel_error``)
+    widen the result."""
+
+    nargs = 1
+    op = ""
+    computation = ""
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return x
+        return None
+
+    def _eval_derivative(self, symbol):
+        return sympy.diff(self.args[0], symbol)
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return x
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
+@cache
+def kernel_of(op: str, computation: str) -> type:
+    """The ``kernel`` mark of ``op``'s ``computation`` ("value", "backward" or "forward")."""
+    return type(f"kernel_{op}_{computation}", (kernel,), {"op": op, "computation": computation})
+
+
+def unmarked(expr):
+    """``expr`` without its ``kernel`` marks: the math alone, as shown to people."""
+    return expr.replace(lambda e: isinstance(e, kernel), lambda e: e.args[0])
 
 
 class indicator(sympy.Function):

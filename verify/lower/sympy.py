@@ -25,6 +25,7 @@ import mpmath
 import sympy
 from sympy.concrete.delta import _expand_delta, _extract_delta, deltasummation
 from sympy.concrete.expr_with_limits import ExprWithLimits
+from sympy.simplify.simplify import factor_sum
 
 from ..ir import (
     Apply,
@@ -40,7 +41,7 @@ from ..ir import (
     is_integer,
 )
 from ..ops import REGISTRY, SIZE_PARAMS, concrete_items, normalize_axes, single_axis
-from .functions import ReducedMax, ReducedMin, elementary, fresh_index_symbol, index_symbol, select
+from .functions import ReducedMax, ReducedMin, elementary, fresh_index_symbol, index_symbol, kernel_of, select
 from .sample import Unsupported, sample_value
 
 INDEX_NAMES = "ijklpqrstuvw"
@@ -455,10 +456,11 @@ def chain_rule(spec: Spec, tracked: dict, sizes: dict | None = None, clock=None)
     adjoint (a symbol named by ``adjoint_name``) times sympy's derivative of its step (its op
     on its operands' symbols). Evaluated from the output back, it rounds where a backward
     does: ``acosh(1 + exp(-x))`` gets acosh' at the rounded 1 + exp(-x), which the
-    derivative of the whole formula would simplify away. ``clock`` is charged as in ``derive``."""
+    derivative of the whole formula would simplify away. Each consumer's term is marked as
+    torch computes it (``mark_kernel``). ``clock`` is charged as in ``derive``."""
     clock = clock or Clock()
     operands = {node: name for node, name in tracked.items() if not isinstance(node, Input)}
-    uses = []  # each node's step, summed against its adjoint over fresh indices
+    uses = []  # (node, its label, index, limits, its step there, the step times its adjoint's element)
     for node, name in operands.items():
         if not depends_on_inputs(node):
             continue  # no adjoint: nothing flows back through it
@@ -468,11 +470,11 @@ def chain_rule(spec: Spec, tracked: dict, sizes: dict | None = None, clock=None)
             symbol, limit = lowering.fresh_index(size)
             index.append(symbol)
             limits.append(limit)
-        term = variable_symbol(adjoint_name(name), node.shape, {"real": True}, tuple(index)) * lowering.element(
-            node, tuple(index))
-        uses.append(sympy.Sum(term, *limits) if limits else term)
+        step = lowering.element(node, tuple(index))
+        uses.append((node, name, tuple(index), limits, step,
+                     variable_symbol(adjoint_name(name), node.shape, {"real": True}, tuple(index)) * step))
     symbols = SympyLowering(spec, operands, sizes)
-    uses.append(_scalar_output(symbols, spec.nodes[spec.output]))  # the output's adjoint: the cotangent
+    seed = _scalar_output(symbols, spec.nodes[spec.output])  # the output's adjoint: the cotangent
     adjoints = {}
     for node, name in tracked.items():
         if not depends_on_inputs(node):
@@ -482,13 +484,73 @@ def chain_rule(spec: Spec, tracked: dict, sizes: dict | None = None, clock=None)
                                    if isinstance(node, Input) else {"real": True}, indices)
         base = variable.base if node.shape else variable
         shape = symbols.shape(node)
+        terms = []
         with clock.on(node.loc):
-            raw = sympy.diff(sympy.Add(*(use for use in uses if use.has(base))), variable)
-            adjoint = _settled(raw, spec, indices, shape)
+            for consumer, consumer_name, index, limits, step, use in uses:
+                if use.has(base):
+                    derivative = read_saved(consumer, consumer_name, index, step, sympy.diff(use, variable))
+                    term = _settled(sympy.Sum(derivative, *limits) if limits else derivative, spec, indices, shape)
+                    if derivative.has(sympy.exp) and isinstance(step, sympy.log) and REGISTRY[consumer.op].saves_result:
+                        # As logsumexp's backward computes exp(x - y): one exponential of the difference.
+                        term = sympy.powsimp(term, combine="exp")
+                    terms.append(mark_kernel(consumer, term, "backward"))
+            if seed.has(base):
+                terms.append(_settled(sympy.diff(seed, variable), spec, indices, shape))
+        adjoint = sympy.Add(*terms)
         if adjoint.has(sympy.Derivative):
             raise NotImplementedError(f"sympy left an unevaluated derivative in ∂o/∂{name}: {adjoint}")
         adjoints[name] = Tensor(adjoint, indices, shape)
     return adjoints
+
+
+def read_saved(node: Node, name: str, index: tuple, step: sympy.Expr, derivative: sympy.Expr) -> sympy.Expr:
+    """A ``derivative`` of ``node``'s ``step`` at ``index``, reading the node's own result
+    (named ``name``) where torch's backward reads it from what the forward saved (tanh' as
+    1 - y**2, logsumexp's as exp(x - y)): the allowance's model then gives it the result's
+    rounding in the stored dtype. An elementwise op's step is one function of its operands; a
+    reduction read so takes the log of a sum."""
+    op = REGISTRY[node.op] if isinstance(node, Apply) else None
+    if op is None or not op.saves_result or step.is_Atom:
+        return derivative
+    result = variable_symbol(name, node.shape, {"real": True}, index)
+    if op.kind == "elementwise":
+        return derivative.subs(step, result)
+    if isinstance(step, sympy.log):  # logsumexp: the sum of exponentials is exp of its result
+        return derivative.subs(step.args[0], sympy.exp(result))
+    if op.saved_exp is not None:  # softmax: each exponential of its row is its result times the row's sum
+        return _exponentials_read_saved(derivative, step, op.saved_exp,
+                                        lambda at: variable_symbol(name, node.shape, {"real": True}, at))
+    return derivative
+
+
+def _exponentials_read_saved(derivative: sympy.Expr, step: sympy.Expr, saved_exp, result_at) -> sympy.Expr:
+    """``derivative`` of an op along an axis whose step holds the sum of its row's exponentials
+    (softmax, log_softmax), with each exponential of an element of that row written as
+    ``saved_exp(the result there, the sum)``: what the backward reads from the saved result."""
+    (total,) = [s for s in step.atoms(sympy.Sum) if isinstance(s.function, sympy.exp)]
+    (along, _, _), element = total.limits[0], total.function.args[0]
+    axis = element.indices.index(along)
+
+    def in_row(expr) -> bool:
+        if not (isinstance(expr, sympy.exp) and isinstance(expr.args[0], sympy.Indexed)):
+            return False
+        at = expr.args[0]
+        return at.base == element.base and all(a == b for k, (a, b) in enumerate(zip(at.indices, element.indices))
+                                               if k != axis)
+
+    held = sympy.Dummy("total")  # the sums themselves keep their exponentials
+    read = derivative.xreplace({total: held}).replace(in_row, lambda e: saved_exp(result_at(e.args[0].indices), held))
+    # The row's sum, a factor of every term of a sum over the row, cancels as a whole.
+    read = read.replace(lambda e: isinstance(e, sympy.Sum) and e.has(held), factor_sum)
+    return read.xreplace({held: total})
+
+
+def mark_kernel(node: Node, term: sympy.Expr, computation: str) -> sympy.Expr:
+    """``term``, marked as computed by ``node``'s op's kernel for ``computation`` ("value",
+    "backward" or "forward"): the allowance's model reads the op's facts there."""
+    if not isinstance(node, Apply) or term.is_Number:
+        return term
+    return kernel_of(node.op, computation)(term)
 
 
 def tangent_name(input_name: str) -> str:
@@ -547,7 +609,9 @@ def forward_chain(spec: Spec, tracked: dict, sizes: dict | None = None) -> dict:
         others = {n: m for n, m in operands.items() if n is not node}
         step = SympyLowering(spec, others, sizes).tensor(node)
         moving = {m: n for n, m in tracked.items() if n is not node and depends_on_inputs(n)}
-        tangents[name] = directional_derivative(step, spec, moving)
+        tangent = directional_derivative(step, spec, moving)
+        tangents[name] = Tensor(mark_kernel(node, read_saved(node, name, step.indices, step.expr, tangent.expr),
+                                                "forward"), tangent.indices, tangent.shape)
     return tangents
 
 
