@@ -566,3 +566,15 @@ def test_float64s_sure_disagreements_are_never_left_unjudged_and_a_bug_among_the
     with pytest.raises(verify.Mismatch) as caught:
         verify.check(spec, seed=2, max_examples=3)
     assert caught.value.failure.check in ("value", "gradient")
+
+
+def test_a_value_past_the_dtypes_range_is_rejected_by_float64s_own_bound_and_its_gradient_still_judged():
+    # x * x overflows float32, so the allowance's bound of y is lost; float64's own bound still
+    # shows y beyond float32's range, without the exact pass, and the gradient 2x is judged.
+    spec = "x: Interval(1e20, 1e30)[n]\ny = x * x"
+    result = verify.check_function(lambda x: x * x, spec, dtype=torch.float32, modes=("rev",), seed=0,
+                                   max_examples=20)
+    assert result.points > 0 and result.rejected["the value of y overflows float32"] > 0
+    assert not result.exact["judged by the exact pass"]
+    wrong = _function(lambda x: x * x, lambda x, g: 3 * x * g)
+    assert _caught(wrong, spec, torch.float32, max_examples=20).failure.check == "gradient"

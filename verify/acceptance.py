@@ -221,11 +221,14 @@ def quantity(label: str, pair: tuple, reads: dict | None = None) -> tuple:
 
 
 def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.ndarray, checks: list,
-                    how: str = "bounds", skipped: dict | None = None) -> tuple:
+                    how: str = "bounds", skipped: dict | None = None, float64_bounds=None) -> tuple:
     """(points judged, points left to a closer pass) by rules 2 and 3, for ``checks`` made by
     ``step`` and ``quantity``. The rest are counted by reason. A quantity the dtype cannot
     hold drops that check alone, not its point (an overflowing value leaves the gradients
     judged), where ``skipped`` (label -> per point, whether that check is dropped) is given.
+    Where a quantity's bound is lost to a step that overflows the dtype (not float64),
+    ``float64_bounds()`` (label -> float64's own bound, in its u) still decides whether the
+    quantity is beyond the dtype's range.
 
     ``how`` says what the values are: "floor" (float64 without bounds: every doubt goes on,
     to the bounds), "bounds" (float64 with error bounds: a lost bound, or a value too
@@ -237,7 +240,8 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
     dtype = model.dtype
     half_smallest = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))) / 2
     for label, (value, error), kind, reads in checks:
-        error = np.broadcast_to(error, np.shape(value)).reshape(batch, -1)
+        shape = np.shape(value)
+        error = np.broadcast_to(error, shape).reshape(batch, -1)
         value = value.reshape(batch, -1)
         magnitude = np.abs(value)
         with np.errstate(all="ignore"):
@@ -247,9 +251,14 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
                 overflowed = np.isinf(error)
                 lost = ~np.isfinite(error)
                 off = np.where(lost, 0.0, own_error(value, error, model))
+                known = np.zeros(value.shape, dtype=bool)  # lost, yet float64's own bound is known
+                if kind == "quantity" and float64_bounds is not None and overflowed.any():
+                    own = np.broadcast_to(float64_bounds()[label], shape).reshape(batch, -1)
+                    known = lost & np.isfinite(own)
+                    off = np.where(known, UNIT_ROUNDOFF[torch.float64] * own, off)
                 room = np.where(lost, 0.0, allowed_error(error, model))
             else:  # exact values, or (floor) values whose room is only one rounding's
-                overflowed = lost = np.zeros(value.shape, dtype=bool)
+                overflowed = lost = known = np.zeros(value.shape, dtype=bool)
                 off = 0.0
                 room = allowed_error(magnitude, model) if how == "floor" else 0.0
             undefined = np.isnan(value) & ~lost
@@ -268,7 +277,8 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
                     keep &= ~over
             doubtful |= keep & _per_point(undefined | overflow)
             continue
-        reasons = [(f"{label} is undefined", undefined), (f"{label} overflows {model.name}", overflow & surely_over)]
+        reasons = [(f"{label} is undefined", undefined),
+                   (f"{label} overflows {model.name}", (overflow | known) & surely_over)]
         for name, (read, read_error) in reads.items():
             read, read_error = read.reshape(batch, -1), np.broadcast_to(read_error, np.shape(read)).reshape(batch, -1)
             with np.errstate(all="ignore"):

@@ -348,6 +348,16 @@ def _live(skipped: dict, label: str, points: np.ndarray) -> np.ndarray:
     return np.ones(int(points.sum()), dtype=bool) if mask is None else ~mask[points]
 
 
+def _float64_bounds(prepared: Plan, subject, example: Example, options: Options, forward: bool) -> dict:
+    """Check label -> float64's own error bound, in its u: where a step overflows the dtype
+    under test, the allowance's bound is lost, yet float64's tells whether the checked quantity
+    is beyond that dtype's range, without the exact pass."""
+    ctx, values = reference_values(prepared, example, precision(torch.float64))
+    reference = ReferenceSide(values, *reference_derivatives(prepared, example, ctx, values, options.order, forward))
+    checks = [*_value_checks(prepared, subject, values), *_derivative_checks(prepared, subject, reference, options)]
+    return {label: pair[1] for label, pair, _, _ in checks}
+
+
 def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSide | None, options: Options,
                      result: Result, rejected: Counter) -> tuple:
     """The checks of ``evaluate`` with the reference's error bounds, where the floor did not
@@ -361,8 +371,10 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
     skipped = {}  # a check -> the points where it is not judged (its quantity overflows, say)
     # A comparison within rounding of its boundary is decided exactly: an exact tie is checked.
     exactly |= inside & ctx.ambiguous
+    float64_bounds = functools.cache(functools.partial(_float64_bounds, prepared, subject, example, options, forward))
     keep, unsure = acceptance.accepted_points(example.batch, options.model, rejected, inside & ~ctx.ambiguous,
-                                              _value_checks(prepared, subject, values), skipped=skipped)
+                                              _value_checks(prepared, subject, values), skipped=skipped,
+                                              float64_bounds=float64_bounds)
     exactly |= unsure
     checked = 0
     if keep.any():
@@ -371,7 +383,7 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
         exactly |= keep & ctx.ambiguous
         keep, unsure = acceptance.accepted_points(example.batch, options.model, rejected, keep & ~ctx.ambiguous,
                                                   _derivative_checks(prepared, subject, reference, options),
-                                                  skipped=skipped)
+                                                  skipped=skipped, float64_bounds=float64_bounds)
         exactly |= unsure
     if keep.any():
         at = example.at(keep)
