@@ -5,10 +5,11 @@ import pytest
 import sympy
 import torch
 from hypothesis import example, given, settings
+from flint import arb
 from hypothesis import strategies as st
 
 import verify
-from verify import acceptance, oracle
+from verify import acceptance, balls, oracle
 from verify import plan as planning
 from verify.lower.sympy import Tensor, in_inputs
 from verify.reference import Context, Reference, UnsupportedFormula
@@ -99,3 +100,12 @@ def test_unknown_function_is_refused_when_compiled():
     formula = Tensor(sympy.gamma(sympy.Symbol("x", real=True)), (), ())
     with pytest.raises(UnsupportedFormula, match="gamma"):
         Reference(formula, frozenset())
+
+
+def test_an_index_ball_is_its_integer_no_index_where_it_holds_none_and_undecided_where_it_holds_several():
+    # Reshape's VJP indexes by (i - k) / c, an integer only where its Piecewise's condition holds.
+    third, whole = arb(1) / 3, arb(3) / 3
+    assert list(balls.to_integers(np.array([whole, arb(2), 4.0, third, 0.5], dtype=object))) == [
+        1, 2, 4, balls.NOT_AN_INTEGER, balls.NOT_AN_INTEGER]
+    with pytest.raises(balls.Undecided):
+        balls.to_integers(np.array([arb(2.5, 0.6)], dtype=object))

@@ -362,13 +362,34 @@ def to_balls(values):
     return _ball(values)
 
 
+# What a non-integer index is taken as: a branch not taken (a Piecewise evaluates every
+# branch; reshape's VJP indexes by (i - k) / c, an integer only where its condition holds). A
+# gather clips it, and no index equals it.
+NOT_AN_INTEGER = -(2**62)
+# Indices are rationals whose denominators are products of sizes (below 2**40 elements): one
+# that is not an integer is at least this far from every integer.
+INTEGER_GAP = 2.0**-40
+
+
 def to_integers(values) -> np.ndarray:
-    """Integers (exact in float64, or balls that hold one integer at their midpoint, as an
-    index computed in the modelled mode) as Python ints in an object array."""
+    """Integers as Python ints in an object array: exact ones (float64, or a drawn integer
+    input), or balls of an index. A ball within ``INTEGER_GAP`` of one integer is it; a ball
+    that holds no integer is ``NOT_AN_INTEGER``. Exactly, a ball that holds several raises
+    ``Undecided`` (more precision decides); in the modelled mode the midpoint decides, and a
+    rounding of the dtype that could move it to another integer is noted as ``straddled``."""
     def one(value):
-        if isinstance(value, arb):
-            return int((value.mid() + arb(0.5)).floor().unique_fmpz())
-        return int(value)
+        if not isinstance(value, arb):
+            return int(value) if float(value).is_integer() else NOT_AN_INTEGER
+        if MODE.rounding is not None:
+            MODE.straddled |= bool(value.rad() * MODE.scale >= 0.5)
+            value = value.mid()
+        integer = (value.mid() + arb(0.5)).floor().unique_fmpz()
+        if integer is not None and abs(value - arb(integer)).upper() < INTEGER_GAP:
+            return int(integer)
+        below, above = value.lower().floor().unique_fmpz(), value.upper().floor().unique_fmpz()
+        if below is not None and below == above and arb(below) < value.lower():
+            return NOT_AN_INTEGER  # strictly between two integers
+        raise Undecided(f"which integer the index {value} is")
 
     return np.asarray(np.frompyfunc(one, 1, 1)(np.asarray(values, dtype=object)), dtype=object)
 

@@ -1005,8 +1005,14 @@ class _Compiler:
         return extremum
 
     def _positions(self, values) -> np.ndarray:
-        """Index values as an int64 array: in the exact pass they may be balls (an argmax)."""
-        return np.asarray(balls.to_integers(values) if self.exact else values, dtype=np.int64)
+        """Index values as an int64 array: in the exact pass they may be balls (an argmax). A
+        non-integer is an index of a branch not taken (``balls.NOT_AN_INTEGER``)."""
+        if self.exact:
+            return np.asarray(balls.to_integers(values), dtype=np.int64)
+        values = np.asarray(values)
+        if values.dtype.kind == "f":
+            values = np.where(values == np.round(values), values, balls.NOT_AN_INTEGER)
+        return values.astype(np.int64)
 
     def _KroneckerDelta(self, expr, axes, depth):
         left, right = self._args(expr, axes, depth)
