@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import sympy
 import torch
-from hypothesis import example, given, settings
 from flint import arb
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import verify
