@@ -211,7 +211,8 @@ def run(op: str, dtype: torch.dtype, points: int, seed: int = 0) -> dict:
         for name, declared in spec.inputs.items():
             shape = (batch, *verify.ir.concrete_shape(declared.shape, sizes))
             if declared.integer:
-                inputs[name] = rng.integers(int(declared.domain.low), int(declared.domain.high), shape).astype(float)
+                low, high = (_at_sizes(bound, sizes) for bound in (declared.domain.low, declared.domain.high))
+                inputs[name] = rng.integers(low, high, shape).astype(float)
             else:
                 inputs[name] = sample(declared.domain, dtype, shape, rng)
         out_shape = (batch, *verify.ir.concrete_shape(spec.nodes[output].shape, sizes))
@@ -319,6 +320,13 @@ def _joined(sides: list, example: Example):
         {n: stacked(lambda side, n=n: side.gradients[n]) for n in template.gradients}, [],
         None if template.jvp is None else stacked(lambda side: side.jvp),
         {n: stacked(lambda side, n=n: side.hvps[n]) for n in template.hvps})
+
+
+def _at_sizes(bound, sizes: dict) -> int:
+    """An integer input's bound, which may name a size (take's index below n), at ``sizes``."""
+    if hasattr(bound, "free_symbols"):
+        bound = bound.xreplace({symbol: sizes[symbol.name] for symbol in bound.free_symbols})
+    return int(bound)
 
 
 def main() -> None:

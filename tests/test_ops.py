@@ -130,18 +130,19 @@ TORCH_FINDINGS = {("digamma", torch.float64): {"gradient"}, ("logcumsumexp", tor
 # false alarms.
 HALF_TYPES = (torch.bfloat16, torch.float16)
 FOUND_BY_CALIBRATION = {
-    **{("acosh", dtype): BOTH for dtype in (torch.float32, *HALF_TYPES)},
+    **{("acosh", dtype): BOTH for dtype in HALF_TYPES},
     **{("asinh", dtype): BOTH for dtype in (torch.float64, torch.float32, *HALF_TYPES)},
-    **{(op, torch.float32): {"value", "gradient", "JVP"} for op in ("sinh", "cosh")},
+    **{(op, dtype): {"value", "gradient", "JVP"} for op in ("sinh", "cosh") for dtype in (torch.float32, torch.bfloat16)},
     ("sinc", torch.float16): BOTH,
     **{("atan2", dtype): BOTH for dtype in HALF_TYPES},
     **{("cumprod", dtype): BOTH for dtype in HALF_TYPES},
     **{("logcumsumexp", dtype): {"JVP"} for dtype in HALF_TYPES},
-    **{(op, torch.float32): {"HVP"} for op in ("logsigmoid", "atan2", "acosh")},
+    **{(op, torch.float32): {"HVP"} for op in ("logsigmoid", "atan2")},
+    ("acosh", torch.float32): BOTH | {"HVP"},
     **{(op, torch.float64): {"HVP"} for op in ("logsigmoid", "atan2")},
     **{("norm", dtype): {"value", "gradient", "JVP"} for dtype in (torch.float64, torch.float32, torch.bfloat16)},
     ("std", torch.float64): {"value", "gradient", "JVP"},
-    **{(op, dtype): BOTH | {"HVP"} for op in ("prod", "cumprod") for dtype in (torch.float64, torch.float32)},
+    **{(op, dtype): BOTH | {"value", "HVP"} for op in ("prod", "cumprod") for dtype in (torch.float64, torch.float32)},
     **{("prod", dtype): BOTH for dtype in HALF_TYPES},
 }
 

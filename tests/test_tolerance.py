@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import verify
-from verify.tolerance import ALLOWANCE, UNIT_ROUNDOFF, allowed_error, precision, underflow_error
+from verify.tolerance import ALLOWANCE, UNIT_ROUNDOFF, allowed_error, overflows, precision, underflow_error
 
 magnitudes = st.floats(0, 1e300)
 
@@ -66,3 +66,15 @@ def test_a_small_relative_error_in_a_backward_is_caught(plant_torch_form, dtype,
     with pytest.raises(verify.Mismatch) as caught:
         verify.check("x: Real[n]\no = sum(sin(x))", seed=13, dtype=dtype)
     assert caught.value.failure.check == "gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_a_result_overflows_exactly_where_rounding_to_the_dtype_gives_infinity(dtype):
+    # float16's largest is 65504, and 65521.5 rounds to inf: -4 * 62.125 / 0.0616**2 is no
+    # number float16 holds, so torch's inf there is no failure.
+    largest = float(torch.finfo(dtype).max)
+    spacing = largest - float(torch.nextafter(torch.tensor(largest, dtype=dtype), torch.tensor(0.0, dtype=dtype)))
+    magnitudes = np.array([largest, largest + spacing * 0.49, largest + spacing * 0.5, largest + spacing * 0.51])
+    rounded = torch.tensor(magnitudes, dtype=torch.float64).to(dtype)
+    assert list(overflows(magnitudes, 0.0, dtype)) == list(torch.isinf(rounded).numpy())
+    assert list(overflows(magnitudes, 0.0, dtype)) == [False, False, True, True]

@@ -167,4 +167,5 @@ def overflows(magnitude, allowed, dtype: torch.dtype) -> np.ndarray:
     """Where a result of this exact magnitude, off by up to ``allowed``, may round to infinity
     in ``dtype``: beyond its largest finite number plus half an ulp there."""
     largest = float(torch.finfo(dtype).max)
-    return np.asarray(magnitude) + allowed >= largest * (1 + UNIT_ROUNDOFF[dtype])
+    below = float(torch.nextafter(torch.tensor(largest, dtype=dtype), torch.tensor(0.0, dtype=dtype)))
+    return np.asarray(magnitude) + allowed >= largest + (largest - below) / 2
