@@ -340,8 +340,10 @@ def _kernel_error(kernel_error, value, ctx: Context):
     in the dtype it computes in (float32 for a half type, fused or not), and in the stored
     dtype, and an absolute error."""
     magnitude = _wide(value)
-    roundings = kernel_error.roundings + (np.log(np.maximum(magnitude, 1e-300)) if kernel_error.log_roundings else 0)
-    rounding = np.abs(roundings) * ctx.ratio(True) + kernel_error.stored_roundings * ctx.ratio(False)
+    shift = np.abs(np.log(np.maximum(magnitude, 1e-300)))  # about |x - max| where a kernel forms exp(x - max)
+    roundings = kernel_error.roundings + (shift if kernel_error.log_roundings else 0)
+    stored = kernel_error.stored_roundings + (shift if kernel_error.stored_log_roundings else 0)
+    rounding = roundings * ctx.ratio(True) + stored * ctx.ratio(False)
     return rounding * magnitude + _absolute(kernel_error, ctx)
 
 
@@ -918,7 +920,8 @@ class _Compiler:
                 if kernel_error is not None:
                     value = balls.off_by(value, kernel_error.roundings, True, _absolute(kernel_error, ctx),
                                          kernel_error.log_roundings)
-                    value = balls.off_by(value, kernel_error.stored_roundings, False, 0.0)
+                    value = balls.off_by(value, kernel_error.stored_roundings, False, 0.0,
+                                         kernel_error.stored_log_roundings)
                 return (balls.stored(value) if fused else value), 0.0
 
             return kernel_of_balls
