@@ -392,3 +392,21 @@ def test_a_float32_kernel_whose_steps_overflow_is_caught_under_its_compute_dtype
     with pytest.raises(verify.Mismatch) as caught:
         verify.check_function(naive, spec, **options)
     assert caught.value.failure.inputs["x"].max() > 88
+
+
+def test_a_failure_at_the_range_edge_names_the_overflowing_step_and_the_interval_that_avoids_it():
+    # A correct RMSNorm in float32: at x = 1.8e19, x**2 overflows and the row is 0 where the math
+    # is 1. The failure stands; the report says why and what to declare, and that declaration passes.
+    spec = "x: Real[n]\ny = x / sqrt(mean(x**2) + 1/1000000)"
+
+    def rms_norm(x):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)
+
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(rms_norm, spec, dtype=torch.float32, seed=0, modes=("rev",))
+    notes = caught.value.failure.notes
+    assert any(note.startswith("(x**2) is") and "rounds to inf in float32" in note for note in notes)
+    suggestion = next(note for note in notes if note.startswith("if inputs this large cannot occur"))
+    assert "`x: Interval(-1.8e+19, 1.8e+19)[n]`" in suggestion
+    bounded = spec.replace("Real[n]", "Interval(-1.8e+19, 1.8e+19)[n]")
+    assert verify.check_function(rms_norm, bounded, dtype=torch.float32, seed=0, modes=("rev",)).points > 0

@@ -8,6 +8,7 @@ Which points are judged, and which rejected, is ``verify.acceptance``'s business
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from .report import Failure, Result, readable, reproduction_snippet
 from .settings import MODES
 from .strategies import Example
 from .subject import CodeFailure, FunctionSubject, ModeUnsupported, SpecSubject
-from .tolerance import Precision, precision
+from .tolerance import Precision, overflows, precision
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -689,3 +690,84 @@ def _line(spec: Spec, name: str) -> int | None:
 def _formula(label: str, tensor: Tensor, output: str) -> str:
     index = f"[{', '.join(str(i) for i in tensor.indices)}]" if tensor.indices else ""
     return f"{label}{index} = {readable(tensor.expr, output)}"
+
+
+# Candidate bounds on an input's magnitude tried at once when a failure's steps overflow.
+BOUND_CANDIDATES = 64
+# The steps named per kind (overflowing, underflowing) in a failure's notes.
+STEPS_NAMED = 3
+
+
+def range_edge_notes(prepared: Plan, point: Example, model: Precision) -> list:
+    """Why a failure at ``point`` (one point) may sit at the edge of the dtype's range: the
+    spec's steps whose value there is beyond the dtype's largest number (code that computes the
+    step overflows, though the checked result is finite) or nonzero below half its smallest
+    (it gets 0), and for an overflow the interval of one input that keeps every step inside."""
+    dtype = model.dtype
+    half_smallest = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))) / 2
+    _, values = reference_values(prepared, point, model, bounded=False)
+    over, under = [], []
+    for label, (value, _) in values.items():
+        magnitude = np.abs(np.asarray(value, dtype=np.float64))
+        if overflows(np.nan_to_num(magnitude, nan=0.0), 0.0, dtype).any():
+            over.append(f"{label} is {np.nanmax(magnitude):.6g} here, which rounds to inf in {model.name}: code "
+                        "that computes this step overflows")
+        tiny = magnitude[(magnitude > 0) & (magnitude < half_smallest)]
+        if tiny.size:
+            under.append(f"{label} is {tiny.min():.3g} here, below {model.name}'s smallest number: code that "
+                         "computes this step gets 0 (and inf or NaN from what divides by it)")
+    notes = over[:STEPS_NAMED] + under[:STEPS_NAMED]
+    if over:
+        suggestion = _bounded_input(prepared, point, model)
+        if suggestion:
+            notes.append(suggestion)
+    return notes
+
+
+def _bounded_input(prepared: Plan, point: Example, model: Precision) -> str:
+    """A declaration of one input's interval under which no step of ``point``'s spec overflows
+    there, found by clipping that input at many bounds at once, twice (the second time between
+    the first's neighbours); "" where none is."""
+    for name, declared in prepared.spec.inputs.items():
+        if declared.integer or declared.data:
+            continue
+        top = float(np.max(np.abs(point.inputs[name]), initial=0.0))
+        if not np.isfinite(top) or top <= 1.0:
+            continue
+        bounds = np.geomspace(top, 1.0, BOUND_CANDIDATES)
+        fits = _fitting(prepared, point, model, name, bounds)
+        if not fits.any():
+            continue
+        first = int(np.argmax(fits))
+        if first > 0:
+            finer = np.geomspace(bounds[first - 1], bounds[first], BOUND_CANDIDATES)
+            bounds, fits = finer, _fitting(prepared, point, model, name, finer)
+        bound = float(bounds[np.argmax(fits)])
+        shown = float(f"{bound:.2g}")
+        if shown > bound:  # rounded up past the bound: one digit down
+            shown = float(f"{shown - 10 ** math.floor(math.log10(shown) - 1):.2g}")
+        return (f"if inputs this large cannot occur, declare `{name}: Interval({-shown:.2g}, {shown:.2g})"
+                f"{_shape_text(declared)}`: there no step overflows {model.name}")
+    return ""
+
+
+def _fitting(prepared: Plan, point: Example, model: Precision, name: str, bounds: np.ndarray) -> np.ndarray:
+    """Per bound, whether every step of the spec stays inside the dtype's range at ``point``
+    with input ``name`` clipped to that magnitude."""
+    count = len(bounds)
+    repeated = {n: np.repeat(a, count, axis=0) for n, a in point.inputs.items()}
+    limit = bounds.reshape((-1,) + (1,) * (repeated[name].ndim - 1))
+    repeated[name] = np.clip(repeated[name], -limit, limit)
+    tangents = None if point.tangents is None else {n: np.repeat(t, count, axis=0) for n, t in point.tangents.items()}
+    candidates = Example(point.sizes, repeated, np.repeat(point.cotangent, count, axis=0), tangents)
+    fits = np.ones(count, dtype=bool)
+    with np.errstate(all="ignore"):
+        _, values = reference_values(prepared, candidates, model, bounded=False)
+        for value, _ in values.values():
+            magnitude = np.abs(np.asarray(value, dtype=np.float64)).reshape(count, -1)
+            fits &= ~overflows(magnitude, 0.0, model.dtype).any(axis=1)
+    return fits
+
+
+def _shape_text(declared) -> str:
+    return f"[{', '.join(str(d) for d in declared.shape)}]" if declared.shape else ""
