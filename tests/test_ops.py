@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import verify
-from verify import engine
+from verify import engine, findings
 from verify.ops import REGISTRY
 
 EXAMPLES = int(os.environ.get("VERIFY_OP_EXAMPLES", "15"))
@@ -125,31 +125,10 @@ TORCH_FINDINGS = {("digamma", torch.float64): {"gradient"}, ("logcumsumexp", tor
                   ("atan2", torch.float32): BOTH, ("minimum", torch.float32): {"JVP"},
                   ("cumprod", torch.float64): BOTH}
 
-# Findings of docs/findings.md that the rows above do not reach in their examples, measured by
-# benchmarks/calibration.py at many points; the benchmarks report them as torch's, not as
-# false alarms.
-HALF_TYPES = (torch.bfloat16, torch.float16)
-FOUND_BY_CALIBRATION = {
-    **{("acosh", dtype): BOTH for dtype in HALF_TYPES},
-    **{("asinh", dtype): BOTH for dtype in (torch.float64, torch.float32, *HALF_TYPES)},
-    **{(op, dtype): {"value", "gradient", "JVP"} for op in ("sinh", "cosh") for dtype in (torch.float32, torch.bfloat16)},
-    ("sinc", torch.float16): BOTH,
-    **{("atan2", dtype): BOTH for dtype in HALF_TYPES},
-    **{("cumprod", dtype): BOTH for dtype in HALF_TYPES},
-    **{("logcumsumexp", dtype): {"JVP"} for dtype in HALF_TYPES},
-    **{(op, torch.float32): {"HVP"} for op in ("logsigmoid", "atan2")},
-    ("acosh", torch.float32): BOTH | {"HVP"},
-    **{(op, torch.float64): {"HVP"} for op in ("logsigmoid", "atan2")},
-    **{("norm", dtype): {"value", "gradient", "JVP"} for dtype in (torch.float64, torch.float32, torch.bfloat16)},
-    ("std", torch.float64): {"value", "gradient", "JVP"},
-    **{(op, dtype): BOTH | {"value", "HVP"} for op in ("prod", "cumprod") for dtype in (torch.float64, torch.float32)},
-    **{("prod", dtype): BOTH for dtype in HALF_TYPES},
-}
-
-
 def torch_finding(op: str, dtype: torch.dtype, check: str) -> bool:
-    """Whether ``check`` failing on torch's own ``op`` in ``dtype`` is a recorded finding."""
-    return check in TORCH_FINDINGS.get((op, dtype), ()) or check in FOUND_BY_CALIBRATION.get((op, dtype), ())
+    """Whether ``check`` failing on torch's own ``op`` in ``dtype`` is a recorded finding: one
+    the rows reach, or one of ``verify.findings`` (measured by the benchmarks at many points)."""
+    return check in TORCH_FINDINGS.get((op, dtype), ()) or findings.recorded(op, dtype, check)
 
 # Each op's rows run in one xdist worker (--dist loadgroup), so that its dtypes share the plan.
 OPS = [pytest.param(op, marks=pytest.mark.xdist_group(op)) for op in sorted(ROWS)]
@@ -224,3 +203,23 @@ def test_torch_finding_minimums_forward_mode_loses_the_selected_tangent():
         verify.check(spec, seed=0, max_examples=1)
     assert caught.value.failure.check == "JVP"
     verify.check(spec, seed=0, max_examples=1, modes=("rev",))  # its backward is right
+
+
+@pytest.mark.examples(100)  # the regime is reached by a wide bulk, one example in eight
+def test_a_failure_of_torchs_own_op_in_a_recorded_findings_regime_names_the_finding():
+    # atan2's backward forms 1 / (x² + y²): at y = 1.34e154 (in a tensor long enough for the
+    # vectorized kernel) it overflows, and torch gives 0 for ∂/∂y where 5.6e-308 is right. The
+    # check fails, and says that torch is what is off; a function that calls torch.atan2 is
+    # told that it may be the same finding.
+    spec = ROWS["atan2"]
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check(spec, seed=0, max_examples=100, modes=("rev",))
+    notes = caught.value.failure.notes
+    assert any("recorded finding in torch's own atan2" in note and "torch is off here" in note for note in notes)
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(lambda y, x: torch.atan2(y, x).sum(), spec, seed=0, max_examples=100, modes=("rev",))
+    assert any(note.startswith("if the function calls torch's atan2 here") for note in caught.value.failure.notes)
+    # A bug at ordinary points names no finding.
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(lambda y, x: torch.atan2(x, y).sum(), spec, seed=0, max_examples=5, modes=("rev",))
+    assert not any("recorded finding" in note for note in caught.value.failure.notes)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import acceptance, balls
+from . import acceptance, balls, findings
 from .ir import Apply, Ref, Spec, concrete_shape
 from .lower.sympy import Tensor
 from .ops import REGISTRY
@@ -698,14 +698,30 @@ BOUND_CANDIDATES = 64
 STEPS_NAMED = 3
 
 
-def range_edge_notes(prepared: Plan, point: Example, model: Precision) -> list:
+def failure_notes(prepared: Plan, failure: Failure, model: Precision, spec_lowering: bool) -> list:
+    """What explains a failure at its point: the steps at the dtype's range edge
+    (``range_edge_notes``), and a recorded finding of torch's op (``verify.findings``) that
+    matches it: in the spec's own lowering, torch's; in a function, if it calls that op."""
+    point = failure.point
+    _, values = reference_values(prepared, point, model, bounded=False)
+    notes = range_edge_notes(prepared, point, model, values)
+    at_point = {label: np.asarray(value)[0] for label, (value, _) in values.items()}
+    inputs = {name: array[0] for name, array in point.inputs.items()}
+    for found in findings.matching(prepared.nodes, at_point, inputs, model.dtype, failure.check):
+        recorded = f"a recorded finding in torch's own {found.op}: {found.what} ({findings.FINDINGS_DOC})"
+        notes.append(f"this matches {recorded}; torch is off here, not the spec" if spec_lowering else
+                     f"if the function calls torch's {found.op} here, this matches {recorded}")
+    return notes
+
+
+def range_edge_notes(prepared: Plan, point: Example, model: Precision, values: dict) -> list:
     """Why a failure at ``point`` (one point) may sit at the edge of the dtype's range: the
-    spec's steps whose value there is beyond the dtype's largest number (code that computes the
-    step overflows, though the checked result is finite) or nonzero below half its smallest
-    (it gets 0), and for an overflow the interval of one input that keeps every step inside."""
+    spec's steps whose value there (``values``, label -> pair) is beyond the dtype's largest
+    number (code that computes the step overflows, though the checked result is finite) or
+    nonzero below half its smallest (it gets 0), and for an overflow the interval of one input
+    that keeps every step inside."""
     dtype = model.dtype
     half_smallest = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))) / 2
-    _, values = reference_values(prepared, point, model, bounded=False)
     over, under = [], []
     for label, (value, _) in values.items():
         magnitude = np.abs(np.asarray(value, dtype=np.float64))

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from .checks import KINKS, Options, evaluate, range_edge_notes
+from .checks import KINKS, Options, evaluate, failure_notes
 from .errors import Inconclusive, Mismatch, SpecError, Unchecked, Unsupported
 from .ir import Spec
 from .plan import claim_text, example_point, needs_concrete_sizes, plan
@@ -195,7 +195,8 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         failure = found.failure
         if found.drawn:
             failure = _simplified(spec, subject, _confirmed(spec, subject, failure, first_failure, options), options)
-        failure.notes.extend(range_edge_notes(plan(spec, failure.point.sizes), failure.point, options.model))
+        if failure.point is not None:
+            failure.notes.extend(failure_notes(plan(spec, failure.point.sizes), failure, options.model, subject is None))
         if found.shrinking_ended:
             failure.notes.append(f"shrinking stopped after {SHRINK_SECONDS:g} s: this is the smallest failure "
                                  "found by then, maybe not the smallest there is")
