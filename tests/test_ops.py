@@ -223,3 +223,13 @@ def test_a_failure_of_torchs_own_op_in_a_recorded_findings_regime_names_the_find
     with pytest.raises(verify.Mismatch) as caught:
         verify.check_function(lambda y, x: torch.atan2(x, y).sum(), spec, seed=0, max_examples=5, modes=("rev",))
     assert not any("recorded finding" in note for note in caught.value.failure.notes)
+
+
+def test_prods_backward_where_its_partial_products_underflow_is_named_as_torchs_finding():
+    # The point: the partial products of torch's prod underflow to 0 on the way, and
+    # its backward divides the saved product by each factor. The exact gradient is 5e60.
+    spec = "x: Positive[n] = [1e-122, 5e-123, 6e-123, 1.76e305, 1]\no = prod(x)"
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check(spec, seed=0, max_examples=1, modes=("rev",))
+    assert caught.value.failure.check == "gradient"
+    assert any("recorded finding in torch's own prod" in note for note in caught.value.failure.notes)

@@ -81,8 +81,10 @@ def _partial_product_overflows(operands, dtype) -> bool:
 
 
 def _product_below_normal(operands, dtype) -> bool:
+    """A partial product below the normal range (or flushed to 0) while no factor is 0."""
     partial = np.abs(_partial_products(operands))
-    return bool(np.any((partial > 0) & (partial < _smallest_normal(dtype))))
+    nonzero = np.logical_and.accumulate(np.asarray(operands[0]) != 0, axis=-1)
+    return bool(np.any(nonzero & (partial < _smallest_normal(dtype))))
 
 
 def _cumprod_regime(operands, dtype) -> bool:
