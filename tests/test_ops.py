@@ -225,11 +225,15 @@ def test_a_failure_of_torchs_own_op_in_a_recorded_findings_regime_names_the_find
     assert not any("recorded finding" in note for note in caught.value.failure.notes)
 
 
-def test_prods_backward_where_its_partial_products_underflow_is_named_as_torchs_finding():
-    # The issue's point: the partial products of torch's prod underflow to 0 on the way, and
-    # its backward divides the saved product by each factor. The exact gradient is 5e60.
+def test_prods_partial_products_that_flush_to_zero_reject_its_own_lowering_and_fail_code_naming_the_finding():
+    # The issue's point: torch's prod forms 1e-122 * 5e-123 * 6e-123, which flushes to 0 on the
+    # way to the exact product 5.3e-62, and its backward divides that product by each factor.
+    # For verify.check that is a step of torch's own lowering leaving the range: the point is
+    # rejected. Code (here torch.prod itself) is judged exactly there, and fails, naming the finding.
     spec = "x: Positive[n] = [1e-122, 5e-123, 6e-123, 1.76e305, 1]\no = prod(x)"
+    result = verify.check(spec, seed=0, max_examples=1, modes=("rev",))
+    assert any(reason.startswith("a step of the value of o leaves float64's range") for reason in result.rejected)
     with pytest.raises(verify.Mismatch) as caught:
-        verify.check(spec, seed=0, max_examples=1, modes=("rev",))
+        verify.check_function(torch.prod, spec, seed=0, max_examples=1, modes=("rev",))
     assert caught.value.failure.check == "gradient"
     assert any("recorded finding in torch's own prod" in note for note in caught.value.failure.notes)

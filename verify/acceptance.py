@@ -287,7 +287,8 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
             reasons.append((f"{label} is computed from {name}, which overflows {model.name}",
                             np.broadcast_to(beyond[:, None], value.shape)))
         if kind == "step":
-            reasons.append((f"a step of {label} overflows {model.name}", overflowed))
+            left = f"a step of {label} leaves {model.name}'s range (an overflow, or a partial product flushed to 0)"
+            reasons.append((left, overflowed))
             reasons.append((f"{label} underflows to 0 in {model.name}", vanishing))
         decided = np.zeros(value.shape, dtype=bool)
         dropped = np.zeros(batch, dtype=bool)

@@ -162,6 +162,12 @@ class Context:
         """The magnitude below which a step underflows in the dtype it rounds in."""
         return self._underflows[inside][0]
 
+    def flushes_below(self, inside: bool) -> float:
+        """The magnitude below which a step rounds to 0 in the dtype it rounds in: half its
+        smallest subnormal number (0 in float64, which cannot hold that half)."""
+        dtype = self._steps[inside]
+        return float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))) / 2
+
     def representable(self, value: float, inside: bool) -> bool:
         """Whether a number is exact in the dtype a step rounds in (a constant such as 1/2)."""
         dtype = self._steps[inside]
@@ -504,8 +510,10 @@ def _flattened(array, summed: tuple) -> np.ndarray:
 def _partial_products_error(value, error, inside, summed: tuple, ctx: Context, within: bool):
     """The error bound of a product taken in index order, as torch multiplies (cumprod, and
     prod of a row): each partial product rounds, one below the normal range costs what
-    underflow costs there, which the later factors scale, and one beyond the dtype's range
-    loses the bound (inf), as any step that overflows does."""
+    underflow costs there, which the later factors scale, and one beyond the dtype's range,
+    or flushed to 0 there while no factor is 0, loses the bound (inf), as any step that
+    leaves the range does: torch's own prod is then rejected there, and code is judged
+    exactly."""
     value, error, inside = _flattened(value, summed), _flattened(error, summed), _flattened(inside, summed)
     if not value.shape[-1]:  # an empty product is exactly 1
         return np.zeros(value.shape[:-1])
@@ -525,6 +533,10 @@ def _partial_products_error(value, error, inside, summed: tuple, ctx: Context, w
         limit = ctx.limit(within)
         if not np.isinf(limit):
             total = np.where(np.any(multiplied & (magnitude > limit), axis=-1), np.inf, total)
+        # Below half the dtype's smallest number, or 0 already in float64 (where that half is 0).
+        vanishing = (magnitude < ctx.flushes_below(within)) | (magnitude == 0)
+        flushed = multiplied & vanishing & np.logical_and.accumulate(value != 0, axis=-1)
+        total = np.where(np.any(flushed, axis=-1), np.inf, total)
     return total
 
 
