@@ -410,3 +410,14 @@ def test_a_failure_at_the_range_edge_names_the_overflowing_step_and_the_interval
     assert "`x: Interval(-1.8e+19, 1.8e+19)[n]`" in suggestion
     bounded = spec.replace("Real[n]", "Interval(-1.8e+19, 1.8e+19)[n]")
     assert verify.check_function(rms_norm, bounded, dtype=torch.float32, seed=0, modes=("rev",)).points > 0
+
+
+def test_a_failure_from_an_underflowed_step_names_it():
+    # x * x underflows float32 at 1e-30, and the normalized row is inf where the math is finite.
+    spec = "x: Real[n] = [1e-30, 2e-30]\ny = x / sqrt(sum(x**2))"
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(lambda x: x / torch.sqrt((x * x).sum()), spec, dtype=torch.float32, seed=0,
+                              max_examples=1, modes=("rev",))
+    notes = caught.value.failure.notes
+    assert any(note.startswith("(x**2) is 1e-60 here, below float32's smallest number") for note in notes)
+    assert not any(note.startswith("if inputs this large") for note in notes)
