@@ -1,6 +1,7 @@
 """Every op row of tests/test_ops.py through the exact pass (arb balls), at drawn points:
 integer-producing ops (argmax, argmin, sort, topk, take) among them, it raises nothing but
-its own signals. The quick profile runs the integer-producing rows; the thorough one, all."""
+its own signals. The quick profile runs the integer-producing rows, each in one dtype; the
+thorough one, all, in both."""
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from verify.tolerance import precision
 
 INTEGER_PRODUCING = ("argmax", "argmin", "sort", "topk", "take")
 POINTS_PER_EXAMPLE = 3
+pytestmark = pytest.mark.one_dtype  # the quick profile runs each row in float64 or in float32
 
 
 @pytest.mark.parametrize("op", [pytest.param(op, marks=() if op in INTEGER_PRODUCING else pytest.mark.thorough)

@@ -1133,7 +1133,10 @@ STRUCTURAL = [
                 positional_params=("axes",)),
     _structural("swapaxes", 1, _permute_sympy, _permute_torch, _permute_shape, params=("axis1", "axis2"),
                 positional_params=("axis1", "axis2")),
-    _structural("einsum", None, _einsum_sympy, _einsum_torch, _einsum_shape, min_operands=1, fused=FUSED_BACKWARD),
+    # torch lowers an einsum to bmm, or, by the shapes, to products and sums: its backward's
+    # products may be stored before they are summed (bfloat16, ∂B of "bnk,bkm->bnm" at k = 1,
+    # m = 1: 1.5 * -3.296875 is stored as -4.9375, and 0.3125 comes back for 0.3047).
+    _structural("einsum", None, _einsum_sympy, _einsum_torch, _einsum_shape, min_operands=1, fused=("value",)),
     _structural("conv1d", 2, _conv_sympy(1), _conv_torch(1), _conv_shape(1),
                 params=("stride", "padding", "dilation", "groups"), fused=FUSED_BACKWARD),
     _structural("conv2d", 2, _conv_sympy(2), _conv_torch(2), _conv_shape(2),
