@@ -8,7 +8,7 @@ from hypothesis import settings
 
 import verify.api  # noqa: F401 - before pytester's in-process runs, which forget the modules they import
 from benchmarks.corpus import ExpIgnoringGradOutput, TanhWithWrongBackward  # noqa: F401 - used by tests
-from verify import engine
+from verify import checks, engine
 from verify.ops import REGISTRY
 from verify.strategies import Budget
 
@@ -36,6 +36,9 @@ THOROUGH = os.environ.get("VERIFY_TESTS", "quick") == "thorough"
 QUICK_EXAMPLES = 3
 QUICK_BATCHED = Budget(elements=2**12, points=2**8)
 QUICK_PER_POINT = Budget(elements=2**10, points=2**6)
+# Of the points float64 could not settle, the exact pass judges this many per example (users'
+# checks: checks.EXACT_POINTS); sure disagreements and torch's non-finite results, all of them.
+QUICK_EXACT_POINTS = 1
 # Shrinking a failure, and then simplifying its point, stop after this long (users' checks:
 # engine.SHRINK_SECONDS and SIMPLIFY_SECONDS); a test that asserts how small or simple the
 # counterexample is says so with @pytest.mark.shrinks.
@@ -96,6 +99,7 @@ def test_profile(request, monkeypatch):
     monkeypatch.setattr(engine, "PER_POINT", QUICK_PER_POINT)
     if not marked:
         monkeypatch.setattr(engine, "BATCHED", QUICK_BATCHED)
+        monkeypatch.setattr(checks, "EXACT_POINTS", QUICK_EXACT_POINTS)
 
 
 @pytest.fixture

@@ -118,6 +118,7 @@ def test_a_softplus_backward_that_overflows_is_caught_against_the_naive_spec():
 
 
 @pytest.mark.examples(30)  # the regime where float64 overflows is reached at large x only
+@pytest.mark.one_dtype
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fn, spec", [
     (lambda x: torch.softmax(x, -1), "x: Real[n]\ny = softmax(x)"),

@@ -34,6 +34,7 @@ EXPECTED_CHECKS = {
 }
 
 
+@pytest.mark.one_dtype
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("case", CORRECT, ids=[c.name for c in CORRECT])
 def test_correct_function_passes_to_second_order(case, dtype):

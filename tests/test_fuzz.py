@@ -63,7 +63,9 @@ def quick_compile(monkeypatch):
         monkeypatch.setattr(fuzzing, "compile_backend", lambda: ("aot_eager", "aot_eager (the quick test profile)"))
 
 
-@pytest.mark.parametrize("path", [p for p in PATHS if p != "eager"])
+# Compiling takes seconds here: the quick profile leaves that path to the thorough one.
+@pytest.mark.parametrize("path", [pytest.param(p, marks=[pytest.mark.thorough] if p == "compile" else [])
+                                  for p in PATHS if p != "eager"])
 def test_each_torch_func_path_agrees_on_correct_ops_and_catches_a_planted_bug(path, plant_torch_form, quick_compile):
     text = "x: Real[n]\ny: Real\no = sum(sin(x) * exp(y * x))\n"
     order = 2 if path in SECOND_ORDER_PATHS else 1
