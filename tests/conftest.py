@@ -42,8 +42,8 @@ QUICK_EXACT_POINTS = 1
 # Shrinking a failure, and then simplifying its point, stop after this long (users' checks:
 # engine.SHRINK_SECONDS and SIMPLIFY_SECONDS); a test that asserts how small or simple the
 # counterexample is says so with @pytest.mark.shrinks.
-QUICK_SHRINK_SECONDS = 1.0
-QUICK_SIMPLIFY_SECONDS = 0.25
+QUICK_SHRINK_SECONDS = 0.25
+QUICK_SIMPLIFY_SECONDS = 0.1
 
 
 def pytest_configure(config):

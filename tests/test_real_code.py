@@ -206,6 +206,7 @@ def test_round_with_a_straight_through_wrapper_matches_torch(dtype):
     assert caught.value.failure.check == "gradient"
 
 
+@pytest.mark.shrinks  # the check that fails is the shrunk counterexample's
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_floor_ceil_trunc_and_clamp_match_torch(dtype):
     spec = "x: Real[n]\nlo: Real\nhi: Real\no = sum(floor(x) * x + ceil(x) ** 2 + trunc(x) * clamp(x, lo, hi))"
