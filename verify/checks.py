@@ -725,9 +725,11 @@ def range_edge_notes(prepared: Plan, point: Example, model: Precision, values: d
     over, under = [], []
     for label, (value, _) in values.items():
         magnitude = np.abs(np.asarray(value, dtype=np.float64))
-        if overflows(np.nan_to_num(magnitude, nan=0.0), 0.0, dtype).any():
-            over.append(f"{label} is {np.nanmax(magnitude):.6g} here, which rounds to inf in {model.name}: code "
-                        "that computes this step overflows")
+        if overflows(np.nan_to_num(magnitude, nan=0.0, posinf=np.inf), 0.0, dtype).any():
+            largest = np.nanmax(magnitude)
+            size = f"is beyond {model.name}'s range here" if np.isinf(largest) else \
+                f"is {largest:.6g} here, which rounds to inf in {model.name}"
+            over.append(f"{label} {size}: code that computes this step overflows")
         tiny = magnitude[(magnitude > 0) & (magnitude < half_smallest)]
         if tiny.size:
             under.append(f"{label} is {tiny.min():.3g} here, below {model.name}'s smallest number: code that "
