@@ -112,6 +112,8 @@ FINDINGS = (
               "forms exp(x) first, which overflows before the result does", _exp_overflows) for op in ("sinh", "cosh")),
     Finding("sinc", (torch.float16,), DERIVATIVES, "the backward forms πx², which overflows float16",
             _square_overflows),
+    Finding("atan", (torch.float16,), DERIVATIVES, "the backward and forward mode form x² + 1 in float16, which "
+            "overflows at |x| >= 256 where the derivative 1 / (x² + 1) is representable", _square_overflows),
     Finding("cumprod", EVERY_DTYPE, DERIVATIVES | {"HVP"}, "the formulas divide by x, or by the saved result, which "
             "underflows or rounds where the products they stand for do not", _cumprod_regime),
     Finding("logsigmoid", (torch.float64, torch.float32), frozenset({"HVP"}), "the second derivative is computed "
