@@ -580,3 +580,29 @@ def test_a_value_past_the_dtypes_range_is_rejected_by_float64s_own_bound_and_its
     assert not result.exact["judged by the exact pass"]
     wrong = _function(lambda x: x * x, lambda x, g: 3 * x * g)
     assert _caught(wrong, spec, torch.float32, max_examples=20).failure.check == "gradient"
+
+
+def test_a_float16_result_just_below_the_rounding_boundary_is_judged_and_inf_there_fails():
+    # 255.9**2 = 65484.81 rounds to 65504 in float16, not to inf (inf starts at 65520): code that
+    # returns inf there fails, while a correct square passes.
+    spec = "x: Real[n] = [255.9]\ny = x * x"
+    assert verify.check_function(lambda x: x * x, spec, dtype=torch.float16, seed=0, max_examples=1,
+                                 modes=("rev",)).points > 0
+    overflowing = _function(lambda x: torch.where(x.abs() > 255, torch.inf, x * x), lambda x, g: 2 * x * g)
+    assert _caught(overflowing, spec, torch.float16, max_examples=1).failure.check == "value"
+
+
+def test_a_wrong_gradient_through_a_reshaped_weight_is_caught_where_its_index_is_a_branch_not_taken():
+    # Reshape's VJP indexes by (i - k) / c, no integer where its branch is not taken: the weight's
+    # gradient is still judged, and one that forgets the normalized factor is caught.
+    from tests.test_real_code import LAYER_NORM_2D, LayerNorm2d
+
+    class WithoutTheNormalizedFactor(LayerNorm2d):
+        @staticmethod
+        def backward(ctx, grad_output):
+            gx, _, gb, none = LayerNorm2d.backward(ctx, grad_output)
+            return gx, grad_output.sum(dim=(0, 2, 3)), gb, none
+
+    spec = LAYER_NORM_2D.format(x="Interval(-1e15, 1e15)")
+    failure = _caught(WithoutTheNormalizedFactor.apply, spec, torch.float64, max_examples=20).failure
+    assert failure.subject == "∂y/∂g"
