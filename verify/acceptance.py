@@ -53,7 +53,7 @@ from .ir import Apply
 from .ops import REGISTRY, single_axis
 from .oracle import node_arrays
 from .strategies import Example
-from .tolerance import UNIT_ROUNDOFF, Precision, allowed_error, extra_allowance, overflows
+from .tolerance import UNIT_ROUNDOFF, Precision, allowed_error, extra_allowance, overflows, smallest_subnormal
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -238,7 +238,7 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
     keep = keep.copy()
     doubtful = np.zeros(batch, dtype=bool)
     dtype = model.dtype
-    half_smallest = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))) / 2
+    half_smallest = smallest_subnormal(dtype) / 2
     for label, (value, error), kind, reads in checks:
         shape = np.shape(value)
         error = np.broadcast_to(error, shape).reshape(batch, -1)

@@ -25,7 +25,7 @@ from .report import Failure, Result, readable, reproduction_snippet
 from .settings import MODES
 from .strategies import Example
 from .subject import CodeFailure, FunctionSubject, ModeUnsupported, SpecSubject
-from .tolerance import Precision, overflows, precision
+from .tolerance import Precision, overflows, precision, smallest_subnormal
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -721,7 +721,7 @@ def range_edge_notes(prepared: Plan, point: Example, model: Precision, values: d
     nonzero below half its smallest (it gets 0), and for an overflow the interval of one input
     that keeps every step inside."""
     dtype = model.dtype
-    half_smallest = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))) / 2
+    half_smallest = smallest_subnormal(dtype) / 2
     over, under = [], []
     for label, (value, _) in values.items():
         magnitude = np.abs(np.asarray(value, dtype=np.float64))

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from .ir import Apply, Input, Ref
+from .tolerance import HALF_TYPES
 
 FINDINGS_DOC = "docs/findings.md"
-HALF_TYPES = (torch.bfloat16, torch.float16)
 EVERY_DTYPE = (torch.float64, torch.float32, *HALF_TYPES)
 DERIVATIVES = frozenset({"gradient", "JVP"})
 

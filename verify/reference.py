@@ -42,7 +42,7 @@ from . import balls
 from .lower import functions
 from .lower.sympy import ReducedMax, ReducedMin, Tensor
 from .ops import REGISTRY
-from .tolerance import Precision, allowed_error, precision, underflow_error, underflow_threshold
+from .tolerance import Precision, allowed_error, precision, smallest_subnormal, underflow_error, underflow_threshold
 
 ERROR_DTYPE = np.float64
 # A subexpression that several formulas share (sin(x[i]) in the value, the gradient and the
@@ -166,7 +166,7 @@ class Context:
         """The magnitude below which a step rounds to 0 in the dtype it rounds in: half its
         smallest subnormal number (0 in float64, which cannot hold that half)."""
         dtype = self._steps[inside]
-        return float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))) / 2
+        return smallest_subnormal(dtype) / 2
 
     def representable(self, value: float, inside: bool) -> bool:
         """Whether a number is exact in the dtype a step rounds in (a constant such as 1/2)."""

@@ -130,11 +130,15 @@ SUBNORMAL_SPACINGS = 8
 UNDERFLOW_REACH = 2
 
 
+def smallest_subnormal(dtype: torch.dtype) -> float:
+    """The dtype's smallest positive number; half of it rounds to 0 (in float64, half is 0)."""
+    return float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
+
+
 def underflow_error(dtype: torch.dtype) -> float:
     """What a step whose result is below ``dtype``'s normal range may be off by, absolutely
     (torch keeps subnormal numbers)."""
-    smallest = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
-    return SUBNORMAL_SPACINGS * smallest
+    return SUBNORMAL_SPACINGS * smallest_subnormal(dtype)
 
 
 def underflow_threshold(dtype: torch.dtype) -> float:
