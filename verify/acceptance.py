@@ -265,10 +265,9 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
             overflow = ~lost & overflows(magnitude, room, dtype)
             surely_over = overflows(magnitude - off, 0.0, dtype)
             # Nonzero, yet below half the dtype's smallest number: it rounds to 0 there (an exact
-            # value below float64's range comes as its smallest number, sign kept); a float64 zero
-            # computed with an error may be one.
+            # value below float64's range comes as its smallest number, sign kept). A float64 zero computed with an error may be such an underflow too: the point is
+            # judged, and where it disagrees, the exact pass decides it by these rules again.
             vanishing = ~lost & (value != 0) & ((magnitude + off < half_smallest) | (magnitude <= FLOAT64_SMALLEST))
-            maybe_vanishing = ~lost & (value == 0) & (np.asarray(error) > 0) if how == "bounds" else False
         if how == "floor":  # without bounds only a step that overflowed float64 itself is decided
             if kind == "step":
                 over = keep & _per_point(np.isinf(value))
@@ -303,9 +302,10 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
             decided |= bad
         if dropped.any():
             skipped[label] = skipped.get(label, np.zeros(batch, dtype=bool)) | dropped
-        unsure = lost | overflow & ~surely_over | (maybe_vanishing if kind == "step" else False)
+        unsure = lost | overflow & ~surely_over
         doubtful |= keep & _per_point(unsure & ~decided)
-    return keep & ~doubtful, doubtful
+    # A point that a rule rejected needs no closer pass, whatever else was doubtful there.
+    return keep & ~doubtful, keep & doubtful
 
 
 def _per_point(array, reduce=np.any) -> np.ndarray:

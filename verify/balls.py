@@ -531,6 +531,12 @@ def settled(arrays) -> bool:
     return all(bool(np.all(check(np.asarray(array, dtype=object)).astype(bool))) for array in arrays)
 
 
+def midpoints(values):
+    """Each ball's midpoint, an exact ball: a shift that cancels from its formula
+    (``functions.shift``) needs no radius, only to be one number."""
+    return np.frompyfunc(lambda value: value.mid() if isinstance(value, arb) else value, 1, 1)(values)
+
+
 def to_float(values) -> np.ndarray:
     """Balls as float64 midpoints: NaN where undefined, ±inf beyond float64's range, and the
     sign kept below it (the smallest subnormal, not 0, for a midpoint too small)."""

@@ -162,6 +162,10 @@ class Context:
         """The magnitude below which a step underflows in the dtype it rounds in."""
         return self._underflows[inside][0]
 
+    def underflow_error(self, inside: bool) -> float:
+        """What a step below the normal range of the dtype it rounds in may be off by, in units of u."""
+        return self._underflows[inside][1]
+
     def flushes_below(self, inside: bool) -> float:
         """The magnitude below which a step rounds to 0 in the dtype it rounds in: half its
         smallest subnormal number (0 in float64, which cannot hold that half)."""
@@ -353,6 +357,40 @@ def _kernel_error(kernel_error, value, ctx: Context):
     return rounding * magnitude + _absolute(kernel_error, ctx)
 
 
+def _shifted_exponentials(formula):
+    """``formula`` with its sum of exponentials taken relative to their largest argument m, as
+    torch's softmax kernels compute it: log(Sum(exp(a))) as m + log(Sum(exp(a - m))),
+    exp(b) / Sum(exp(a)) as exp(b - m) / Sum(exp(a - m)), and exp(b) * Sum(exp(a) * t) as
+    exp(b + m) * Sum(exp(a - m) * t). Exact math either way (m cancels), and nothing
+    overflows where exp(a) alone would."""
+    sums = {s for s in formula.atoms(sympy.Sum) if len(_exponential_factors(s.function)) == 1}
+    if len(sums) != 1:
+        return formula
+    (total,) = sums
+    (exponential,) = _exponential_factors(total.function)
+    largest = functions.shift(ReducedMax(exponential.args[0], *total.limits))
+    shifted = total.xreplace({exponential: sympy.exp(exponential.args[0] - largest)})
+
+    def rewritten(expr):
+        if isinstance(expr, sympy.log) and expr.args[0] == total:
+            return largest + sympy.log(shifted)
+        if expr.is_Mul:
+            powers = [f for f in expr.args if f == total or f.is_Pow and f.base == total and f.exp in (1, -1)]
+            outside = _exponential_factors(expr)
+            if len(powers) == 1 and len(outside) == 1:
+                power = -1 if powers[0].is_Pow and powers[0].exp == -1 else 1
+                rest = [rewritten(f) for f in expr.args if f is not powers[0] and f is not outside[0]]
+                return sympy.Mul(shifted**power, sympy.exp(outside[0].args[0] + power * largest), *rest)
+        return expr.func(*map(rewritten, expr.args)) if expr.args else expr
+
+    return rewritten(formula)
+
+
+def _exponential_factors(expr) -> list:
+    """The exponentials among the factors of ``expr`` (itself, where it is one)."""
+    return [f for f in (expr.args if expr.is_Mul else (expr,)) if isinstance(f, sympy.exp)]
+
+
 def summation_roundings(terms):
     """Roundings of the sum of its terms' magnitudes that a sum of ``terms`` terms may be off by
     (per element where it is an array): torch sums pairwise and in blocks, so about log2 of
@@ -470,15 +508,16 @@ def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_dept
     bound being what ``_Mul`` and the Sum give the formed product, each of its terms a sum of
     products itself: (k - 1) |product| for the product's roundings, each factor's error times
     the other factors' magnitudes, the second-order term of each pair of erring factors, then
-    the sum's own rounding. None where a term might overflow or underflow the dtype, which
-    the formed product's guard judges term by term."""
+    the sum's own rounding. At a point where a term might underflow the dtype, each term may
+    cost what underflow does (the formed product's guard counts only those that do). None
+    where a term might overflow, which the formed product's guard judges term by term."""
     values = [np.asarray(value, dtype=np.float64) for value, _ in factors]
     errors = [np.asarray(error, dtype=ERROR_DTYPE) for _, error in factors]
     magnitudes = [_wide(value) for value in values]
     with np.errstate(all="ignore"):
         largest = math.prod(float(np.max(m, initial=0.0)) for m in magnitudes)
-        smallest = math.prod(float(np.min(m, where=m > 0, initial=np.inf)) for m in magnitudes)
-    if not largest <= ctx.limit(inside) or smallest < ctx.underflows_below(inside):
+        smallest = _product([_smallest_nonzero(m, inner_depth) for m in magnitudes])  # per point, at most any term
+    if not largest <= ctx.limit(inside):
         return None
 
     def summed(arrays):
@@ -497,8 +536,18 @@ def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_dept
     # 0 * inf in a term: an exact zero through an overflowed step, or a lost step through a
     # zero. The formed product tells them apart; here the bound is given up (inf).
     error = np.where(np.isnan(error), np.inf, error)
+    underflowing = smallest < ctx.underflows_below(inside)
+    if np.any(underflowing):
+        error = error + np.where(underflowing.reshape((-1,) + (1,) * depth), terms * ctx.underflow_error(inside), 0.0)
     return summed(values), ctx.guard(magnitude, error + rounding * summation_roundings(terms) * magnitude,
                                      inside=inside)
+
+
+def _smallest_nonzero(magnitude, depth: int) -> np.ndarray:
+    """Per point (or for all, where ``magnitude`` has no batch axis), its smallest nonzero element."""
+    rows = _pad(np.asarray(magnitude), depth)
+    rows = rows.reshape(rows.shape[0] if rows.ndim else 1, -1)
+    return np.min(rows, axis=1, where=rows > 0, initial=np.inf)
 
 
 def _flattened(array, summed: tuple) -> np.ndarray:
@@ -839,6 +888,11 @@ class _Compiler:
     def _Function(self, expr, axes, depth):
         if isinstance(expr, functions.stop_gradient):  # its argument, value and error bound alike
             return self._args(expr, axes, depth)[0]
+        if isinstance(expr, functions.shift):  # its argument's value, exactly, and no error bound
+            argument = self._args(expr, axes, depth)[0]
+            if self.exact:
+                return lambda ctx: (balls.midpoints(argument(ctx)[0]), 0.0)
+            return lambda ctx: (argument(ctx)[0], 0.0)
         if isinstance(expr, sympy.DiracDelta):  # torch's derivative of a jump: exactly 0
             argument = self.compile(expr.args[0], axes, depth)
             kind = np.int64 if self.exact else np.float64
@@ -851,7 +905,9 @@ class _Compiler:
         roundings = function_roundings(type(expr))
         inside = self.inside
         special = type(expr) in SPECIAL_FUNCTIONS
-        exponential = type(expr) is sympy.exp
+        # Its argument held to a rounding, where the formula does not round it itself: a correct
+        # kernel may form it as x - max.
+        exponential = type(expr) is sympy.exp and not expr.args[0].has(functions.shift)
         flushes = type(expr) in FLUSHING_FUNCTIONS
         if self.exact:
             def function_of_balls(ctx):
@@ -913,7 +969,10 @@ class _Compiler:
         op's saved result (whose rounding reaches every term)."""
         op = REGISTRY[expr.op]
         fused = expr.computation in op.fused
-        inner = (self._within() if fused else self).compile(expr.args[0], axes, depth)
+        formula = expr.args[0]
+        if op.shifts_exponentials:
+            formula = _shifted_exponentials(formula)
+        inner = (self._within() if fused else self).compile(formula, axes, depth)
         if self.floor:
             if not fused:
                 return inner

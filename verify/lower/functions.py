@@ -116,6 +116,18 @@ class power(sympy.Function):
         return True if a.is_positive and b.is_real else None
 
 
+class shift(sympy.Function):
+    """A number subtracted from an exponential's argument and added back, as torch's softmax
+    kernels subtract a row's maximum (``exp(x - m) / sum(exp(x - m))``): the formula's value
+    depends neither on it nor on its rounding, so it carries no error bound
+    (``verify.reference``). Formulas hold it only as compiled, never to be differentiated."""
+
+    nargs = 1
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
 class stop_gradient(sympy.Function):
     """The value of its argument, with derivative 0: torch's ``detach``. Numerically it is
     its argument, error bound included (``verify.reference``)."""
