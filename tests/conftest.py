@@ -110,3 +110,19 @@ def plant_torch_form(monkeypatch):
         monkeypatch.setitem(REGISTRY, op_name, dataclasses.replace(REGISTRY[op_name], torch_form=torch_form))
 
     return plant
+
+
+def planted(forward, backward):
+    """A custom autograd.Function from a forward and a backward of (inputs, grad_output)."""
+
+    class Planted(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.save_for_backward(*inputs)
+            return forward(*inputs)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return backward(*ctx.saved_tensors, grad)
+
+    return Planted.apply

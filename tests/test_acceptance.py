@@ -15,24 +15,10 @@ from verify.ops import REGISTRY
 from verify.strategies import Example
 from verify.tolerance import allowed_error, precision
 
+from .conftest import planted
+
 DTYPES = [torch.float64, torch.float32]
 ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-
-def _function(forward, backward):
-    """A custom autograd.Function from a forward and a backward of (inputs, grad_output)."""
-
-    class Planted(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            ctx.save_for_backward(*inputs)
-            return forward(*inputs)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return backward(*ctx.saved_tensors, grad)
-
-    return Planted.apply
 
 
 def _caught(fn, spec, dtype, **options) -> verify.Mismatch:
@@ -46,7 +32,7 @@ def _caught(fn, spec, dtype, **options) -> verify.Mismatch:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_a_saturated_tanh_backward_that_returns_one_is_caught(dtype):
-    tanh_one = _function(torch.tanh, lambda x, g: g * torch.where(x.abs() > 20, 1.0, 1 - torch.tanh(x) ** 2))
+    tanh_one = planted(torch.tanh, lambda x, g: g * torch.where(x.abs() > 20, 1.0, 1 - torch.tanh(x) ** 2))
     failure = _caught(tanh_one, "x: Interval(20, 60)[n]\ny = tanh(x)", dtype).failure
     assert failure.check == "gradient" and failure.inputs["x"].max() > 20
 
@@ -57,7 +43,7 @@ def test_saturation_elsewhere_in_the_spec_does_not_excuse_another_gradient(dtype
     def forward(x, w):
         return torch.tanh(x).sum() + (w**2).sum()
 
-    wrong_w = _function(forward, lambda x, w, g: (g * (1 - torch.tanh(x) ** 2), g * 3 * w))
+    wrong_w = planted(forward, lambda x, w, g: (g * (1 - torch.tanh(x) ** 2), g * 3 * w))
     spec = "x: Interval(25, 26)[n]\nw: Real[n]\no = sum(tanh(x)) + sum(w**2)"
     failure = _caught(wrong_w, spec, dtype).failure
     assert failure.subject == "∂o/∂w"
@@ -65,14 +51,14 @@ def test_saturation_elsewhere_in_the_spec_does_not_excuse_another_gradient(dtype
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_a_saturated_sigmoid_backward_that_returns_one_is_caught(dtype):
-    sigmoid_one = _function(torch.sigmoid, lambda x, g: g * torch.where(
+    sigmoid_one = planted(torch.sigmoid, lambda x, g: g * torch.where(
         x > 38, 1.0, torch.sigmoid(x) * (1 - torch.sigmoid(x))))
     assert _caught(sigmoid_one, "x: Interval(38, 200)[n]\ny = sigmoid(x)", dtype).failure.check == "gradient"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_an_expm1_backward_that_returns_one_far_below_zero_is_caught(dtype):
-    expm1_one = _function(torch.expm1, lambda x, g: g * torch.where(x < -38, 1.0, torch.exp(x)))
+    expm1_one = planted(torch.expm1, lambda x, g: g * torch.where(x < -38, 1.0, torch.exp(x)))
     assert _caught(expm1_one, "x: Interval(-200, -38)[n]\ny = expm1(x)", dtype).failure.check == "gradient"
 
 
@@ -105,14 +91,14 @@ def _logsumexp_recomputed(x, g):
 def test_a_backward_that_overflows_where_the_math_does_not_is_caught(forward, backward, spec, dtype):
     # Above -80, so that exp's subnormals (where such a backward also loses digits) stay out.
     spec = "x: Interval(-80, 1e30)[n]\n" + spec
-    mismatch = _caught(_function(forward, backward), spec, dtype)
+    mismatch = _caught(planted(forward, backward), spec, dtype)
     assert mismatch.failure.check == "gradient"
     assert not np.isfinite(mismatch.failure.actual).all()  # nan, or inf from g * exp(x)
 
 
 @pytest.mark.examples(100)
 def test_a_softplus_backward_that_overflows_is_caught_against_the_naive_spec():
-    naive = _function(F.softplus, lambda x, g: g * torch.exp(x) / (1 + torch.exp(x)))
+    naive = planted(F.softplus, lambda x, g: g * torch.exp(x) / (1 + torch.exp(x)))
     mismatch = _caught(naive, "x: Real[n]\ny = log(1 + exp(x))", torch.float32)
     assert mismatch.failure.check == "gradient" and mismatch.failure.inputs["x"].max() >= 88
 
@@ -167,14 +153,14 @@ def test_a_step_of_the_spec_that_overflows_still_rejects_in_check_but_not_in_che
                                   "x: Interval(25, 40)[n]\ny = -log1p(exp(-x))"])
 def test_a_backward_that_cancels_in_one_minus_sigmoid_is_caught(spec):
     # A focal loss's backward computes |label - sigmoid(x)|: 1 - sigmoid(30) keeps 3 digits.
-    cancelling = _function(F.logsigmoid, lambda x, g: g * (1 - torch.sigmoid(x)))
+    cancelling = planted(F.logsigmoid, lambda x, g: g * (1 - torch.sigmoid(x)))
     assert _caught(cancelling, spec, torch.float64).failure.check == "gradient"
 
 
 # -- half precision: one small element drops no point ----------------------------------------
 
 def test_a_cube_backward_that_drops_small_values_is_caught_in_float16():
-    flushed = _function(lambda x: x**3, lambda x, g: g * torch.where(x.abs() < 0.095, 0.0, 3 * x**2))
+    flushed = planted(lambda x: x**3, lambda x, g: g * torch.where(x.abs() < 0.095, 0.0, 3 * x**2))
     spec = "x: Interval(-0.5, 0.5)[n]\ny = x**3"
     assert _caught(flushed, spec, torch.float16).failure.check == "gradient"
 
@@ -182,7 +168,7 @@ def test_a_cube_backward_that_drops_small_values_is_caught_in_float16():
 # -- ties and kinks: decided exactly where reached exactly -----------------------------------
 
 def test_a_tie_between_inputs_is_decided_and_a_wrong_comparison_caught():
-    at_least = _function(lambda x, y: torch.where(x >= y, x, 2 * y), lambda x, y, g: (None, None))
+    at_least = planted(lambda x, y: torch.where(x >= y, x, 2 * y), lambda x, y, g: (None, None))
     spec = "x: Real[n] = [3.0]\ny: Real[n] = [3.0]\no = where(x > y, x, 2 * y)"
     failure = _caught(at_least, spec, torch.float64, modes=("fwd",)).failure
     assert failure.check == "value"
@@ -246,7 +232,7 @@ def test_hardswish_kinks_reached_by_x_plus_3_are_checked_not_rejected():
 
 
 def _relu_with_derivative_at_zero(slope):
-    return _function(lambda x: x.clamp(min=0), lambda x, g: g * torch.where(
+    return planted(lambda x: x.clamp(min=0), lambda x, g: g * torch.where(
         x > 0, 1.0, torch.where(x < 0, 0.0, slope)))
 
 
@@ -279,7 +265,7 @@ def test_torch_pow_with_two_drawn_inputs_passes(dtype):
 
 
 def test_a_pow_backward_off_by_more_than_the_rounding_of_y_minus_1_is_caught():
-    sloppy = _function(torch.pow, lambda x, w, g: (g * w * x ** (w - 1) * (1 + 1e-10), g * x**w * torch.log(x)))
+    sloppy = planted(torch.pow, lambda x, w, g: (g * w * x ** (w - 1) * (1 + 1e-10), g * x**w * torch.log(x)))
     spec = "x: Interval(2, 10)[n]\nw: Interval(1, 3)[n]\ny = x ** w"
     assert _caught(sloppy, spec, torch.float64).failure.subject == "∂y/∂x"
 
@@ -315,7 +301,7 @@ def test_a_function_without_backward_is_unsupported_in_reverse_mode_by_that_name
 
 def test_a_bug_just_inside_a_domain_is_caught():
     # log's domain is x > 0: the points at 0 are rejected, the tiny positive ones are judged.
-    tiny_wrong = _function(torch.log, lambda x, g: g * torch.where(x < 1e-300, 0.0, 1 / x))
+    tiny_wrong = planted(torch.log, lambda x, g: g * torch.where(x < 1e-300, 0.0, 1 / x))
     spec = "x: NonNegative[n] = [1e-305, 2.0]\ny = log(x)"
     assert _caught(tiny_wrong, spec, torch.float64).failure.inputs["x"].min() < 1e-300
 
@@ -343,7 +329,7 @@ def test_a_bug_just_outside_a_comparisons_rounding_band_is_caught():
     # rejected; 1e-4 away it is judged, and a bug there is caught.
     spec = "x: Real[n] = [0.3333333333333333]\ny = where(x > 1/3, x, 2 * x)"
     assert verify.check_function(lambda x: torch.where(x > 1 / 3, x, 2 * x), spec, seed=0, max_examples=20).points
-    near_wrong = _function(lambda x: torch.where(x > 1 / 3, x, 2 * x) + torch.where((x - 1 / 3).abs() < 1e-3, 1e-3, 0.0),
+    near_wrong = planted(lambda x: torch.where(x > 1 / 3, x, 2 * x) + torch.where((x - 1 / 3).abs() < 1e-3, 1e-3, 0.0),
                            lambda x, g: (g * torch.where(x > 1 / 3, 1.0, 2.0),))
     failure = _caught(near_wrong, spec.replace("0.3333333333333333", "0.3334"), torch.float64).failure
     assert abs(failure.inputs["x"] - 1 / 3).min() < 1e-3
@@ -355,7 +341,7 @@ def test_a_bug_just_below_where_the_checked_quantity_overflows_is_caught():
     spec = "x: Interval(1e11, 1e13)[n]\ny = x**3"
     assert any("overflows float32" in r for r in verify.check_function(
         lambda x: x**3, spec, dtype=torch.float32, seed=0, max_examples=20).rejected)
-    wrong = _function(lambda x: torch.where(x < 5e11, x**3 * 1.001, x**3), lambda x, g: g * 3 * x**2)
+    wrong = planted(lambda x: torch.where(x < 5e11, x**3 * 1.001, x**3), lambda x, g: g * 3 * x**2)
     assert _caught(wrong, spec, torch.float32).failure.inputs["x"].min() < 5e11
 
 
@@ -409,7 +395,7 @@ def test_a_step_that_underflows_to_zero_rejects_the_spec_lowering_and_code_that_
     assert any("underflows to 0 in float64" in reason for reason in result.rejected)
     failure = _caught(lambda x: torch.sqrt(x**2), spec, torch.float64, max_examples=20).failure
     assert failure.check == "gradient" and np.isinf(failure.actual[0])
-    wrong = _function(torch.abs, lambda x, g: g * torch.where(x.abs() > 1, 2 * x.sign(), x.sign()))
+    wrong = planted(torch.abs, lambda x, g: g * torch.where(x.abs() > 1, 2 * x.sign(), x.sign()))
     assert _caught(wrong, spec, torch.float64).failure.check == "gradient"
 
 
@@ -417,7 +403,7 @@ def test_a_disagreement_beyond_arbs_range_is_decided_by_float64s_sure_bounds():
     # exp(-x**2) at x = 3e18 needs exp of -9e36, past arb's exponent range; float64 is sure the
     # value is 0 there, so a function returning 1 fails (it used to be left unjudged).
     spec = "x: Real[n] = [3e18]\ny = exp(-x**2)"
-    wrong = _function(lambda x: torch.where(x.abs() > 1e18, 1.0, torch.exp(-x**2)),
+    wrong = planted(lambda x: torch.where(x.abs() > 1e18, 1.0, torch.exp(-x**2)),
                       lambda x, g: g * -2 * x * torch.exp(-x**2))
     failure = _caught(wrong, spec, torch.float64).failure
     assert any("float64's bounds decide" in note for note in failure.notes)
@@ -449,7 +435,7 @@ def test_a_solves_kernel_model_widens_only_what_depends_on_it():
 # -- an explicit extra allowance, for code that knowingly trades accuracy ---------------------
 
 def _tanh_off_by(relative):
-    return _function(lambda x: torch.tanh(x) * (1 + relative), lambda x, g: g * (1 - torch.tanh(x)**2))
+    return planted(lambda x: torch.tanh(x) * (1 + relative), lambda x, g: g * (1 - torch.tanh(x)**2))
 
 
 def test_an_explicit_rtol_admits_code_that_trades_accuracy_and_no_more():
@@ -477,7 +463,7 @@ def test_a_wrong_gradient_where_the_spec_is_ill_conditioned_but_bounded_is_caugh
         return g * -torch.exp(-x / 2) / torch.sqrt(2 + torch.exp(-x)) * 1.1
 
     spec = "x: Interval(30, 35)[n]\ny = acosh(1 + exp(-x))"
-    assert _caught(_function(forward, backward), spec, torch.float64).failure.check == "gradient"
+    assert _caught(planted(forward, backward), spec, torch.float64).failure.check == "gradient"
 
 
 # -- rejection by domain, with an element that overflows elsewhere in the point -----------------
@@ -502,7 +488,7 @@ def test_a_backward_bug_in_large_points_only_the_exact_pass_can_judge_is_caught(
     # is not finite go first, so the overflowing backward is still judged, where float64's own
     # naive formula overflows too. (Users' batches, so that the exact pass has points to choose from.)
     monkeypatch.setattr(engine, "PER_POINT", strategies.PER_POINT)
-    mismatch = _caught(_function(lambda x: torch.softmax(x, -1), _softmax_recomputed),
+    mismatch = _caught(planted(lambda x: torch.softmax(x, -1), _softmax_recomputed),
                        "x: Interval(-80, 1e30)[n]\ny = exp(x) / sum(exp(x))", torch.float64, sizes={"n": 300})
     assert mismatch.failure.check == "gradient" and not np.isfinite(mismatch.failure.actual).all()
 
@@ -565,7 +551,7 @@ def test_a_point_its_exact_values_reject_is_rejected_as_the_whole_exact_pass_wou
         acceptance.accepted_points(1, precision(dtype), full, inside, checks._value_checks(
             prepared, prepared.subject, exact.side.values), how="exact")
         assert reasons == full == expected
-    assert _caught(_function(forward, backward), spec, dtype, max_examples=20).failure.check == "gradient"
+    assert _caught(planted(forward, backward), spec, dtype, max_examples=20).failure.check == "gradient"
 
 
 @pytest.mark.examples(3)
@@ -593,7 +579,7 @@ def test_a_value_past_the_dtypes_range_is_rejected_by_float64s_own_bound_and_its
                                    max_examples=20)
     assert result.points > 0 and result.rejected["the value of y overflows float32"] > 0
     assert not result.exact["judged by the exact pass"]
-    wrong = _function(lambda x: x * x, lambda x, g: 3 * x * g)
+    wrong = planted(lambda x: x * x, lambda x, g: 3 * x * g)
     assert _caught(wrong, spec, torch.float32, max_examples=20).failure.check == "gradient"
 
 
@@ -603,7 +589,7 @@ def test_a_float16_result_just_below_the_rounding_boundary_is_judged_and_inf_the
     spec = "x: Real[n] = [255.9]\ny = x * x"
     assert verify.check_function(lambda x: x * x, spec, dtype=torch.float16, seed=0, max_examples=1,
                                  modes=("rev",)).points > 0
-    overflowing = _function(lambda x: torch.where(x.abs() > 255, torch.inf, x * x), lambda x, g: 2 * x * g)
+    overflowing = planted(lambda x: torch.where(x.abs() > 255, torch.inf, x * x), lambda x, g: 2 * x * g)
     assert _caught(overflowing, spec, torch.float16, max_examples=1).failure.check == "value"
 
 

@@ -10,6 +10,7 @@ import torch
 import verify
 from verify import balls
 
+from .conftest import planted
 from .test_cli import run, write
 
 # In float32, x + 1e8 rounds to a multiple of 8: y's value is allowed more than x itself, so its
@@ -50,17 +51,7 @@ def test_a_sure_disagreement_the_exact_pass_cannot_decide_is_inconclusive_not_a_
     # At 8 bits no ball of exp(x) is settled, so float64's sure disagreement stays undecided.
     monkeypatch.setattr(balls, "PRECISIONS", (8,))
 
-    class Scaled(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return torch.exp(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
-            return grad * torch.exp(x) * (1 + 1e-6)
-
+    scaled = planted(torch.exp, lambda x, grad: grad * torch.exp(x) * (1 + 1e-6))
     with pytest.raises(verify.Inconclusive, match="inconclusive"):
-        verify.check_function(Scaled.apply, "x: Interval(0.5, 2)[n]\ny = exp(x)", seed=0, max_examples=5,
+        verify.check_function(scaled, "x: Interval(0.5, 2)[n]\ny = exp(x)", seed=0, max_examples=5,
                               modes=("rev",))

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 import verify
 from verify.tolerance import ALLOWANCE, UNIT_ROUNDOFF, allowed_error, overflows, precision, underflow_error
 
+from .conftest import planted
+
 magnitudes = st.floats(0, 1e300)
 
 
@@ -51,18 +53,7 @@ def test_a_small_relative_error_in_a_forward_is_caught(plant_torch_form, dtype, 
 
 @pytest.mark.parametrize("dtype, relative_error", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
 def test_a_small_relative_error_in_a_backward_is_caught(plant_torch_form, dtype, relative_error):
-    class SlightlyWrongSin(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return torch.sin(x)
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            (x,) = ctx.saved_tensors
-            return grad_output * torch.cos(x) * (1 + relative_error)
-
-    plant_torch_form("sin", SlightlyWrongSin.apply)
+    plant_torch_form("sin", planted(torch.sin, lambda x, grad: grad * torch.cos(x) * (1 + relative_error)))
     with pytest.raises(verify.Mismatch) as caught:
         verify.check("x: Real[n]\no = sum(sin(x))", seed=13, dtype=dtype)
     assert caught.value.failure.check == "gradient"

@@ -69,8 +69,8 @@ def inside_domains(prepared: Plan, example: Example, values: dict, rejected: Cou
     outside counts with the op's domain as the reason where its values tell; else it is left to
     a closer pass. ``how`` is as for ``accepted_points``. An element is surely outside where
     the predicate fails at every corner of its operands' boxes: within the float64 values'
-    own error (``own_error`` of their bounds under ``model``) with "bounds", within ``gaps`` (label -> how far an exact value may be from its
-    float64 midpoint) with "exact". log1p at -1 + 1e-20, whose float64 value is -1, is not
+    own error (``own_error`` of their bounds under ``model``) with "bounds", within ``gaps``
+    (label -> how far an exact value may be from its float64 midpoint) with "exact". log1p at -1 + 1e-20, whose float64 value is -1, is not
     surely outside; the exact pass judges it, inside."""
     keep = np.ones(example.batch, dtype=bool)
     doubtful = np.zeros(example.batch, dtype=bool)
@@ -265,8 +265,9 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
             overflow = ~lost & overflows(magnitude, room, dtype)
             surely_over = overflows(magnitude - off, 0.0, dtype)
             # Nonzero, yet below half the dtype's smallest number: it rounds to 0 there (an exact
-            # value below float64's range comes as its smallest number, sign kept). A float64 zero computed with an error may be such an underflow too: the point is
-            # judged, and where it disagrees, the exact pass decides it by these rules again.
+            # value below float64's range comes as its smallest number, sign kept). A float64
+            # zero computed with an error may be such an underflow too: the point is judged, and
+            # where it disagrees, the exact pass decides it by these rules again.
             vanishing = ~lost & (value != 0) & ((magnitude + off < half_smallest) | (magnitude <= FLOAT64_SMALLEST))
         if how == "floor":  # without bounds only a step that overflowed float64 itself is decided
             if kind == "step":
