@@ -533,7 +533,7 @@ def settled(arrays) -> bool:
 
 def midpoints(values):
     """Each ball's midpoint, an exact ball: a shift that cancels from its formula
-    (``functions.shift``) needs no radius, only to be one number."""
+    (``functions.shifted``) needs no radius, only to be one number."""
     return np.frompyfunc(lambda value: value.mid() if isinstance(value, arb) else value, 1, 1)(values)
 
 

@@ -368,19 +368,20 @@ def _shifted_exponentials(formula):
         return formula
     (total,) = sums
     (exponential,) = _exponential_factors(total.function)
-    largest = functions.shift(ReducedMax(exponential.args[0], *total.limits))
-    shifted = total.xreplace({exponential: sympy.exp(exponential.args[0] - largest)})
+    largest = ReducedMax(exponential.args[0], *total.limits)
+    shifted = total.xreplace({exponential: sympy.exp(functions.shifted(exponential.args[0], largest))})
 
     def rewritten(expr):
         if isinstance(expr, sympy.log) and expr.args[0] == total:
-            return largest + sympy.log(shifted)
+            return functions.shifted(sympy.log(shifted), -largest)
         if expr.is_Mul:
             powers = [f for f in expr.args if f == total or f.is_Pow and f.base == total and f.exp in (1, -1)]
             outside = _exponential_factors(expr)
             if len(powers) == 1 and len(outside) == 1:
                 power = -1 if powers[0].is_Pow and powers[0].exp == -1 else 1
                 rest = [rewritten(f) for f in expr.args if f is not powers[0] and f is not outside[0]]
-                return sympy.Mul(shifted**power, sympy.exp(outside[0].args[0] + power * largest), *rest)
+                return sympy.Mul(shifted**power, sympy.exp(functions.shifted(outside[0].args[0], -power * largest)),
+                                 *rest)
         return expr.func(*map(rewritten, expr.args)) if expr.args else expr
 
     return rewritten(formula)
@@ -888,11 +889,18 @@ class _Compiler:
     def _Function(self, expr, axes, depth):
         if isinstance(expr, functions.stop_gradient):  # its argument, value and error bound alike
             return self._args(expr, axes, depth)[0]
-        if isinstance(expr, functions.shift):  # its argument's value, exactly, and no error bound
-            argument = self._args(expr, axes, depth)[0]
+        if isinstance(expr, functions.shifted):  # a - m, one rounding, m's error cancelling
+            minuend, shift = self._args(expr, axes, depth)
+            inside = self.inside
             if self.exact:
-                return lambda ctx: (balls.midpoints(argument(ctx)[0]), 0.0)
-            return lambda ctx: (argument(ctx)[0], 0.0)
+                return lambda ctx: (balls.rounded(minuend(ctx)[0] - balls.midpoints(shift(ctx)[0]), 1, inside), 0.0)
+
+            def shifted(ctx):
+                value, error = minuend(ctx)
+                value = value - shift(ctx)[0]
+                return value, ctx.guard(value, error + ctx.ratio(inside) * _wide(value), inside=inside)
+
+            return shifted
         if isinstance(expr, sympy.DiracDelta):  # torch's derivative of a jump: exactly 0
             argument = self.compile(expr.args[0], axes, depth)
             kind = np.int64 if self.exact else np.float64
@@ -907,7 +915,7 @@ class _Compiler:
         special = type(expr) in SPECIAL_FUNCTIONS
         # Its argument held to a rounding, where the formula does not round it itself: a correct
         # kernel may form it as x - max.
-        exponential = type(expr) is sympy.exp and not expr.args[0].has(functions.shift)
+        exponential = type(expr) is sympy.exp and not isinstance(expr.args[0], functions.shifted)
         flushes = type(expr) in FLUSHING_FUNCTIONS
         if self.exact:
             def function_of_balls(ctx):

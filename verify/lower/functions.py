@@ -116,16 +116,16 @@ class power(sympy.Function):
         return True if a.is_positive and b.is_real else None
 
 
-class shift(sympy.Function):
-    """A number subtracted from an exponential's argument and added back, as torch's softmax
-    kernels subtract a row's maximum (``exp(x - m) / sum(exp(x - m))``): the formula's value
-    depends neither on it nor on its rounding, so it carries no error bound
-    (``verify.reference``). Formulas hold it only as compiled, never to be differentiated."""
+class shifted(sympy.Function):
+    """``a - m``, rounded once, where m cancels from the formula, as the row's maximum does in
+    torch's softmax kernels (``exp(x - m) / sum(exp(x - m))``): m's own error does not reach
+    the result, and the step rounds by |a - m|, not |a| + |m| (``verify.reference``).
+    Formulas hold it only as compiled, never to be differentiated."""
 
-    nargs = 1
+    nargs = 2
 
     def _eval_is_real(self):
-        return self.args[0].is_real
+        return self.args[0].is_real and self.args[1].is_real
 
 
 class stop_gradient(sympy.Function):

@@ -1,0 +1,117 @@
+"""A bug planted where each of the allowance's newer rules acts, shown still caught: the
+softmax kernels' shift by the row max, a sum of products whose terms underflow, a float64
+zero computed with an error, the half types' stored sums and roundings, digamma's absolute
+term near its zero, sigmoid's flush below the normal range."""
+
+import numpy as np
+import pytest
+import torch
+
+import verify
+from verify import engine
+
+from .conftest import planted
+
+
+@pytest.fixture(autouse=True)
+def _verdict_only(monkeypatch):
+    # What is measured is the verdict, not how small the counterexample.
+    monkeypatch.setattr(engine, "SHRINK_SECONDS", 0.0)
+    monkeypatch.setattr(engine, "SIMPLIFY_SECONDS", 0.0)
+
+
+def _caught(fn, spec, dtype, **options) -> verify.Mismatch:
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(fn, spec, dtype=dtype, seed=0, **options)
+    return caught.value
+
+
+def _softmax_backward(y, g):
+    return y * (g - (g * y).sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("check", ["value", "gradient"])
+def test_a_softmax_off_at_large_logits_is_caught_where_its_kernel_subtracts_the_row_max(check):
+    # torch forms exp(x - max): at the max the shift is exact, so the allowance there is a few
+    # roundings, not |max| of them (at x = 1000 that was 6000 float32 roundings, 3.6e-4).
+    spec = "x: Interval(100, 1000)[n]\ny = softmax(x)"
+    off = 1 + 1e-5  # 168 float32 roundings
+    if check == "value":
+        def fn(x):
+            return torch.softmax(x, -1) * off
+    else:
+        fn = planted(lambda x: torch.softmax(x, -1), lambda x, g: _softmax_backward(torch.softmax(x, -1), g) * off)
+    mismatch = _caught(fn, spec, torch.float32, modes=("rev",), max_examples=20)
+    assert mismatch.failure.check == check
+    assert mismatch.failure.inputs["x"].max() >= 100
+
+
+def test_a_wrong_einsum_gradient_is_caught_where_its_terms_underflow_float16():
+    # The sum of products keeps einsum where a term may underflow, each term allowed
+    # underflow's cost (float16's smallest subnormal, 6e-8): a 5% error is still caught there.
+    spec = 'A: Interval(-0.0001, 0.0001)[n, k]\nB: Real[k, m]\ny = einsum("nk,km->nm", A, B)'
+    fn = planted(lambda A, B: torch.einsum("nk,km->nm", A, B),
+                 lambda A, B, g: (torch.einsum("nm,km->nk", g, B), torch.einsum("nk,nm->km", A, g) * 1.05))
+    mismatch = _caught(fn, spec, torch.float16, modes=("rev",), max_examples=30)
+    assert mismatch.failure.subject == "∂y/∂B"
+    # The regime was reached: the smallest nonzero factors' product is below float16's normal range.
+    factors = [np.abs(mismatch.failure.inputs["A"]), np.abs(mismatch.failure.point.cotangent[0])]
+    assert np.prod([f[f > 0].min() for f in factors]) < torch.finfo(torch.float16).tiny
+
+
+def test_a_bug_where_a_step_is_a_float64_zero_with_an_error_is_caught(plant_torch_form):
+    # x - mean(x) of a constant row is 0 in float64, with an error bound: such a point is judged
+    # by float64's bounds (no longer sent to the exact pass as a possible underflow), and a bug
+    # there alone is caught.
+    plant_torch_form("exp", lambda t: torch.where(t == 0, 1 + 1e-10, torch.exp(t)))
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check("x: Interval(1, 2)[n]\nd = x - mean(x)\ny = exp(d)", seed=0, max_examples=100)
+    assert caught.value.failure.check == "value"
+    x = caught.value.failure.inputs["x"]
+    assert (x - x.mean() == 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_log_softmax_value_off_by_four_roundings_is_caught_beside_its_stored_sum(dtype):
+    # The half types round log_softmax's sum before its log: one stored rounding, and a
+    # rounding of the dtype absolutely (ops.ROUNDED_SUM_STORED). Four roundings more are caught.
+    off = 4 * torch.finfo(dtype).eps / 2
+    mismatch = _caught(lambda x: torch.log_softmax(x, -1) - off, "x: Interval(-8, 8)[n]\ny = log_softmax(x)", dtype,
+                       modes=("rev",), max_examples=30)
+    assert mismatch.failure.check == "value"
+
+
+def test_a_digamma_off_near_its_zero_is_caught_within_its_absolute_allowance():
+    # lgamma's derivative, digamma, is allowed 1e-6 absolutely in float32 near its zero at
+    # 1.4616 (ops.DIGAMMA); an error of 1e-5 there is caught.
+    fn = planted(torch.lgamma, lambda x, g: g * (torch.digamma(x) + 1e-5))
+    mismatch = _caught(fn, "x: Interval(1.40, 1.52)[n]\ny = lgamma(x)", torch.float32, modes=("rev",),
+                       max_examples=30)
+    assert mismatch.failure.check == "gradient"
+
+
+def test_a_sigmoid_that_does_not_flush_is_caught_below_the_normal_range():
+    # float32 sigmoid flushes to 0 below -87.3 (FLUSHING_FUNCTIONS: allowed float32's smallest
+    # normal there); a result 7 times the true one, above that, is caught.
+    def fn(x):
+        return torch.where(x < -87, torch.exp(x + 2), torch.sigmoid(x))
+
+    mismatch = _caught(fn, "x: Interval(-88, -86.5)[n]\ny = sigmoid(x)", torch.float32, modes=("rev",),
+                       max_examples=30)
+    assert mismatch.failure.check == "value" and mismatch.failure.inputs["x"].min() < -87
+
+
+@pytest.mark.parametrize("spec, torch_form, backward", [
+    ("x: Real[n]\ny = sigmoid(x)", torch.sigmoid, lambda x, g: g * torch.sigmoid(x) * (1 - torch.sigmoid(x))),
+    ("a: Real[n]\nb: Real[n]\ny = hypot(a, b)", torch.hypot,
+     lambda a, b, g: (g * a / torch.hypot(a, b), g * b / torch.hypot(a, b))),
+], ids=["sigmoid", "hypot"])
+def test_a_float16_backward_off_by_eight_roundings_is_caught_beside_one_more_store(spec, torch_form, backward):
+    # float16's sigmoid and hypot backwards round once more than their formulas show
+    # (ops.ONE_MORE_STORE); a backward 8 roundings off (1 + 8u) is still caught.
+    def scaled(*args):
+        found = backward(*args)
+        return tuple(d * (1 + 8 * 2.0**-11) for d in found) if isinstance(found, tuple) else found * (1 + 8 * 2.0**-11)
+
+    mismatch = _caught(planted(torch_form, scaled), spec, torch.float16, modes=("rev",), max_examples=50)
+    assert mismatch.failure.check == "gradient"
