@@ -42,7 +42,7 @@ from verify import acceptance, balls, oracle
 from verify.ops import REGISTRY
 from verify.plan import plan
 from verify.strategies import DIRECTION_VALUES, Example, largest_drawn
-from verify.subject import ModeUnsupported, SpecSubject
+from verify.subject import CodeFailure, ModeUnsupported, SpecSubject
 from verify.tolerance import ALLOWANCE, UNIT_ROUNDOFF, precision
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -348,7 +348,7 @@ def main() -> None:
             started = time.perf_counter()
             try:
                 tallies = run(op, dtype, args.points)
-            except ModeUnsupported as error:  # torch has no such kernel (lu in bfloat16)
+            except (ModeUnsupported, CodeFailure) as error:  # torch has no such kernel (lu, inv in bfloat16)
                 print(f"{op:14} {dtype_name:9} {type(error).__name__}: {str(error).splitlines()[0]}", flush=True)
                 continue
             seconds = time.perf_counter() - started

@@ -95,6 +95,15 @@ def _exp_of_minus_x_subnormal(operands, dtype) -> bool:
     return _magnitude(operands) > -math.log(_smallest_normal(dtype))
 
 
+def _singular_within_rounding(operands, dtype) -> bool:
+    """|det A| within a rounding of the product of A's row norms (its Hadamard bound), or
+    below the dtype's normal range, where torch's det may be 0."""
+    matrix = np.asarray(operands[0], dtype=np.float64)
+    bound = np.prod(np.linalg.norm(matrix, axis=-1), axis=-1)
+    determinant = np.abs(np.linalg.det(matrix))
+    return bool(np.any((determinant <= torch.finfo(dtype).eps * bound) | (determinant < _smallest_normal(dtype))))
+
+
 FINDINGS = (
     Finding("digamma", (torch.float64,), frozenset({"gradient"}), "trigamma, digamma's derivative, is off by "
             "about 5e-10 relative in float64"),
@@ -124,6 +133,8 @@ FINDINGS = (
             "result is representable", _square_overflows),
     Finding("prod", EVERY_DTYPE, DERIVATIVES | {"HVP"}, "the backward divides the saved product by each factor, "
             "and a product below the normal range has lost digits", _product_below_normal),
+    Finding("det", (torch.float64, torch.float32), DERIVATIVES, "the backward of a matrix singular within "
+            "rounding, or whose det underflows, is 0, not the adjugate", _singular_within_rounding),
     *(Finding(op, (torch.float64, torch.float32), frozenset({"value", *DERIVATIVES}), "the partial products are "
               "formed in order, and an overflowed one times a zero factor is NaN", _partial_product_overflows)
       for op in ("prod", "cumprod")),
