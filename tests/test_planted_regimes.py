@@ -3,7 +3,6 @@ softmax kernels' shift by the row max, a sum of products whose terms underflow, 
 zero computed with an error, the half types' stored sums and roundings, digamma's absolute
 term near its zero, sigmoid's flush below the normal range."""
 
-import numpy as np
 import pytest
 import torch
 
