@@ -148,3 +148,37 @@ def test_a_float16_matmul_forward_mode_off_by_eight_roundings_is_caught():
 
     spec = "A: Interval(-4, 4)[m, k]\nB: Interval(-4, 4)[k, n]\nC = A @ B"
     assert _caught(skewed, spec, torch.float16, modes=("fwd",), max_examples=30).failure.check == "JVP"
+
+
+def test_a_second_derivative_off_where_the_gradient_is_right_is_caught_beside_second_orders_widening():
+    # A Hessian-vector product is allowed SECOND_ORDER (4) times its formula's bound; a
+    # backward whose own derivative is off by 1e-4 (the gradient itself exact) is caught.
+    def backward(x, g):
+        y = torch.tanh(x)
+        return g * (1 - y * y) + 1e-4 * (g * y - (g * y).detach())
+
+    mismatch = _caught(planted(torch.tanh, backward), "x: Interval(0.5, 2)[n]\ny = tanh(x)", torch.float32, order=2,
+                       max_examples=20)
+    assert mismatch.failure.check == "HVP"
+
+
+def test_a_float32_gelu_backward_off_by_64_roundings_is_caught_beside_its_vectorized_erfs_allowance():
+    # float32 gelu's kernel is allowed 12 roundings beyond its formula (ops: its vectorized erf).
+    def backward(x, g):
+        cdf = 0.5 * (1 + torch.erf(x / 2**0.5))
+        return g * (cdf + x * torch.exp(-x * x / 2) / (2 * torch.pi) ** 0.5) * (1 + 64 * 2.0**-24)
+
+    spec = "x: Interval(-4, 4)[n]\ny = gelu(x)"
+    assert _caught(planted(torch.nn.functional.gelu, backward), spec, torch.float32, modes=("rev",),
+                   max_examples=30).failure.check == "gradient"
+
+
+def test_a_gradient_computed_from_a_value_near_the_float32_overflow_is_judged_while_that_value_holds():
+    # expm1's backward reads its result (g * (y + 1)): the gradient check is dropped where y
+    # overflows float32 (past x = 88.72); below, a gradient 1% off is caught.
+    def backward(x, g):
+        return g * (torch.expm1(x) + 1) * 1.01
+
+    mismatch = _caught(planted(torch.expm1, backward), "x: Interval(85, 89)[n]\ny = expm1(x)", torch.float32,
+                       modes=("rev",), max_examples=30)
+    assert mismatch.failure.check == "gradient" and mismatch.failure.inputs["x"].max() >= 85

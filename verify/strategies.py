@@ -154,7 +154,10 @@ def _floats(domain: Domain, dtype: torch.dtype, magnitude: float) -> st.SearchSt
     low = _round_inward(max(domain.low, -magnitude), dtype, upward=True)
     high = _round_inward(min(domain.high, magnitude), dtype, upward=False)
     if low > high:
-        raise SpecError(f"no {str(dtype)[6:]} value lies in the domain {domain}")
+        beyond = max(abs(domain.low), abs(domain.high)) > magnitude and domain.low <= domain.high
+        raise SpecError(f"no {str(dtype)[6:]} value lies in the domain {domain}" + (
+            f" up to {magnitude:.3g}, the largest magnitude drawn (a headroom below the largest finite value)"
+            if beyond else ""))
     floats = st.floats(low, high, exclude_min=domain.low_open and low == domain.low,
                        exclude_max=domain.high_open and high == domain.high,
                        allow_nan=False, allow_infinity=False, allow_subnormal=False, width=FLOAT_WIDTH[dtype])
