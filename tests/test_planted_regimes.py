@@ -182,3 +182,22 @@ def test_a_gradient_computed_from_a_value_near_the_float32_overflow_is_judged_wh
     mismatch = _caught(planted(torch.expm1, backward), "x: Interval(85, 89)[n]\ny = expm1(x)", torch.float32,
                        modes=("rev",), max_examples=30)
     assert mismatch.failure.check == "gradient" and mismatch.failure.inputs["x"].max() >= 85
+
+
+HUGE_SCORES = "Q: Interval(1e75, 1e80)[t, d]\nK: Interval(1e75, 1e80)[t, d]\nO = softmax(Q @ K.T, axis=1)"
+
+
+def test_a_bound_past_float64s_range_with_no_step_past_it_is_judged_weak_and_torch_not_finite_there_fails():
+    # Scores near 1e160 carry float64 errors near 1e144: the model's bound of their softmax
+    # overflows float64 (no finite allowance), though no step leaves the range. The point is
+    # judged, every element weak, not rejected as a step leaving the range ...
+    result = verify.check(HUGE_SCORES, seed=0, max_examples=10, modes=("rev",))
+    assert result.points > 0 and not any("leaves" in reason for reason in result.rejected)
+    assert result.weak["the value of O"][0] > 0
+
+    # ... and a softmax that is NaN there, where the exact one is finite, still fails.
+    def nan_past_1e100(Q, K):
+        scores = Q @ K.transpose(-1, -2)
+        return torch.where(scores.abs() > 1e100, torch.nan, torch.softmax(scores, -1))
+
+    assert _caught(nan_past_1e100, HUGE_SCORES, torch.float64, modes=("rev",), max_examples=10).failure.check == "value"

@@ -37,7 +37,10 @@ torch's steps then divide by 0 rightly.
 Each rule is applied only where the reference can tell. A float64 value with a finite,
 small error bound can tell; a value whose bound was lost (a float64 step overflowed or
 underflowed) cannot, and its point goes to the exact pass (``verify.oracle.exact_point``),
-which decides the same rules on exact values.
+which decides the same rules on exact values. A bound that is infinite where no step left its
+dtype's range is the model's own arithmetic past float64's (scores near 1e160 carry errors
+near 1e144, and their softmax may be anything): no finite allowance, so no rule of the range
+can matter, and the point is judged, its elements weak; torch not finite there still fails.
 """
 
 from __future__ import annotations
@@ -221,14 +224,17 @@ def quantity(label: str, pair: tuple, reads: dict | None = None) -> tuple:
 
 
 def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.ndarray, checks: list,
-                    how: str = "bounds", skipped: dict | None = None, float64_bounds=None) -> tuple:
+                    how: str = "bounds", skipped: dict | None = None, float64_bounds=None,
+                    left_range: np.ndarray | None = None) -> tuple:
     """(points judged, points left to a closer pass) by rules 2 and 3, for ``checks`` made by
     ``step`` and ``quantity``. The rest are counted by reason. A quantity the dtype cannot
     hold drops that check alone, not its point (an overflowing value leaves the gradients
     judged), where ``skipped`` (label -> per point, whether that check is dropped) is given.
     Where a quantity's bound is lost to a step that overflows the dtype (not float64),
     ``float64_bounds()`` (label -> float64's own bound, in its u) still decides whether the
-    quantity is beyond the dtype's range.
+    quantity is beyond the dtype's range. ``left_range`` (per point, the context's) says where
+    a step left its dtype's range: elsewhere an infinite bound is no lost one but the model's
+    own arithmetic past float64's range, no finite allowance, and the point is judged (weak).
 
     ``how`` says what the values are: "floor" (float64 without bounds: every doubt goes on,
     to the bounds), "bounds" (float64 with error bounds: a lost bound, or a value too
@@ -247,28 +253,35 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
         with np.errstate(all="ignore"):
             if how == "bounds":
                 # A bound lost to an overflowing step of the formula (inf), or to float64's own
-                # underflow (NaN): the float64 value cannot tell.
+                # underflow (NaN): the float64 value cannot tell. An infinite bound where no step
+                # left the range allows any value: no rule of the range can matter there.
                 overflowed = np.isinf(error)
-                lost = ~np.isfinite(error)
-                off = np.where(lost, 0.0, own_error(value, error, model))
+                if left_range is not None:
+                    unbounded = overflowed & ~left_range[:, None]
+                    overflowed &= ~unbounded
+                else:
+                    unbounded = np.zeros(value.shape, dtype=bool)
+                lost = ~np.isfinite(error) & ~unbounded
+                off = np.where(lost | unbounded, 0.0, own_error(value, error, model))
                 known = np.zeros(value.shape, dtype=bool)  # lost, yet float64's own bound is known
                 if kind == "quantity" and float64_bounds is not None and overflowed.any():
                     own = np.broadcast_to(float64_bounds()[label], shape).reshape(batch, -1)
                     known = lost & np.isfinite(own)
                     off = np.where(known, UNIT_ROUNDOFF[torch.float64] * own, off)
-                room = np.where(lost, 0.0, allowed_error(error, model))
+                room = np.where(lost | unbounded, 0.0, allowed_error(error, model))
             else:  # exact values, or (floor) values whose room is only one rounding's
-                overflowed = lost = known = np.zeros(value.shape, dtype=bool)
+                overflowed = lost = known = unbounded = np.zeros(value.shape, dtype=bool)
                 off = 0.0
                 room = allowed_error(magnitude, model) if how == "floor" else 0.0
             undefined = np.isnan(value) & ~lost
-            overflow = ~lost & overflows(magnitude, room, dtype)
-            surely_over = overflows(magnitude - off, 0.0, dtype)
+            overflow = ~lost & ~unbounded & overflows(magnitude, room, dtype)
+            surely_over = ~unbounded & overflows(magnitude - off, 0.0, dtype)
             # Nonzero, yet below half the dtype's smallest number: it rounds to 0 there (an exact
             # value below float64's range comes as its smallest number, sign kept). A float64
             # zero computed with an error may be such an underflow too: the point is judged, and
             # where it disagrees, the exact pass decides it by these rules again.
-            vanishing = ~lost & (value != 0) & ((magnitude + off < half_smallest) | (magnitude <= FLOAT64_SMALLEST))
+            vanishing = ~lost & ~unbounded & (value != 0) & ((magnitude + off < half_smallest) |
+                                                             (magnitude <= FLOAT64_SMALLEST))
         if how == "floor":  # without bounds only a step that overflowed float64 itself is decided
             if kind == "step":
                 over = keep & _per_point(np.isinf(value))
@@ -349,7 +362,9 @@ def disagreeing(reference, error, actual, model: Precision, exact: bool = False,
         allowed = allowed_error(error, model, reference) + extra_allowance(np.abs(reference), slack)
         distance = np.abs(actual - reference)
         own = own_error(reference, error, model, exact)
-        over = ~(distance <= allowed + own)
+        # Torch not finite where float64 is: a disagreement whatever the allowance (even an
+        # infinite one), for the exact pass to decide.
+        over = ~(distance <= allowed + own) | ~np.isfinite(actual) & np.isfinite(reference)
         near = ~over & (distance > allowed - own)
     failing = _per_point(over)
     return failing, _per_point(near) & ~failing, allowed

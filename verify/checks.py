@@ -375,7 +375,7 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
     float64_bounds = functools.cache(functools.partial(_float64_bounds, prepared, subject, example, options, forward))
     keep, unsure = acceptance.accepted_points(example.batch, options.model, rejected, inside & ~ctx.ambiguous,
                                               _value_checks(prepared, subject, values), skipped=skipped,
-                                              float64_bounds=float64_bounds)
+                                              float64_bounds=float64_bounds, left_range=ctx.left_range)
     exactly |= unsure
     checked = 0
     if keep.any():
@@ -384,7 +384,8 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
         exactly |= keep & ctx.ambiguous
         keep, unsure = acceptance.accepted_points(example.batch, options.model, rejected, keep & ~ctx.ambiguous,
                                                   _derivative_checks(prepared, subject, reference, options),
-                                                  skipped=skipped, float64_bounds=float64_bounds)
+                                                  skipped=skipped, float64_bounds=float64_bounds,
+                                                  left_range=ctx.left_range)
         exactly |= unsure
     if keep.any():
         at = example.at(keep)

@@ -113,7 +113,10 @@ class Context:
 
     ``model`` is how the code under test rounds (``verify.tolerance.Precision``): error
     bounds are in units of its stored dtype's u, and it decides when a comparison is too
-    close to call; ``ambiguous`` collects the points where one was.
+    close to call; ``ambiguous`` collects the points where one was. ``left_range`` collects
+    the points where a step left its dtype's range (overflowed, or flushed a product of
+    nonzero factors to 0): an infinite bound there is a lost one, and elsewhere the bound's
+    own arithmetic past float64's range (no finite allowance).
     """
 
     env: dict
@@ -122,12 +125,15 @@ class Context:
     model: Precision = field(default_factory=lambda: precision(torch.float64))
     indices: dict = field(default_factory=dict)  # index symbol -> integer array
     ambiguous: np.ndarray = None
+    left_range: np.ndarray = None
     shared: dict = field(default_factory=dict)  # subexpression key -> (value, error), see _Compiler
     shared_bytes: int = 0
 
     def __post_init__(self):
         if self.ambiguous is None:
             self.ambiguous = np.zeros(self.batch, dtype=bool)
+        if self.left_range is None:
+            self.left_range = np.zeros(self.batch, dtype=bool)
         # Inside a kernel, steps round in the compute dtype; between kernels, in the stored
         # one (or the compute dtype, where one kernel computes it all).
         model = self.model
@@ -197,12 +203,23 @@ class Context:
         limit = self._limits[inside]
         if not np.isinf(limit) and np.any(magnitude > limit):
             error = np.where(magnitude > limit, np.inf, error)
+            self.note_left_range(magnitude > limit)
+        if np.any(np.isinf(magnitude)):  # float64 itself overflowed
+            self.note_left_range(np.isinf(magnitude))
         return error
 
     def mark_ambiguous(self, close):
-        close = np.asarray(close, dtype=bool)
-        if close.ndim:
-            self.ambiguous |= np.broadcast_to(close.reshape(close.shape[0], -1).any(axis=1), self.ambiguous.shape)
+        self.ambiguous |= self._per_point(close)
+
+    def note_left_range(self, beyond):
+        self.left_range |= self._per_point(beyond)
+
+    def _per_point(self, mask) -> np.ndarray:
+        """Per point, whether ``mask`` (an array over the batch, or a scalar for every point) holds."""
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.ndim:
+            return np.broadcast_to(mask, (self.batch,))
+        return np.broadcast_to(mask.reshape(mask.shape[0], -1).any(axis=1), (self.batch,))
 
 
 class Reference:
@@ -580,13 +597,14 @@ def _partial_products_error(value, error, inside, summed: tuple, ctx: Context, w
         later = np.flip(np.cumprod(np.flip(np.abs(value), axis=-1), axis=-1), axis=-1)
         later = np.concatenate([later[..., 1:], np.ones_like(later[..., :1])], axis=-1)
         total = _scaled(step, later).sum(axis=-1)
-        limit = ctx.limit(within)
-        if not np.isinf(limit):
-            total = np.where(np.any(multiplied & (magnitude > limit), axis=-1), np.inf, total)
-        # Below half the dtype's smallest number, or 0 already in float64 (where that half is 0).
+        # Beyond the dtype's range (or float64's), or below half the dtype's smallest number
+        # (or 0 already in float64, where that half is 0) while no factor is 0.
         vanishing = (magnitude < ctx.flushes_below(within)) | (magnitude == 0)
-        flushed = multiplied & vanishing & np.logical_and.accumulate(value != 0, axis=-1)
-        total = np.where(np.any(flushed, axis=-1), np.inf, total)
+        left = multiplied & ((magnitude > ctx.limit(within)) | np.isinf(magnitude) | vanishing & np.logical_and.accumulate(value != 0, axis=-1))
+        left = np.any(left, axis=-1)
+        if np.any(left):
+            total = np.where(left, np.inf, total)
+            ctx.note_left_range(left)
     return total
 
 
