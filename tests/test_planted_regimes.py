@@ -201,3 +201,11 @@ def test_a_bound_past_float64s_range_with_no_step_past_it_is_judged_weak_and_tor
         return torch.where(scores.abs() > 1e100, torch.nan, torch.softmax(scores, -1))
 
     assert _caught(nan_past_1e100, HUGE_SCORES, torch.float64, modes=("rev",), max_examples=10).failure.check == "value"
+
+
+def test_an_exp_gradient_twenty_times_too_large_is_caught_below_float32s_normal_range():
+    # Below float32's normal range a result may be flushed to 0 (the allowance is at least the
+    # smallest normal number there); a gradient 20 times the exact one, above that, is caught.
+    fn = planted(torch.exp, lambda x, g: g * torch.exp(x + 3))
+    mismatch = _caught(fn, "x: Interval(-88.7, -87.5)[n]\ny = exp(x)", torch.float32, modes=("rev",), max_examples=30)
+    assert mismatch.failure.check == "gradient"
