@@ -88,7 +88,7 @@ def test_a_log_softmax_value_off_by_four_roundings_is_caught_beside_its_stored_s
 
 def test_a_digamma_off_near_its_zero_is_caught_within_its_absolute_allowance():
     # lgamma's derivative, digamma, is allowed 1e-6 absolutely in float32 near its zero at
-    # 1.4616 (ops.DIGAMMA); an error of 1e-5 there is caught.
+    # 1.4616 (reference.DIGAMMA_ABSOLUTE); an error of 1e-5 there is caught.
     fn = planted(torch.lgamma, lambda x, g: g * (torch.digamma(x) + 1e-5))
     mismatch = _caught(fn, "x: Interval(1.40, 1.52)[n]\ny = lgamma(x)", torch.float32, modes=("rev",),
                        max_examples=30)
