@@ -173,6 +173,17 @@ def test_a_float32_gelu_backward_off_by_64_roundings_is_caught_beside_its_vector
                    max_examples=30).failure.check == "gradient"
 
 
+def test_a_float64_gelu_backward_off_by_8_roundings_is_caught_where_float32s_erf_allowance_does_not_apply():
+    # The 12 roundings are float32's vectorized erf (KernelError.dtypes); float64's gelu kernels
+    # are within the formula's model, so 8 roundings more are caught there.
+    def backward(x, g):
+        return torch.ops.aten.gelu_backward(g, x) * (1 + 8 * 2.0**-53)
+
+    spec = "x: Interval(-4, 4)[n]\ny = gelu(x)"
+    assert _caught(planted(torch.nn.functional.gelu, backward), spec, torch.float64, modes=("rev",),
+                   max_examples=30).failure.check == "gradient"
+
+
 def test_a_gradient_computed_from_a_value_near_the_float32_overflow_is_judged_while_that_value_holds():
     # expm1's backward reads its result (g * (y + 1)): the gradient check is dropped where y
     # overflows float32 (past x = 88.72); below, a gradient 1% off is caught.

@@ -1029,7 +1029,7 @@ class _Compiler:
         if self.exact:
             def kernel_of_balls(ctx):
                 value = inner(ctx)[0]
-                if kernel_error is not None:
+                if kernel_error is not None and kernel_error.applies_to(ctx.model.dtype):
                     value = balls.off_by(value, kernel_error.roundings, True, _absolute(kernel_error, ctx),
                                          kernel_error.log_roundings)
                     value = balls.off_by(value, kernel_error.stored_roundings, False, 0.0,
@@ -1042,7 +1042,7 @@ class _Compiler:
 
         def kernel_step(ctx):
             value, error = inner(ctx)
-            if kernel_error is not None:
+            if kernel_error is not None and kernel_error.applies_to(ctx.model.dtype):
                 error = error + _kernel_error(kernel_error, value, ctx)
             if fused and ctx.model.stores_kernels:
                 error = error + np.where(np.asarray(error) > 0, _wide(value), 0.0)
