@@ -8,7 +8,7 @@ import torch
 
 import verify
 from benchmarks.corpus import CASES, Sin, Tanh
-from verify import checks
+from verify import checks, engine
 from verify import plan as planning
 from verify.report import Result
 from verify.strategies import Example
@@ -307,6 +307,18 @@ def test_rows_that_are_not_independent_are_a_failure_of_their_own():
         verify.check_function(normalized_by_the_whole_stack, RMS, rows=True, seed=0, max_examples=20)
     assert caught.value.failure.check == "rows"
     assert "its rows are not independent" in str(caught.value)
+
+
+@pytest.mark.examples(20)
+def test_torchs_prod_whose_backward_depends_on_the_whole_stack_names_its_recorded_finding(monkeypatch):
+    # prod's backward divides by each factor unless some element of the whole tensor is 0:
+    # stacked beside a zero, a row whose products overflow gets its gradient another way.
+    monkeypatch.setattr(engine, "SHRINK_SECONDS", 0.0)  # the first failure drawn is this one
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(lambda a: torch.prod(a, -1), "A: Real[n, m]\ny = prod(A, axis=1)", rows=True, seed=0,
+                              max_examples=20, dtype=torch.float32, modes=("rev",))
+    assert caught.value.failure.check == "rows"
+    assert "a recorded finding in torch's own prod" in str(caught.value)
 
 
 class _RMSForgettingTheNorm(torch.autograd.Function):

@@ -639,7 +639,7 @@ def _only(at: Example, point: int) -> Example:
 def _code_failure(failed: CodeFailure, subject, at: Example, options: Options) -> Failure:
     inputs = _point_inputs(subject.spec, at, failed.point)
     return Failure(failed.check, subject.name, "", inputs, at.sizes, None, None, None, error=failed.message,
-                   snippet=_snippet(subject, failed.check, at, failed.point, options))
+                   snippet=_snippet(subject, failed.check, at, failed.point, options), point=_only(at, failed.point))
 
 
 def _snippet(subject, check: str, at: Example, point: int, options: Options) -> str:

@@ -87,6 +87,10 @@ def _product_below_normal(operands, dtype) -> bool:
     return bool(np.any(nonzero & (partial < _smallest_normal(dtype))))
 
 
+def _partial_product_leaves_normal_range(operands, dtype) -> bool:
+    return _partial_product_overflows(operands, dtype) or _product_below_normal(operands, dtype)
+
+
 def _cumprod_regime(operands, dtype) -> bool:
     return dtype in HALF_TYPES or _product_below_normal(operands, dtype) or np.any(np.asarray(operands[0]) == 0)
 
@@ -133,6 +137,10 @@ FINDINGS = (
             "result is representable", _square_overflows),
     Finding("prod", EVERY_DTYPE, DERIVATIVES | {"HVP"}, "the backward divides the saved product by each factor, "
             "and a product below the normal range has lost digits", _product_below_normal),
+    Finding("prod", EVERY_DTYPE, frozenset({"rows"}), "the backward picks its formula by whether any element of "
+            "the whole tensor is 0 (the product divided by each factor, or the products of the others), and the "
+            "two differ where partial products leave the normal range: stacked rows depend on each other there",
+            _partial_product_leaves_normal_range),
     Finding("det", (torch.float64, torch.float32), DERIVATIVES, "the backward of a matrix singular within "
             "rounding, or whose det underflows, is 0, not the adjugate", _singular_within_rounding),
     *(Finding(op, (torch.float64, torch.float32), frozenset({"value", *DERIVATIVES}), "the partial products are "

@@ -162,6 +162,7 @@ class Failure:
             lines = [f"{spec_name}: {self.check} check failed: {self.error}"]
             lines.append("  sizes:      " + (", ".join(f"{k} = {v}" for k, v in self.sizes.items()) or "none"))
             lines.extend(f"  input:      {name} = {_show(value)}" for name, value in self.inputs.items())
+            lines.extend(f"  note:       {note}" for note in self.notes)
             return "\n".join(lines + self._reproduction(reproduce))
         reference = np.asarray(self.reference, dtype=np.float64)
         actual = np.asarray(self.actual, dtype=np.float64)
