@@ -220,3 +220,16 @@ def test_an_exp_gradient_twenty_times_too_large_is_caught_below_float32s_normal_
     fn = planted(torch.exp, lambda x, g: g * torch.exp(x + 3))
     mismatch = _caught(fn, "x: Interval(-88.7, -87.5)[n]\ny = exp(x)", torch.float32, modes=("rev",), max_examples=30)
     assert mismatch.failure.check == "gradient"
+
+
+def test_a_naive_cross_entropy_that_is_not_finite_where_softmax_underflows_is_caught_not_rejected_by_its_domain():
+    # softmax is never 0 exactly, so log(softmax(z)) is inside log's domain wherever float64
+    # rounds softmax to 0: the domain verdict stands on the exact value, and torch's inf there
+    # (0 * -inf is NaN) is a failure.
+    spec = "z: Interval(-1000, 1000)[b, c]\nY: Interval(0, 1)[b, c]\no = -sum(Y * log(softmax(z, axis=1)))"
+
+    def naive(z, Y):
+        return -(Y * torch.log(torch.softmax(z, 1))).sum()
+
+    mismatch = _caught(naive, spec, torch.float32, modes=("rev",), max_examples=30)
+    assert "not finite" in str(mismatch)
