@@ -175,6 +175,15 @@ def op_rounded(values, roundings, inside: bool):
     return rounded(values, roundings, inside)
 
 
+def may_be_nonzero(values) -> np.ndarray:
+    """Per element, whether a ball (or an exact number) may be nonzero: a term that is surely
+    0 adds exactly."""
+    def one(value):
+        return not (value.is_zero() if isinstance(value, arb) else value == 0)
+
+    return np.asarray(np.frompyfunc(one, 1, 1)(np.asarray(values, dtype=object)), dtype=bool)
+
+
 def rounded_sum(total, terms: list, inside: bool = False, roundings=1):
     """A sum of ``terms`` widened by ``roundings`` roundings of the sum of their magnitudes
     (partial sums may reach it, in any order), and by what underflow costs, in the modelled

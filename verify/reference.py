@@ -363,6 +363,12 @@ def _power_of_two(expr) -> bool:
     return p & (p - 1) == 0 and q & (q - 1) == 0
 
 
+def _exact_multiplier(expr) -> bool:
+    """Whether multiplying by ``expr`` is exact: a power of two, or a 0-or-1 selector (a
+    Kronecker delta, an indicator), as index notation writes a gather or a one-hot."""
+    return _power_of_two(expr) or isinstance(expr, (sympy.KroneckerDelta, functions.indicator))
+
+
 def _absolute(kernel_error, ctx: Context) -> float:
     """A kernel's calibrated absolute error in the dtype under test, in units of its u."""
     return kernel_error.absolute.get(ctx.model.dtype, 0.0) / ctx.model.u
@@ -520,7 +526,8 @@ def _summed_product(arrays: list, lengths: dict, depth: int, inner_depth: int, d
     return result.reshape([result.shape[kept.index(axis)] if axis in spanned else 1 for axis in range(depth + 1)])
 
 
-def _summed_product_of_balls(factors: list, lengths: dict, depth: int, inner_depth: int, inside: bool):
+def _summed_product_of_balls(factors: list, lengths: dict, depth: int, inner_depth: int, inside: bool,
+                             roundings: int):
     """``_summed_product`` on balls, widened as the formed sum is in the modelled mode: each
     product by its roundings (``balls.rounded``), then the sum by one rounding of the sum of
     the products' magnitudes (``balls.rounded_sum``)."""
@@ -529,16 +536,18 @@ def _summed_product_of_balls(factors: list, lengths: dict, depth: int, inner_dep
         return total
     magnitude = _summed_product([np.abs(np.asarray(f, dtype=object)) for f in factors], lengths, depth, inner_depth,
                                 dtype=object)
-    products = balls.rounded(magnitude, len(factors) - 1, inside)  # the terms' magnitudes, each product rounded
-    return balls.rounded_sum(total + (products - magnitude), [products], inside,
-                             summation_roundings(math.prod(lengths.values())))
+    products = balls.rounded(magnitude, roundings, inside)  # the terms' magnitudes, each product rounded
+    nonzero = [balls.may_be_nonzero(f).astype(np.float64) for f in factors]
+    terms = _summed_product(nonzero, lengths, depth, inner_depth)
+    return balls.rounded_sum(total + (products - magnitude), [products], inside, summation_roundings(terms))
 
 
 def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_depth: int, ctx,
-                            inside: bool) -> tuple | None:
+                            inside: bool, roundings: int) -> tuple | None:
     """(value, error bound) of ``_summed_product`` of the factors' (value, error) pairs, the
     bound being what ``_Mul`` and the Sum give the formed product, each of its terms a sum of
-    products itself: (k - 1) |product| for the product's roundings, each factor's error times
+    products itself: ``roundings`` |product| for the product's roundings (one per factor past
+    the first that is no exact multiplier), each factor's error times
     the other factors' magnitudes, the second-order term of each pair of erring factors, then
     the sum's own rounding. At a point where a term might underflow the dtype, each term may
     cost what underflow does (the formed product's guard counts only those that do). None
@@ -558,7 +567,10 @@ def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_dept
     magnitude = summed(magnitudes)
     rounding = ctx.ratio(inside)
     terms = math.prod(lengths.values())
-    error = (len(values) - 1) * rounding * magnitude
+    # Exact zeros add exactly: a sum of one nonzero term per element (a one-hot product, an
+    # output's adjoint formed as a sum of deltas) rounds as that term alone.
+    nonzero_terms = summed([((value != 0) | (error > 0)).astype(np.float64) for value, error in zip(values, errors)])
+    error = roundings * rounding * magnitude
     carrying = [k for k, e in enumerate(errors) if np.any(e)]
     for k in carrying:
         error = error + summed([errors[k] if j == k else m for j, m in enumerate(magnitudes)])
@@ -571,7 +583,7 @@ def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_dept
     underflowing = smallest < ctx.underflows_below(inside)
     if np.any(underflowing):
         error = error + np.where(underflowing.reshape((-1,) + (1,) * depth), terms * ctx.underflow_error(inside), 0.0)
-    return summed(values), ctx.guard(magnitude, error + rounding * summation_roundings(terms) * magnitude,
+    return summed(values), ctx.guard(magnitude, error + rounding * summation_roundings(nonzero_terms) * magnitude,
                                      inside=inside)
 
 
@@ -846,12 +858,12 @@ class _Compiler:
     def _Mul(self, expr, axes, depth):
         # a * b**-1 is a division, one rounding, as code computes it: the reciprocal is not
         # rounded of its own (but for one that is all the product has, as in 2 / b).
-        rounded = [f for f in expr.args if not _power_of_two(f)]
+        rounded = [f for f in expr.args if not _exact_multiplier(f)]
         divisors = [f for f in rounded if _reciprocal(f)]
         factors = [self._raised(f, axes, depth, roundings=0) if _reciprocal(f) and len(divisors) < len(rounded)
                    else self.compile(f, axes, depth) for f in expr.args]
         inside = self.inside
-        # A scaling by a power of 2 (2 * x, -x, x / 2) is exact.
+        # A scaling by a power of 2 (2 * x, -x, x / 2), or a selection by 0 or 1, is exact.
         roundings = max(len(rounded) - 1, 0)
         if self.exact:
             return lambda ctx: (balls.rounded(_product([f(ctx)[0] for f in factors]), roundings, inside), 0.0)
@@ -1177,6 +1189,7 @@ class _Compiler:
             spans = [_free_symbols(f) & inner_axes.keys() for f in expr.function.args]
             if all(span < set().union(*spans) for span in spans):
                 factors = self._args(expr.function, inner_axes, inner_depth)
+                product_roundings = max(sum(not _exact_multiplier(f) for f in expr.function.args) - 1, 0)
 
         within_kernel = self.inside
 
@@ -1191,11 +1204,11 @@ class _Compiler:
                 lengths = {axis: ctx.indices[index].size for index, axis, _, _ in bounds}
                 if self.exact:
                     return _summed_product_of_balls([f(ctx)[0] for f in factors], lengths, depth, inner_depth,
-                                                    within_kernel), 0.0
+                                                    within_kernel, product_roundings), 0.0
                 if not track_errors:
                     return _summed_product([f(ctx)[0] for f in factors], lengths, depth, inner_depth), 0.0
                 bounded = _summed_product_bounded([f(ctx) for f in factors], lengths, depth, inner_depth, ctx,
-                                                  within_kernel)
+                                                  within_kernel, product_roundings)
                 if bounded is not None:
                     return bounded
             value, error = body(ctx)
@@ -1206,7 +1219,7 @@ class _Compiler:
                 value = np.where(inside, value, neutral)
             result = reduce(value, axis=summed)
             if self.exact and kind is sympy.Sum:
-                terms = np.sum(np.broadcast_to(inside, shape), axis=summed)
+                terms = np.sum(inside & balls.may_be_nonzero(value), axis=summed)
                 return balls.rounded_sum(result, [np.abs(value).sum(axis=summed)], within_kernel,
                                          summation_roundings(terms)), 0.0
             if self.exact and kind is sympy.Product:
@@ -1217,7 +1230,8 @@ class _Compiler:
             rounding = ctx.ratio(within_kernel)
             if kind is sympy.Sum:
                 magnitude = _wide(value).sum(axis=summed)  # partial sums may reach it, in any order
-                terms = np.sum(np.broadcast_to(inside, shape), axis=summed)
+                # Exact zeros add exactly (a max pool's backward sums one term per window).
+                terms = np.sum(inside & ((value != 0) | (error > 0)), axis=summed)
                 return result, ctx.guard(magnitude, error.sum(axis=summed) + rounding * summation_roundings(terms) *
                                          magnitude, inside=within_kernel)
             if kind is sympy.Product:
