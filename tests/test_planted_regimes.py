@@ -233,3 +233,16 @@ def test_a_naive_cross_entropy_that_is_not_finite_where_softmax_underflows_is_ca
 
     mismatch = _caught(naive, spec, torch.float32, modes=("rev",), max_examples=30)
     assert "not finite" in str(mismatch)
+
+
+def test_a_max_pool_gradient_scaled_by_8_roundings_is_caught_where_its_sum_holds_one_term_per_window():
+    # A max pool's backward routes each window's cotangent to one element, exactly: its sum of
+    # deltas adds exact zeros, and a delta multiplies exactly, so 8 roundings are caught.
+    def backward(x, g):
+        _, where = torch.nn.functional.max_pool1d(x, 2, return_indices=True)
+        routed = torch.zeros_like(x).scatter_add(-1, where, g)
+        return routed * (1 + 8 * 2.0**-53)
+
+    mismatch = _caught(planted(lambda x: torch.nn.functional.max_pool1d(x, 2), backward),
+                       "x: Real[c, l]\ny = max_pool1d(x, kernel=2)", torch.float64, modes=("rev",), max_examples=30)
+    assert mismatch.failure.check == "gradient"
