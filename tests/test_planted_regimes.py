@@ -8,6 +8,7 @@ import torch
 
 import verify
 from verify import engine
+from verify.ops import REGISTRY
 
 from .conftest import planted
 
@@ -246,3 +247,15 @@ def test_a_max_pool_gradient_scaled_by_8_roundings_is_caught_where_its_sum_holds
     mismatch = _caught(planted(lambda x: torch.nn.functional.max_pool1d(x, 2), backward),
                        "x: Real[c, l]\ny = max_pool1d(x, kernel=2)", torch.float64, modes=("rev",), max_examples=30)
     assert mismatch.failure.check == "gradient"
+
+
+def test_dots_lowering_accumulates_as_torch_dot_where_a_product_alone_overflows_float16_and_a_wrong_dot_is_caught():
+    # 98 * 930 overflows float16, the dot -56170 does not: the registry's lowering is one
+    # accumulation, as torch.dot's kernel (it formed each product in float16, inf there).
+    x = torch.tensor([[65.0, -98.0]], dtype=torch.float16)
+    z = torch.tensor([[538.0, 930.0]], dtype=torch.float16)
+    assert REGISTRY["dot"].torch_form([x, z], {}).item() == torch.dot(x[0], z[0]).item() == -56160
+    spec = "x: Interval(-100, 100)[n] = [65, -98]\nz: Interval(-1000, 1000)[n] = [538, 930]\ny = dot(x, z)"
+    mismatch = _caught(lambda x, z: torch.dot(x, z) * (1 + 2**-6), spec, torch.float16, modes=("rev",),
+                       max_examples=30)
+    assert mismatch.failure.check == "value"

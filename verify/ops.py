@@ -1158,8 +1158,9 @@ STRUCTURAL = [
                   kink="the first maximum of a window takes its gradient, as torch's" if kind == "max" else "",
                   fused=FUSED)
       for kind in ("max", "avg") for spatial in (1, 2)),
-    _structural("dot", 2, _matmul_sympy, lambda tensors, params: (tensors[0] * tensors[1]).sum(-1), _dot_shape,
-                fused=()),
+    # torch.dot's kernel, as a matmul's: one accumulation (in float32 for the half types), not a
+    # product per element stored in the dtype (float16's 98 * 930 overflows where the dot does not).
+    _structural("dot", 2, _matmul_sympy, _matmul_torch, _dot_shape, fused=FUSED_BACKWARD),
     _structural("outer", 2, lambda element, index, shapes, fresh, params: element(0, index[:1]) * element(1, index[1:]),
                 lambda tensors, params: tensors[0].unsqueeze(-1) * tensors[1].unsqueeze(-2), _outer_shape),
     _structural("trace", 1,
