@@ -259,3 +259,24 @@ def test_dots_lowering_accumulates_as_torch_dot_where_a_product_alone_overflows_
     mismatch = _caught(lambda x, z: torch.dot(x, z) * (1 + 2**-6), spec, torch.float16, modes=("rev",),
                        max_examples=30)
     assert mismatch.failure.check == "value"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_pooling_backward_that_accumulates_in_the_half_type_passes_and_one_off_by_5_percent_is_caught(dtype):
+    # torch's CPU pooling and conv backwards accumulate their partial sums in the half types
+    # (Op.unfused_in): at a cancellation a correct one is far from a one-store bound. A
+    # gradient 5% off is still caught.
+    spec = "x: Real[c, l]\ny = avg_pool1d(x, kernel=3, stride=1)"
+
+    def pool(x):
+        return torch.nn.functional.avg_pool1d(x, 3, 1)
+
+    verify.check_function(pool, spec, dtype=dtype, seed=0, modes=("rev",), max_examples=30)
+
+    def backward(x, g):
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            (gradient,) = torch.autograd.grad(pool(leaf), leaf, g)
+        return gradient * 1.05
+
+    assert _caught(planted(pool, backward), spec, dtype, modes=("rev",), max_examples=30).failure.check == "gradient"

@@ -87,6 +87,12 @@ def _product_below_normal(operands, dtype) -> bool:
     return bool(np.any(nonzero & (partial < _smallest_normal(dtype))))
 
 
+def _partial_sums_may_overflow(operands, dtype) -> bool:
+    """A sum of products of a direction (at most 4 in magnitude) and one operand's elements
+    past the dtype's largest number: a gradient's partial sums may overflow there."""
+    return 4 * max(float(np.sum(np.abs(o))) for o in operands) > _largest(dtype)
+
+
 def _partial_product_leaves_normal_range(operands, dtype) -> bool:
     return _partial_product_overflows(operands, dtype) or _product_below_normal(operands, dtype)
 
@@ -141,6 +147,9 @@ FINDINGS = (
             "the whole tensor is 0 (the product divided by each factor, or the products of the others), and the "
             "two differ where partial products leave the normal range: stacked rows depend on each other there",
             _partial_product_leaves_normal_range),
+    *(Finding(op, (torch.float16,), DERIVATIVES, "the backward accumulates its partial sums in float16 (CPU), "
+              "which overflow where the gradient is representable", _partial_sums_may_overflow)
+      for op in ("conv1d", "conv2d")),
     Finding("det", (torch.float64, torch.float32), DERIVATIVES, "the backward of a matrix singular within "
             "rounding, or whose det underflows, is 0, not the adjugate", _singular_within_rounding),
     *(Finding(op, (torch.float64, torch.float32), frozenset({"value", *DERIVATIVES}), "the partial products are "

@@ -114,6 +114,13 @@ class Op:
     # derivatives.yaml (erf's backward is 2 / sqrt(pi) * exp(-x**2) * grad), or a sequence in
     # the dtype (prod multiplies in it), and every step of theirs rounds in the dtype.
     fused: tuple = ("value",)
+    # computation -> the dtypes under test where that fused computation is several kernels
+    # after all, each storing in the dtype: the half types' conv and pooling backwards on CPU
+    # accumulate their partial sums in the dtype (measured at a cancellation: a bfloat16 conv1d
+    # gradient 17% off, avg_pool1d's 6,550 times a one-store bound, overlapping max-pool
+    # windows 0.03 off; float16 conv gradients are inf where the gradient is 56067, a finding
+    # of docs/findings.md).
+    unfused_in: dict = field(default_factory=dict)
     # Whether its backward and JVP read its result, saved in the stored dtype (tanh's backward
     # is 1 - y * y): the model then reads the result with its rounding.
     saves_result: bool = False
@@ -982,12 +989,14 @@ def _inv_sympy(element, index, shapes, fresh_index, params):
 
 def _structural(name, arity, sympy_form, torch_form, infer_shape, params=(), domain="all reals", max_size=None,
                 defined=None, backward_condition=None, forward_condition=None, kink="", differentiable=None,
-                integer_operands=(), positional_params=(), result="real", min_operands=2, fused=("value",), ties=""):
+                integer_operands=(), positional_params=(), result="real", min_operands=2, fused=("value",), ties="",
+                unfused_in=None):
     return Op(name, "structural", arity, sympy_form, torch_form, infer_shape, domain, kink=kink, params=params,
               min_operands=min_operands, ties=ties,
               max_size=max_size, defined=defined, backward_condition=backward_condition,
               forward_condition=forward_condition, differentiable=differentiable,
-              integer_operands=integer_operands, positional_params=positional_params, result=result, fused=fused)
+              integer_operands=integer_operands, positional_params=positional_params, result=result, fused=fused,
+              unfused_in=unfused_in or {})
 
 
 # -- indices: gathers by integer operands, sorting, and the positions of extrema -----------
@@ -1150,13 +1159,15 @@ STRUCTURAL = [
     # m = 1: 1.5 * -3.296875 is stored as -4.9375, and 0.3125 comes back for 0.3047).
     _structural("einsum", None, _einsum_sympy, _einsum_torch, _einsum_shape, min_operands=1, fused=("value",)),
     _structural("conv1d", 2, _conv_sympy(1), _conv_torch(1), _conv_shape(1),
-                params=("stride", "padding", "dilation", "groups"), fused=FUSED_BACKWARD),
+                params=("stride", "padding", "dilation", "groups"), fused=FUSED_BACKWARD,
+                unfused_in={"backward": HALF_TYPES}),
     _structural("conv2d", 2, _conv_sympy(2), _conv_torch(2), _conv_shape(2),
-                params=("stride", "padding", "dilation", "groups"), fused=FUSED_BACKWARD),
+                params=("stride", "padding", "dilation", "groups"), fused=FUSED_BACKWARD,
+                unfused_in={"backward": HALF_TYPES}),
     *(_structural(f"{kind}_pool{spatial}d", 1, _pool_sympy(spatial, kind == "max"), _pool_torch(spatial, kind == "max"),
                   _pool_shape(spatial), params=("kernel", "stride"),
                   kink="the first maximum of a window takes its gradient, as torch's" if kind == "max" else "",
-                  fused=FUSED)
+                  fused=FUSED, unfused_in={"backward": HALF_TYPES})
       for kind in ("max", "avg") for spatial in (1, 2)),
     # torch.dot's kernel, as a matmul's: one accumulation (in float32 for the half types), not a
     # product per element stored in the dtype (float16's 98 * 930 overflows where the dot does not).

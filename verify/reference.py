@@ -311,7 +311,7 @@ class Reference:
 
 
 def _fused(expr) -> bool:
-    """Whether ``expr`` is marked as one fused kernel of its op's."""
+    """Whether ``expr`` is marked as one fused kernel of its op's (in some dtype: a floor)."""
     return isinstance(expr, functions.kernel) and expr.computation in REGISTRY[expr.op].fused
 
 
@@ -1021,15 +1021,27 @@ class _Compiler:
         fused kernel's terms count at its rounding, or at the stored dtype's where it reads its
         op's saved result (whose rounding reaches every term)."""
         op = REGISTRY[expr.op]
-        fused = expr.computation in op.fused
         formula = expr.args[0]
         if op.shifts_exponentials:
             formula = _shifted_exponentials(formula)
-        inner = (self._within() if fused else self).compile(formula, axes, depth)
+        if expr.computation not in op.fused:
+            return self._unfused_kernel(op, expr.computation, self.compile(formula, axes, depth))
+        inner = self._within().compile(formula, axes, depth)
+        unfused_in = op.unfused_in.get(expr.computation, ())
+        if unfused_in:  # several kernels in those dtypes: the formula's own steps round there
+            plain = self._unfused_kernel(op, expr.computation, self.compile(formula, axes, depth))
+            fused = self._fused_kernel(op, expr.computation, inner)
+            return lambda ctx: (plain if ctx.model.dtype in unfused_in else fused)(ctx)
+        return self._fused_kernel(op, expr.computation, inner)
+
+    def _unfused_kernel(self, op, computation: str, inner):
+        """A computation of several torch kernels: its steps round as the formula's, then its
+        calibrated errors widen it."""
+        return self._kernel_step(op, computation, inner, fused=False)
+
+    def _fused_kernel(self, op, computation: str, inner):
         if self.floor:
-            if not fused:
-                return inner
-            reads_saved = op.saves_result and expr.computation != "value"
+            reads_saved = op.saves_result and computation != "value"
 
             def scaled(ctx):
                 value, _ = inner(ctx)
@@ -1037,7 +1049,12 @@ class _Compiler:
                 return value * (balls.constant(sympy.Rational(weight)) if self.exact else weight), 0.0
 
             return scaled
-        kernel_error = op.kernel_error.get(expr.computation)
+        return self._kernel_step(op, computation, inner, fused=True)
+
+    def _kernel_step(self, op, computation: str, inner, fused: bool):
+        if self.floor:
+            return inner
+        kernel_error = op.kernel_error.get(computation)
         if self.exact:
             def kernel_of_balls(ctx):
                 value = inner(ctx)[0]
