@@ -11,14 +11,19 @@ spec in the dtype under test may be off by, written the way torch computes:
   tanh's rounded output (``1 - y * y``), so a rounding of y near 1 costs 2 |y| roundings of
   y. Every op's backward is one kernel where torch's is (``tanh_backward``); where torch
   composes it of several ops (erf's ``2 / sqrt(pi) * exp(-x**2) * grad``), each of its steps
-  rounds in the dtype. Gradients from several consumers are summed in the dtype.
+  rounds in the dtype, and so do the half types' conv and pooling backwards, which accumulate
+  in the dtype (``Op.unfused_in``). Gradients from several consumers are summed in the dtype.
 * **A rounding** is at most ``u |result|`` (``u`` the unit roundoff below); a division is one
-  rounding; a transcendental function's kernel is off by up to one ulp (two roundings), a
-  special function's by the roundings ``verify.reference`` states. Outside a kernel, a half
-  type's op still computes in float32 and rounds its result once to the dtype.
+  rounding; a product by a power of two or by a 0-or-1 selector (a gather's Kronecker delta)
+  is exact, and so is adding a term that is surely 0; a sum of k terms is off by about
+  log2(k) + 1 roundings of its terms' magnitudes; a transcendental function's kernel is off
+  by up to one ulp (two roundings), a special function's by the roundings
+  ``verify.reference`` states. Outside a kernel, a half type's op still computes in float32
+  and rounds its result once to the dtype.
 * **Where torch's kernel takes more steps than the formula shows**, the registry says so
   (``Op.kernel_error``, each measured): gelu's vectorized erf in float32, sigmoid's three
-  steps, atan's derivative, rsqrt's stored sqrt in the half types, erf's absolute error.
+  steps, atan's derivative, rsqrt's stored sqrt in the half types, erf's absolute error,
+  digamma's absolute error near its zero (a function's, wherever a formula holds it).
 * **Underflow** costs a step its relative precision: below the normal range it is off by up
   to the dtype's smallest subnormal numbers, absolutely, and a result below the normal range
   may be flushed to 0.
