@@ -569,7 +569,7 @@ def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_dept
     terms = math.prod(lengths.values())
     # Exact zeros add exactly: a sum of one nonzero term per element (a one-hot product, an
     # output's adjoint formed as a sum of deltas) rounds as that term alone.
-    nonzero_terms = summed([((value != 0) | (error > 0)).astype(np.float64) for value, error in zip(values, errors)])
+    nonzero_terms = summed([((v != 0) | (e > 0)).astype(np.float64) for v, e in zip(values, errors)])
     error = roundings * rounding * magnitude
     carrying = [k for k, e in enumerate(errors) if np.any(e)]
     for k in carrying:
