@@ -83,6 +83,13 @@ def test_function_without_forward_mode_is_reported_unsupported_not_passed():
     assert "fwd" in result.unsupported
 
 
+@pytest.mark.parametrize("op", ["det", "inv"])
+def test_an_op_torch_has_no_half_type_kernel_for_is_unsupported_in_that_dtype_not_failed(op):
+    # det says "not implemented for 'BFloat16'", inv "Low precision dtypes not supported".
+    with pytest.raises(verify.Unsupported, match="dtype"):
+        verify.check(f"A: Real[n, n]\no = sum({op}(A))", dtype=torch.bfloat16, seed=0, max_examples=3)
+
+
 def test_forward_mode_with_a_wrong_jvp_is_caught():
     class TanhWrongJvp(Tanh):
         @staticmethod

@@ -50,8 +50,10 @@ class ModeUnsupported(Exception):
 
 
 def _unsupported(exc: Exception) -> bool:
-    """torch's way of saying a Function has no jvp, or an op has no kernel for a dtype."""
-    return isinstance(exc, NotImplementedError) or "not implemented for" in str(exc)
+    """torch's way of saying a Function has no jvp, or an op has no kernel for a dtype
+    (linalg's "Low precision dtypes not supported")."""
+    return isinstance(exc, NotImplementedError) or any(
+        phrase in str(exc) for phrase in ("not implemented for", "dtypes not supported"))
 
 
 @functools.cache
