@@ -280,3 +280,28 @@ def test_a_pooling_backward_that_accumulates_in_the_half_type_passes_and_one_off
         return gradient * 1.05
 
     assert _caught(planted(pool, backward), spec, dtype, modes=("rev",), max_examples=30).failure.check == "gradient"
+
+
+def test_a_consumers_contribution_to_a_gradient_that_overflows_is_a_step_of_torchs_backward_leaving_the_range():
+    # o = dot(x, y) * dot(x, x): torch's autograd stores dot(x, x) * y[0] = 65650 (inf in
+    # float16) before adding -1438 to it, though the sum 64212 fits. The spec's own lowering
+    # computes that step, so the gradient is not judged there (counted), and not failed.
+    spec = "x: Interval(-10, 10)[n] = [1, -8.296875]\ny: Interval(-1000, 1000)[n] = [940, 200]\n" \
+           "o = dot(x, y) * dot(x, x)"
+    result = verify.check(spec, dtype=torch.float16, seed=0, max_examples=1, modes=("rev",))
+    assert result.rejected.get("∂o/∂x: a step of torch's backward overflows float16")
+
+
+def test_a_dot_backward_off_by_a_percent_is_caught_beside_points_whose_contributions_overflow(plant_torch_form):
+    def dot(a, b):
+        return (a.unsqueeze(-2) @ b.unsqueeze(-1))[..., 0, 0]
+
+    def backward(a, b, g):
+        return g.unsqueeze(-1) * b * 1.01, g.unsqueeze(-1) * a * 1.01
+
+    plant_torch_form("dot", lambda tensors, params: planted(dot, backward)(*tensors))
+    spec = "x: Interval(-10, 10)[n] = [1, -8.296875]\ny: Interval(-1000, 1000)[n] = [940, 200]\n" \
+           "o = dot(x, y) * dot(x, x)"
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check(spec, dtype=torch.float16, seed=0, max_examples=30, modes=("rev",))
+    assert caught.value.failure.check == "gradient"

@@ -452,6 +452,8 @@ def _exact_context(prepared: Plan, point: Example, model: Precision) -> Context:
                    for name, array in point.inputs.items()}, point.sizes, point.batch, model)
     if prepared.spec.nodes[prepared.spec.output].shape:
         ctx.env[COTANGENT] = exact(point.cotangent)
+    else:
+        ctx.backward_scale = float(np.max(np.abs(point.cotangent)))
     for name, tangent in (point.tangents or {}).items():
         ctx.env[tangent_name(name)] = exact(tangent)
     return ctx
@@ -473,7 +475,7 @@ def _evaluated(prepared: Plan, point: Example, model: Precision, order: int, for
                                                             bounded=False, exact=True, derivatives=derivatives,
                                                             jvp=jvp))
     largest = float(torch.finfo(model.dtype).max)
-    kinds = set()
+    kinds = set(ctx.overflowed_kernels)
     for name, (value, _) in ctx.env.items():
         if name in point.inputs or name == COTANGENT:
             continue

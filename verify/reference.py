@@ -134,6 +134,12 @@ class Context:
     left_range: np.ndarray = None
     shared: dict = field(default_factory=dict)  # subexpression key -> (value, error), see _Compiler
     shared_bytes: int = 0
+    # The computations ("backward", "forward") of which some kernel's exact result is beyond the
+    # stored dtype's range, noted by the exact pass: torch's autograd stores each consumer's
+    # contribution to an adjoint or a tangent, though their sum may fit. A scalar output's
+    # cotangent, which its formulas hold outside, scales the backward's (``backward_scale``).
+    overflowed_kernels: set = field(default_factory=set)
+    backward_scale: float = 1.0
 
     def __post_init__(self):
         if self.ambiguous is None:
@@ -1058,6 +1064,12 @@ class _Compiler:
         if self.exact:
             def kernel_of_balls(ctx):
                 value = inner(ctx)[0]
+                if balls.MODE.rounding is None and computation != "value":
+                    scale = ctx.backward_scale if computation == "backward" else 1.0
+                    with np.errstate(all="ignore"):
+                        magnitude = np.abs(balls.to_float(np.asarray(value, dtype=object))) * scale
+                    if np.any(magnitude > ctx.limit(False)):
+                        ctx.overflowed_kernels.add(computation)
                 if kernel_error is not None and kernel_error.applies_to(ctx.model.dtype):
                     value = balls.off_by(value, kernel_error.roundings, True, _absolute(kernel_error, ctx),
                                          kernel_error.log_roundings)
