@@ -305,3 +305,12 @@ def test_a_dot_backward_off_by_a_percent_is_caught_beside_points_whose_contribut
     with pytest.raises(verify.Mismatch) as caught:
         verify.check(spec, dtype=torch.float16, seed=0, max_examples=30, modes=("rev",))
     assert caught.value.failure.check == "gradient"
+
+
+def test_a_value_the_allowance_lets_round_past_float16s_largest_is_not_judged_there():
+    # c * log_softmax(x) is 65502.55 exactly: log_softmax's -8877 stored as -8880 makes it
+    # 65527, which rounds to inf. The exact pass takes the overflow margin from the modelled
+    # rounding, as the float64 pass does: that value is not judged (it failed as "not finite").
+    spec = ("x: Real[n] = [-7676, 1201, -689, -3794, -4240]\nc: Real[n] = [-7.37890625, 0, 0, 0, 0]\n"
+            "o = sum(log_softmax(x) * c)")
+    verify.check(spec, dtype=torch.float16, seed=1, max_examples=1)

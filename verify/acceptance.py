@@ -239,7 +239,7 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
     ``how`` says what the values are: "floor" (float64 without bounds: every doubt goes on,
     to the bounds), "bounds" (float64 with error bounds: a lost bound, or a value too
     uncertain to decide a rule, goes on, to the exact pass) or "exact" (midpoints of the
-    exact pass: every rule is decided). Ranges are those of ``model``'s stored dtype.
+    exact pass beside their modelled bounds: every rule is decided). Ranges are those of ``model``'s stored dtype.
     """
     keep = keep.copy()
     doubtful = np.zeros(batch, dtype=bool)
@@ -269,10 +269,13 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
                     known = lost & np.isfinite(own)
                     off = np.where(known, UNIT_ROUNDOFF[torch.float64] * own, off)
                 room = np.where(lost | unbounded, 0.0, allowed_error(error, model))
-            else:  # exact values, or (floor) values whose room is only one rounding's
+            else:  # exact values with their modelled bounds, or (floor) values whose room is only one rounding's
                 overflowed = lost = known = unbounded = np.zeros(value.shape, dtype=bool)
                 off = 0.0
-                room = allowed_error(magnitude, model) if how == "floor" else 0.0
+                # As in the float64 pass: a result the allowance lets round past the largest
+                # number may be inf (c * log_softmax(x) at 65502.55 in float16, its factor 8880
+                # for 8877 giving 65527).
+                room = allowed_error(magnitude if how == "floor" else np.nan_to_num(error, posinf=0.0), model)
             undefined = np.isnan(value) & ~lost
             overflow = ~lost & ~unbounded & overflows(magnitude, room, dtype)
             surely_over = ~unbounded & overflows(magnitude - off, 0.0, dtype)
