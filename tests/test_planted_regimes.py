@@ -307,10 +307,22 @@ def test_a_dot_backward_off_by_a_percent_is_caught_beside_points_whose_contribut
     assert caught.value.failure.check == "gradient"
 
 
-def test_a_value_the_allowance_lets_round_past_float16s_largest_is_not_judged_there():
+def test_a_value_the_allowance_lets_round_past_float16s_largest_is_not_judged_but_the_gradients_are():
     # c * log_softmax(x) is 65502.55 exactly: log_softmax's -8877 stored as -8880 makes it
     # 65527, which rounds to inf. The exact pass takes the overflow margin from the modelled
-    # rounding, as the float64 pass does: that value is not judged (it failed as "not finite").
-    spec = ("x: Real[n] = [-7676, 1201, -689, -3794, -4240]\nc: Real[n] = [-7.37890625, 0, 0, 0, 0]\n"
-            "o = sum(log_softmax(x) * c)")
-    verify.check(spec, dtype=torch.float16, seed=1, max_examples=1)
+    # rounding, as the float64 pass does: that value is not judged (it failed as "not finite"),
+    # counted, and the point's gradients are (a backward 1.5 times too large is caught there).
+    spec = ("x: Real[n] = [-7676, 1201, -689, -3794, -4240]\nc: Real[n] = [-7.37890625, 1, 1, 1, 1]\n"
+            "y = log_softmax(x) * c")
+
+    def forward(x, c):
+        return torch.log_softmax(x, -1) * c
+
+    result = verify.check_function(forward, spec, dtype=torch.float16, seed=1, modes=("rev",), max_examples=1)
+    assert result.rejected == {"the value of y overflows float16": 1}
+
+    def backward(x, c, g):
+        return torch.zeros_like(x), g * torch.log_softmax(x, -1) * 1.5
+
+    mismatch = _caught(planted(forward, backward), spec, torch.float16, modes=("rev",), max_examples=1)
+    assert mismatch.failure.check == "gradient" and mismatch.failure.inputs["x"][0] == -7676

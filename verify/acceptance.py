@@ -278,7 +278,8 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
                 room = allowed_error(magnitude if how == "floor" else np.nan_to_num(error, posinf=0.0), model)
             undefined = np.isnan(value) & ~lost
             overflow = ~lost & ~unbounded & overflows(magnitude, room, dtype)
-            surely_over = ~unbounded & overflows(magnitude - off, 0.0, dtype)
+            # The exact pass decides by the model: a result its allowance lets round to inf may.
+            surely_over = overflow if how == "exact" else ~unbounded & overflows(magnitude - off, 0.0, dtype)
             # Nonzero, yet below half the dtype's smallest number: it rounds to 0 there (an exact
             # value below float64's range comes as its smallest number, sign kept). A float64
             # zero computed with an error may be such an underflow too: the point is judged, and
