@@ -239,7 +239,8 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
     ``how`` says what the values are: "floor" (float64 without bounds: every doubt goes on,
     to the bounds), "bounds" (float64 with error bounds: a lost bound, or a value too
     uncertain to decide a rule, goes on, to the exact pass) or "exact" (midpoints of the
-    exact pass beside their modelled bounds: every rule is decided). Ranges are those of ``model``'s stored dtype.
+    exact pass beside their modelled bounds: every rule is decided). Ranges are those of
+    ``model``'s stored dtype.
     """
     keep = keep.copy()
     doubtful = np.zeros(batch, dtype=bool)
@@ -269,7 +270,7 @@ def accepted_points(batch: int, model: Precision, rejected: Counter, keep: np.nd
                     known = lost & np.isfinite(own)
                     off = np.where(known, UNIT_ROUNDOFF[torch.float64] * own, off)
                 room = np.where(lost | unbounded, 0.0, allowed_error(error, model))
-            else:  # exact values with their modelled bounds, or (floor) values whose room is only one rounding's
+            else:  # exact values beside their bounds, or (floor) values whose room is one rounding's
                 overflowed = lost = known = unbounded = np.zeros(value.shape, dtype=bool)
                 off = 0.0
                 # As in the float64 pass: a result the allowance lets round past the largest

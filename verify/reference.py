@@ -575,7 +575,9 @@ def _summed_product_bounded(factors: list, lengths: dict, depth: int, inner_dept
     terms = math.prod(lengths.values())
     # Exact zeros add exactly: a sum of one nonzero term per element (a one-hot product, an
     # output's adjoint formed as a sum of deltas) rounds as that term alone.
-    nonzero_terms = summed([((v != 0) | (e > 0)).astype(np.float64) for v, e in zip(values, errors)])
+    selecting = [(v != 0) | (e > 0) for v, e in zip(values, errors)]
+    nonzero_terms = (summed([s.astype(np.float64) for s in selecting]) if not all(np.all(s) for s in selecting)
+                     else terms)
     error = roundings * rounding * magnitude
     carrying = [k for k, e in enumerate(errors) if np.any(e)]
     for k in carrying:
@@ -1031,19 +1033,14 @@ class _Compiler:
         if op.shifts_exponentials:
             formula = _shifted_exponentials(formula)
         if expr.computation not in op.fused:
-            return self._unfused_kernel(op, expr.computation, self.compile(formula, axes, depth))
+            return self._kernel_step(op, expr.computation, self.compile(formula, axes, depth), fused=False)
         inner = self._within().compile(formula, axes, depth)
         unfused_in = op.unfused_in.get(expr.computation, ())
         if unfused_in:  # several kernels in those dtypes: the formula's own steps round there
-            plain = self._unfused_kernel(op, expr.computation, self.compile(formula, axes, depth))
+            plain = self._kernel_step(op, expr.computation, self.compile(formula, axes, depth), fused=False)
             fused = self._fused_kernel(op, expr.computation, inner)
             return lambda ctx: (plain if ctx.model.dtype in unfused_in else fused)(ctx)
         return self._fused_kernel(op, expr.computation, inner)
-
-    def _unfused_kernel(self, op, computation: str, inner):
-        """A computation of several torch kernels: its steps round as the formula's, then its
-        calibrated errors widen it."""
-        return self._kernel_step(op, computation, inner, fused=False)
 
     def _fused_kernel(self, op, computation: str, inner):
         if self.floor:
@@ -1058,6 +1055,8 @@ class _Compiler:
         return self._kernel_step(op, computation, inner, fused=True)
 
     def _kernel_step(self, op, computation: str, inner, fused: bool):
+        """A computation's result: a fused kernel's stored once, several kernels' as their steps
+        round (``inner``); its calibrated errors widen it."""
         if self.floor:
             return inner
         kernel_error = op.kernel_error.get(computation)
