@@ -326,3 +326,20 @@ def test_a_value_the_allowance_lets_round_past_float16s_largest_is_not_judged_bu
 
     mismatch = _caught(planted(forward, backward), spec, torch.float16, modes=("rev",), max_examples=1)
     assert mismatch.failure.check == "gradient" and mismatch.failure.inputs["x"][0] == -7676
+
+
+def test_a_max_pool_backward_that_gives_every_tied_maximum_the_gradient_is_caught_at_the_tie():
+    # A tie in a window is a kink: either maximum may take the gradient, and a selection by a
+    # Kronecker delta rounds nothing. Giving it to both doubles the sum of the gradient.
+    spec = "x: Real[c, l] = [[1.5, 1.5, 0.25, -2.0]]\ny = max_pool1d(x, kernel=2)"
+
+    def pool(x):
+        return torch.nn.functional.max_pool1d(x, 2)
+
+    def backward(x, g):
+        windows = x.unflatten(-1, (-1, 2))
+        return ((windows == windows.amax(-1, keepdim=True)) * g.unsqueeze(-1)).flatten(-2)
+
+    mismatch = _caught(planted(pool, backward), spec, torch.float32, modes=("rev",), max_examples=1)
+    row = mismatch.failure.inputs["x"][0]
+    assert mismatch.failure.check == "gradient" and row[0] == row[1]  # found at a tie
