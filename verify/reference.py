@@ -724,7 +724,8 @@ class _Compiler:
         return compiled
 
     def _compiled(self, expr, axes: dict, depth: int):
-        if self.track_errors and expr.is_integer and not expr.has(sympy.Indexed):
+        if self.track_errors and not any(isinstance(s, sympy.Indexed) for s in _free_symbols(expr)) \
+                and expr.is_integer:
             # Index and size arithmetic (i - n, m + n) is exact.
             exact = _Compiler(self.size_names, track_errors=False)
             compiled = exact.compile(expr, axes, depth)
@@ -1330,6 +1331,7 @@ class _Compiler:
 
 # A plan compiles each formula twice (with and without error arithmetic), and formulas share
 # subexpressions; sympy walks the whole subtree on every call of free_symbols and xreplace.
+@functools.lru_cache(maxsize=2**14)
 @functools.lru_cache(maxsize=2**14)
 def _free_symbols(expr) -> frozenset:
     return frozenset(expr.free_symbols)
