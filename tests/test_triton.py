@@ -54,3 +54,17 @@ def test_a_shared_weight_is_read_by_a_row_stride_of_zero():
     kernels.rmsnorm(x, w).sum().backward()
     kernels.rmsnorm(x, rows).sum().backward()
     torch.testing.assert_close(w.grad, rows.grad.sum(0))
+
+
+def test_the_triton_rmsnorm_is_checked_against_its_plain_torch_reference_traced_and_its_bug_caught():
+    # No spec typed: the reference's float32 upcast gives the compute dtype.
+    from examples import references
+
+    x, w = torch.randn(8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
+    options = {"reference": references.rmsnorm, "example_inputs": (x, w), "rows": True, "dtype": torch.bfloat16,
+               "modes": ("rev",), "seed": 0, "max_examples": 10,
+               "domains": {"x": (-10000, 10000), "w": (-10000, 10000)}}
+    assert verify.check_function(kernels.rmsnorm, **options).points > 0
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(kernels.rmsnorm_with_bug, **options)
+    assert caught.value.failure.check == "gradient" and "the spec traced from the reference" in str(caught.value)

@@ -15,11 +15,11 @@ _HOMES = {
     "Inconclusive": ".errors", "Mismatch": ".errors", "SpecError": ".errors", "Unchecked": ".errors",
     "Unsupported": ".errors",
     "VerifyError": ".errors",
-    "Spec": ".ir", "Result": ".report", "parse": ".spec",
+    "Spec": ".ir", "Result": ".report", "parse": ".spec", "spec_from": ".trace",
 }
 
 __all__ = ["Inconclusive", "Mismatch", "Result", "Spec", "SpecError", "Unchecked", "Unsupported", "VerifyError",
-           "check", "check_function", "load", "parse"]
+           "check", "check_function", "load", "parse", "spec_from"]
 
 
 def __getattr__(name: str):

@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from . import binding, engine
-from .errors import SpecError
+from .errors import Mismatch, SpecError
 from .ir import Spec
 from .report import Result
 from .spec import parse
+from .trace import trace
 
 
 def load(path: str | Path) -> Spec:
@@ -65,7 +66,8 @@ def check(spec: str | Spec, *, max_examples: int = 100, seed: int | None = None,
                       time_budget=time_budget, require_power=require_power)
 
 
-def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, order: int = 1,
+def check_function(fn, spec: str | Spec | None = None, *, reference=None, example_inputs=None,
+                   domains: dict | None = None, dtype: torch.dtype = torch.float64, order: int = 1,
                    modes=("rev", "fwd"), max_examples: int = 100, seed: int | None = None,
                    device: str = "cpu", database: str | Path | None = None, derandomize: bool = False,
                    sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0, atol: float = 0.0,
@@ -104,11 +106,27 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
     takes the other inputs. A function that returns a tuple names the spec's nodes it
     returns, in order: ``outputs=("mean", "var")``.
 
+    Instead of ``spec``, ``reference=`` takes the plain-torch function the kernel must match,
+    traced at ``example_inputs`` into a spec (``verify.spec_from``, with ``domains``); a
+    failure's report shows that spec. Where the reference casts up (``x.float()``) and
+    ``compute_dtype`` is not given, the kernel is taken to compute in that dtype too.
+
     >>> import torch
     >>> check_function(torch.tanh, "x: Real[n]\\ny = tanh(x)", seed=0).points > 0
     True
     """
     __tracebackhide__ = True
+    traced = None
+    if reference is not None:
+        if spec is not None:
+            raise TypeError("check_function takes a spec or a reference=, not both")
+        traced = trace(reference, tuple(example_inputs or ()), domains=domains)
+        spec = traced.spec
+        if compute_dtype is None and traced.compute_dtype is not None and \
+                torch.finfo(traced.compute_dtype).bits > torch.finfo(dtype).bits:
+            compute_dtype = traced.compute_dtype
+    elif spec is None:
+        raise TypeError("check_function needs a spec, or a reference= to trace one from")
     parsed = parse(spec) if isinstance(spec, str) else spec
     if isinstance(fn, torch.nn.Module):
         fn, fixed = binding.bind_module(fn, parsed, parameters)
@@ -117,7 +135,13 @@ def check_function(fn, spec: str | Spec, *, dtype: torch.dtype = torch.float64, 
         raise TypeError("parameters= binds a module's parameters; fn is no nn.Module")
     if outputs is not None:
         fn, parsed = binding.combine_outputs(fn, parsed, tuple(outputs))
-    return engine.run(parsed, fn=fn, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
-                      device=device, database=database, derandomize=derandomize, sizes=sizes, kinks=kinks,
-                      rtol=rtol, atol=atol, time_budget=time_budget, rows=rows, compute_dtype=compute_dtype,
-                      require_power=require_power)
+    try:
+        return engine.run(parsed, fn=fn, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
+                          device=device, database=database, derandomize=derandomize, sizes=sizes, kinks=kinks,
+                          rtol=rtol, atol=atol, time_budget=time_budget, rows=rows, compute_dtype=compute_dtype,
+                          require_power=require_power)
+    except Mismatch as mismatch:
+        if traced is None:
+            raise
+        raise Mismatch(f"{mismatch}\n\nthe spec traced from the reference:\n{traced.text}", mismatch.failure,
+                       mismatch.result) from None

@@ -1,4 +1,4 @@
-"""The ``verify`` command: ``verify check PATH...`` and ``verify explain FILE``.
+"""The ``verify`` command: ``verify check PATH...``, ``verify explain FILE`` and ``verify trace MODULE:FUNCTION``.
 
 Exit codes are named below; a user error never prints a traceback.
 """
@@ -57,6 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="walk through a spec's example point node by node")
     explain.add_argument("path", metavar="FILE")
     explain.add_argument("--dtype", choices=DTYPES, default="float64")
+    trace = commands.add_parser("trace", help="trace a torch function into a spec, to review and commit")
+    trace.add_argument("function", metavar="MODULE:FUNCTION",
+                       help="a function (or nn.Module class, built without arguments) importable from the "
+                            "current directory, e.g. refs:rmsnorm")
+    trace.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
+                       help="an input's example shape, e.g. x=4,8 (repeat per input, in order); NAME=DIMS:int "
+                            "for an integer input; x= for a scalar")
+    trace.add_argument("--dtype", choices=DTYPES, default="float32", help="the float inputs' dtype (default "
+                                                                          "float32; bfloat16 shows the casts)")
+    trace.add_argument("--domain", action="append", default=[], metavar="NAME=LOW,HIGH",
+                       help="an input's domain: an Interval for a float input, LOW <= k < HIGH for an integer one")
+    trace.add_argument("--sizes", action="append", default=[], metavar="NAME=SYMBOLS",
+                       help="names for an input's dims, e.g. x=b,n")
+    trace.add_argument("-o", "--output", metavar="FILE", help="write the spec there instead of printing it")
     return parser
 
 
@@ -67,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check(arguments)
         if arguments.command == "fuzz":
             return _fuzz(arguments)
+        if arguments.command == "trace":
+            return _trace(arguments)
         return _explain(arguments)
     except UsageError as error:
         print(f"verify: error: {error}", file=sys.stderr)
@@ -235,6 +251,65 @@ def _explain(arguments) -> int:
         print(error)
         return ExitCode.USAGE
     return ExitCode.OK
+
+
+def _trace(arguments) -> int:
+    import importlib
+
+    import torch
+
+    import verify
+
+    module_name, _, attribute = arguments.function.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"name the function as MODULE:FUNCTION, e.g. refs:rmsnorm (got {arguments.function!r})")
+    sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(f"cannot import {arguments.function}: {error}") from None
+    if isinstance(target, type) and issubclass(target, torch.nn.Module):
+        target = target()
+    inputs, sizes, domains = [], {}, {}
+    for given in arguments.shape:
+        name, dims, kind = _named(given, "--shape")
+        shape = tuple(int(d) for d in dims.split(",") if d.strip()) if dims.strip() else ()
+        inputs.append(torch.zeros(shape, dtype=torch.int64) if kind == "int"
+                      else torch.randn(shape, dtype=_dtype(arguments.dtype)))
+    for given in arguments.sizes:
+        name, symbols, _ = _named(given, "--sizes")
+        sizes[name] = tuple(s.strip() for s in symbols.split(","))
+    for given in arguments.domain:
+        name, bounds, _ = _named(given, "--domain")
+        try:
+            low, high = (float(b) for b in bounds.split(","))
+        except ValueError:
+            raise UsageError(f"--domain takes NAME=LOW,HIGH, e.g. x=-100,100 (got {given!r})") from None
+        domains[name] = (int(low) if low.is_integer() else low, int(high) if high.is_integer() else high)
+    try:
+        text = verify.spec_from(target, *inputs, sizes=sizes, domains=domains).source
+    except verify.SpecError as error:
+        print(error, file=sys.stderr)
+        return ExitCode.USAGE
+    if arguments.output:
+        Path(arguments.output).write_text(text)
+        print(f"wrote {arguments.output}")
+    else:
+        print(text, end="")
+    return ExitCode.OK
+
+
+def _named(given: str, flag: str) -> tuple:
+    """NAME=VALUE[:KIND] -> (name, value, kind)."""
+    name, equals, value = given.partition("=")
+    if not equals or not name.strip():
+        raise UsageError(f"{flag} takes NAME=VALUE (got {given!r})")
+    value, _, kind = value.partition(":")
+    if kind not in ("", "int"):
+        raise UsageError(f"{flag}: the only kind is :int (got {kind!r})")
+    return name.strip(), value, kind
 
 
 if __name__ == "__main__":
