@@ -33,7 +33,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 # n examples in both, of users' batches where the spec's own lowering is checked (a function
 # called point by point keeps small batches: Hypothesis draws a regime per example).
 THOROUGH = os.environ.get("VERIFY_TESTS", "quick") == "thorough"
-QUICK_EXAMPLES = 3
+QUICK_EXAMPLES = 2
 QUICK_BATCHED = Budget(elements=2**12, points=2**8)
 QUICK_PER_POINT = Budget(elements=2**10, points=2**6)
 # Of the points float64 could not settle, the exact pass judges this many per example (users'

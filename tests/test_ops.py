@@ -36,7 +36,7 @@ ROWS.update({
     "pow": "x: Positive[n]\ny: Real\nz: Real[n]\no = sum(x ** 3 + x ** (1/2) + 2 ** z + x ** y + z ** 2)",
     "neg": "x: Real[n]\no = sum(-x * x)",
     "pos": "x: Real[n]\ny = x\no = sum(+y * x)",
-    "xlogy": "x: Real[n]\ny: Real[n]\no = sum(xlogy(x, y))",
+    "xlogy": "x: Real[n]\ny: Positive[n]\no = sum(xlogy(x, y))",
     "atan2": "y: Real[n]\nx: Real[n]\no = sum(atan2(y, x))",
     "hypot": "a: Real[n]\nb: Real[n]\no = sum(hypot(a, b))",
     "maximum": "a: Real[n]\nb: Real[n]\no = sum(maximum(a, b) * a)",
