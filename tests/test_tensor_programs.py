@@ -70,10 +70,22 @@ def test_large_sizes_are_drawn_and_a_bug_past_the_usual_sizes_shrinks_to_its_sma
     ("x: Real[1, 2, l]\nw: Real[3, 4, k]\no = sum(conv1d(x, w))", "x's channels"),
     ("x: Real[n]\no = sum(x[::0])", "step is a positive integer"),
     ("x: Real[n]\no = sum(x[:x])", "a slice bound is an integer or an expression in the size symbols"),
+    ("x: Real[n]\no = sum(x[:n // 0])", "or n // 2"),
+    ("x: Real[n]\no = sum(x[:n // n])", "or n // 2"),
 ])
 def test_tensor_programs_misused_are_spec_errors(text, message):
     with pytest.raises(verify.SpecError, match=message):
         verify.check(text, max_examples=1)
+
+
+def test_a_slice_at_half_a_size_rounds_down_for_odd_sizes_as_python_does():
+    spec = "x: Real[n]\nfront = x[:n // 2]\nback = x[n // 2:]\no = sum(front * front) - sum(back)"
+    assert verify.check(spec, seed=0, max_examples=5, sizes={"n": 5}).points > 0
+    # Code that splits at (n + 1) // 2 computes another function at odd n.
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(lambda x: (x[:(x.shape[0] + 1) // 2] ** 2).sum() - x[(x.shape[0] + 1) // 2:].sum(),
+                              spec, seed=0, max_examples=5, sizes={"n": 5})
+    assert caught.value.failure.check in ("value", "gradient")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -526,25 +526,41 @@ class _Parser:
         return self.integer(node, "an index")
 
     def size_expression(self, node: ast.AST):
-        """An integer, or +, - and * of integers and size symbols: a slice bound such as n - 1."""
-        value = self.expression(node)
-
-        def exact(part):
-            if isinstance(part, Constant) and part.value.is_Integer:
-                return part.value
-            if isinstance(part, SizeRef):
-                return part.symbol
-            if isinstance(part, Apply) and part.op in ("add", "sub", "mul", "neg"):
-                values = [exact(o) for o in part.operands]
-                if None not in values:
-                    return {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-                            "neg": lambda a: -a}[part.op](*values)
-            return None
-
-        bound = exact(value)
+        """An integer, or +, -, * and // (by a positive integer) of integers and size symbols: a
+        slice bound such as n - 1, or n // 2."""
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.FloorDiv) or \
+                isinstance(node, ast.BinOp) and any(isinstance(side, ast.BinOp) and isinstance(side.op, ast.FloorDiv)
+                                                    for side in (node.left, node.right)):
+            bound = self.floor_division(node)
+        else:
+            bound = self.exact_size(self.expression(node))
         if bound is None:
-            raise self.error("a slice bound is an integer or an expression in the size symbols, as in n - 1", node)
+            raise self.error("a slice bound is an integer or an expression in the size symbols, as in n - 1 "
+                             "or n // 2", node)
         return int(bound) if bound.is_Integer else bound
+
+    def exact_size(self, part):
+        if isinstance(part, Constant) and part.value.is_Integer:
+            return part.value
+        if isinstance(part, SizeRef):
+            return part.symbol
+        if isinstance(part, Apply) and part.op in ("add", "sub", "mul", "neg"):
+            values = [self.exact_size(o) for o in part.operands]
+            if None not in values:
+                return {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+                        "neg": lambda a: -a}[part.op](*values)
+        return None
+
+    def floor_division(self, node: ast.AST):
+        """A size expression holding //, read from the syntax (// is no op on tensors)."""
+        if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv):
+            left, right = self.floor_division(node.left), self.floor_division(node.right)
+            if left is None or right is None:
+                return None
+            if isinstance(node.op, ast.FloorDiv):
+                return sympy.floor(left / right) if right.is_Integer and right > 0 else None
+            return {ast.Add: left + right, ast.Sub: left - right, ast.Mult: left * right}[type(node.op)]
+        return self.exact_size(self.expression(node))
 
     def subscripts(self, node: ast.Constant) -> tuple:
         """einsum's string as (operand subscripts, output subscripts): letters, commas, one ->."""

@@ -130,11 +130,14 @@ class _Tracer:
             return str(int(expr))
         if expr.is_Symbol:
             return self.size_names[expr]
+        if type(expr).__name__ == "FloorDiv" and expr.args[1].is_Integer and expr.args[1] > 0:
+            numerator = self.size_text(expr.args[0])
+            return f"({numerator if expr.args[0].is_Atom else f'({numerator})'} // {int(expr.args[1])})"
         if isinstance(expr, (sympy.Add, sympy.Mul)):
             parts = [self.size_text(a) for a in expr.args]
             return f" {'+' if isinstance(expr, sympy.Add) else '*'} ".join(
                 p if isinstance(expr, sympy.Add) or a.is_Atom else f"({p})" for p, a in zip(parts, expr.args))
-        raise self.refuse(f"the size {expr} has no spelling in the spec language (only +, - and * of sizes)")
+        raise self.refuse(f"the size {expr} has no spelling in the spec language (only +, -, * and // of sizes)")
 
     def shape(self, node) -> tuple:
         return tuple(self.size(d).text for d in node.meta["val"].shape)
@@ -880,6 +883,10 @@ def trace(fn, example_inputs, *, sizes: dict | None = None, domains: dict | None
 
     _check_arity(fn, len(example_inputs))
     call, names, parameters = _inputs_of(fn, len(example_inputs))
+    # A parameter named as an op (cos, sin) gets a trailing underscore; inputs bind by position.
+    names = [n + "_" if n in RESERVED else n for n in names]
+    sizes, domains = ({k + "_" if k in RESERVED else k: v for k, v in (given or {}).items()}
+                      for given in (sizes, domains))
     inputs = [torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x.detach() for x in example_inputs]
     inputs += parameters
     unknown = set(domains or {}) - set(names)
@@ -949,20 +956,38 @@ def _shape_env(placeholders):
 
 
 def _refuse_size_conditions(shape_env, fn) -> None:
-    """A trace that holds only under a condition on the sizes (other than two sizes being
-    equal) is no spec of the function: refused at the line that tested it."""
+    """A trace that holds only under a condition the function's own code puts on the sizes
+    (``if x.shape[0] > 4:``) is no spec of the function: refused at that line. Conditions
+    torch checks inside its own ops (a slice's end fits, a dim is not 1, as it assumes of
+    every symbolic size) pick how torch computes, not what: the spec's shapes, in symbols,
+    fix the math for every size."""
     for guard in shape_env.guards:
         expr = shape_env.simplify(guard.expr)
-        if expr == sympy.true or isinstance(expr, sympy.Eq):
+        if expr == sympy.true or isinstance(expr, sympy.Eq) or _holds_for_every_size(expr):
             continue
-        if any(type(a).__name__ == "FloorDiv" for a in sympy.preorder_traversal(expr)):
-            raise SpecError(f"cannot trace {_describe(fn)}: it divides a size with // ({expr}), which the spec "
-                            "language cannot write: slice bounds are +, - and * of sizes")
-        where = getattr(guard.sloc, "framework_loc", None) if hasattr(guard, "sloc") else None
+        where = getattr(getattr(guard, "sloc", None), "framework_loc", None)
+        if isinstance(where, traceback.FrameSummary) and _inside_torch(where.filename):
+            continue
         line = f" (at {Path(where.filename).name}:{where.lineno}: {(where.line or '').strip()})" \
             if isinstance(where, traceback.FrameSummary) else ""
         raise SpecError(f"cannot trace {_describe(fn)}: its code depends on the sizes ({expr}), so the trace "
                         f"holds only for some of them{line}")
+
+
+def _inside_torch(filename: str) -> bool:
+    return Path(filename).resolve().is_relative_to(Path(torch.__file__).resolve().parent)
+
+
+def _holds_for_every_size(condition) -> bool:
+    """Whether sympy proves ``condition`` for all positive integer sizes (a slice's
+    ``n // 2 <= n``)."""
+    sizes = {s: sympy.Symbol(s.name, integer=True, positive=True) for s in condition.free_symbols}
+    floors = {d: sympy.floor(d.args[0].xreplace(sizes) / d.args[1]) for d in sympy.preorder_traversal(condition)
+              if type(d).__name__ == "FloorDiv"}
+    try:
+        return bool(sympy.simplify(condition.xreplace(floors).xreplace(sizes)) is sympy.true)
+    except (TypeError, ValueError):
+        return False
 
 
 def _compute_dtype(casts: list) -> torch.dtype | None:
