@@ -153,6 +153,32 @@ def test_a_rotary_embedding_halves_its_last_size_with_floor_division_and_checks_
                                                                  dim=-1) * s, traced, seed=0, max_examples=5)
 
 
+def _in_place(x):
+    h = x * 1
+    h.mul_(2)
+    return h.exp_() + x
+
+
+def _scalar_constants(x):
+    return torch.where(x > torch.tensor(0.5), x, torch.tensor(0.25))
+
+
+def test_in_place_ops_and_scalar_tensor_constants_trace_as_the_values_torch_computes():
+    traced = verify.spec_from(_in_place, torch.randn(4))
+    assert verify.check_function(_in_place, traced, seed=0, max_examples=5).points > 0
+    assert "exp(" in traced.source
+    constants = verify.spec_from(_scalar_constants, torch.randn(4))
+    assert "where(x > (1/2), x, (1/4))" in constants.source
+    # A write into an element (h[0] = 0) has no spelling: refused at its line.
+    def written(x):
+        h = x.clone()
+        h[0] = 0.0
+        return h
+
+    with pytest.raises(verify.SpecError, match="aten.copy"):
+        verify.spec_from(written, torch.randn(4))
+
+
 def test_an_integer_input_with_nothing_to_range_over_asks_for_its_domain():
     with pytest.raises(verify.SpecError, match=r"domains=\{'t': \(low, high\)\}"):
         verify.spec_from(lambda x, t: x * t, torch.randn(3), torch.tensor([1, 2, 3]))
@@ -181,18 +207,16 @@ REFUSED = {
     # aten ops with no registry spelling: the lowering computes them so.
     "argmax": "gather", "argmin": "gather", "take": "gather", "det": "_linalg_det", "diag": "diag_embed",
     "index": "arange", "inv": "linalg_inv_ex", "one_hot": "all", "trace": "diagonal",
-    # a tensor constant the lowering creates (torch.tensor(0.)) is captured, not an input
-    "clamp": "constant", "equal": "constant", "greater": "constant", "greater_equal": "constant",
-    "less": "constant", "less_equal": "constant", "logical_and": "constant", "logical_not": "constant",
-    "logical_or": "constant", "not_equal": "constant",
     # torch's convolution checks its window against the input size, which symbolic sizes cannot decide
     "conv1d": "sizes", "conv2d": "sizes",
     # an unsqueeze or view of two or more symbolic sizes: the spec's reshape takes constant sizes
     "avg_pool1d": "reshape", "avg_pool2d": "reshape", "max_pool1d": "reshape", "max_pool2d": "reshape",
     "einsum": "reshape",
     # the batch axis the lowering adds: a broadcast batched matmul, reshapes through it
-    "batched matmul": "batch", "dot": "batch", "matmul": "batch", "outer": "batch", "pow": "batch",
-    "prod": "batch", "reshape": "batch", "sub": "batch",
+    "batched matmul": "batch", "clamp": "batch", "dot": "batch", "matmul": "batch", "outer": "batch",
+    "pow": "batch", "prod": "batch", "reshape": "batch", "sub": "batch",
+    # the lowering's detach().requires_grad_(), which functionalization refuses (a user's detach traces)
+    "stop_gradient": "requires_grad_",
 }
 
 

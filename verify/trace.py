@@ -189,7 +189,7 @@ class _Tracer:
             elif node.op == "output":
                 output = node.args[0]
             elif node.op == "get_attr":
-                raise self.refuse(f"a tensor constant ({node.target}) captured by the function: pass it as an input")
+                self.values[node] = self.constant(getattr(self.graph, node.target), node.target)
         if not isinstance(output, torch.fx.Node):
             raise SpecError("cannot trace this into a spec: the function must return one tensor")
         result = self.values[output]
@@ -199,6 +199,17 @@ class _Tracer:
             self.line = None
             self.emit("out", result.text, result.rank)
         return "\n".join(self.declarations(placeholders) + self.statements)
+
+    def constant(self, tensor, name: str) -> _Value:
+        """A scalar tensor the function made (torch.tensor(0.)) is a number; a larger one is data
+        the spec cannot hold."""
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 0:
+            raise self.refuse(f"a tensor constant ({name}, shape {tuple(tensor.shape)}) captured by the "
+                              "function: pass it as an input")
+        if tensor.dtype == torch.bool:
+            return _Value(str(bool(tensor)), kind="condition", known=bool(tensor))
+        text = number(int(tensor) if not tensor.is_floating_point() else float(tensor))
+        return _Value(text, kind="number", atom=text.lstrip("-").isdigit() and not text.startswith("-"))
 
     def infer_integer_ranges(self) -> None:
         """An integer input that picks classes or rows ranges over them (0 up to that size)."""
@@ -544,6 +555,8 @@ class _Tracer:
         return _Value(x.text, self.rank(node), x.kind, x.atom, broadcast=True)
 
     def op_detach(self, node, a):
+        if a["input"].kind in ("number", "size", "condition"):
+            return a["input"]  # no gradient to stop
         return self.emit(node.name, f"stop_gradient({self.operand(a['input'])})", self.rank(node))
 
     def identity(self, node, name, a):
@@ -900,7 +913,9 @@ def trace(fn, example_inputs, *, sizes: dict | None = None, domains: dict | None
     try:
         # Duck sizing would tie two dims whose example sizes happen to be equal.
         with fx_config.patch(use_duck_shape=False):
-            graph = make_fx(call, tracing_mode="symbolic", record_stack_traces=True)(*inputs)
+            # Functionalized: an in-place op becomes the value it writes, as later reads see it.
+            graph = make_fx(torch.func.functionalize(call), tracing_mode="symbolic",
+                            record_stack_traces=True)(*inputs)
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the tracer refuses is untraceable code
