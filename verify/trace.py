@@ -545,6 +545,12 @@ class _Tracer:
         source, shape = self.shape(node.args[0]), self.shape(node)
         if source == shape:
             return x
+        symbolic = [k for k, size in enumerate(shape) if not size.lstrip("-").isdigit()]
+        if len(symbolic) > 1:
+            raise self.refuse(f"a reshape to ({', '.join(shape)}): the spec's reshape takes constant sizes, and -1 "
+                              "for one of them")
+        # The one symbolic size is what the others leave: -1.
+        shape = tuple("-1" if k in symbolic else size for k, size in enumerate(shape))
         text = f"({', '.join(shape)}{',' * (len(shape) == 1)})"
         return self.emit(node.name, f"reshape({self.operand(x)}, shape={text})", len(shape))
 
