@@ -25,7 +25,7 @@ def test_exceptions_are_also_the_builtins_users_catch():
     assert issubclass(verify.Mismatch, AssertionError) and issubclass(verify.Mismatch, verify.VerifyError)
 
 
-@pytest.mark.parametrize("module", ["verify", "verify.api", "verify.strategies"])
+@pytest.mark.parametrize("module", ["verify", "verify.api", "verify.strategies", "verify.trace"])
 def test_docstring_examples_run(module):
     failed, attempted = doctest.testmod(importlib.import_module(module))
     assert attempted > 0 and failed == 0

@@ -38,6 +38,9 @@ UNARY = ("abs", "exp", "expm1", "log", "log2", "log10", "log1p", "sin", "cos", "
          "erfc", "lgamma", "digamma", "sign", "relu", "silu", "mish", "floor", "ceil", "trunc", "round", "sinc")
 BINARY = ("atan2", "hypot", "maximum", "minimum", "xlogy")
 ARITHMETIC = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+# How tightly an expression's text binds, as Python parses it: an operand binding less tightly
+# than its place needs is parenthesized, so the spec's tree (and its roundings) is the code's.
+SUM, PRODUCT, NEGATION, POWER, ATOM = 1, 2, 3, 4, 5
 COMPARISONS = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 IDENTITIES = ("clone", "alias", "contiguous", "lift_fresh_copy", "view_as")
 CASTS = ("_to_copy", "to", "convert_element_type", "type_as")
@@ -69,7 +72,7 @@ class _Value:
     text: str
     rank: int = 0
     kind: str = "real"
-    atom: bool = True
+    precedence: int = ATOM
     known: bool | None = None
     broadcast: bool = False
 
@@ -115,6 +118,15 @@ class _Tracer:
         self.statements.append(f"{name} = {text}{comment}")
         return _Value(name, rank)
 
+    def result(self, node, text: str, rank: int, precedence: int = ATOM) -> _Value:
+        """``node``'s value: written inline into its one consumer, or named where several read
+        it (each named node is checked, value and gradient, so the spec reads as the code does
+        without a check per step)."""
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_function" and users[0].target is not operator.getitem:
+            return _Value(text, rank, precedence=precedence)
+        return self.emit(node.name, text, rank)
+
     def refuse(self, message: str) -> SpecError:
         where = f" (at {self.line})" if self.line else ""
         return SpecError(f"cannot trace this into a spec: {message}{where}")
@@ -123,7 +135,8 @@ class _Tracer:
         """A size (an int or a SymInt) as an expression in the size symbols."""
         expr = value.node.expr if isinstance(value, torch.SymInt) else sympy.Integer(int(value))
         expr = self.shape_env.replace(expr) if self.shape_env is not None else expr
-        return _Value(self.size_text(expr), kind="size", atom=expr.is_Atom)
+        precedence = ATOM if expr.is_Atom else SUM if isinstance(expr, sympy.Add) else PRODUCT
+        return _Value(self.size_text(expr), kind="size", precedence=precedence)
 
     def size_text(self, expr) -> str:
         if expr.is_Integer:
@@ -142,21 +155,22 @@ class _Tracer:
     def shape(self, node) -> tuple:
         return tuple(self.size(d).text for d in node.meta["val"].shape)
 
-    def operand(self, value, elementwise: bool = False) -> str:
-        if isinstance(value, _Value):
-            if value.broadcast and not elementwise:
-                raise self.refuse("an expand read by an op that is not elementwise")
-            if value.kind == "condition":
-                return self.as_real(value)
-            return value.text if value.atom else f"({value.text})"
+    def operand(self, value, elementwise: bool = False, tighter: int = 0) -> str:
+        """``value`` as an operand: parenthesized where it binds less tightly than ``tighter``
+        (0 for a call's argument)."""
         if isinstance(value, (torch.SymInt, torch.SymFloat)):
-            return self.operand(self.symbolic(value))
-        if isinstance(value, bool):
+            value = self.symbolic(value)
+        elif isinstance(value, bool):
             raise self.refuse("a boolean constant in arithmetic")
-        if isinstance(value, (int, float)):
-            text = number(value)
-            return text if text.isdigit() else f"({text})"
-        raise self.refuse(f"an operand of type {type(value).__name__}")
+        elif isinstance(value, (int, float)):
+            value = constant_value(value)
+        if not isinstance(value, _Value):
+            raise self.refuse(f"an operand of type {type(value).__name__}")
+        if value.broadcast and not elementwise:
+            raise self.refuse("an expand read by an op that is not elementwise")
+        if value.kind == "condition":
+            return self.as_real(value)
+        return value.text if value.precedence >= tighter else f"({value.text})"
 
     def as_real(self, condition: _Value) -> str:
         if condition.known is not None:
@@ -208,8 +222,7 @@ class _Tracer:
                               "function: pass it as an input")
         if tensor.dtype == torch.bool:
             return _Value(str(bool(tensor)), kind="condition", known=bool(tensor))
-        text = number(int(tensor) if not tensor.is_floating_point() else float(tensor))
-        return _Value(text, kind="number", atom=text.lstrip("-").isdigit() and not text.startswith("-"))
+        return constant_value(int(tensor) if not tensor.is_floating_point() else float(tensor))
 
     def infer_integer_ranges(self) -> None:
         """An integer input that picks classes or rows ranges over them (0 up to that size)."""
@@ -286,9 +299,9 @@ class _Tracer:
         if node.target in (operator.truediv, torch.sym_float):
             args = [self.values.get(a, a) if isinstance(a, torch.fx.Node) else a for a in node.args]
             if node.target is torch.sym_float:
-                return _Value(args[0].text, kind="number", atom=args[0].atom)
-            left, right = (self.operand(a) for a in args)
-            return _Value(f"{left} / {right}", kind="number", atom=False)
+                return _Value(args[0].text, kind="number", precedence=args[0].precedence)
+            left, right = self.operand(args[0], tighter=PRODUCT), self.operand(args[1], tighter=POWER)
+            return _Value(f"{left} / {right}", kind="number", precedence=PRODUCT)
         raise self.refuse(f"the size arithmetic {node.target}")
 
     # -- elementwise ---------------------------------------------------------------------
@@ -297,68 +310,71 @@ class _Tracer:
         return node.meta["val"].dim()
 
     def op_neg(self, node, a):
-        return self.emit(node.name, f"-{self.operand(a['input'], True)}", self.rank(node))
+        return self.result(node, f"-{self.operand(a['input'], True, POWER)}", self.rank(node), NEGATION)
 
     def op_pow(self, node, a):
         base = a.get("input", a.get("self"))
-        return self.emit(node.name, f"{self.operand(base, True)}**{self.operand(a['exponent'], True)}",
-                         self.rank(node))
+        text = f"{self.operand(base, True, ATOM)}**{self.operand(a['exponent'], True, NEGATION)}"
+        return self.result(node, text, self.rank(node), POWER)
 
     def op_rsub(self, node, a):
-        other = self.scaled(a["other"], a.get("alpha", 1))
-        return self.emit(node.name, f"{other} - {self.operand(a['input'], True)}", self.rank(node))
+        other = self.scaled(a["other"], a.get("alpha", 1), SUM)
+        return self.result(node, f"{other} - {self.operand(a['input'], True, PRODUCT)}", self.rank(node), SUM)
 
-    def scaled(self, value, alpha) -> str:
-        text = self.operand(value, True)
-        return text if alpha == 1 else f"{number(alpha)} * {text}"
+    def scaled(self, value, alpha, tighter: int) -> str:
+        if alpha == 1:
+            return self.operand(value, True, tighter)
+        return f"{self.operand(alpha, tighter=PRODUCT)} * {self.operand(value, True, POWER)}"
 
     def arithmetic(self, node, name, a):
         left, right = a["input"], a["other"]
         if name == "div" and a.get("rounding_mode") is not None:
             raise self.refuse(f"division with rounding_mode={a['rounding_mode']!r}")
-        if name in ("add", "sub"):
-            text = f"{self.operand(left, True)} {ARITHMETIC[name]} {self.scaled(right, a.get('alpha', 1))}"
-        else:
-            text = f"{self.operand(left, True)} {ARITHMETIC[name]} {self.operand(right, True)}"
+        # Left-associative: the left operand may bind as loosely as the operator, the right may not.
+        level = SUM if name in ("add", "sub") else PRODUCT
+        right_text = self.scaled(right, a.get("alpha", 1), level + 1) if level == SUM else \
+            self.operand(right, True, level + 1)
+        text = f"{self.operand(left, True, level)} {ARITHMETIC[name]} {right_text}"
         if all(not isinstance(v, _Value) or v.kind in ("size", "number") for v in (left, right)):
-            return _Value(text, kind="number", atom=False)
-        return self.emit(node.name, text, self.rank(node))
+            return _Value(text, kind="number", precedence=level)
+        return self.result(node, text, self.rank(node), level)
 
     def unary(self, node, name, a):
-        return self.emit(node.name, f"{name}({self.operand(a['input'], True)})", self.rank(node))
+        return self.result(node, f"{name}({self.operand(a['input'], True)})", self.rank(node))
 
     def binary(self, node, name, a):
         other = a.get("other")
-        return self.emit(node.name, f"{name}({self.operand(a['input'], True)}, {self.operand(other, True)})",
+        return self.result(node, f"{name}({self.operand(a['input'], True)}, {self.operand(other, True)})",
                          self.rank(node))
 
     def op_gelu(self, node, a):
-        x = self.operand(a["input"], True)
+        x = self.operand(a["input"], True, ATOM)
         if a.get("approximate", "none") == "none":
-            return self.emit(node.name, f"gelu({x})", self.rank(node))
-        return self.emit(node.name, f"{x} * (1 + tanh(sqrt(2 / pi) * ({x} + 0.044715 * {x}**3))) / 2",
-                         self.rank(node))
+            return self.result(node, f"gelu({x})", self.rank(node))
+        return self.result(node, f"{x} * (1 + tanh(sqrt(2 / pi) * ({x} + 0.044715 * {x}**3))) / 2",
+                           self.rank(node), PRODUCT)
 
     def op_elu(self, node, a):
         x = self.operand(a["input"], True)
         if (a.get("alpha", 1), a.get("scale", 1), a.get("input_scale", 1)) == (1, 1, 1):
-            return self.emit(node.name, f"elu({x})", self.rank(node))
+            return self.result(node, f"elu({x})", self.rank(node))
         raise self.refuse("elu with alpha, scale or input_scale other than 1")
 
     def op_softplus(self, node, a):
         if (a.get("beta", 1), a.get("threshold", 20)) != (1, 20):
             raise self.refuse("softplus with beta or threshold other than 1 and 20")
-        return self.emit(node.name, f"softplus({self.operand(a['input'], True)})", self.rank(node))
+        return self.result(node, f"softplus({self.operand(a['input'], True)})", self.rank(node))
 
     def op_leaky_relu(self, node, a):
-        x = self.operand(a["input"], True)
-        return self.emit(node.name, f"where({x} > 0, {x}, {number(a.get('negative_slope', 0.01))} * {x})",
+        x = self.operand(a["input"], True, POWER)
+        slope = self.operand(a.get("negative_slope", 0.01), tighter=PRODUCT)
+        return self.result(node, f"where({x} > 0, {x}, {slope} * {x})",
                          self.rank(node))
 
     def op_log_sigmoid_forward(self, node, a):
         x = self.operand(a["input"], True)
         rank = self.rank(node.args[0])
-        return _Tuple(lambda i: self.emit(node.name, f"logsigmoid({x})", rank) if i == 0 else self.unwritable(i))
+        return _Tuple(lambda i: self.result(node, f"logsigmoid({x})", rank) if i == 0 else self.unwritable(i))
 
     def unwritable(self, index):
         raise self.refuse(f"output {index} of a multi-output op (only its main result has a spelling)")
@@ -367,14 +383,14 @@ class _Tracer:
         x = self.operand(a["input"], True)
         low, high = a.get("min"), a.get("max")
         if low is not None and high is not None:
-            return self.emit(node.name, f"clamp({x}, {self.operand(low, True)}, {self.operand(high, True)})",
+            return self.result(node, f"clamp({x}, {self.operand(low, True)}, {self.operand(high, True)})",
                              self.rank(node))
         # One bound: the gradient passes at the bound, as torch's clamp passes it.
         if low is not None:
             low = self.operand(low, True)
-            return self.emit(node.name, f"where({x} >= {low}, {x}, {low})", self.rank(node))
+            return self.result(node, f"where({x} >= {low}, {x}, {low})", self.rank(node))
         high = self.operand(high, True)
-        return self.emit(node.name, f"where({x} <= {high}, {x}, {high})", self.rank(node))
+        return self.result(node, f"where({x} <= {high}, {x}, {high})", self.rank(node))
 
     def op_clamp_min(self, node, a):
         return self.op_clamp(node, {"input": a["input"], "min": a["min"]})
@@ -387,8 +403,8 @@ class _Tracer:
     def comparison(self, node, name, a):
         left, right = a["input"], a["other"]
         known = self.decided(left, right, name)
-        text = f"{self.operand(left, True)} {COMPARISONS[name]} {self.operand(right, True)}"
-        return _Value(text, self.rank(node), "condition", atom=False, known=known)
+        text = f"{self.operand(left, True, SUM)} {COMPARISONS[name]} {self.operand(right, True, SUM)}"
+        return _Value(text, self.rank(node), "condition", precedence=0, known=known)
 
     def decided(self, left, right, name):
         """The truth of ``integer input <op> constant`` where the input's range decides it: its
@@ -414,14 +430,14 @@ class _Tracer:
 
     def op_logical_not(self, node, a):
         c = self.condition(a["input"])
-        return _Value(f"not ({c.text})", c.rank, "condition", False, None if c.known is None else not c.known)
+        return _Value(f"not ({c.text})", c.rank, "condition", 0, None if c.known is None else not c.known)
 
     op_bitwise_not = op_logical_not
 
     def joined(self, node, a, word, combine):
         x, y = self.condition(a["input"]), self.condition(a["other"])
         known = combine(x.known, y.known)
-        return _Value(f"({x.text}) {word} ({y.text})", self.rank(node), "condition", False, known)
+        return _Value(f"({x.text}) {word} ({y.text})", self.rank(node), "condition", 0, known)
 
     def op_logical_and(self, node, a):
         return self.joined(node, a, "and", lambda p, q: False if False in (p, q) else (True if p and q else None))
@@ -437,8 +453,9 @@ class _Tracer:
         x, y = a["input"], a["other"]
         if c.known is not None:
             chosen = x if c.known else y
-            return self.emit(node.name, self.operand(chosen, True), self.rank(node))
-        return self.emit(node.name, f"where({c.text}, {self.operand(x, True)}, {self.operand(y, True)})",
+            chosen = chosen if isinstance(chosen, _Value) else constant_value(chosen)
+            return self.result(node, self.operand(chosen, True), self.rank(node), chosen.precedence)
+        return self.result(node, f"where({c.text}, {self.operand(x, True)}, {self.operand(y, True)})",
                          self.rank(node))
 
     def op_masked_fill(self, node, a):
@@ -461,7 +478,7 @@ class _Tracer:
             return self.count(node, x, a)
         axis = self.axes(a.get("dim"), x.rank)
         keyword = (f", axis={axis}" if axis is not None else "") + (", keepdims=True" if a.get("keepdim") else "")
-        return self.emit(node.name, f"{name}({self.operand(x)}{keyword})", self.rank(node))
+        return self.result(node, f"{name}({self.operand(x)}{keyword})", self.rank(node))
 
     def count(self, node, condition, a):
         """The sum of a condition: how many elements hold it."""
@@ -469,9 +486,8 @@ class _Tracer:
             return _Value("0", kind="number")
         if condition.known is True and a.get("dim") in (None, []):
             sizes = self.shape(node.args[0])
-            return _Value(" * ".join(sizes) or "1", kind="number", atom=len(sizes) <= 1)
-        return self.reduction(node, "sum", {**a, "input": _Value(self.as_real(condition), condition.rank,
-                                                                  atom=False)})
+            return _Value(" * ".join(sizes) or "1", kind="number", precedence=PRODUCT if len(sizes) > 1 else ATOM)
+        return self.reduction(node, "sum", {**a, "input": _Value(self.as_real(condition), condition.rank)})
 
     def op_var(self, node, a):
         return self.spread(node, a, "var")
@@ -486,13 +502,13 @@ class _Tracer:
         axis = self.axes(a.get("dim"), x.rank)
         keyword = (f", axis={axis}" if axis is not None else "") + (", keepdims=True" if a.get("keepdim") else "")
         if correction == 1:
-            return self.emit(node.name, f"{name}({self.operand(x)}{keyword})", self.rank(node))
+            return self.result(node, f"{name}({self.operand(x)}{keyword})", self.rank(node))
         if correction != 0:
             raise self.refuse(f"{name} with correction={correction}")
         mean = self.emit("mu", f"mean({self.operand(x)}" + (f", axis={axis}" if axis else "") + ", keepdims=True)",
                          x.rank)
-        variance = f"mean(({self.operand(x)} - {mean.text})**2{keyword})"
-        return self.emit(node.name, variance if name == "var" else f"sqrt({variance})", self.rank(node))
+        variance = f"mean(({self.operand(x, tighter=SUM)} - {mean.text})**2{keyword})"
+        return self.result(node, variance if name == "var" else f"sqrt({variance})", self.rank(node))
 
     def op_linalg_vector_norm(self, node, a):
         x = a["input"]
@@ -500,28 +516,29 @@ class _Tracer:
         order = a.get("ord", 2)
         keyword = (f", axis={axis}" if axis is not None else "") + (", keepdims=True" if a.get("keepdim") else "")
         p = "" if order == 2 else f", p={'inf' if order == float('inf') else number(order)}"
-        return self.emit(node.name, f"norm({self.operand(x)}{p}{keyword})", self.rank(node))
+        return self.result(node, f"norm({self.operand(x)}{p}{keyword})", self.rank(node))
 
     def axiswise(self, node, name, a):
         x = a["input"]
-        return self.emit(node.name, f"{AXISWISE[name]}({self.operand(x)}, axis={a['dim'] % max(x.rank, 1)})",
+        return self.result(node, f"{AXISWISE[name]}({self.operand(x)}, axis={a['dim'] % max(x.rank, 1)})",
                          self.rank(node))
 
     # -- structure -----------------------------------------------------------------------
 
     def matmul(self, node, name, a):
         left, right = a["input"], a.get("mat2", a.get("other"))
-        return self.emit(node.name, f"{self.operand(left)} @ {self.operand(right)}", self.rank(node))
+        return self.result(node, f"{self.operand(left, tighter=PRODUCT)} @ {self.operand(right, tighter=POWER)}",
+                           self.rank(node), PRODUCT)
 
     def op_addmm(self, node, a):
         if (a.get("beta", 1), a.get("alpha", 1)) != (1, 1):
             raise self.refuse("addmm with beta or alpha other than 1")
-        return self.emit(node.name, f"{self.operand(a['mat1'])} @ {self.operand(a['mat2'])} + "
-                                    f"{self.operand(a['input'], True)}", self.rank(node))
+        product = f"{self.operand(a['mat1'], tighter=PRODUCT)} @ {self.operand(a['mat2'], tighter=POWER)}"
+        return self.result(node, f"{product} + {self.operand(a['input'], True, PRODUCT)}", self.rank(node), SUM)
 
     def op_t(self, node, a):
         x = a["input"]
-        return x if x.rank < 2 else self.emit(node.name, f"{self.operand(x)}.T", 2)
+        return x if x.rank < 2 else self.result(node, f"{self.operand(x, tighter=ATOM)}.T", 2)
 
     def op_transpose(self, node, a):
         x = a["input"]
@@ -529,15 +546,15 @@ class _Tracer:
         if first == second:
             return x
         if x.rank == 2:
-            return self.emit(node.name, f"{self.operand(x)}.T", 2)
-        return self.emit(node.name, f"swapaxes({self.operand(x)}, {first}, {second})", x.rank)
+            return self.result(node, f"{self.operand(x, tighter=ATOM)}.T", 2)
+        return self.result(node, f"swapaxes({self.operand(x)}, {first}, {second})", x.rank)
 
     def op_permute(self, node, a):
         x = a["input"]
         axes = [d % x.rank for d in a["dims"]]
         if axes == sorted(axes):
             return x
-        return self.emit(node.name, f"permute({self.operand(x)}, ({', '.join(map(str, axes))}{',' * (len(axes) == 1)}))",
+        return self.result(node, f"permute({self.operand(x)}, ({', '.join(map(str, axes))}{',' * (len(axes) == 1)}))",
                          x.rank)
 
     def reshape(self, node, name, a):
@@ -552,18 +569,18 @@ class _Tracer:
         # The one symbolic size is what the others leave: -1.
         shape = tuple("-1" if k in symbolic else size for k, size in enumerate(shape))
         text = f"({', '.join(shape)}{',' * (len(shape) == 1)})"
-        return self.emit(node.name, f"reshape({self.operand(x)}, shape={text})", len(shape))
+        return self.result(node, f"reshape({self.operand(x)}, shape={text})", len(shape))
 
     def op_expand(self, node, a):
         x = a["input"]
         if self.shape(node.args[0]) == self.shape(node):
             return x
-        return _Value(x.text, self.rank(node), x.kind, x.atom, broadcast=True)
+        return _Value(x.text, self.rank(node), x.kind, x.precedence, broadcast=True)
 
     def op_detach(self, node, a):
         if a["input"].kind in ("number", "size", "condition"):
             return a["input"]  # no gradient to stop
-        return self.emit(node.name, f"stop_gradient({self.operand(a['input'])})", self.rank(node))
+        return self.result(node, f"stop_gradient({self.operand(a['input'])})", self.rank(node))
 
     def identity(self, node, name, a):
         return a["input"]
@@ -573,7 +590,7 @@ class _Tracer:
         source, target = node.args[0].meta["val"].dtype, node.meta["val"].dtype
         if source != target:
             if isinstance(x, _Value) and x.kind == "condition":
-                return self.emit(node.name, self.as_real(x), self.rank(node))
+                return self.result(node, self.as_real(x), self.rank(node))
             if source in FLOATS and target in FLOATS:
                 self.casts.append((source, target, self.line))
             elif target not in FLOATS or source not in FLOATS + (torch.int64, torch.int32):
@@ -583,13 +600,13 @@ class _Tracer:
     def op_cat(self, node, a):
         tensors = a["tensors"]
         rank = self.rank(node)
-        return self.emit(node.name, f"concat({', '.join(self.operand(t) for t in tensors)}, axis={a['dim'] % rank})",
+        return self.result(node, f"concat({', '.join(self.operand(t) for t in tensors)}, axis={a['dim'] % rank})",
                          rank)
 
     def op_stack(self, node, a):
         tensors = a["tensors"]
         rank = self.rank(node)
-        return self.emit(node.name, f"stack({', '.join(self.operand(t) for t in tensors)}, axis={a['dim'] % rank})",
+        return self.result(node, f"stack({', '.join(self.operand(t) for t in tensors)}, axis={a['dim'] % rank})",
                          rank)
 
     def op_slice(self, node, a):
@@ -604,7 +621,7 @@ class _Tracer:
         if not start_text and not end_text and step == 1:
             return x
         bound = f"{start_text}:{end_text}" + (f":{step}" if step != 1 else "")
-        return self.emit(node.name, f"{self.operand(x)}[{', '.join([':'] * dim + [bound])}]", x.rank)
+        return self.result(node, f"{self.operand(x, tighter=ATOM)}[{', '.join([':'] * dim + [bound])}]", x.rank)
 
     def size_or_int(self, value) -> str:
         if isinstance(value, _Value):
@@ -616,14 +633,14 @@ class _Tracer:
     def op_select(self, node, a):
         x = a["input"]
         dim = a["dim"] % x.rank
-        return self.emit(node.name, f"{self.operand(x)}[{', '.join([':'] * dim + [self.size_or_int(a['index'])])}]",
-                         x.rank - 1)
+        items = ", ".join([":"] * dim + [self.size_or_int(a["index"])])
+        return self.result(node, f"{self.operand(x, tighter=ATOM)}[{items}]", x.rank - 1)
 
     def op_index(self, node, a):
         x, indices = a["input"], a["indices"]
         if len(indices) != 1 or not isinstance(indices[0], _Value) or indices[0].kind != "integer":
             raise self.refuse("indexing by anything but one integer tensor on the first axis")
-        return self.emit(node.name, f"{self.operand(x)}[{indices[0].text}]", self.rank(node))
+        return self.result(node, f"{self.operand(x, tighter=ATOM)}[{indices[0].text}]", self.rank(node))
 
     def op_embedding(self, node, a):
         weight, indices = a["weight"], a["indices"]
@@ -644,8 +661,8 @@ class _Tracer:
 
         def part(index):
             if index == 0:
-                return self.emit(node.name, f"-{reduction}({picked})" if reduction else f"-{picked}",
-                                 0 if reduction else 1)
+                return self.result(node, f"-{reduction}({picked})" if reduction else f"-{picked}",
+                                   0 if reduction else 1, NEGATION)
             return _Value(batch, kind="size")
 
         return _Tuple(part)
@@ -670,12 +687,12 @@ class _Tracer:
                 return w["mu"]
             if index == 2:
                 return self.emit("rstd", f"1 / sqrt({w['sigma2'].text} + {number(eps)})", x.rank)
-            text = f"({self.operand(x)} - {w['mu'].text}) / sqrt({w['sigma2'].text} + {number(eps)})"
+            text = f"({self.operand(x, tighter=SUM)} - {w['mu'].text}) / sqrt({w['sigma2'].text} + {number(eps)})"
             if weight is not None:
-                text += f" * {self.operand(weight, True)}"
+                text += f" * {self.operand(weight, True, POWER)}"
             if bias is not None:
-                text += f" + {self.operand(bias, True)}"
-            return self.emit(node.name, text, x.rank)
+                text += f" + {self.operand(bias, True, PRODUCT)}"
+            return self.result(node, text, x.rank, SUM if bias is not None else PRODUCT)
 
         return _Tuple(part)
 
@@ -698,7 +715,7 @@ class _Tracer:
         if bias is not None:
             channels = self.shape(node.args[1])[0]
             text += f" + reshape({self.operand(bias)}, shape=({channels}{', 1' * spatial}))"
-        return self.emit(node.name, text, x.rank)
+        return self.result(node, text, x.rank, SUM if bias is not None else ATOM)
 
     def pool(self, node, a, name, spatial):
         x = a["input"]
@@ -708,7 +725,7 @@ class _Tracer:
         stride = list(a.get("stride") or kernel)
         show = (lambda v: str(v[0])) if spatial == 1 else (lambda v: f"({v[0]}, {v[-1]})")
         keywords = f", kernel={show(kernel)}" + (f", stride={show(stride)}" if stride != kernel else "")
-        return self.emit(node.name, f"{name}({self.operand(x)}{keywords})", x.rank)
+        return self.result(node, f"{name}({self.operand(x)}{keywords})", x.rank)
 
     def op_max_pool2d_with_indices(self, node, a):
         return _Tuple(lambda i: self.pool(node, a, "max_pool2d", 2) if i == 0 else self.unwritable(i))
@@ -727,14 +744,14 @@ class _Tracer:
     def op_sort(self, node, a):
         x = a["input"]
         descending = ", descending=True" if a.get("descending") else ""
-        return _Tuple(lambda i: self.emit(node.name, f"sort({self.operand(x)}, axis={a.get('dim', -1) % x.rank}"
+        return _Tuple(lambda i: self.result(node, f"sort({self.operand(x)}, axis={a.get('dim', -1) % x.rank}"
                                                      f"{descending})", x.rank) if i == 0 else self.unwritable(i))
 
     def op_topk(self, node, a):
         x = a["input"]
         if not a.get("largest", True) or not a.get("sorted", True):
             raise self.refuse("topk with largest=False or sorted=False")
-        return _Tuple(lambda i: self.emit(node.name, f"topk({self.operand(x)}, {a['k']}, axis="
+        return _Tuple(lambda i: self.result(node, f"topk({self.operand(x)}, {a['k']}, axis="
                                                      f"{a.get('dim', -1) % x.rank})", x.rank)
                       if i == 0 else self.unwritable(i))
 
@@ -748,7 +765,7 @@ class _Tracer:
         x = a["input"]
         if a.get("dim") is None or a.get("keepdim"):
             raise self.refuse(f"{name} without dim=, or with keepdim=True")
-        value = self.emit(node.name, f"{name}({self.operand(x)}, axis={a['dim'] % x.rank})", x.rank - 1)
+        value = self.result(node, f"{name}({self.operand(x)}, axis={a['dim'] % x.rank})", x.rank - 1)
         value.kind = "integer"
         return value
 
@@ -783,6 +800,12 @@ def _mapped(value, values: dict):
 
 def _is_zero(value) -> bool:
     return type(value) is int and value == 0
+
+
+def constant_value(value) -> _Value:
+    text = number(value)
+    precedence = PRODUCT if "/" in text else NEGATION if text.startswith("-") else ATOM
+    return _Value(text, kind="number", precedence=precedence)
 
 
 def number(value) -> str:
@@ -953,11 +976,12 @@ def spec_from(fn, *example_inputs, sizes: dict | None = None, domains: dict | No
     (``{"x": ("b", "n")}``) or the next free letter; give dimensions that may differ different
     example sizes, and no dimension the size 1 unless it is always 1. ``domains`` maps an input
     to ``(low, high)``: an ``Interval`` for a float input, an ``Integer`` range (low <= k <
-    high) for an integer one; or to a domain's name ("Positive"). ``spec.source`` is the spec text, to print, save and review.
+    high) for an integer one; or to a domain's name ("Positive"). ``spec.source`` is the spec
+    text, to print, save and review.
 
     >>> import torch
-    >>> print(spec_from(lambda x: x * torch.sigmoid(x), torch.randn(3)).source.splitlines()[-1])
-    mul = x * sigmoid_1
+    >>> print(spec_from(lambda x: x * torch.sigmoid(x), torch.randn(3)).source.splitlines()[-1].split("  #")[0])
+    mul_ = x * sigmoid(x)
     """
     return trace(fn, example_inputs, sizes=sizes, domains=domains).spec
 
