@@ -332,3 +332,10 @@ def test_fuzz_drawn_specs_trace_back_to_a_spec_that_is_proved_or_agrees_with_the
         assert verify.check_function(lowered, traced, modes=("rev",), seed=0, max_examples=5).points > 0
         outcomes["agrees"] += 1
     assert outcomes["proved"] >= count // 3, outcomes
+
+
+def test_an_overload_outside_the_spelling_is_refused_naming_it_not_a_traceback():
+    with pytest.raises(verify.SpecError, match=r"argmax without dim=, or with keepdim=True"):
+        verify.spec_from(lambda x: x * x.argmax(-1, keepdim=True), torch.randn(3, 8))
+    with pytest.raises(verify.SpecError, match=r"rounding_mode='floor'"):
+        verify.spec_from(lambda x: torch.div(x, 2, rounding_mode="floor"), torch.randn(3, 8))

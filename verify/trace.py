@@ -281,11 +281,16 @@ class _Tracer:
                      for k, v in arguments.items()}
         name = target._opname
         method = getattr(self, "op_" + name.lstrip("_"), None)
-        if method is not None:
-            return method(node, arguments)
-        if name not in _GENERIC:
+        if method is None and name not in _GENERIC:
             raise self.refuse(f"aten.{name} ({target}) has no counterpart in the registry")
-        return _GENERIC[name](self, node, name, arguments)
+        try:
+            return method(node, arguments) if method is not None else _GENERIC[name](self, node, name, arguments)
+        except SpecError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            # An overload whose arguments the registry's spelling does not cover (a Scalar
+            # first operand, a keyword it lacks): refused, never a traceback.
+            raise self.refuse(f"{target} with these arguments ({type(error).__name__}: {error})") from None
 
     # -- sizes ---------------------------------------------------------------------------
 
@@ -945,8 +950,6 @@ def trace(fn, example_inputs, *, sizes: dict | None = None, domains: dict | None
             # Functionalized: an in-place op becomes the value it writes, as later reads see it.
             graph = make_fx(torch.func.functionalize(call), tracing_mode="symbolic",
                             record_stack_traces=True)(*inputs)
-    except SpecError:
-        raise
     except Exception as exc:  # noqa: BLE001 - whatever the tracer refuses is untraceable code
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpecError(f"cannot trace {_describe(fn)}: {type(exc).__name__}: {reason}"
