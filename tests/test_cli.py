@@ -155,11 +155,16 @@ def test_empty_directory_and_undecodable_file_are_usage_errors(tmp_path):
     assert "not UTF-8" in completed.stdout and "Traceback" not in completed.stdout + completed.stderr
 
 
-def test_python_dash_m_verify_runs_the_same_command():
-    completed = subprocess.run([sys.executable, "-m", "verify", "check", str(EXAMPLE), "--max-examples", "5"],
+def test_python_dash_m_verify_runs_the_same_command_and_example_checks_the_one_shipped_in_the_package():
+    completed = subprocess.run([sys.executable, "-m", "verify", "check", "--example", "--max-examples", "5"],
                                capture_output=True, text=True, timeout=300, check=False)
     assert completed.returncode == 0
-    assert "proved for all n" in completed.stdout
+    assert "proved for all n" in completed.stdout and "verify/examples/backprop.vspec" in completed.stdout
+
+
+def test_check_without_paths_or_example_is_a_usage_error():
+    completed = run("check")
+    assert completed.returncode == 2 and "--example" in completed.stderr
 
 
 def test_second_order_and_modes_from_the_command_line(tmp_path):

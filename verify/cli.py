@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verify", description="Check torch autograd against sympy derivatives.")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="check spec files or directories of *.vspec files")
-    check.add_argument("paths", nargs="+", metavar="PATH")
+    check.add_argument("paths", nargs="*", metavar="PATH")
+    check.add_argument("--example", action="store_true",
+                       help="check the seed example shipped with verify (x = [2, 4], y = x**2, o = sum(y) / 2)")
     add_arguments(check)
     check.add_argument("--json", metavar="FILE", help=f"write the verdicts as JSON (schema {SCHEMA})")
     check.add_argument("--junit-xml", metavar="FILE", help="write a JUnit XML report, one test case per spec and dtype")
@@ -114,6 +116,13 @@ def spec_files(paths: list[str]) -> list[Path]:
     return found
 
 
+def bundled_example() -> Path:
+    """The seed example inside the installed package."""
+    from importlib.resources import files
+
+    return Path(str(files("verify.examples") / "backprop.vspec"))
+
+
 def _dtype(name: str):
     import torch
 
@@ -125,7 +134,9 @@ def _check(arguments) -> int:
     settings = from_arguments(arguments)
     if settings.database is not None and Path(settings.database).exists() and not Path(settings.database).is_dir():
         raise UsageError(f"--database: not a directory: {settings.database}")
-    files = spec_files(arguments.paths)
+    if not arguments.paths and not arguments.example:
+        raise UsageError("name spec files or directories to check, or --example for the bundled one")
+    files = spec_files(arguments.paths) + ([bundled_example()] if arguments.example else [])
     runs = [(path, dtype) for path in files for dtype in settings.dtypes]
     progress = Progress(sys.stderr, len(runs))
     outcomes = []

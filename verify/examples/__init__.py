@@ -1,0 +1,1 @@
+"""Spec files shipped with verify: ``verify check --example`` runs backprop.vspec."""
