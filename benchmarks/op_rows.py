@@ -3,7 +3,7 @@
     python benchmarks/op_rows.py --examples 1000 [--ops exp,log]
 
 One line per (op, dtype): examples run, points checked, points rejected (with the most
-common reason), seconds, and the verdict. The README's op-coverage figures come from here.
+common reason), seconds, and the verdict. The op-coverage figures in docs/ops.md come from here.
 """
 
 import argparse

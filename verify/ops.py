@@ -1229,7 +1229,7 @@ SIZE_PARAMS = {"shape", "k", "classes"}  # parameters that may hold size symbols
 
 
 def op_table() -> str:
-    """The README's table of ops: kind, domain and torch's convention at kinks, from the registry."""
+    """The table of ops in docs/ops.md: kind, domain and torch's convention at kinks, from the registry."""
     spelled = {"add": "`+`", "sub": "`-`", "mul": "`*`", "div": "`/`", "pow": "`**`, `pow`", "neg": "unary `-`",
                "pos": "unary `+`", "matmul": "`@`", "transpose": "`.T`", "slice": "`x[a:b]`, `A[:, k]`",
                "less": "`<` in where", "less_equal": "`<=` in where", "greater": "`>` in where",

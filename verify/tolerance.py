@@ -41,11 +41,10 @@ torch's recorded findings, ``verify.findings``, aside): 1.5 in float32 and the h
 float64, where the float64 reference's own error is as large as the model's bound and
 certifying a point in float64 takes the rest. An op whose kernel is off by more than its
 formula's model gets a per-op term (``Op.kernel_error``) until its ratio is at most 1, so the
-margin holds over every op but where the README's calibration table says otherwise: softmax's
-bfloat16 JVP at a cancellation reaches 1.43 (a margin of 1.05). Its power is measured by
+margin holds over every op but where the calibration table of docs/allowance.md says otherwise:
+softmax's bfloat16 JVP at a cancellation reaches 1.43 (a margin of 1.05). Its power is measured by
 ``benchmarks/mutations.py``: zeroed, flipped, dropped, patched and overflowing gradients are
-caught on every op in every dtype, and one scaled by 1 + 8u on most (README, "How tight the
-allowance is").
+caught on every op in every dtype, and one scaled by 1 + 8u on most (docs/allowance.md).
 
 Kernels that load a narrow dtype, compute in a wider one and store once (most Triton and CUDA
 kernels in bfloat16 and float16 compute in float32) state it:
@@ -70,7 +69,7 @@ UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat1
 HALF_TYPES = (torch.bfloat16, torch.float16)
 # The margin over the model, per dtype, above the worst observed ratio of torch's error to the
 # model's bound over every op and check of benchmarks/calibration.py (at most 1 but for the
-# README's exceptions). float64 takes 2: its reference's own error needs a rounding of it.
+# exceptions of docs/allowance.md). float64 takes 2: its reference's own error needs a rounding of it.
 ALLOWANCE = {torch.float64: 2.0, torch.float32: 1.5, torch.bfloat16: 1.5, torch.float16: 1.5}
 
 
