@@ -2,7 +2,8 @@
 
 The kernels are written as training kernels are: they load the storage dtype (float32,
 bfloat16 or float16), compute in float32 and store each result once. ``rmsnorm_with_bug``
-is the same op with a planted backward bug (dx loses the term through the row's norm).
+is the same op with a planted backward bug (dx loses the term through the row's norm), and
+``rmsnorm_assuming_row_major_dy`` one whose backward reads ``dy`` as if it were contiguous.
 
 ``rmsnorm`` takes rows ``x`` of shape (..., n) and a weight ``w`` of shape (n,), shared by
 the rows, or of ``x``'s shape, one per row: the kernels read ``w`` by its row stride, 0 when
@@ -107,11 +108,20 @@ class _RMSNormWithBug(RMSNorm):
         return _rmsnorm_backward(ctx, dy, buggy=True)
 
 
-def _rmsnorm_backward(ctx, dy, buggy):
+class _RMSNormAssumingRowMajorDy(RMSNorm):
+    @staticmethod
+    def backward(ctx, dy):
+        return _rmsnorm_backward(ctx, dy, buggy=False, row_major_dy=True)
+
+
+def _rmsnorm_backward(ctx, dy, buggy, row_major_dy=False):
     x_rows, w, rstd = ctx.saved_tensors
     rows, n = x_rows.shape
     shared = w.dim() == 1
-    dy_rows = dy.reshape(rows, n).contiguous()
+    if row_major_dy:  # the planted layout bug: dy's memory read with row stride n, whatever its strides
+        dy_rows = torch.as_strided(dy, (rows, n), (n, 1), dy.storage_offset())
+    else:
+        dy_rows = dy.reshape(rows, n).contiguous()
     dx = torch.empty_like(x_rows)
     dw_rows = torch.empty(rows, n, dtype=torch.float32, device=x_rows.device)
     _rmsnorm_backward_kernel[(rows,)](dy_rows, x_rows, w, rstd, dx, dw_rows, n, 0 if shared else n,
@@ -122,6 +132,8 @@ def _rmsnorm_backward(ctx, dy, buggy):
 
 rmsnorm = RMSNorm.apply
 rmsnorm_with_bug = _RMSNormWithBug.apply
+# The same kernels, with a backward that hands them dy as if it were contiguous (a layout bug).
+rmsnorm_assuming_row_major_dy = _RMSNormAssumingRowMajorDy.apply
 
 
 SILU_BLOCK = 1024

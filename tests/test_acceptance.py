@@ -22,7 +22,8 @@ ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 def _caught(fn, spec, dtype, **options) -> verify.Mismatch:
-    options = {"modes": ("rev",), "seed": 0, "max_examples": 100, **options}
+    # Contiguous: these tests plant bugs in values and regimes, found by the draws they were written for.
+    options = {"modes": ("rev",), "seed": 0, "max_examples": 100, "layouts": "contiguous", **options}
     with pytest.raises(verify.Mismatch) as caught:
         verify.check_function(fn, spec, dtype=dtype, **options)
     return caught.value

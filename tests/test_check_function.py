@@ -323,7 +323,7 @@ def test_torchs_prod_whose_backward_depends_on_the_whole_stack_names_its_recorde
     monkeypatch.setattr(engine, "SHRINK_SECONDS", 0.0)  # the first failure drawn is this one
     with pytest.raises(verify.Mismatch) as caught:
         verify.check_function(lambda a: torch.prod(a, -1), "A: Real[n, m]\ny = prod(A, axis=1)", rows=True, seed=0,
-                              max_examples=20, dtype=torch.float32, modes=("rev",))
+                              max_examples=20, dtype=torch.float32, modes=("rev",), layouts="contiguous")
     assert caught.value.failure.check == "rows"
     assert "a recorded finding in torch's own prod" in str(caught.value)
 
@@ -422,8 +422,8 @@ def test_a_failure_at_the_range_edge_names_the_overflowing_step_and_the_interval
     def rms_norm(x):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)
 
-    with pytest.raises(verify.Mismatch) as caught:
-        verify.check_function(rms_norm, spec, dtype=torch.float32, seed=0, modes=("rev",))
+    with pytest.raises(verify.Mismatch) as caught:  # seed 0's contiguous draws reach 1.8e19
+        verify.check_function(rms_norm, spec, dtype=torch.float32, seed=0, modes=("rev",), layouts="contiguous")
     notes = caught.value.failure.notes
     assert any(note.startswith("(x**2) is") and "rounds to inf in float32" in note for note in notes)
     suggestion = next(note for note in notes if note.startswith("if inputs this large cannot occur"))

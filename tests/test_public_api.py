@@ -16,7 +16,7 @@ def test_all_lists_exactly_the_public_names():
     public = {name for name in dir(verify) if not name.startswith(("_", "@"))}
     modules = {"api", "engine", "checks", "errors", "ir", "lower", "ops", "reference", "report", "spec", "strategies",
                "tolerance", "explain", "cli", "subject", "pytest_plugin", "settings", "outcomes", "fuzz", "plan",
-               "oracle", "acceptance", "balls", "binding", "findings", "trace"}
+               "oracle", "acceptance", "balls", "binding", "findings", "trace", "layouts"}
     assert set(verify.__all__) == public - modules
 
 

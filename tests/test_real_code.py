@@ -431,6 +431,7 @@ def test_a_vq_vae_quantizer_whose_argmin_is_near_a_tie_is_judged_exactly_without
         distances = ((x[:, None, :] - codebook[None, :, :]) ** 2).sum(2)
         return codebook[distances.argmin(1)] + x - x.detach()
 
+    # Seed 0's contiguous draws reach a near tie.
     result = verify.check_function(quantize, VQ_CODEBOOK, dtype=torch.float32, seed=0, max_examples=5,
-                                   modes=("rev",))
+                                   modes=("rev",), layouts="contiguous")
     assert result.points > 0 and result.exact["judged by the exact pass"] > 0

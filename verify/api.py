@@ -73,7 +73,8 @@ def check_function(fn, spec: str | Spec | None = None, *, reference=None, exampl
                    sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0, atol: float = 0.0,
                    outputs: tuple | None = None, parameters: dict | None = None,
                    time_budget: float | None = None, rows: bool = False,
-                   compute_dtype: torch.dtype | None = None, require_power: bool = False) -> Result:
+                   compute_dtype: torch.dtype | None = None, require_power: bool = False,
+                   layouts: str = "drawn") -> Result:
     """Check ``fn`` (a custom ``autograd.Function``'s ``apply``, a fused op, a module) against
     the math of ``spec``.
 
@@ -105,6 +106,12 @@ def check_function(fn, spec: str | Spec | None = None, *, reference=None, exampl
     their gradients are compared too, and their shapes fix the sizes they use. ``forward``
     takes the other inputs. A function that returns a tuple names the spec's nodes it
     returns, in order: ``outputs=("mean", "var")``.
+
+    The inputs and the cotangent reach ``fn`` in a memory layout drawn per example: contiguous,
+    a transposed view, a slice with a step, a storage offset, a cotangent expanded along an axis
+    (stride 0, as ``sum()``'s backward hands it down), or channels-last; the values are the
+    same, so a failure under a layout is a layout bug, and its report names the layout.
+    ``layouts="contiguous"`` hands every tensor contiguous.
 
     Instead of ``spec``, ``reference=`` takes the plain-torch function the kernel must match,
     traced at ``example_inputs`` into a spec (``verify.spec_from``, with ``domains``); a
@@ -139,7 +146,7 @@ def check_function(fn, spec: str | Spec | None = None, *, reference=None, exampl
         return engine.run(parsed, fn=fn, max_examples=max_examples, seed=seed, dtype=dtype, order=order, modes=modes,
                           device=device, database=database, derandomize=derandomize, sizes=sizes, kinks=kinks,
                           rtol=rtol, atol=atol, time_budget=time_budget, rows=rows, compute_dtype=compute_dtype,
-                          require_power=require_power)
+                          require_power=require_power, layouts=layouts)
     except Mismatch as mismatch:
         if traced is None:
             raise

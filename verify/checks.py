@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import acceptance, balls, findings
+from . import acceptance, balls, findings, layouts
 from .ir import Apply, Ref, Spec, concrete_shape
 from .lower.sympy import Tensor
 from .ops import REGISTRY
@@ -627,9 +627,19 @@ def _failure(spec: Spec, subject, comparison: _Comparison, at: Example, point: i
     if comparison.tangents:
         inputs.update({f"tangent of {name}": t[point] for name, t in at.tangents.items()})
     snippet = "" if comparison.check == "claim" else _snippet(subject, comparison.check, at, point, options)
-    return Failure(comparison.check, comparison.subject, _formula(*comparison.formula, spec.output), inputs, at.sizes,
-                   comparison.reference[0][point], comparison.actual[point], allowed, line=comparison.line,
-                   snippet=snippet, point=_only(at, point), **comparison.details)
+    failure = Failure(comparison.check, comparison.subject, _formula(*comparison.formula, spec.output), inputs,
+                      at.sizes, comparison.reference[0][point], comparison.actual[point], allowed, line=comparison.line,
+                      snippet=snippet, point=_only(at, point), **comparison.details)
+    return _noting_layout(failure, subject, at)
+
+
+def _noting_layout(failure: Failure, subject, at: Example) -> Failure:
+    """A failure under a drawn memory layout says which, and how to make it."""
+    if isinstance(subject, FunctionSubject) and at.layout != "contiguous":
+        failure.notes.append(f"layout: the inputs and the cotangent were handed to {subject.name} {at.layout}: "
+                             f"{layouts.MADE[at.layout]}; the values are the drawn ones, so if "
+                             f"layouts=\"contiguous\" passes, {subject.name} assumes a layout")
+    return failure
 
 
 def _only(at: Example, point: int) -> Example:
@@ -638,8 +648,9 @@ def _only(at: Example, point: int) -> Example:
 
 def _code_failure(failed: CodeFailure, subject, at: Example, options: Options) -> Failure:
     inputs = _point_inputs(subject.spec, at, failed.point)
-    return Failure(failed.check, subject.name, "", inputs, at.sizes, None, None, None, error=failed.message,
-                   snippet=_snippet(subject, failed.check, at, failed.point, options), point=_only(at, failed.point))
+    failure = Failure(failed.check, subject.name, "", inputs, at.sizes, None, None, None, error=failed.message,
+                      snippet=_snippet(subject, failed.check, at, failed.point, options), point=_only(at, failed.point))
+    return _noting_layout(failure, subject, at)
 
 
 def _snippet(subject, check: str, at: Example, point: int, options: Options) -> str:
@@ -651,7 +662,7 @@ def _snippet(subject, check: str, at: Example, point: int, options: Options) -> 
     pick = slice(point, point + 1) if subject.rows else point  # a row-wise function takes a stack of one
     return reproduction_snippet(subject.name, check, {n: a[pick] for n, a in at.inputs.items()},
                                 at.cotangent[pick], {n: t[pick] for n, t in (at.tangents or {}).items()},
-                                options.dtype_name, fixed)
+                                options.dtype_name, fixed, at.layout)
 
 
 def _backward_order(spec: Spec, names) -> list:

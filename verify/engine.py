@@ -24,6 +24,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from .checks import KINKS, Options, evaluate, failure_notes
 from .errors import Inconclusive, Mismatch, SpecError, Unchecked, Unsupported
 from .ir import Spec
+from .layouts import CHOICES
 from .plan import claim_text, example_point, needs_concrete_sizes, plan
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved
 from .settings import MODES, stable_seed
@@ -99,7 +100,7 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         order: int = 1, modes=MODES, device: str = "cpu", database: str | Path | None = None,
         derandomize: bool = False, sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0,
         atol: float = 0.0, time_budget: float | None = None, compute_dtype: torch.dtype | None = None,
-        rows: bool = False, require_power: bool = False) -> Result:
+        rows: bool = False, require_power: bool = False, layouts: str = "drawn") -> Result:
     """Check ``spec``'s torch lowering, or ``fn``, on Hypothesis-drawn batches of points and
     on the spec's example point.
 
@@ -109,9 +110,13 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     others are drawn. With ``time_budget`` (seconds, planning included), no new example is
     drawn once it is spent, unless a failure is being shrunk; ``Result.budget_spent`` says so.
     With ``require_power``, a run whose checks are mostly weak, rejected or unjudged
-    (``Result.weakly_covered``) raises ``Inconclusive``.
+    (``Result.weakly_covered``) raises ``Inconclusive``. ``fn`` is handed its inputs and
+    cotangents in memory layouts drawn per example (``verify.layouts``) unless ``layouts`` is
+    "contiguous".
     """
     __tracebackhide__ = True
+    if layouts not in CHOICES:
+        raise ValueError(f"layouts is one of {', '.join(CHOICES)}, not {layouts!r}")
     options = _validated(dtype, order, modes, device, kinks, rtol, atol, compute_dtype)
     time_budget = _validated_budget(time_budget)
     started = time.perf_counter()
@@ -160,7 +165,9 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
             raise _Counterexample(failure)
 
     budget = BATCHED if subject is None else ROWS if rows else PER_POINT
-    test = given(examples(spec, options.dtype, sizes=sizes, tangents=tangents, budget=budget))(agrees)
+    drawn_layouts = subject is not None and layouts == "drawn"
+    test = given(examples(spec, options.dtype, sizes=sizes, tangents=tangents, budget=budget,
+                          layouts=drawn_layouts))(agrees)
     # Hypothesis keys kept examples by the test function's source, the same for every spec.
     test._hypothesis_internal_database_key = key
     # No explain phase: it reruns a failing example many times over to annotate Hypothesis's

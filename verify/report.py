@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy
 
+from .layouts import view_code
 from .lower.functions import unmarked
 from .lower.sympy import ADJOINT_PREFIX, TANGENT_PREFIX
 
@@ -203,10 +204,10 @@ class Failure:
 
 
 def reproduction_snippet(fn_name: str, check: str, inputs: dict, cotangent, tangents: dict, dtype_name: str,
-                         fixed: dict | None = None) -> str:
+                         fixed: dict | None = None, layout: str = "contiguous") -> str:
     """Python that calls the user's function at the failing point, as the failed check did.
     ``fixed`` names the inputs that are not differentiated (labels, masks), each with its
-    dtype's name (int64 for integers)."""
+    dtype's name (int64 for integers); ``layout`` is the memory layout they were handed in."""
     fixed = fixed or {}
 
     def tensor(array, grad=False, dtype=dtype_name):
@@ -226,6 +227,9 @@ def reproduction_snippet(fn_name: str, check: str, inputs: dict, cotangent, tang
         return "\n".join(lines)
     lines.extend(f"{name} = {tensor(value, dtype=fixed[name]) if name in fixed else tensor(value, grad=True)}"
                  for name, value in inputs.items())
+    viewed = {name: view_code(layout, name, np.shape(value)) for name, value in inputs.items()}
+    lines.extend(f"{name}_laid_out = {code}  # the layout it was handed in" for name, code in viewed.items() if code)
+    names = ", ".join(f"{name}_laid_out" if viewed[name] else name for name in inputs)
     lines.append(f"out = {fn_name}({names})")
     if check == "value":
         lines.append("print(out)")
@@ -238,7 +242,12 @@ def reproduction_snippet(fn_name: str, check: str, inputs: dict, cotangent, tang
         lines.append(f"print(torch.autograd.grad([g for g, _ in used], [{wrt}], [t for _, t in used], "
                      "allow_unused=True))")
     else:
-        lines.append(f"out.backward({tensor(cotangent)})")
+        seed = view_code(layout, "cotangent", np.shape(cotangent), cotangent=True)
+        if seed:
+            lines.append(f"cotangent = {tensor(cotangent)}")
+            lines.append(f"out.backward({seed})  # the layout it was handed in")
+        else:
+            lines.append(f"out.backward({tensor(cotangent)})")
         lines.append(f"print({', '.join(n + '.grad' for n in moving)})")
     return "\n".join(lines)
 

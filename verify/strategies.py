@@ -9,6 +9,7 @@ overflows, because gradient bugs live at thresholds and near overflow too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 from .errors import SpecError
 from .ir import Apply, Domain, Spec, concrete_shape, graph_nodes
+from .layouts import LAYOUTS
 from .ops import REGISTRY
 from .spec import MAX_POINT_ELEMENTS
 
@@ -103,6 +105,7 @@ class Example:
     inputs: dict
     cotangent: np.ndarray
     tangents: dict | None = None
+    layout: str = "contiguous"  # how user code is handed the inputs and cotangent (verify.layouts)
 
     @property
     def batch(self) -> int:
@@ -121,7 +124,7 @@ class Example:
         tangents = None if self.tangents is None else {n: np.concatenate([t, other.tangents[n]])
                                                        for n, t in self.tangents.items()}
         return Example(self.sizes, {n: np.concatenate([a, other.inputs[n]]) for n, a in self.inputs.items()},
-                       np.concatenate([self.cotangent, other.cotangent]), tangents)
+                       np.concatenate([self.cotangent, other.cotangent]), tangents, self.layout)
 
     def with_unit_directions(self) -> Example:
         """The same points, every direction (cotangent, tangent) of magnitude 1, its sign kept."""
@@ -129,14 +132,15 @@ class Example:
             return np.where(array < 0, -1.0, 1.0)
 
         tangents = None if self.tangents is None else {n: unit(t) for n, t in self.tangents.items()}
-        return Example(self.sizes, self.inputs, unit(self.cotangent), tangents)
+        return Example(self.sizes, self.inputs, unit(self.cotangent), tangents, self.layout)
 
     def at(self, keep: np.ndarray) -> Example:
         """The points where ``keep`` is true."""
         if keep.all():
             return self
         tangents = None if self.tangents is None else {n: t[keep] for n, t in self.tangents.items()}
-        return Example(self.sizes, {n: a[keep] for n, a in self.inputs.items()}, self.cotangent[keep], tangents)
+        return Example(self.sizes, {n: a[keep] for n, a in self.inputs.items()}, self.cotangent[keep], tangents,
+                       self.layout)
 
 
 def _round_inward(bound: float, dtype: torch.dtype, upward: bool) -> float:
@@ -367,16 +371,18 @@ def _draw_points(draw, spec: Spec, dtype: torch.dtype, sizes: dict, batch: int, 
 
 @st.composite
 def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = False,
-             budget: Budget = BATCHED) -> Example:
+             budget: Budget = BATCHED, layouts: bool = False) -> Example:
     """Sizes for the size symbols not fixed by ``sizes``, then a batch of points (as many as
     ``budget`` allows), a random cotangent for the output and (``tangents``) a random tangent
     for each input.
 
     The batch is a few points drawn element by element, and usually a bulk of many more that
     numpy materializes, up to the element budget. The shrinker can drop the bulk and keep
-    the few: a failure that any point shows ends at one minimal point.
+    the few: a failure that any point shows ends at one minimal point. With ``layouts``, one
+    memory layout (``verify.layouts``) for the tensors user code is handed.
     """
     chosen = _draw_sizes(draw, spec, sizes)
+    layout = draw(st.sampled_from(LAYOUTS), label="layout") if layouts else "contiguous"
     most = points_per_example(spec, chosen, budget)
     # Decided before the few are drawn: the shrinker tries dropping the bulk (this draw
     # shrinks to 0) while the few are still as found, before it simplifies them. Most
@@ -384,10 +390,11 @@ def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = 
     with_bulk = draw(st.integers(0, BULK_ODDS), label="a bulk of points") > 0
     head = _draw_points(draw, spec, dtype, chosen, draw(st.integers(1, min(MAX_BATCH, most)), label="points"),
                         tangents, materialize=False)
-    if head.batch == most or not with_bulk:
-        return head
-    bulk = _draw_points(draw, spec, dtype, chosen, most - head.batch, tangents, materialize=True)
-    return head.joined(bulk)
+    if not (head.batch == most or not with_bulk):
+        head = head.joined(_draw_points(draw, spec, dtype, chosen, most - head.batch, tangents, materialize=True))
+    if layout == "expanded" and head.cotangent.ndim > 1:  # a cotangent constant along its last axis
+        head.cotangent[...] = head.cotangent[..., :1]
+    return dataclasses.replace(head, layout=layout)
 
 
 @st.composite

@@ -25,6 +25,7 @@ import torch
 from torch.autograd import forward_ad
 
 from .ir import Spec
+from .layouts import laid_out
 from .lower.torch import TorchProgram
 from .strategies import input_dtype
 from .tolerance import UNIT_ROUNDOFF
@@ -322,12 +323,13 @@ class FunctionSubject(_Subject):
         values, gradients = [], {name: [] for name in self.spec.inputs if differentiated(self.spec, name)}
         for point, pick in picks:
             leaves = {name: self._input(name, array[pick], dtype, True) for name, array in at.inputs.items()}
-            output = self._call("value", point, list(leaves.values()), _leading(at, pick) + output_shape)
+            handed = [laid_out(leaf, at.layout) for leaf in leaves.values()]
+            output = self._call("value", point, handed, _leading(at, pick) + output_shape)
             values.append(_rows(output, at, pick, output_shape))
             if not with_gradients:
                 continue
             grads = self._gradients("gradient", point, output, _differentiated_leaves(self.spec, leaves),
-                                    self._tensor(at.cotangent[pick], dtype))
+                                    laid_out(self._tensor(at.cotangent[pick], dtype), at.layout, cotangent=True))
             for name, grad in grads.items():
                 gradients[name].append(_rows(grad, at, pick, at.inputs[name].shape[1:]))
         return {output_name: np.concatenate(values),

@@ -1,0 +1,78 @@
+"""Memory layouts drawn for user code: the same values, strided as torch hands tensors in training."""
+
+import pytest
+import torch
+
+import verify
+from verify import layouts
+
+
+class _ViewingTheCotangent(torch.autograd.Function):
+    """A correct square whose backward flattens dy with view(-1), which needs it contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return (2 * x.reshape(-1) * g.view(-1)).view(x.shape)
+
+
+class _ReadingRowMajor(torch.autograd.Function):
+    """tanh whose backward reads dy's memory with row stride n, as a kernel that indexes
+    row * n + col does, whatever dy's strides."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        dy = torch.as_strided(g, g.shape, (g.shape[-1], 1), g.storage_offset())
+        return dy * (1 - torch.tanh(x) ** 2)
+
+
+@pytest.mark.parametrize("fn, spec", [
+    (_ViewingTheCotangent.apply, "x: Real[m, n]\ny = x * x"),
+    (_ReadingRowMajor.apply, "x: Real[m, n]\ny = tanh(x)"),
+], ids=["view(-1)", "row-major read"])
+def test_a_backward_that_assumes_a_layout_is_caught_naming_it_and_passes_when_handed_contiguous(fn, spec):
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(fn, spec, modes=("rev",), seed=0)
+    failure = caught.value.failure
+    assert failure.check == "gradient"
+    note = next(note for note in failure.notes if note.startswith("layout:"))
+    assert any(f" {name}: " in note for name in layouts.MADE)
+    assert "_laid_out" in failure.snippet  # the snippet hands the tensors in the same layout
+    assert verify.check_function(fn, spec, modes=("rev",), seed=0, layouts="contiguous").points > 0
+
+
+def test_each_layout_keeps_the_values_and_gradients_reach_the_tensor():
+    x = torch.arange(24.0).reshape(2, 3, 4).requires_grad_()
+    for layout in layouts.LAYOUTS:
+        viewed = layouts.laid_out(x, layout, cotangent=layout == "expanded")
+        if layout == "expanded":
+            assert viewed.stride()[-1] == 0
+            continue
+        assert torch.equal(viewed, x)
+        (grad,) = torch.autograd.grad(viewed.sum(), x)
+        assert torch.equal(grad, torch.ones_like(x))
+    assert not layouts.laid_out(x, "transposed").is_contiguous()
+    assert layouts.laid_out(x, "offset").storage_offset() == 1
+    assert layouts.laid_out(torch.zeros(2, 3, 4, 5), "channels_last").is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def test_a_correct_function_passes_whatever_the_layout():
+    assert verify.check_function(lambda x: torch.tanh(x) @ x.T, "x: Real[m, n]\ny = tanh(x) @ x.T",
+                                 modes=("rev",), seed=0).points > 0
+
+
+def test_layouts_takes_drawn_or_contiguous():
+    with pytest.raises(ValueError, match="layouts is one of drawn, contiguous"):
+        verify.check_function(torch.tanh, "x: Real[n]\ny = tanh(x)", layouts="rowmajor")
