@@ -52,6 +52,34 @@ def test_a_backward_that_assumes_a_layout_is_caught_naming_it_and_passes_when_ha
     assert verify.check_function(fn, spec, modes=("rev",), seed=0, layouts="contiguous").points > 0
 
 
+class _ViewingTheTangent(torch.autograd.Function):
+    """2x, whose forward-mode rule flattens the tangent with view(-1)."""
+
+    @staticmethod
+    def forward(x):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+    @staticmethod
+    def jvp(ctx, t):
+        return (t.view(-1) * 2).view(t.shape)
+
+
+def test_forward_mode_meets_the_layouts_too_and_its_snippet_makes_them():
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(_ViewingTheTangent.apply, "x: Real[m, n]\ny = 2 * x", modes=("fwd",), seed=0)
+    assert caught.value.failure.check == "JVP" and "# the layout it was handed in" in caught.value.failure.snippet
+    assert verify.check_function(_ViewingTheTangent.apply, "x: Real[m, n]\ny = 2 * x", modes=("fwd",), seed=0,
+                                 layouts="contiguous").points > 0
+
+
 def test_each_layout_keeps_the_values_and_gradients_reach_the_tensor():
     x = torch.arange(24.0).reshape(2, 3, 4).requires_grad_()
     for layout in layouts.LAYOUTS:

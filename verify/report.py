@@ -221,9 +221,14 @@ def reproduction_snippet(fn_name: str, check: str, inputs: dict, cotangent, tang
     if check == "JVP":
         lines.append("import torch.autograd.forward_ad as fwAD")
         lines.append("with fwAD.dual_level():")
-        duals = ", ".join(tensor(inputs[n], dtype=fixed[n]) if n in fixed else
-                          f"fwAD.make_dual({tensor(inputs[n])}, {tensor(tangents[n])})" for n in inputs)
-        lines.append(f"    print(fwAD.unpack_dual({fn_name}({duals})).tangent)")
+        for n, value in inputs.items():
+            made = tensor(value, dtype=fixed[n]) if n in fixed else \
+                f"fwAD.make_dual({tensor(value)}, {tensor(tangents[n])})"
+            lines.append(f"    {n} = {made}")
+            code = view_code(layout, n, np.shape(value))
+            if code:
+                lines.append(f"    {n} = {code}  # the layout it was handed in")
+        lines.append(f"    print(fwAD.unpack_dual({fn_name}({names})).tangent)")
         return "\n".join(lines)
     lines.extend(f"{name} = {tensor(value, dtype=fixed[name]) if name in fixed else tensor(value, grad=True)}"
                  for name, value in inputs.items())

@@ -361,8 +361,8 @@ class FunctionSubject(_Subject):
         results = []
         for point, pick in picks:
             with forward_ad.dual_level():
-                duals = [_dual(self.spec, name, self._input(name, array[pick], dtype),
-                               self._tensor(at.tangents[name][pick], dtype))
+                duals = [laid_out(_dual(self.spec, name, self._input(name, array[pick], dtype),
+                                        self._tensor(at.tangents[name][pick], dtype)), at.layout)
                          for name, array in at.inputs.items()]
                 output = self._call("JVP", point, duals, _leading(at, pick) + output_shape)
                 results.append(_rows(forward_ad.unpack_dual(output).tangent, at, pick, output_shape))
