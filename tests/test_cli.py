@@ -51,7 +51,8 @@ def write(directory, name, text):
 
 
 def test_the_installed_command_checks_the_bundled_example_exits_0_and_reports_the_proof():
-    completed = run_installed("check", str(EXAMPLE), "--seed", "1")
+    # The console script and its exit code are the point here: few examples suffice.
+    completed = run_installed("check", str(EXAMPLE), "--seed", "1", "--max-examples", "10")
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "Warning" not in completed.stderr  # torch's own notices are not the user's business
     assert "ok       " in completed.stdout
