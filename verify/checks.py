@@ -637,7 +637,7 @@ def _noting_layout(failure: Failure, subject, at: Example) -> Failure:
     """A failure under a drawn memory layout says which, and how to make it."""
     if isinstance(subject, FunctionSubject) and at.layout != "contiguous":
         failure.notes.append(f"layout: the inputs and their directions were handed to {subject.name} {at.layout}: "
-                             f"{layouts.MADE[at.layout]}; the values are the drawn ones, so if "
+                             f"{layouts.MADE[at.layout].format(t='t')}; the values are the drawn ones, so if "
                              f"layouts=\"contiguous\" passes, {subject.name} assumes a layout")
     return failure
 

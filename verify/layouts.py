@@ -15,29 +15,20 @@ import torch
 LAYOUTS = ("contiguous", "transposed", "strided", "offset", "expanded", "channels_last")
 CHOICES = ("drawn", "contiguous")
 
-# How each layout is made from a contiguous tensor t, for a report's reader.
+# How each layout is made from a tensor named {t}, for a report and its snippet.
 MADE = {
-    "transposed": "t.transpose(-1, -2).contiguous().transpose(-1, -2) (its last two axes' strides swapped)",
-    "strided": "torch.stack([t, torch.zeros_like(t)], -1)[..., 0] (a slice with step 2 of a larger buffer)",
-    "offset": "torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) (storage offset 1)",
-    "expanded": "the cotangent t[..., :1].expand_as(t) (stride 0 along its last axis, as sum()'s backward "
-                "hands it down)",
-    "channels_last": "t.contiguous(memory_format=torch.channels_last)",
+    "transposed": "{t}.transpose(-1, -2).contiguous().transpose(-1, -2)",
+    "strided": "torch.stack([{t}, torch.zeros_like({t})], -1)[..., 0]",
+    "offset": "torch.cat([{t}.new_zeros(1), {t}.flatten()])[1:].view({t}.shape)",
+    "expanded": "{t}[..., :1].expand_as({t})",
+    "channels_last": "{t}.contiguous(memory_format=torch.channels_last)",
 }
 
 
 def view_code(layout: str, name: str, shape: tuple, cotangent: bool = False) -> str | None:
     """Python that makes ``name``'s tensor (of ``shape``) in ``layout``, for a report's
     snippet; None where the layout leaves it as it is."""
-    if not applies(layout, shape, cotangent):
-        return None
-    return {
-        "transposed": f"{name}.transpose(-1, -2).contiguous().transpose(-1, -2)",
-        "strided": f"torch.stack([{name}, torch.zeros_like({name})], -1)[..., 0]",
-        "offset": f"torch.cat([{name}.new_zeros(1), {name}.flatten()])[1:].view({name}.shape)",
-        "expanded": f"{name}[..., :1].expand_as({name})",
-        "channels_last": f"{name}.contiguous(memory_format=torch.channels_last)",
-    }[layout]
+    return MADE[layout].format(t=name) if applies(layout, shape, cotangent) else None
 
 
 def applies(layout: str, shape: tuple, cotangent: bool = False) -> bool:

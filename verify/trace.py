@@ -494,13 +494,7 @@ class _Tracer:
             return _Value(" * ".join(sizes) or "1", kind="number", precedence=PRODUCT if len(sizes) > 1 else ATOM)
         return self.reduction(node, "sum", {**a, "input": _Value(self.as_real(condition), condition.rank)})
 
-    def op_var(self, node, a):
-        return self.spread(node, a, "var")
-
-    def op_std(self, node, a):
-        return self.spread(node, a, "std")
-
-    def spread(self, node, a, name):
+    def spread(self, node, name, a):
         x = a["input"]
         correction = a.get("correction")
         correction = 1 if correction is None else correction
@@ -760,13 +754,7 @@ class _Tracer:
                                                      f"{a.get('dim', -1) % x.rank})", x.rank)
                       if i == 0 else self.unwritable(i))
 
-    def op_argmax(self, node, a):
-        return self.arg(node, a, "argmax")
-
-    def op_argmin(self, node, a):
-        return self.arg(node, a, "argmin")
-
-    def arg(self, node, a, name):
+    def arg(self, node, name, a):
         x = a["input"]
         if a.get("dim") is None or a.get("keepdim"):
             raise self.refuse(f"{name} without dim=, or with keepdim=True")
@@ -790,6 +778,8 @@ _GENERIC = {
     **{name: _generic("cast") for name in CASTS},
     **{name: _generic("reshape") for name in RESHAPES},
     **{name: _generic("matmul") for name in ("mm", "bmm", "matmul")},
+    **{name: _generic("spread") for name in ("var", "std")},
+    **{name: _generic("arg") for name in ("argmax", "argmin")},
     "special_xlogy": _generic("binary"),
 }
 _COMPARE = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge}
