@@ -343,3 +343,29 @@ def test_a_max_pool_backward_that_gives_every_tied_maximum_the_gradient_is_caugh
     mismatch = _caught(planted(pool, backward), spec, torch.float32, modes=("rev",), max_examples=1)
     row = mismatch.failure.inputs["x"][0]
     assert mismatch.failure.check == "gradient" and row[0] == row[1]  # found at a tie
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_conv_backward_that_accumulates_in_the_half_type_passes_and_one_off_by_5_percent_is_caught(dtype):
+    # conv1d's backward, like pooling's, accumulates in the half types (Op.unfused_in): torch's
+    # own passes at cancellations; a weight gradient 5% off is still caught.
+    spec = "x: Interval(-4, 4)[b, c, l]\nw: Interval(-4, 4)[f, c, k]\no = conv1d(x, w)"
+    conv = torch.nn.functional.conv1d
+    verify.check_function(conv, spec, dtype=dtype, seed=0, modes=("rev",), max_examples=30)
+
+    def backward(x, w, g):
+        with torch.enable_grad():
+            leaves = x.detach().requires_grad_(), w.detach().requires_grad_()
+            dx, dw = torch.autograd.grad(conv(*leaves), leaves, g)
+        return dx, dw * 1.05
+
+    assert _caught(planted(conv, backward), spec, dtype, modes=("rev",), max_examples=30).failure.check == "gradient"
+
+
+def test_an_lgamma_gradient_offset_near_digammas_zero_is_caught_under_a_large_cotangent():
+    # digamma's absolute allowance sits on the function, so a cotangent of 1000 scales it (torch's
+    # own lgamma passes there, tests/test_tolerance.py); an offset of 1e-2 in digamma is not excused.
+    spec = "x: Interval(1.40, 1.52)[n]\no = sum(1000 * lgamma(x))"
+    off = planted(torch.lgamma, lambda x, g: g * (torch.digamma(x) + 1e-2))
+    mismatch = _caught(lambda x: (1000 * off(x)).sum(), spec, torch.float32, modes=("rev",), max_examples=30)
+    assert mismatch.failure.check == "gradient"
