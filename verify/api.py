@@ -74,7 +74,7 @@ def check_function(fn, spec: str | Spec | None = None, *, reference=None, exampl
                    outputs: tuple | None = None, parameters: dict | None = None,
                    time_budget: float | None = None, rows: bool = False,
                    compute_dtype: torch.dtype | None = None, require_power: bool = False,
-                   layouts: str = "drawn") -> Result:
+                   layouts: str = "contiguous") -> Result:
     """Check ``fn`` (a custom ``autograd.Function``'s ``apply``, a fused op, a module) against
     the math of ``spec``.
 
@@ -107,11 +107,13 @@ def check_function(fn, spec: str | Spec | None = None, *, reference=None, exampl
     takes the other inputs. A function that returns a tuple names the spec's nodes it
     returns, in order: ``outputs=("mean", "var")``.
 
-    The inputs and the cotangent reach ``fn`` in a memory layout drawn per example: contiguous,
-    a transposed view, a slice with a step, a storage offset, a cotangent expanded along an axis
-    (stride 0, as ``sum()``'s backward hands it down), or channels-last; the values are the
-    same, so a failure under a layout is a layout bug, and its report names the layout.
-    ``layouts="contiguous"`` hands every tensor contiguous.
+    With ``layouts="drawn"``, the inputs and the cotangent reach ``fn`` in a memory layout drawn
+    per example: contiguous, a transposed view, a slice with a step, a storage offset, a
+    cotangent expanded along an axis (stride 0, as ``sum()``'s backward hands it down), or
+    channels-last; the values are the same, so a failure under a layout is a layout bug, and
+    its report names the layout. Not yet the default: the allowance models torch's matmul and
+    conv kernels as they accumulate on contiguous inputs, and on strided ones they take another
+    order (benchmarks/mutations.py's own dot and conv1d fail there).
 
     Instead of ``spec``, ``reference=`` takes the plain-torch function the kernel must match,
     traced at ``example_inputs`` into a spec (``verify.spec_from``, with ``domains``); a
