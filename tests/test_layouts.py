@@ -1,10 +1,11 @@
 """Memory layouts drawn for user code: the same values, strided as torch hands tensors in training."""
 
+import hypothesis
 import pytest
 import torch
 
 import verify
-from verify import layouts
+from verify import layouts, strategies
 
 from .conftest import planted
 
@@ -19,9 +20,9 @@ _READING_ROW_MAJOR = planted(torch.tanh, lambda x, g: torch.as_strided(g, g.shap
     (_VIEWING_THE_COTANGENT, "x: Real[m, n]\ny = x * x"),
     (_READING_ROW_MAJOR, "x: Real[m, n]\ny = tanh(x)"),
 ], ids=["view(-1)", "row-major read"])
-def test_a_backward_that_assumes_a_layout_is_caught_naming_it_and_passes_when_handed_contiguous(fn, spec):
+def test_a_backward_that_assumes_a_layout_is_caught_by_default_naming_it_and_passes_when_handed_contiguous(fn, spec):
     with pytest.raises(verify.Mismatch) as caught:
-        verify.check_function(fn, spec, modes=("rev",), seed=0, layouts="drawn")
+        verify.check_function(fn, spec, modes=("rev",), seed=0)
     failure = caught.value.failure
     assert failure.check == "gradient"
     note = next(note for note in failure.notes if note.startswith("layout:"))
@@ -52,8 +53,7 @@ class _ViewingTheTangent(torch.autograd.Function):
 
 def test_forward_mode_meets_the_layouts_too_and_its_snippet_makes_them():
     with pytest.raises(verify.Mismatch) as caught:
-        verify.check_function(_ViewingTheTangent.apply, "x: Real[m, n]\ny = 2 * x", modes=("fwd",), seed=0,
-                              layouts="drawn")
+        verify.check_function(_ViewingTheTangent.apply, "x: Real[m, n]\ny = 2 * x", modes=("fwd",), seed=0)
     assert caught.value.failure.check == "JVP" and "# the layout it was handed in" in caught.value.failure.snippet
     assert verify.check_function(_ViewingTheTangent.apply, "x: Real[m, n]\ny = 2 * x", modes=("fwd",), seed=0,
                                  layouts="contiguous").points > 0
@@ -77,7 +77,31 @@ def test_each_layout_keeps_the_values_and_gradients_reach_the_tensor():
 
 def test_a_correct_function_passes_whatever_the_layout():
     assert verify.check_function(lambda x: torch.tanh(x) @ x.T, "x: Real[m, n]\ny = tanh(x) @ x.T",
-                                 modes=("rev",), seed=0, layouts="drawn").points > 0
+                                 modes=("rev",), seed=0).points > 0
+
+
+def test_stacked_rows_get_their_cotangent_expanded_within_a_row_never_across_rows():
+    scalar_per_row = torch.arange(3.0)
+    assert layouts.laid_out(scalar_per_row, "expanded", cotangent=True, rows=True) is scalar_per_row
+    assert layouts.laid_out(torch.ones(3, 4), "expanded", cotangent=True, rows=True).stride() == (4, 0)
+    # A dot per row: its stacked cotangent must keep each row's own value under every layout.
+    assert verify.check_function(lambda x, z: (x * z).sum(-1), "x: Real[n]\nz: Real[n]\ny = dot(x, z)", rows=True,
+                                 modes=("rev",), seed=0).points > 0
+
+
+def test_large_sizes_are_drawn_at_block_edges_half_the_time():
+    edges = {15, 16, 17, 31, 32, 33, 63, 64}
+    drawn = []
+
+    @hypothesis.settings(max_examples=400, database=None, derandomize=True, deadline=None)
+    @hypothesis.given(strategies.examples(verify.parse("x: Real[n]\ny = tanh(x)"), torch.float32))
+    def draw(example):
+        if example.sizes["n"] > 8:
+            drawn.append(example.sizes["n"])
+
+    draw()
+    # Uniform sizes from 9 to 64 would put 8 of 56 at an edge.
+    assert len(drawn) > 20 and sum(n in edges for n in drawn) / len(drawn) > 0.35
 
 
 def test_layouts_takes_drawn_or_contiguous():

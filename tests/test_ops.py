@@ -244,3 +244,13 @@ def test_prods_partial_products_that_flush_to_zero_reject_its_own_lowering_and_f
         verify.check_function(torch.prod, spec, seed=0, max_examples=1, modes=("rev",))
     assert caught.value.failure.check == "gradient"
     assert any("recorded finding in torch's own prod" in note for note in caught.value.failure.notes)
+
+
+def test_rsqrts_backward_cubing_its_result_past_the_range_fails_code_naming_the_finding():
+    # torch's rsqrt backward is -0.5 * grad * result³: at x = 4.9e-4 in float16 the cube (92290)
+    # overflows where the gradient (-46145) is representable.
+    spec = "x: Positive[n] = [0.0004897117614746094, 1]\no = rsqrt(x)"
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(torch.rsqrt, spec, seed=0, max_examples=1, modes=("rev",), dtype=torch.float16)
+    assert caught.value.failure.check == "gradient"
+    assert any("recorded finding in torch's own rsqrt" in note for note in caught.value.failure.notes)

@@ -74,7 +74,7 @@ def check_function(fn, spec: str | Spec | None = None, *, reference=None, exampl
                    outputs: tuple | None = None, parameters: dict | None = None,
                    time_budget: float | None = None, rows: bool = False,
                    compute_dtype: torch.dtype | None = None, require_power: bool = False,
-                   layouts: str = "contiguous") -> Result:
+                   layouts: str = "drawn") -> Result:
     """Check ``fn`` (a custom ``autograd.Function``'s ``apply``, a fused op, a module) against
     the math of ``spec``.
 
@@ -95,8 +95,8 @@ def check_function(fn, spec: str | Spec | None = None, *, reference=None, exampl
     A kernel that launches per call is checked fastest with ``rows=True``: ``fn`` then takes
     every input with a leading axis of independent points (row k of each is point k) and
     returns the output with it, and many points go in one call. The first points of each
-    batch are also called alone (a stack of one); a different result there is a failure of
-    its own: the rows are not independent. A kernel that loads ``dtype`` but computes in a
+    batch are also called alone (a stack of one); where they differ, the stacked results are
+    judged, and a failure says that they differed (the rows may not be independent). A kernel that loads ``dtype`` but computes in a
     wider dtype says so with ``compute_dtype=torch.float32``: its steps are then allowed
     that dtype's roundings, plus one rounding of each result to ``dtype`` (see
     ``verify.tolerance``), which catches a kernel that computes in ``dtype`` by mistake.
@@ -107,13 +107,11 @@ def check_function(fn, spec: str | Spec | None = None, *, reference=None, exampl
     takes the other inputs. A function that returns a tuple names the spec's nodes it
     returns, in order: ``outputs=("mean", "var")``.
 
-    With ``layouts="drawn"``, the inputs and the cotangent reach ``fn`` in a memory layout drawn
-    per example: contiguous, a transposed view, a slice with a step, a storage offset, a
-    cotangent expanded along an axis (stride 0, as ``sum()``'s backward hands it down), or
-    channels-last; the values are the same, so a failure under a layout is a layout bug, and
-    its report names the layout. Not yet the default: the allowance models torch's matmul and
-    conv kernels as they accumulate on contiguous inputs, and on strided ones they take another
-    order (benchmarks/mutations.py's own dot and conv1d fail there).
+    The inputs and the cotangent reach ``fn`` in a memory layout drawn per example:
+    contiguous, a transposed view, a slice with a step, a storage offset, a cotangent expanded
+    along an axis (stride 0, as ``sum()``'s backward hands it down), or channels-last. The
+    values are the same, so a failure under a layout is a layout bug, and its report names the
+    layout. ``layouts="contiguous"`` hands every tensor contiguous.
 
     Instead of ``spec``, ``reference=`` takes the plain-torch function the kernel must match,
     traced at ``example_inputs`` into a spec (``verify.spec_from``, with ``domains``); a

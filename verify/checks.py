@@ -634,11 +634,14 @@ def _failure(spec: Spec, subject, comparison: _Comparison, at: Example, point: i
 
 
 def _noting_layout(failure: Failure, subject, at: Example) -> Failure:
-    """A failure under a drawn memory layout says which, and how to make it."""
+    """A failure under a drawn memory layout says which, and how to make it; one where stacked
+    rows gave other results than alone says that too."""
     if isinstance(subject, FunctionSubject) and at.layout != "contiguous":
         failure.notes.append(f"layout: the inputs and their directions were handed to {subject.name} {at.layout}: "
                              f"{layouts.MADE[at.layout].format(t='t')}; the values are the drawn ones, so if "
                              f"layouts=\"contiguous\" passes, {subject.name} assumes a layout")
+    if isinstance(subject, FunctionSubject):
+        failure.notes.extend(subject.stacked_apart.values())
     return failure
 
 

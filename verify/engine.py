@@ -100,7 +100,7 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         order: int = 1, modes=MODES, device: str = "cpu", database: str | Path | None = None,
         derandomize: bool = False, sizes: dict | None = None, kinks: str = "any", rtol: float = 0.0,
         atol: float = 0.0, time_budget: float | None = None, compute_dtype: torch.dtype | None = None,
-        rows: bool = False, require_power: bool = False, layouts: str = "contiguous") -> Result:
+        rows: bool = False, require_power: bool = False, layouts: str = "drawn") -> Result:
     """Check ``spec``'s torch lowering, or ``fn``, on Hypothesis-drawn batches of points and
     on the spec's example point.
 

@@ -59,6 +59,11 @@ def _square_leaves_range(operands, dtype) -> bool:
     return bool(np.any(squares > _largest(dtype)) or np.any(squares < _smallest_normal(dtype)))
 
 
+def _cube_of_rsqrt_overflows(operands, dtype) -> bool:
+    with np.errstate(divide="ignore"):
+        return bool(np.any(np.abs(np.asarray(operands[0], dtype=np.float64)) ** -1.5 > _largest(dtype)))
+
+
 def _exp_overflows(operands, dtype) -> bool:
     compute = torch.float32 if dtype in HALF_TYPES else dtype
     return _magnitude(operands) > math.log(_largest(compute))
@@ -141,11 +146,14 @@ FINDINGS = (
             "the squares overflow where the norm is representable", _square_overflows),
     Finding("std", (torch.float64,), frozenset({"value", "gradient", "JVP"}), "the squares overflow where the "
             "result is representable", _square_overflows),
+    Finding("rsqrt", EVERY_DTYPE, DERIVATIVES, "the backward forms the result cubed before it scales by the "
+            "cotangent (-0.5 * grad * result³), which overflows where the gradient is representable",
+            _cube_of_rsqrt_overflows),
     Finding("prod", EVERY_DTYPE, DERIVATIVES | {"HVP"}, "the backward divides the saved product by each factor, "
             "and a product below the normal range has lost digits", _product_below_normal),
-    Finding("prod", EVERY_DTYPE, frozenset({"rows"}), "the backward picks its formula by whether any element of "
-            "the whole tensor is 0 (the product divided by each factor, or the products of the others), and the "
-            "two differ where partial products leave the normal range: stacked rows depend on each other there",
+    Finding("prod", EVERY_DTYPE, DERIVATIVES, "the backward picks its formula by whether any element of the whole "
+            "tensor is 0 (the product divided by each factor, or the products of the others), and the two differ "
+            "where partial products leave the normal range: stacked rows depend on each other there",
             _partial_product_leaves_normal_range),
     *(Finding(op, (torch.float16,), DERIVATIVES, "the backward accumulates its partial sums in float16 (CPU), "
               "which overflow where the gradient is representable", _partial_sums_may_overflow)

@@ -44,10 +44,12 @@ def applies(layout: str, shape: tuple, cotangent: bool = False) -> bool:
     return False
 
 
-def laid_out(tensor: torch.Tensor, layout: str, cotangent: bool = False) -> torch.Tensor:
+def laid_out(tensor: torch.Tensor, layout: str, cotangent: bool = False, rows: bool = False) -> torch.Tensor:
     """``tensor``'s values in ``layout`` (a differentiable view of them, so gradients reach the
-    tensor); as it is where the layout does not apply to its shape."""
-    if not applies(layout, tuple(tensor.shape), cotangent):
+    tensor); as it is where the layout does not apply to its shape. With ``rows`` its leading
+    axis stacks points, which an expanded cotangent must not repeat."""
+    shape = tuple(tensor.shape)
+    if not applies(layout, shape, cotangent) or (layout == "expanded" and rows and len(shape) < 2):
         return tensor
     if layout == "transposed":
         return tensor.transpose(-1, -2).contiguous().transpose(-1, -2)

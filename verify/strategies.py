@@ -284,8 +284,8 @@ def _draw_sizes(draw, spec: Spec, sizes) -> dict:
     largest = _largest_size(spec)
     for name, (smallest, usual) in bounds.items():
         if name not in chosen:
-            high = largest if large and name in candidates else usual
-            chosen[name] = draw(st.integers(smallest, high), label=f"size {name}")
+            sizes_drawn = _block_edges(smallest, largest) if large and name in candidates else st.integers(smallest, usual)
+            chosen[name] = draw(sizes_drawn, label=f"size {name}")
     while large and _elements_per_point(spec, chosen) > LARGE_ELEMENTS:  # halve the largest to fit
         name = max(candidates, key=chosen.get)
         if chosen[name] // 2 < bounds[name][0]:
@@ -293,6 +293,14 @@ def _draw_sizes(draw, spec: Spec, sizes) -> dict:
         chosen[name] //= 2
     assume(_meets_requirements(spec, chosen))
     return _within_memory(spec, chosen, sizes or {})
+
+
+def _block_edges(smallest: int, largest: int) -> st.SearchStrategy:
+    """Sizes from ``smallest`` to ``largest``, half of them a power of two or its neighbour: a
+    kernel's masked last block (2^k + 1, 2^k - 1) and its exact fit (2^k) are different code."""
+    edges = sorted({edge for k in range(largest.bit_length() + 1) for edge in (2**k - 1, 2**k, 2**k + 1)
+                    if smallest <= edge <= largest})
+    return st.one_of(st.sampled_from(edges), st.integers(smallest, largest)) if edges else st.integers(smallest, largest)
 
 
 def _draw_input(draw, spec: Spec, name: str, dtype: torch.dtype, sizes: dict, batch: int,

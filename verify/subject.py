@@ -208,6 +208,7 @@ class FunctionSubject(_Subject):
         self.rows = rows
         self.name = function_name(fn)
         self.routes = {}  # "values and VJPs" or "JVPs" -> how the function was called for them
+        self.stacked_apart = {}  # the same kinds -> how stacked and single calls differed in the last batch
 
     def vmapped(self) -> bool:
         return VMAPPED in self.routes.values()
@@ -229,6 +230,7 @@ class FunctionSubject(_Subject):
             batched, route = (lambda part: calls(part, [(0, slice(None))])), STACKED
         else:
             batched, route = vmapped, VMAPPED
+        self.stacked_apart.pop(kind, None)
         if at.batch <= SPOT_POINTS or self.routes.get(kind, route) != route:
             return calls(at, self._singles(at))
         try:
@@ -242,10 +244,14 @@ class FunctionSubject(_Subject):
         single = calls(at.at(spot), self._singles(at.at(spot)))
         differing = _first_difference(single, together, dtype)
         if differing is not None and self.rows:
+            # Another order of summation stacked can differ by more than a few roundings where
+            # the result cancels: the stacked results, as the kernel runs in training, are judged.
             name, point = differing
-            raise CodeFailure("rows", point, f"{self.name} called with the points stacked gave another {name} at this "
-                                             "point than called with it alone (beyond 64 roundings): its rows are "
-                                             "not independent")
+            self.stacked_apart[kind] = (f"rows: called with the points stacked, {self.name} gave another {name} at "
+                                        f"point {point} than called with it alone (a stack of one, as the snippet "
+                                        "calls it); the stacked results were judged. If the snippet passes, the "
+                                        "rows are not independent")
+            return together
         if differing is not None:
             self.routes[kind] = "point by point (the vmapped results differed from calls one by one)"
             rest = calls(at.at(~spot), self._singles(at.at(~spot)))
@@ -329,7 +335,7 @@ class FunctionSubject(_Subject):
             if not with_gradients:
                 continue
             grads = self._gradients("gradient", point, output, _differentiated_leaves(self.spec, leaves),
-                                    laid_out(self._tensor(at.cotangent[pick], dtype), at.layout, cotangent=True))
+                                    laid_out(self._tensor(at.cotangent[pick], dtype), at.layout, True, self.rows))
             for name, grad in grads.items():
                 gradients[name].append(_rows(grad, at, pick, at.inputs[name].shape[1:]))
         return {output_name: np.concatenate(values),
@@ -440,12 +446,14 @@ STACKED = "the points stacked in rows, one call per batch"
 def _first_difference(single: dict, batched: dict, dtype) -> tuple | None:
     """(the result, the point) where the calls one by one and the batched call first differ
     by more than a few roundings of ``dtype`` (a batched kernel may sum in another order), or
-    None. Either is judged against the reference all the same."""
+    None. Either is judged against the reference all the same; where both overflowed, whether
+    that was right is the reference's call, so inf and nan do not differ here."""
     tolerance = 64 * UNIT_ROUNDOFF[dtype]
     for name, eager in single.items():
         together = batched[name][:len(eager)]
         scale = np.max(np.abs(eager[np.isfinite(eager)]), initial=0.0)
-        close = np.isclose(together, eager, rtol=tolerance, atol=tolerance * scale, equal_nan=True)
+        close = np.isclose(together, eager, rtol=tolerance, atol=tolerance * scale)
+        close |= ~np.isfinite(together) & ~np.isfinite(eager)  # inf or nan alike: an overflow, judged exactly later
         if not close.all():
             return name, int(np.flatnonzero(~close.reshape(len(eager), -1).all(axis=1))[0])
     return None
