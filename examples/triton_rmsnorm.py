@@ -20,10 +20,16 @@ module sets TRITON_INTERPRET=1 where CUDA is not available (Triton has no CPU ba
                                 compute_dtype=torch.float32, modes=('rev',)))"
 """
 import os
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        # Its own jit'd functions (tl.sum) were made for a GPU: the interpreter cannot run them.
+        raise ImportError("triton was imported (torch imports it during some calls) before TRITON_INTERPRET=1 was "
+                          "set, and there is no GPU: set TRITON_INTERPRET=1 in the environment, or import this "
+                          "module first")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # after TRITON_INTERPRET is set: triton reads it on import

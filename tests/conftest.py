@@ -18,6 +18,10 @@ pytest_plugins = ["pytester"]
 # pools spin on the same two cores slowed each other down fifty-fold.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in the CLI's subprocesses
+# Triton reads TRITON_INTERPRET once, when it is first imported, and torch imports it during a
+# check: set before any test runs, so that the Triton examples interpret wherever they run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The suite's own property tests are reproducible by default (a clean clone in CI draws the
 # same inputs every run); HYPOTHESIS_PROFILE=explore draws fresh ones, to hunt for new bugs.

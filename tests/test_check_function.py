@@ -75,12 +75,13 @@ def test_forward_mode_is_checked_where_the_function_has_a_jvp():
     assert result.checks == "values, VJPs, JVPs"
 
 
-def test_function_without_forward_mode_is_reported_unsupported_not_passed():
+def test_function_without_forward_mode_is_reported_unsupported_before_drawing():
     with pytest.raises(verify.Unsupported, match="jvp") as caught:
         verify.check_function(Sin.apply, "x: Real[n]\ny = sin(x)", seed=0, max_examples=20)
-    result = caught.value.result
-    assert result.points > 0  # reverse mode was checked all the same
-    assert "fwd" in result.unsupported
+    assert 'pass modes=("rev",) to check reverse mode only' in str(caught.value)
+    assert caught.value.result.examples == 0  # said at once, not after every reverse check
+    assert verify.check_function(Sin.apply, "x: Real[n]\ny = sin(x)", seed=0, max_examples=5,
+                                 modes=("rev",)).points > 0
 
 
 @pytest.mark.parametrize("op", ["det", "inv"])
@@ -333,7 +334,7 @@ def test_torchs_prod_stacked_names_its_recorded_finding(monkeypatch):
     # the products of the others): where partial products leave float32's range, it fails.
     monkeypatch.setattr(engine, "SHRINK_SECONDS", 0.0)  # the first failure drawn is this one
     with pytest.raises(verify.Mismatch) as caught:
-        verify.check_function(lambda a: torch.prod(a, -1), "A: Real[n, m]\ny = prod(A, axis=1)", rows=True, seed=0,
+        verify.check_function(lambda a: torch.prod(a, -1), "A: Real[n, m]\ny = prod(A, axis=1)", rows=True, seed=1,
                               max_examples=20, dtype=torch.float32, modes=("rev",), layouts="contiguous")
     assert "a recorded finding in torch's own prod" in str(caught.value)
 
@@ -457,3 +458,54 @@ def test_a_failure_from_an_underflowed_step_names_it():
     notes = caught.value.failure.notes
     assert any(note.startswith("(x**2) is 1e-60 here, below float32's smallest number") for note in notes)
     assert not any(note.startswith("if inputs this large") for note in notes)
+
+
+FIVE_INPUTS = "a: Real[n]\nb: Real[n]\nc: Real[n]\nd: Real[n]\nf: Real[n]\ny = a + b + c + d + f"
+
+
+@pytest.mark.parametrize("fn", [lambda x: x, torch.tanh], ids=["lambda", "builtin"])
+def test_a_function_that_cannot_take_the_spec_inputs_is_a_type_error_before_drawing(fn):
+    with pytest.raises(TypeError, match=r"spec's (5 input\(s\) )?\(?.*a, b, c, d, f\)?.*declar"):
+        verify.check_function(fn, FIVE_INPUTS, seed=0, max_examples=5)
+
+
+def test_a_module_whose_forward_wants_more_inputs_is_a_type_error_before_drawing():
+    class Shifted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2, bias=False)
+
+        def forward(self, x, shift):
+            return self.lin(x) + shift
+
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'shift'"):
+        verify.check_function(Shifted(), "x: Real[3]\nlin_weight: Real[2, 3]\ny = lin_weight @ x", seed=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")
+def test_a_device_that_is_not_here_is_a_value_error():
+    with pytest.raises(ValueError, match="device 'cuda' is not available here"):
+        verify.check_function(torch.tanh, "x: Real[n]\ny = tanh(x)", device="cuda")
+
+
+def test_sequential_parameters_bind_names_that_parse_and_the_error_suggests_them():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh())
+    with pytest.raises(verify.SpecError) as caught:
+        verify.check_function(model, "x: Real[3]\ny = x", seed=0)
+    assert "p0_weight: Real[2, 3]; p0_bias: Real[2]" in str(caught.value)
+    spec = "x: Real[3]\np0_weight: Real[2, 3]\np0_bias: Real[2]\ny = tanh(p0_weight @ x + p0_bias)"
+    assert verify.check_function(model, spec, seed=0, max_examples=3).points > 0
+    by_hand = "x: Real[3]\nW: Real[2, 3]\nb: Real[2]\ny = tanh(W @ x + b)"
+    assert verify.check_function(model, by_hand, parameters={"W": "0.weight", "b": "0.bias"}, seed=0,
+                                 max_examples=3).points > 0
+
+
+def test_a_lambdas_snippet_runs_taking_the_function():
+    wrong = lambda x: torch.tanh(x) * 1.01  # noqa: E731 - a lambda is the point
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(wrong, "x: Real[n]\ny = tanh(x)", seed=0, max_examples=5)
+    snippet = caught.value.failure.snippet
+    assert "def reproduce(fn):" in snippet and "<lambda>(" not in snippet
+    namespace = {}
+    exec(snippet, namespace)  # our own generated code, in a test
+    namespace["reproduce"](wrong)

@@ -94,7 +94,7 @@ def test_large_sizes_are_drawn_at_block_edges_half_the_time():
     drawn = []
 
     @hypothesis.settings(max_examples=400, database=None, derandomize=True, deadline=None)
-    @hypothesis.given(strategies.examples(verify.parse("x: Real[n]\ny = tanh(x)"), torch.float32))
+    @hypothesis.given(strategies.examples(verify.parse("x: Real[n]\ny = tanh(x)"), torch.float32, layouts=True))
     def draw(example):
         if example.sizes["n"] > 8:
             drawn.append(example.sizes["n"])

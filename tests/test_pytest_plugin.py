@@ -1,5 +1,7 @@
 """The pytest plugin, run by the real pytest through pytester."""
 
+from pathlib import Path
+
 import pytest
 
 from .conftest import THOROUGH
@@ -47,6 +49,26 @@ def test_a_bad_option_value_is_a_usage_error_naming_the_option(pytester):
     result = pytester.runpytest("--verify-order", "3")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*verify_order takes 1 or 2*"])
+
+
+def test_the_docs_ini_snippet_parses_and_collects(pytester):
+    snippet = (Path(__file__).parent.parent / "docs" / "ci.md").read_text().split("```ini\n", 1)[1].split("```")[0]
+    pytester.makefile(".vspec", test_good=GOOD, helper=FALSE)
+    pytester.makeini(snippet.replace("verify_max_examples = 100", "verify_max_examples = 5"))
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=2)  # test_good in both dtypes; helper.vspec is not a test file
+    result.stdout.fnmatch_lines(["*test_good.vspec::float32 PASSED*"])
+
+
+def test_an_inline_comment_is_dropped_and_a_bad_switch_is_a_usage_error_naming_the_option(pytester):
+    pytester.makefile(".vspec", helper=GOOD)
+    pytester.makeini("[pytest]\nverify_all_specs = true   # every *.vspec\nverify_max_examples = 5  # quick\n"
+                     "verify_dtypes = float64  # one\n")
+    pytester.runpytest().assert_outcomes(passed=1)
+    pytester.makeini("[pytest]\nverify_all_specs = sometimes\n")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*verify_all_specs takes true or false, not 'sometimes'*"])
 
 
 def test_a_failure_is_replayed_first_by_the_next_session(pytester):

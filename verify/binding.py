@@ -31,10 +31,10 @@ def bind_module(module: torch.nn.Module, spec: Spec, parameters: dict | None) ->
     """(a function of the spec's inputs that calls ``module``, the sizes its parameters fix).
 
     ``parameters`` maps spec input names to parameter names (``{"W": "0.weight"}``); by
-    default each parameter binds the input named as it is, dots made underscores."""
+    default each parameter binds the input named as it is (``spec_name``)."""
     named = dict(module.named_parameters())
     binding = parameters if parameters is not None else {
-        name.replace(".", "_"): name for name in named if name.replace(".", "_") in spec.inputs}
+        spec_name(name): name for name in named if spec_name(name) in spec.inputs}
     for input_name, parameter in binding.items():
         if parameter not in named:
             raise SpecError(f"{type(module).__name__} has no parameter {parameter!r}; it has: {', '.join(named)}")
@@ -43,8 +43,10 @@ def bind_module(module: torch.nn.Module, spec: Spec, parameters: dict | None) ->
                             f"input of the spec")
     unbound = [name for name, p in named.items() if p.requires_grad and name not in binding.values()]
     if unbound:
+        declarations = "; ".join(f"{spec_name(name)}: Real{list(named[name].shape)}" for name in unbound)
         raise SpecError(f"the parameters {', '.join(unbound)} of {type(module).__name__} are not inputs of the spec",
-                        hint="declare them as inputs (dots become underscores), or bind them: parameters={...}")
+                        hint=f"declare them as inputs ({declarations}), or bind inputs of your own names to them: "
+                             f"parameters={{'W': {unbound[0]!r}}}")
     sizes = {}
     for input_name, parameter in binding.items():
         declared, actual = spec.inputs[input_name].shape, tuple(named[parameter].shape)
@@ -65,6 +67,13 @@ def bind_module(module: torch.nn.Module, spec: Spec, parameters: dict | None) ->
     call.__qualname__ = type(module).__name__
     call.reproduce_arguments = [] if parameters is None else [f"parameters={parameters!r}"]
     return call, sizes
+
+
+def spec_name(parameter: str) -> str:
+    """The spec input a parameter binds by default: dots made underscores, and a p before a
+    leading digit (nn.Sequential's ``0.weight`` is ``p0_weight``)."""
+    name = parameter.replace(".", "_")
+    return "p" + name if name[:1].isdigit() else name
 
 
 def combine_outputs(fn, spec: Spec, names: tuple) -> tuple:

@@ -28,8 +28,9 @@ from .layouts import CHOICES
 from .plan import claim_text, example_point, needs_concrete_sizes, plan
 from .report import CHECKED, REFUTED, ClaimResult, Failure, Result, proved
 from .settings import MODES, stable_seed
-from .strategies import BATCHED, PER_POINT, ROWS, Example, check_given_sizes, draws_by_seed_alone, examples
-from .subject import FunctionSubject, function_name
+from .strategies import (BATCHED, PER_POINT, ROWS, Example, check_given_sizes, draws_by_seed_alone, examples,
+                         simplest_example)
+from .subject import FunctionSubject, ModeUnsupported, function_name
 from .tolerance import UNIT_ROUNDOFF
 
 
@@ -40,6 +41,21 @@ def _validated_budget(time_budget) -> float | None:
             math.isfinite(time_budget) and time_budget > 0):
         raise ValueError(f"time_budget must be a positive number of seconds; got {time_budget!r}")
     return float(time_budget)
+
+
+def _probed(subject: FunctionSubject, spec: Spec, options: Options, sizes: dict, name: str, result: Result) -> None:
+    """Call the function once before drawing: a call that cannot work, or a mode it does not
+    implement, is the caller's error, not a failed check."""
+    point = example_point(spec, options.dtype)
+    if point is None or not sizes.items() <= point.sizes.items():
+        point = simplest_example(spec, options.dtype, sizes)
+    try:
+        subject.probe(point, options.dtype, options.modes)
+    except ModeUnsupported as unsupported:
+        other = "rev" if unsupported.mode == "fwd" else "fwd"
+        raise Unsupported(f"{name}: {unsupported.mode} mode is not supported: {unsupported} (pass "
+                          f"modes=(\"{other}\",) to check {'reverse' if other == 'rev' else 'forward'} mode only)",
+                          result) from None
 
 
 def _validated(dtype, order, modes, device, kinks="any", rtol=0.0, atol=0.0, compute_dtype=None) -> Options:
@@ -59,6 +75,10 @@ def _validated(dtype, order, modes, device, kinks="any", rtol=0.0, atol=0.0, com
     for name, value in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number, at least 0; got {value!r}")
+    try:
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError) as error:  # torch's way of saying the device is not built in or absent
+        raise ValueError(f"device {device!r} is not available here: {str(error).strip().splitlines()[0]}") from None
     return Options(dtype, order, modes, str(torch.device(device)), kinks, float(rtol), float(atol),
                    None if compute_dtype == dtype else compute_dtype)
 
@@ -132,6 +152,8 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         plan(spec)  # the sympy work happens here, before any example
     subject = None if fn is None else FunctionSubject(spec, fn, options.device, rows)
     tangents = "fwd" in options.modes or options.order == 2
+    if subject is not None:
+        _probed(subject, spec, options, sizes, name, result)
 
     kept = None if database is None else DirectoryBasedExampleDatabase(str(database))
     key = _database_key(spec, fn, options, sizes)

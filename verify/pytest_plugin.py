@@ -16,30 +16,34 @@ import pytest
 from verify import settings
 
 SETTINGS = pytest.StashKey[settings.RunSettings]()
+ALL_SPECS = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser):
-    parser.addini("verify_all_specs", "collect every *.vspec file, not only test_*.vspec", type="bool", default=False)
+    parser.addini("verify_all_specs", "collect every *.vspec file, not only test_*.vspec (true or false)",
+                  default="false")
     settings.add_pytest_options(parser)
 
 
 def pytest_configure(config):
-    config.stash[SETTINGS] = _settings(config)  # a bad value stops the session before collection
+    # A bad value stops the session before collection.
+    try:
+        config.stash[ALL_SPECS] = settings.ini_switch(config, "verify_all_specs")
+        config.stash[SETTINGS] = _settings(config)
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
 
 
 def pytest_collect_file(file_path, parent):
     if file_path.suffix != ".vspec":
         return None
-    if file_path.name.startswith("test_") or parent.config.getini("verify_all_specs"):
+    if file_path.name.startswith("test_") or parent.config.stash[ALL_SPECS]:
         return SpecFile.from_parent(parent, path=file_path)
     return None
 
 
 def _settings(config) -> settings.RunSettings:
-    try:
-        chosen = settings.from_pytest(config)
-    except ValueError as error:
-        raise pytest.UsageError(str(error)) from None
+    chosen = settings.from_pytest(config)
     if chosen.database is None:
         return chosen
     return dataclasses.replace(chosen, database=str(config.rootpath / chosen.database))  # rootpath if relative

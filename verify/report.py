@@ -8,6 +8,7 @@ line that reproduces it.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -214,10 +215,21 @@ def reproduction_snippet(fn_name: str, check: str, inputs: dict, cotangent, tang
         listed = np.asarray(array, dtype=np.int64 if dtype == "int64" else np.float64).tolist()
         return f"torch.tensor({listed!r}, dtype=torch.{dtype}" + (", requires_grad=True)" if grad else ")")
 
+    named = re.fullmatch(r"[A-Za-z_][\w.]*", fn_name) is not None
+    body = _snippet_body("fn" if not named else fn_name, check, inputs, cotangent, tangents, fixed, layout, tensor)
+    if named:
+        return "\n".join(["import torch", *body])
+    # A lambda or a local function has no name to call it by: the snippet takes it.
+    return "\n".join(["import torch", "", f"def reproduce(fn):  # fn: the {fn_name} passed to check_function",
+                      *("    " + line for line in body)])
+
+
+def _snippet_body(fn_name: str, check: str, inputs: dict, cotangent, tangents: dict, fixed: dict, layout: str,
+                  tensor) -> list:
     names = ", ".join(inputs)
     moving = [name for name in inputs if name not in fixed]
     wrt = ", ".join(moving)
-    lines = ["import torch"]
+    lines = []
     if check == "JVP":
         lines.append("import torch.autograd.forward_ad as fwAD")
         lines.append("with fwAD.dual_level():")
@@ -229,7 +241,7 @@ def reproduction_snippet(fn_name: str, check: str, inputs: dict, cotangent, tang
             if code:
                 lines.append(f"    {n} = {code}  # the layout it was handed in")
         lines.append(f"    print(fwAD.unpack_dual({fn_name}({names})).tangent)")
-        return "\n".join(lines)
+        return lines
     lines.extend(f"{name} = {tensor(value, dtype=fixed[name]) if name in fixed else tensor(value, grad=True)}"
                  for name, value in inputs.items())
     viewed = {name: view_code(layout, name, np.shape(value)) for name, value in inputs.items()}
@@ -254,7 +266,7 @@ def reproduction_snippet(fn_name: str, check: str, inputs: dict, cotangent, tang
         else:
             lines.append(f"out.backward({tensor(cotangent)})")
         lines.append(f"print({', '.join(n + '.grad' for n in moving)})")
-    return "\n".join(lines)
+    return lines
 
 
 def _number(value) -> str:

@@ -179,17 +179,33 @@ def add_pytest_options(parser) -> None:
             group.addoption(flag, dest=f"verify_{option.name}", default=None, help=option.help)
 
 
+def ini_text(config, name: str) -> str:
+    """An ini value as text, without an inline comment: pytest keeps ``false  # why`` whole."""
+    raw = config.getini(name)
+    if isinstance(raw, list):
+        raw = " ".join(raw)
+    return re.sub(r"(^|\s)#.*$", "", raw or "", flags=re.M).strip()
+
+
+def ini_switch(config, name: str) -> bool:
+    """An ini value that is true or false; another raises ``ValueError`` naming the option."""
+    text = ini_text(config, name).lower()
+    if text in ("", "false", "no", "off", "0"):
+        return False
+    if text in ("true", "yes", "on", "1"):
+        return True
+    raise ValueError(f"{name} takes true or false, not {ini_text(config, name)!r}")
+
+
 def from_pytest(config) -> RunSettings:
     """The settings of a pytest run; a bad value raises ``ValueError`` naming the option."""
     given = {}
     for option in OPTIONS:
         raw = config.getoption(f"verify_{option.name}")
         if raw is None:
-            raw = config.getini(f"verify_{option.name}")
-        if raw in (None, "", []):
+            raw = ini_text(config, f"verify_{option.name}")
+        if raw in (None, ""):
             continue
-        if isinstance(raw, list):
-            raw = " ".join(raw)
         try:
             given[option.name] = option.parse(raw)
         except ValueError as error:

@@ -274,7 +274,7 @@ def check_given_sizes(spec: Spec, fixed: dict) -> None:
                         f"{MAX_POINT_ELEMENTS} (2^23) are checked", path=spec.path)
 
 
-def _draw_sizes(draw, spec: Spec, sizes) -> dict:
+def _draw_sizes(draw, spec: Spec, sizes, block_edges: bool = False) -> dict:
     chosen = dict(sizes or {})
     bounds = size_bounds(spec)
     candidates = _large_candidates(spec, chosen)
@@ -284,8 +284,11 @@ def _draw_sizes(draw, spec: Spec, sizes) -> dict:
     largest = _largest_size(spec)
     for name, (smallest, usual) in bounds.items():
         if name not in chosen:
-            sizes_drawn = _block_edges(smallest, largest) if large and name in candidates else st.integers(smallest, usual)
-            chosen[name] = draw(sizes_drawn, label=f"size {name}")
+            if not (large and name in candidates):
+                drawn = st.integers(smallest, usual)
+            else:
+                drawn = _block_edges(smallest, largest) if block_edges else st.integers(smallest, largest)
+            chosen[name] = draw(drawn, label=f"size {name}")
     while large and _elements_per_point(spec, chosen) > LARGE_ELEMENTS:  # halve the largest to fit
         name = max(candidates, key=chosen.get)
         if chosen[name] // 2 < bounds[name][0]:
@@ -293,6 +296,25 @@ def _draw_sizes(draw, spec: Spec, sizes) -> dict:
         chosen[name] //= 2
     assume(_meets_requirements(spec, chosen))
     return _within_memory(spec, chosen, sizes or {})
+
+
+def simplest_example(spec: Spec, dtype: torch.dtype, sizes: dict | None = None) -> Example:
+    """One point before any drawing: the smallest sizes, and each input at its domain's
+    simplest value (1 where the domain holds it), to try that user code can be called at all."""
+    chosen = {**{name: low for name, (low, _) in size_bounds(spec).items()}, **(sizes or {})}
+    inputs = {}
+    for name, declared in spec.inputs.items():
+        shape = (1, *concrete_shape(declared.shape, chosen))
+        if declared.integer:
+            value = declared.domain.bounds(chosen)[0]
+        elif declared.domain.contains(1.0):
+            value = 1.0
+        else:
+            low, high = max(declared.domain.low, -1e3), min(declared.domain.high, 1e3)
+            value = _round_inward((low + high) / 2, dtype, upward=True)
+        inputs[name] = np.full(shape, float(value))
+    output_shape = concrete_shape(spec.nodes[spec.output].shape, chosen)
+    return Example(chosen, inputs, np.ones((1, *output_shape)))
 
 
 def _block_edges(smallest: int, largest: int) -> st.SearchStrategy:
@@ -386,10 +408,11 @@ def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = 
 
     The batch is a few points drawn element by element, and usually a bulk of many more that
     numpy materializes, up to the element budget. The shrinker can drop the bulk and keep
-    the few: a failure that any point shows ends at one minimal point. With ``layouts``, one
-    memory layout (``verify.layouts``) for the tensors user code is handed.
+    the few: a failure that any point shows ends at one minimal point. With ``layouts`` (user
+    code), one memory layout (``verify.layouts``) for the tensors it is handed, and large sizes
+    drawn at block edges half the time.
     """
-    chosen = _draw_sizes(draw, spec, sizes)
+    chosen = _draw_sizes(draw, spec, sizes, block_edges=layouts)
     layout = draw(st.sampled_from(LAYOUTS), label="layout") if layouts else "contiguous"
     most = points_per_example(spec, chosen, budget)
     # Decided before the few are drawn: the shrinker tries dropping the bulk (this draw

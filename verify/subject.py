@@ -16,7 +16,9 @@ point that caused them.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import re
 import traceback
 import warnings
 
@@ -48,6 +50,19 @@ class ModeUnsupported(Exception):
     def __init__(self, message: str, mode: str = "dtype"):
         self.mode = mode
         super().__init__(message)
+
+
+# TypeError messages of a call that does not fit the function's parameters.
+_ARITY = re.compile(r"missing \d+ required positional argument|takes \d+ positional argument|"
+                    r"takes from \d+ to \d+ positional arguments|positional arguments? but \d+ (was|were) given")
+
+
+def _takes(signature: inspect.Signature, count: int) -> bool:
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        return False
+    return True
 
 
 def _unsupported(exc: Exception) -> bool:
@@ -274,6 +289,45 @@ class FunctionSubject(_Subject):
             return self.fn(*arguments)
         return call
 
+    def probe(self, at, dtype, modes) -> None:
+        """Call the function once at ``at`` (one point) before any drawing: a ``TypeError`` where
+        it cannot take the spec's inputs, ``ModeUnsupported`` where a mode asked for is not
+        implemented. What else it raises there is left to the checks, which report it at a
+        drawn point."""
+        names = list(self.spec.inputs)
+        try:
+            signature = inspect.signature(self.fn)
+        except (TypeError, ValueError):
+            signature = None  # a builtin: the call tells
+        if signature is not None and not _takes(signature, len(names)):
+            raise TypeError(f"{self.name}{signature} cannot take the spec's {len(names)} input(s) "
+                            f"({', '.join(names)}): check_function calls it with one tensor per input, in the order "
+                            "the spec declares them") from None
+        pick = slice(0, 1) if self.rows else 0
+        leaves = [self._input(name, array[pick], dtype, True) for name, array in at.inputs.items()]
+        try:
+            output = self.fn(*leaves)
+        except Exception as exc:  # noqa: BLE001 - the code failing at a point is the checks' to report
+            if isinstance(exc, TypeError) and _ARITY.search(str(exc)):
+                raise TypeError(f"{self.name} cannot be called with the spec's inputs ({', '.join(names)}), one "
+                                f"tensor each in declaration order: {exc}") from None
+            return
+        if "rev" in modes and isinstance(output, torch.Tensor) and output.requires_grad:
+            try:
+                output.sum().backward()
+            except Exception as exc:  # noqa: BLE001 - as above
+                if _unsupported(exc):
+                    raise ModeUnsupported(f"{self.name}: {_first_line(exc)}", mode="rev") from None
+        if "fwd" in modes:
+            forward_ad_loaded()
+            try:
+                with forward_ad.dual_level():
+                    self.fn(*[_dual(self.spec, name, leaf.detach(), torch.ones_like(leaf))
+                              for name, leaf in zip(names, leaves)])
+            except Exception as exc:  # noqa: BLE001 - as above
+                if _unsupported(exc):
+                    raise ModeUnsupported(f"{self.name}: {_first_line(exc)}", mode="fwd") from None
+
     def _checked_batch_output(self, output, at, output_shape):
         if not isinstance(output, torch.Tensor) or tuple(output.shape) != (at.batch, *output_shape):
             raise ValueError("the vmapped output has another shape")  # one by one names the point
@@ -469,7 +523,8 @@ def function_name(fn) -> str:
     owner = getattr(fn, "__self__", None)
     if isinstance(owner, type):
         return f"{owner.__name__}.{fn.__name__}"
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
+    qualified = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return qualified.replace("_VariableFunctionsClass.", "torch.")  # torch.tanh is a method of that class
 
 
 def _describe(exc: Exception) -> str:

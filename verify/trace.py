@@ -24,6 +24,7 @@ from pathlib import Path
 import sympy
 import torch
 
+from .binding import spec_name
 from .errors import SpecError
 from .ir import DOMAINS, Spec
 from .spec import RESERVED, parse
@@ -852,9 +853,7 @@ def _inputs_of(fn, count: int) -> tuple:
             values = dict(zip(parameters, tensors[count:]))
             return torch.func.functional_call(module, values, tuple(tensors[:count]))
 
-        # As check_function binds them: dots made underscores (a leading digit, as in a
-        # Sequential's "0.weight", gets "p_": bind those with parameters=).
-        named = [p.replace(".", "_") if p[0].isalpha() else "p_" + p.replace(".", "_") for p in parameters]
+        named = [spec_name(p) for p in parameters]  # as check_function binds them
         return call, names + named, [p.detach() for p in parameters.values()]
     return fn, _parameter_names(fn, count), []
 
