@@ -1,9 +1,11 @@
 """verify.check_function on users' own code: the corpus of correct and broken Functions."""
 
+import re
 from collections import Counter
 
 import numpy as np
 import pytest
+import sympy
 import torch
 
 import verify
@@ -509,3 +511,48 @@ def test_a_lambdas_snippet_runs_taking_the_function():
     namespace = {}
     exec(snippet, namespace)  # our own generated code, in a test
     namespace["reproduce"](wrong)
+
+
+class _ScaledSwishGradient(torch.autograd.Function):
+    """x * sigmoid(x) whose backward is 1% too large."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return g * s * (1 + x * (1 - s)) * 1.01
+
+
+INTERNAL_NAMES = re.compile(r"_k\d|_cotangent|_adjoint|_tangent|\(∂(\w+)/∂\1\)|\(d\w+\)")
+
+
+@pytest.mark.parametrize("fn, spec, options, shown", [
+    (_ScaledSwishGradient.apply, "x: Real[n]\ns = sigmoid(x)\ny = x * s", {"modes": ("rev",)},
+     "∂y/∂x[i] = (1 - sigmoid(x[i]))*sigmoid(x[i])*g[i]*x[i] + sigmoid(x[i])*g[i]   (g: the cotangent handed"),
+    (lambda x: torch.tanh(2 * x) * 1.001, "x: Real[n]\nh = x * 2\ny = tanh(h)", {"modes": ("fwd",)},
+     "JVP of y[i] = 2*(1 - tanh(2*x[i])**2)*dx[i]"),
+    (lambda x: 0.5 * x * (1 + torch.tanh(0.8 * (x + 0.044715 * x**3))),
+     "x: Real[n]\ny = 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))", {"modes": ("rev",)},
+     "0.044715*x[i]**3"),
+    (lambda x, w: torch.nn.functional.conv1d(x, w * 1.01), "x: Real[b, c, l]\nw: Real[f, c, k]\ny = conv1d(x, w)",
+     {"modes": ("rev",), "max_examples": 5}, "Sum("),
+], ids=["gradient", "JVP", "constant", "sum"])
+def test_a_reports_formula_reads_as_math_with_no_internal_names(fn, spec, options, shown, monkeypatch):
+    monkeypatch.setattr(engine, "SHRINK_SECONDS", 0.0)
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(fn, spec, seed=0, **options)
+    formula = caught.value.failure.formula
+    assert shown in formula
+    assert not INTERNAL_NAMES.search(formula), formula
+
+
+def test_a_tuples_cotangents_are_named_after_their_outputs():
+    from verify.report import readable
+
+    expr = sympy.IndexedBase("_cotangent_of_m")[sympy.Symbol("i")] * sympy.Symbol("_k3")
+    assert readable(expr, "y") in ("g_m[i]*j", "j*g_m[i]")

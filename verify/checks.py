@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import sympy
 import torch
 
 from . import acceptance, balls, findings, layouts
 from .ir import Apply, Ref, Spec, concrete_shape
-from .lower.sympy import Tensor
+from .lower.sympy import TANGENT_PREFIX, Tensor, adjoint_name, tangent_name
 from .ops import REGISTRY
 from .oracle import ReferenceSide, exact_point, exact_values, reference_derivatives, reference_values, restricted
-from .report import Failure, Result, readable, reproduction_snippet
+from .report import COTANGENT_NAME, Failure, Result, readable, reproduction_snippet
 from .settings import MODES
 from .strategies import Example
 from .subject import CodeFailure, FunctionSubject, ModeUnsupported, SpecSubject
@@ -222,7 +224,7 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
     for claim, status in zip(prepared.claims, result.claims):
         status.proved = status.proved and claim.proved
-    result.examples += 1
+        status.unproved = status.unproved or claim.unproved
     ctx, values = reference_values(prepared, example, options.model, bounded=False)
     inside, doubtful = acceptance.inside_domains(prepared, example, values, rejected, how="floor")
     keep, unsure = acceptance.accepted_points(example.batch, options.model, rejected, inside,
@@ -409,7 +411,7 @@ def _checked_closely(prepared: Plan, subject, example: Example, actual: TorchSid
             close |= live & tied & ~_finite(comparison.actual)
             for index in np.flatnonzero(failing & ~unsettled):
                 sure[int(np.flatnonzero(keep)[index])] = functools.partial(
-                    _failure, prepared.spec, subject, comparison, at, index, allowed[index], options)
+                    _failure, prepared, subject, comparison, at, index, allowed[index], options)
             unsettled |= failing | close
             judged.append((comparison, allowed, live & ~tied))
         for comparison, allowed, live in judged:
@@ -515,25 +517,26 @@ def _checked_exactly(prepared: Plan, subject, example: Example, sure: dict, actu
         if exact.ambiguous:
             rejected[acceptance.AMBIGUOUS] += 1
             continue
-        judged, unbounded = [], False
+        judged, unbounded = [], []
         for comparison, *other_sides in zip(*sides):
             if not _live(skipped, comparison.label, keep)[0]:
                 continue
             # An HVP differentiates the backward: where a value or gradient has no bound, nor has it.
             if acceptance.unbounded(comparison.reference) or unbounded and comparison.check == "HVP":
-                rejected[acceptance.UNBOUNDED.format(comparison.subject)] += 1
-                unbounded = True
+                unbounded.append(comparison.subject)
                 continue
             failing, _, allowed = acceptance.disagreeing(*comparison.reference, comparison.actual, comparison.model,
                                                          exact=True, slack=comparison.slack)
             judged.append((comparison, allowed))
             if not failing.any() or comparison.check in DERIVATIVES and any(map(_agrees_exactly, other_sides)):
                 continue
-            failure = _failure(prepared.spec, subject, comparison, point, 0, allowed[0], options)
+            failure = _failure(prepared, subject, comparison, point, 0, allowed[0], options)
             failure.notes.append(f"decided by the exact pass (arb balls at {exact.bits} bits)")
             if exact.one_sided:
                 failure.notes.append("the point is exactly on a kink: no one-sided derivative agrees either")
             return failure, 0
+        if unbounded:  # one reason per point, naming every check it leaves without a bound
+            rejected[acceptance.UNBOUNDED.format(", ".join(unbounded))] += 1
         if not judged:
             continue
         for comparison, allowed in judged:
@@ -577,7 +580,7 @@ def _not_finite(prepared: Plan, subject, comparisons: list, skipped: dict, point
         if wrong.any():
             _, _, allowed = acceptance.disagreeing(*comparison.reference, actual, comparison.model, exact=True,
                                                    slack=comparison.slack)
-            failure = _failure(prepared.spec, subject, comparison, point, 0, allowed[0], options)
+            failure = _failure(prepared, subject, comparison, point, 0, allowed[0], options)
             failure.notes.append(f"torch is not finite where the exact value is finite and {options.dtype_name} "
                                  f"holds it (decided by the exact pass, arb balls at {bits} bits)")
             return failure
@@ -620,14 +623,16 @@ def _point_inputs(spec: Spec, at: Example, point: int) -> dict:
             for name, array in at.inputs.items()}
 
 
-def _failure(spec: Spec, subject, comparison: _Comparison, at: Example, point: int, allowed, options: Options) -> Failure:
+def _failure(prepared: Plan, subject, comparison: _Comparison, at: Example, point: int, allowed,
+             options: Options) -> Failure:
+    spec = prepared.spec
     inputs = _point_inputs(spec, at, point)
     if spec.nodes[spec.output].shape or at.cotangent[point] != 1:
         inputs["cotangent"] = at.cotangent[point]  # the gradient seeded into backward
     if comparison.tangents:
         inputs.update({f"tangent of {name}": t[point] for name, t in at.tangents.items()})
     snippet = "" if comparison.check == "claim" else _snippet(subject, comparison.check, at, point, options)
-    failure = Failure(comparison.check, comparison.subject, _formula(*comparison.formula, spec.output), inputs,
+    failure = Failure(comparison.check, comparison.subject, _formula(prepared, *comparison.formula), inputs,
                       at.sizes, comparison.reference[0][point], comparison.actual[point], allowed, line=comparison.line,
                       snippet=snippet, point=_only(at, point), **comparison.details)
     return _noting_layout(failure, subject, at)
@@ -702,11 +707,54 @@ def _line(spec: Spec, name: str) -> int | None:
     return loc.line if loc else None
 
 
-def _formula(label: str, tensor: Tensor, output: str) -> str:
+def _formula(prepared: Plan, label: str, tensor: Tensor) -> str:
     index = f"[{', '.join(str(i) for i in tensor.indices)}]" if tensor.indices else ""
-    return f"{label}{index} = {readable(tensor.expr, output)}"
+    shown = shown_formula(prepared, tensor)
+    explained = f"   ({COTANGENT_NAME}: the cotangent handed to backward)" if _names_cotangent(shown) else ""
+    return f"{label}{index} = {shown}{explained}"
 
 
+def shown_formula(prepared: Plan, tensor: Tensor) -> str:
+    """A formula as a reader sees it: in the inputs where that is short (each step and adjoint
+    inlined), else as the chain rule has it, one op at a time."""
+    spec = prepared.spec
+    names = {*spec.size_symbols, *spec.inputs, *spec.nodes}
+    shown = readable(tensor.expr, spec.output, tensor.indices, names)
+    inlined = _in_the_inputs(prepared, tensor)
+    if inlined is not None:
+        closed = readable(inlined.expr, spec.output, tensor.indices, names)
+        shown = closed if len(closed) <= CLOSED_FORM_CHARACTERS else shown
+    return shown
+
+
+def _names_cotangent(text: str) -> bool:
+    return re.search(rf"(?<![\w.]){COTANGENT_NAME}(?![\w(])", text) is not None
+
+
+def _in_the_inputs(prepared: Plan, tensor: Tensor) -> Tensor | None:
+    """``tensor`` with every step and adjoint inlined, until only inputs and the cotangent are
+    left; None where that grows past what a reader would take in."""
+    output = prepared.spec.output
+    definitions = {label: reference.tensor for label, reference in prepared.values.items()
+                   if label not in prepared.spec.inputs}
+    definitions.update({adjoint_name(label): reference.tensor for label, reference in prepared.adjoints.items()
+                        if label != output})
+    if any(base.name.startswith(TANGENT_PREFIX) for base in tensor.expr.atoms(sympy.IndexedBase, sympy.Symbol)
+           if hasattr(base, "name")):
+        definitions.update({tangent_name(label): reference.tensor for label, reference in
+                            prepared.forward_mode().items() if label not in prepared.spec.inputs})
+    for _ in range(len(definitions) + 1):
+        inlined = tensor.inline(definitions)
+        if inlined.expr == tensor.expr:
+            return tensor
+        if len(str(inlined.expr)) > 4 * CLOSED_FORM_CHARACTERS:
+            return None
+        tensor = inlined
+    return None
+
+
+# A formula in the inputs is shown where it is at most this long; else the chain rule's.
+CLOSED_FORM_CHARACTERS = 100
 # Candidate bounds on an input's magnitude tried at once when a failure's steps overflow.
 BOUND_CANDIDATES = 64
 # The steps named per kind (overflowing, underflowing) in a failure's notes.

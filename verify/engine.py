@@ -52,6 +52,8 @@ def _probed(subject: FunctionSubject, spec: Spec, options: Options, sizes: dict,
     try:
         subject.probe(point, options.dtype, options.modes)
     except ModeUnsupported as unsupported:
+        if options.modes == (unsupported.mode,):
+            return  # nothing else asked for: the values are checked, and the result says the mode is unsupported
         other = "rev" if unsupported.mode == "fwd" else "fwd"
         raise Unsupported(f"{name}: {unsupported.mode} mode is not supported: {unsupported} (pass "
                           f"modes=(\"{other}\",) to check {'reverse' if other == 'rev' else 'forward'} mode only)",
@@ -171,6 +173,8 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
         calls += 1
         if "dtype" in result.unsupported:
             return
+        if first_failure is None:
+            result.examples += 1  # the examples drawn, as asked for; not the shrinker's tries nor the example point
         checking = options if first_failure is None else shrinking
         try:
             failure = evaluate(plan(spec, example.sizes), subject, example, checking, result, rejected)
@@ -253,7 +257,7 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     for claim in result.claims:
         symbols = [] if needs_concrete_sizes(spec) else spec.size_symbols
         claim.status = (proved(symbols) + (" at every size checked" if symbols != spec.size_symbols else "")
-                        if claim.proved else CHECKED)
+                        if claim.proved else f"{CHECKED} ({claim.unproved})" if claim.unproved else CHECKED)
     return result
 
 

@@ -18,7 +18,8 @@ from . import oracle
 from . import plan as planning
 from .ir import Input, Spec, concrete_shape
 from .lower.sympy import adjoint_name
-from .report import proved, readable
+from .checks import shown_formula
+from .report import COTANGENT_NAME, proved
 from .strategies import Example, size_bounds
 from .tolerance import allowed_error, precision
 
@@ -56,10 +57,11 @@ def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
     lines.append("")
 
     output = spec.output
-    lines.append(f"backward: ∂{output}/∂node from sympy, its value, and autograd's .grad")
+    lines.append(f"backward: ∂{output}/∂node from sympy, its value, and autograd's .grad "
+                 f"({COTANGENT_NAME}: the cotangent handed to backward, 1 here)")
     rows = [("node", f"∂{output}/∂node (sympy)", "value", "autograd", "agree")]
     for name in reversed(list(prepared.adjoints)):
-        formula = readable(prepared.adjoints[name].tensor.expr, output)
+        formula = shown_formula(prepared, prepared.adjoints[name].tensor)
         reference, error = gradients[name]
         actual = actual_gradients[name]
         agree = bool(np.all(np.abs(actual - reference) <= allowed_error(error, model, reference)))
@@ -70,7 +72,8 @@ def explain(spec: Spec, dtype: torch.dtype = torch.float64) -> str:
         lines.append("")
         lines.append("claims")
         for claim in prepared.claims:
-            status = proved(spec.size_symbols) if claim.proved else "not proved symbolically (checked numerically by `verify check`)"
+            status = (proved(spec.size_symbols) if claim.proved else
+                      f"not proved symbolically: {claim.unproved} (checked numerically by `verify check`)")
             lines.append(f"  assert {claim.text}: {status}")
     return "\n".join(lines)
 

@@ -1235,7 +1235,9 @@ def op_table() -> str:
                "less": "`<` in where", "less_equal": "`<=` in where", "greater": "`>` in where",
                "greater_equal": "`>=` in where", "equal": "`==` in where", "not_equal": "`!=` in where",
                "logical_and": "`and` in where", "logical_or": "`or` in where", "logical_not": "`not` in where",
-               "index": "`x[t]`, t integers"}
+               "index": "`x[t]`, t integers",
+               "gelu": "`gelu(...)`: the exact, erf form (torch's default); `approximate=\"tanh\"` is written out: "
+                       "`0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))`"}
     rows = ["| op | written | kind | domain | at kinks (torch's convention) |", "|---|---|---|---|---|"]
     for op in REGISTRY.values():
         written = spelled.get(op.name, f"`{op.name}(...)`")

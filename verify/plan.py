@@ -30,7 +30,7 @@ from .lower.sympy import (
     forward_chain,
     gradient_in_inputs,
     mark_kernel,
-    prove_equal,
+    why_unproved,
     second_derivative,
     time_limit,
 )
@@ -47,10 +47,14 @@ class ClaimPlan:
     kind: str  # "grad" or "hessian"
     wrt: str
     claimed: Tensor
-    proved: bool
+    unproved: str | None  # why sympy did not prove it; None where it did
     reference: Reference  # the claimed closed form
     derivative: Reference  # sympy's derivative it is claimed to equal
     formula: Tensor  # that derivative in the inputs alone, as proved and shown
+
+    @property
+    def proved(self) -> bool:
+        return self.unproved is None
 
 
 @dataclass
@@ -298,7 +302,7 @@ def _claim_plan(spec: Spec, claim, adjoints: dict, sizes: dict | None) -> ClaimP
     claimed_expr = lowering.element(claim.expr, _broadcast_index(derivative.indices, shape, claim.expr.shape))
     claimed = Tensor(claimed_expr, derivative.indices, shape)
     return ClaimPlan(claim_text(claim), claim.loc.line, claim.kind, claim.wrt, claimed,
-                     prove_equal(derivative, claimed_expr, spec), Reference(claimed, size_names), derivative_reference,
+                     why_unproved(derivative, claimed_expr, spec), Reference(claimed, size_names), derivative_reference,
                      derivative)
 
 

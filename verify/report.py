@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy
 
+from .binding import COTANGENT_PREFIX
 from .layouts import view_code
 from .lower.functions import unmarked
-from .lower.sympy import ADJOINT_PREFIX, TANGENT_PREFIX
+from .lower.sympy import ADJOINT_PREFIX, COTANGENT, TANGENT_PREFIX
 
 CHECKED = "checked numerically, not proved"
 REFUTED = "false"
@@ -35,6 +36,7 @@ class ClaimResult:
     line: int
     proved: bool
     status: str = UNTESTED
+    unproved: str | None = None  # why sympy did not prove it
 
 
 @dataclass
@@ -192,7 +194,10 @@ class Failure:
         at = tuple(int(i) for i in worst_index)
         lines.append(f"  Greatest absolute difference: {_number(difference[at])} at index {at} "
                      f"(up to {float(np.asarray(self.allowed)[at] if np.ndim(self.allowed) else self.allowed):.3g} allowed)")
-        lines.append(f"  Greatest relative difference: {_number(relative[at])} at index {at}")
+        if reference[at] == 0:  # no relative difference from 0: torch's assert_close would print inf
+            lines.append(f"  Greatest relative difference: — at index {at} (reference 0)")
+        else:
+            lines.append(f"  Greatest relative difference: {_number(relative[at])} at index {at}")
         lines.extend(f"  note:       {note}" for note in self.notes)
         return "\n".join(lines + self._reproduction(reproduce))
 
@@ -283,21 +288,53 @@ def _show(array) -> str:
                            formatter={"float_kind": lambda v: repr(float(v))})
 
 
-def readable(expr, output: str) -> str:
-    """A formula as text, the chain rule's symbols named as a reader would: (∂o/∂y) for y's
-    adjoint, (dy) for its tangent."""
+# Names a summation index takes in a formula as shown, the first that the formula leaves free.
+SUMMATION_NAMES = "jklpqrstuvwabcdefh"
+# A rational constant shown as a fraction up to this denominator (1/2, 2/3), else as a decimal.
+SHOWN_DENOMINATOR = 16
+# The name of the cotangent seeded into backward, as a formula shows it.
+COTANGENT_NAME = "g"
+
+
+def readable(expr, output: str, indices: tuple = (), reserved=frozenset()) -> str:
+    """A formula as text, read as math: ``g`` for the cotangent seeded into backward (the
+    output's adjoint), (∂o/∂y) for another node's adjoint, dx for x's tangent, summation
+    indices named j, k, ... (none of ``indices``, the formula's free ones, nor of ``reserved``,
+    the spec's names), and a constant such as 0.044715 as a decimal, not as the fraction sympy
+    holds."""
     def shown(name: str) -> str | None:
+        if name in (ADJOINT_PREFIX + output, COTANGENT):
+            return COTANGENT_NAME
+        if name.startswith(COTANGENT_PREFIX):
+            return f"{COTANGENT_NAME}_{name.removeprefix(COTANGENT_PREFIX)}"
         if name.startswith(ADJOINT_PREFIX):
             return f"(∂{output}/∂{name.removeprefix(ADJOINT_PREFIX)})"
         if name.startswith(TANGENT_PREFIX):
-            return f"(d{name.removeprefix(TANGENT_PREFIX)})"
+            return f"d{name.removeprefix(TANGENT_PREFIX)}"
         return None
 
+    expr = unmarked(expr)
     renamed = {}
     for base in expr.atoms(sympy.IndexedBase):
         if shown(base.name):
             renamed[base] = sympy.IndexedBase(shown(base.name))
-    for symbol in expr.free_symbols:
-        if isinstance(symbol, sympy.Symbol) and shown(symbol.name):
+    taken = {str(i) for i in indices} | {str(b) for b in expr.atoms(sympy.IndexedBase)} | set(reserved)
+    taken |= {s.name for s in expr.free_symbols if isinstance(s, sympy.Symbol)}
+    free_names = (name for name in SUMMATION_NAMES if name not in taken)
+    for symbol in sorted(expr.atoms(sympy.Symbol), key=lambda s: s.name):
+        if shown(symbol.name):
             renamed[symbol] = sympy.Symbol(shown(symbol.name))
-    return str(unmarked(expr).xreplace(renamed))
+        elif symbol.name.startswith("_"):  # a summation index: its own assumptions, a reader's name
+            renamed[symbol] = sympy.Symbol(next(free_names, symbol.name.lstrip("_")), **symbol.assumptions0)
+    for number in expr.atoms(sympy.Rational):
+        if number.q > SHOWN_DENOMINATOR and _terminates(number.q):
+            renamed[number] = sympy.Symbol(re.sub(r"e([+-])0", r"e\1", repr(float(number))))  # 1e-6, not 1e-06
+    return str(expr.xreplace(renamed))
+
+
+def _terminates(denominator: int) -> bool:
+    """Whether 1/denominator is a finite decimal: only 2s and 5s divide it."""
+    for factor in (2, 5):
+        while denominator % factor == 0:
+            denominator //= factor
+    return denominator == 1

@@ -640,21 +640,32 @@ def _scalar_output(lowering: SympyLowering, output_node: Node) -> sympy.Expr:
 
 
 def prove_equal(derivative: Tensor, claimed: sympy.Expr, spec: Spec | None = None) -> bool:
-    """True when sympy shows ``derivative == claimed`` for every size and index in range. With
-    ``spec``, a claim that differs at a sample point inside its inputs' domains is not sent to
-    the prover: simplify spends its whole time budget failing to prove what is false."""
+    """True when sympy shows ``derivative == claimed`` for every size and index in range."""
+    return why_unproved(derivative, claimed, spec) is None
+
+
+def why_unproved(derivative: Tensor, claimed: sympy.Expr, spec: Spec | None = None) -> str | None:
+    """None when sympy shows ``derivative == claimed`` for every size and index in range, else
+    why it did not. With ``spec``, a claim that differs at a sample point inside its inputs'
+    domains is not sent to the prover: simplify spends its whole time budget failing to prove
+    what is false."""
     if spec is not None and _differ_at_a_sample(derivative.expr, claimed, spec,
                                                 dict(zip(derivative.indices, derivative.shape))):
-        return False
+        return "the two sides differ at a sample point"
     ranges = index_ranges(derivative.indices, derivative.shape)
     difference = _canonical_indices(settle(elementary(derivative.expr - claimed), ranges))
-    if sympy.count_ops(difference) > MAX_PROOF_OPS:
-        return False  # simplify can take minutes on large formulas: such claims are checked numerically
+    operations = sympy.count_ops(difference)
+    if operations > MAX_PROOF_OPS:  # simplify can take minutes on large formulas
+        return f"the difference has {operations} operations, more than the {MAX_PROOF_OPS} sympy is given to simplify"
     try:
         with time_limit(PROOF_SECONDS):
-            return sympy.simplify(difference) == 0
-    except (StopIteration, OutOfTime):  # sympy 1.14's sum_simplify raises StopIteration on some nested sums
-        return False
+            if sympy.simplify(difference) == 0:
+                return None
+    except OutOfTime:
+        return f"sympy's simplify ran past its {PROOF_SECONDS:g} s"
+    except StopIteration:  # sympy 1.14's sum_simplify raises it on some nested sums
+        return "sympy's sum_simplify failed on the nested sums"
+    return "sympy's simplify did not reduce the difference to 0"
 
 
 class OutOfTime(Exception):
