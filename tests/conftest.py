@@ -131,3 +131,12 @@ def planted(forward, backward):
             return backward(*ctx.saved_tensors, grad)
 
     return Planted.apply
+
+
+def silu_scaled(scale: float):
+    """x * sigmoid(x) as a Function whose hand-written backward is scaled by ``scale``."""
+    def backward(x, grad):
+        s = torch.sigmoid(x)
+        return grad * s * (1 + x * (1 - s)) * scale
+
+    return planted(lambda x: x * torch.sigmoid(x), backward)

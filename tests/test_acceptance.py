@@ -377,6 +377,18 @@ def test_a_check_whose_spec_steps_reach_a_singularity_is_rejected_alone_where_th
     assert not any("outside the domain" in reason for reason in result.rejected)
 
 
+def test_a_point_whose_checks_reach_a_singularity_is_one_reason_naming_them_and_the_rest_are_judged():
+    # Above x = 36.7 the value, the gradient and the JVP of the spec as written have no finite
+    # allowance: one reason per point names the three. Below, a value 1% off is caught.
+    spec = "x: Interval(30, 45)[n]\ny = acosh(1 + exp(-x))"
+    right = verify.check_function(lambda x: _acosh_of_one_plus(torch.exp(-x)), spec, seed=0, max_examples=10)
+    singular = [reason for reason in right.rejected if "reaches a singularity" in reason]
+    assert singular == ["the value of y, ∂y/∂x, the JVP of y: one rounding of the spec's steps reaches a "
+                        "singularity (no finite allowance)"]
+    off = _caught(lambda x: _acosh_of_one_plus(torch.exp(-x)) * 1.01, spec, torch.float64, max_examples=10)
+    assert off.failure.check == "value"
+
+
 def test_code_that_is_not_finite_where_the_math_is_fails_before_any_rule_could_reject_its_point():
     # The same spec computed as written: torch's autograd gives -inf above x = 36.7, where the
     # exact derivative is finite. No rule rejects that point first (the singularity of rule 4

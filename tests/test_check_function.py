@@ -16,6 +16,8 @@ from verify.report import Result
 from verify.strategies import Example
 from verify.subject import STACKED, VMAPPED, FunctionSubject, _first_difference
 
+from .conftest import silu_scaled
+
 CORRECT = [case for case in CASES if not case.bug]
 BROKEN = [case for case in CASES if case.bug]
 # The check each planted bug is expected to fail (the shrinker may settle on another failing check).
@@ -513,26 +515,11 @@ def test_a_lambdas_snippet_runs_taking_the_function():
     namespace["reproduce"](wrong)
 
 
-class _ScaledSwishGradient(torch.autograd.Function):
-    """x * sigmoid(x) whose backward is 1% too large."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * torch.sigmoid(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        s = torch.sigmoid(x)
-        return g * s * (1 + x * (1 - s)) * 1.01
-
-
 INTERNAL_NAMES = re.compile(r"_k\d|_cotangent|_adjoint|_tangent|\(∂(\w+)/∂\1\)|\(d\w+\)")
 
 
 @pytest.mark.parametrize("fn, spec, options, shown", [
-    (_ScaledSwishGradient.apply, "x: Real[n]\ns = sigmoid(x)\ny = x * s", {"modes": ("rev",)},
+    (silu_scaled(1.01), "x: Real[n]\ns = sigmoid(x)\ny = x * s", {"modes": ("rev",)},
      "∂y/∂x[i] = (1 - sigmoid(x[i]))*sigmoid(x[i])*g[i]*x[i] + sigmoid(x[i])*g[i]   (g: the cotangent handed"),
     (lambda x: torch.tanh(2 * x) * 1.001, "x: Real[n]\nh = x * 2\ny = tanh(h)", {"modes": ("fwd",)},
      "JVP of y[i] = 2*(1 - tanh(2*x[i])**2)*dx[i]"),
@@ -556,3 +543,30 @@ def test_a_tuples_cotangents_are_named_after_their_outputs():
 
     expr = sympy.IndexedBase("_cotangent_of_m")[sympy.Symbol("i")] * sympy.Symbol("_k3")
     assert readable(expr, "y") in ("g_m[i]*j", "j*g_m[i]")
+
+
+def test_rows_wrong_only_when_stacked_are_caught_where_single_calls_are_right():
+    # Row 0 is 1% off when stacked beside others, right alone: the spot check differs, and the
+    # stacked results, judged in its place, fail there.
+    def first_row_off_when_stacked(x):
+        y = torch.tanh(x)
+        return torch.cat([y[:1] * 1.01, y[1:]]) if x.shape[0] > 1 else y
+
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(first_row_off_when_stacked, "x: Interval(0.5, 2)[n]\ny = tanh(x)", rows=True, seed=0,
+                              max_examples=20, modes=("rev",), layouts="contiguous")
+    assert caught.value.failure.check == "value"
+    assert any(note.startswith("rows: called with the points stacked") for note in caught.value.failure.notes)
+
+
+def test_stacked_nan_where_single_calls_give_inf_is_no_difference_but_both_fail_where_the_math_is_finite():
+    def overflowing(x):
+        y = torch.tanh(x)
+        broken = torch.full_like(y, float("nan") if x.shape[0] > 1 else float("inf"))
+        return torch.where(x.abs() > 1, broken, y)
+
+    with pytest.raises(verify.Mismatch) as caught:
+        verify.check_function(overflowing, "x: Interval(-4, 4)[n]\ny = tanh(x)", rows=True, seed=0, max_examples=20,
+                              modes=("rev",), layouts="contiguous")
+    assert caught.value.failure.check == "value"
+    assert any("not finite where the exact value is finite" in note for note in caught.value.failure.notes)

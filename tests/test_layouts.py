@@ -75,6 +75,15 @@ def test_each_layout_keeps_the_values_and_gradients_reach_the_tensor():
         memory_format=torch.channels_last)
 
 
+def test_the_code_a_report_shows_makes_the_layout_the_function_was_handed():
+    t = torch.arange(120.0).reshape(2, 3, 4, 5)
+    for layout, code in layouts.MADE.items():
+        namespace = {"torch": torch, "t": t}
+        exec(f"made = {code.format(t='t')}", namespace)  # our own template, in a test
+        handed = layouts.laid_out(t, layout, cotangent=True)
+        assert namespace["made"].stride() == handed.stride() and torch.equal(namespace["made"], handed), layout
+
+
 def test_a_correct_function_passes_whatever_the_layout():
     assert verify.check_function(lambda x: torch.tanh(x) @ x.T, "x: Real[m, n]\ny = tanh(x) @ x.T",
                                  modes=("rev",), seed=0).points > 0

@@ -11,6 +11,7 @@ import torch
 
 import verify
 from examples import references
+from tests.conftest import silu_scaled
 from tests.test_ops import ROWS
 from verify.cli import main
 from verify.lower.sympy import in_inputs, prove_equal
@@ -64,29 +65,13 @@ def test_an_upcast_is_recorded_and_tells_check_function_the_compute_dtype():
     assert "h = x.to(torch.float32)" in traced.text
 
 
-def _silu_function(scale):
-    class SiLU(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x * torch.sigmoid(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
-            s = torch.sigmoid(x)
-            return grad * s * (1 + x * (1 - s)) * scale
-
-    return SiLU.apply
-
-
 def test_check_function_against_a_reference_passes_a_correct_kernel_and_shows_the_traced_spec_on_a_bug():
     reference = lambda x: x * torch.sigmoid(x)
-    result = verify.check_function(_silu_function(1.0), reference=reference, example_inputs=(torch.randn(4),),
+    result = verify.check_function(silu_scaled(1.0), reference=reference, example_inputs=(torch.randn(4),),
                                    modes=("rev",), seed=0, max_examples=10)
     assert result.points > 0
     with pytest.raises(verify.Mismatch) as caught:
-        verify.check_function(_silu_function(1.01), reference=reference, example_inputs=(torch.randn(4),),
+        verify.check_function(silu_scaled(1.01), reference=reference, example_inputs=(torch.randn(4),),
                               modes=("rev",), seed=0, max_examples=10)
     assert caught.value.failure.check == "gradient"
     assert "the spec traced from the reference:" in str(caught.value) and "sigmoid(x)" in str(caught.value)

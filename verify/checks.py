@@ -223,7 +223,6 @@ def evaluate(prepared: Plan, subject, example: Example, options: Options, result
     subject = subject or prepared.subject.on(options.device)
     forward = "fwd" in options.modes and "fwd" not in result.unsupported
     for claim, status in zip(prepared.claims, result.claims):
-        status.proved = status.proved and claim.proved
         status.unproved = status.unproved or claim.unproved
     ctx, values = reference_values(prepared, example, options.model, bounded=False)
     inside, doubtful = acceptance.inside_domains(prepared, example, values, rejected, how="floor")

@@ -148,7 +148,7 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     name = spec.path or "<spec>"
     reproduce = _reproduce_line(spec, fn, seed, options, sizes, rows)
     result = Result(name, options.dtype_name, seed, modes=options.modes, order=options.order, reproduce=reproduce,
-                    claims=[ClaimResult(claim_text(c), c.loc.line, True) for c in spec.claims])
+                    claims=[ClaimResult(claim_text(c), c.loc.line) for c in spec.claims])
     rejected = Counter()
     if not needs_concrete_sizes(spec):
         plan(spec)  # the sympy work happens here, before any example
@@ -257,7 +257,7 @@ def run(spec: Spec, *, fn=None, max_examples: int = 100, seed: int | None = None
     for claim in result.claims:
         symbols = [] if needs_concrete_sizes(spec) else spec.size_symbols
         claim.status = (proved(symbols) + (" at every size checked" if symbols != spec.size_symbols else "")
-                        if claim.proved else f"{CHECKED} ({claim.unproved})" if claim.unproved else CHECKED)
+                        if claim.proved else f"{CHECKED} ({claim.unproved})")
     return result
 
 

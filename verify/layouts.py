@@ -31,14 +31,15 @@ def view_code(layout: str, name: str, shape: tuple, cotangent: bool = False) -> 
     return MADE[layout].format(t=name) if applies(layout, shape, cotangent) else None
 
 
-def applies(layout: str, shape: tuple, cotangent: bool = False) -> bool:
-    """Whether ``layout`` changes a tensor of ``shape`` (an input, or the cotangent)."""
+def applies(layout: str, shape: tuple, cotangent: bool = False, rows: bool = False) -> bool:
+    """Whether ``layout`` changes a tensor of ``shape`` (an input, or the cotangent). With
+    ``rows`` its leading axis stacks points, which an expanded cotangent must not repeat."""
     if layout == "transposed":
         return len(shape) >= 2 and shape[-1] > 1 and shape[-2] > 1
     if layout in ("strided", "offset"):
         return len(shape) >= 1
     if layout == "expanded":
-        return cotangent and len(shape) >= 1 and shape[-1] > 1
+        return cotangent and len(shape) > rows and shape[-1] > 1
     if layout == "channels_last":
         return len(shape) == 4
     return False
@@ -46,10 +47,8 @@ def applies(layout: str, shape: tuple, cotangent: bool = False) -> bool:
 
 def laid_out(tensor: torch.Tensor, layout: str, cotangent: bool = False, rows: bool = False) -> torch.Tensor:
     """``tensor``'s values in ``layout`` (a differentiable view of them, so gradients reach the
-    tensor); as it is where the layout does not apply to its shape. With ``rows`` its leading
-    axis stacks points, which an expanded cotangent must not repeat."""
-    shape = tuple(tensor.shape)
-    if not applies(layout, shape, cotangent) or (layout == "expanded" and rows and len(shape) < 2):
+    tensor); as it is where the layout does not apply to its shape (``applies``)."""
+    if not applies(layout, tuple(tensor.shape), cotangent, rows):
         return tensor
     if layout == "transposed":
         return tensor.transpose(-1, -2).contiguous().transpose(-1, -2)

@@ -1332,7 +1332,6 @@ class _Compiler:
 # A plan compiles each formula twice (with and without error arithmetic), and formulas share
 # subexpressions; sympy walks the whole subtree on every call of free_symbols and xreplace.
 @functools.lru_cache(maxsize=2**14)
-@functools.lru_cache(maxsize=2**14)
 def _free_symbols(expr) -> frozenset:
     return frozenset(expr.free_symbols)
 

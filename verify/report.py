@@ -34,9 +34,12 @@ def proved(size_symbols) -> str:
 class ClaimResult:
     text: str  # as written after `assert`
     line: int
-    proved: bool
     status: str = UNTESTED
-    unproved: str | None = None  # why sympy did not prove it
+    unproved: str | None = None  # why sympy did not prove it; None where it did
+
+    @property
+    def proved(self) -> bool:
+        return self.unproved is None
 
 
 @dataclass

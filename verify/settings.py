@@ -181,20 +181,17 @@ def add_pytest_options(parser) -> None:
 
 def ini_text(config, name: str) -> str:
     """An ini value as text, without an inline comment: pytest keeps ``false  # why`` whole."""
-    raw = config.getini(name)
-    if isinstance(raw, list):
-        raw = " ".join(raw)
-    return re.sub(r"(^|\s)#.*$", "", raw or "", flags=re.M).strip()
+    return re.sub(r"(^|\s)#.*$", "", config.getini(name) or "", flags=re.M).strip()
 
 
 def ini_switch(config, name: str) -> bool:
-    """An ini value that is true or false; another raises ``ValueError`` naming the option."""
-    text = ini_text(config, name).lower()
-    if text in ("", "false", "no", "off", "0"):
-        return False
-    if text in ("true", "yes", "on", "1"):
-        return True
-    raise ValueError(f"{name} takes true or false, not {ini_text(config, name)!r}")
+    """An ini value that is true or false (false where not given); another raises
+    ``ValueError`` naming the option."""
+    text = ini_text(config, name)
+    try:
+        return bool(text) and _switch(text)
+    except ValueError as error:
+        raise ValueError(f"{name} {error}") from None
 
 
 def from_pytest(config) -> RunSettings:

@@ -421,7 +421,7 @@ def examples(draw, spec: Spec, dtype: torch.dtype, sizes=None, tangents: bool = 
     with_bulk = draw(st.integers(0, BULK_ODDS), label="a bulk of points") > 0
     head = _draw_points(draw, spec, dtype, chosen, draw(st.integers(1, min(MAX_BATCH, most)), label="points"),
                         tangents, materialize=False)
-    if not (head.batch == most or not with_bulk):
+    if with_bulk and head.batch < most:
         head = head.joined(_draw_points(draw, spec, dtype, chosen, most - head.batch, tangents, materialize=True))
     if layout == "expanded" and head.cotangent.ndim > 1:  # a cotangent constant along its last axis
         head.cotangent[...] = head.cotangent[..., :1]
