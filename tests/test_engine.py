@@ -313,9 +313,9 @@ def test_the_wide_bulks_of_one_example_in_eight_reach_the_decades_where_exp_over
     assert sum(100 <= m <= 1e5 for m in largest) >= len(largest) / 10
 
 
-@pytest.mark.examples(30)
+@pytest.mark.examples(10)
 def test_the_examples_counted_are_those_asked_for_not_the_example_point_besides():
-    assert verify.check(BACKPROP, seed=0, max_examples=30).examples == 30
+    assert verify.check(BACKPROP, seed=0, max_examples=10).examples == 10
 
 
 def test_a_relative_difference_from_a_reference_of_zero_is_not_a_huge_number():
