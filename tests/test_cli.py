@@ -50,10 +50,11 @@ def write(directory, name, text):
     return path
 
 
-def test_the_installed_command_checks_the_bundled_example_exits_0_and_reports_the_proof():
+def test_the_installed_command_checks_the_example_shipped_in_the_package_exits_0_and_reports_the_proof():
     # The console script and its exit code are the point here: few examples suffice.
-    completed = run_installed("check", str(EXAMPLE), "--seed", "1", "--max-examples", "10")
+    completed = run_installed("check", "--example", "--seed", "1", "--max-examples", "10")
     assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "verify/examples/backprop.vspec" in completed.stdout
     assert "Warning" not in completed.stderr  # torch's own notices are not the user's business
     assert "ok       " in completed.stdout
     assert "claim `grad(o, x) == x`: proved for all n" in completed.stdout
@@ -157,11 +158,11 @@ def test_empty_directory_and_undecodable_file_are_usage_errors(tmp_path):
     assert "not UTF-8" in completed.stdout and "Traceback" not in completed.stdout + completed.stderr
 
 
-def test_python_dash_m_verify_runs_the_same_command_and_example_checks_the_one_shipped_in_the_package():
-    completed = subprocess.run([sys.executable, "-m", "verify", "check", "--example", "--max-examples", "5"],
-                               capture_output=True, text=True, timeout=300, check=False)
+def test_python_dash_m_verify_runs_the_same_command():
+    completed = subprocess.run([sys.executable, "-m", "verify", "--help"], capture_output=True, text=True,
+                               timeout=300, check=False)
     assert completed.returncode == 0
-    assert "proved for all n" in completed.stdout and "verify/examples/backprop.vspec" in completed.stdout
+    assert completed.stdout.startswith("usage: verify") and "{check,fuzz,explain,trace}" in completed.stdout
 
 
 
